@@ -1,0 +1,75 @@
+"""Ordered loads and stores of u64 words in shared memory.
+
+The compiled helper `framebus._atomic` (built from `_atomic.c`) gives acquire/release
+loads and stores and real fences. Without it, on x86_64 only, a pure-Python fallback uses
+plain aligned 8-byte loads and stores through numpy: x86 is TSO (loads are not reordered
+with loads, stores not with stores), and each access is a separate C call the compiler
+cannot reorder, so the ring's seqlock holds. aarch64 (Jetson) reorders both, so there the
+helper is required and its absence is an ImportError that says how to get it.
+
+Set EDGEROOM_FRAMEBUS_PURE=1 to force the fallback (x86_64 only; the tests use it to keep
+both paths honest).
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+
+__all__ = ["NATIVE", "Words", "fence_acquire", "fence_release", "fence_seq_cst"]
+
+_TSO_MACHINES = {"x86_64", "amd64", "AMD64", "i386", "i686"}
+
+
+class _PureWords:
+    """Fallback with the same interface as framebus._atomic.Words (x86_64 only)."""
+
+    __slots__ = ("_w",)
+
+    def __init__(self, buffer) -> None:
+        self._w = np.frombuffer(buffer, dtype=np.uint64)
+
+    def load_acquire(self, off: int) -> int:
+        return int(self._w[off >> 3])
+
+    load = load_acquire
+
+    def store_release(self, off: int, value: int) -> None:
+        self._w[off >> 3] = value
+
+    store = store_release
+
+    def add(self, off: int, delta: int) -> int:
+        # Not atomic: callers only use add() under the segment's flock.
+        value = (int(self._w[off >> 3]) + delta) & 0xFFFFFFFFFFFFFFFF
+        self._w[off >> 3] = value
+        return value
+
+    def release(self) -> None:
+        self._w = None
+
+
+def _noop() -> None:
+    return None
+
+
+def _load():
+    pure = os.environ.get("EDGEROOM_FRAMEBUS_PURE") == "1"
+    if not pure:
+        try:
+            from framebus import _atomic
+
+            return True, _atomic.Words, _atomic.fence_acquire, _atomic.fence_release, _atomic.fence_seq_cst
+        except ImportError:
+            pass
+    if platform.machine() not in _TSO_MACHINES:
+        raise ImportError(
+            f"framebus needs its compiled memory fences on {platform.machine()} "
+            "(weak memory ordering); install a C compiler and the Python headers "
+            "(apt-get install build-essential python3-dev) and reinstall edgeroom"
+        )
+    return False, _PureWords, _noop, _noop, _noop
+
+
+NATIVE, Words, fence_acquire, fence_release, fence_seq_cst = _load()

@@ -1,0 +1,104 @@
+"""POSIX shared-memory segments for rings: build, publish, attach, remove.
+
+A ring is a POSIX shared-memory object, the same thing multiprocessing.shared_memory
+opens (shm_open(3) on Linux is open(2) under /dev/shm; `SharedMemory(name)` attaches to a
+ring by its `{prefix}.{stream}` name). We go through the file system view instead of the
+SharedMemory class for three reasons:
+
+* Python < 3.13: SharedMemory registers every segment it opens with the resource tracker,
+  which unlinks it when the *attaching* process exits (CPython issue 82300; `track=False`
+  only exists from 3.13). A consumer's exit would delete the producer's ring.
+  Unregistering after the fact leaves a window in which a SIGKILL still unlinks it, so we
+  never register at all.
+* A new ring is built under a private name and published with link(2)/rename(2), so no
+  process ever attaches to a half-initialised header, and two producers cannot both win.
+* Pages are reserved with posix_fallocate(3) at creation: a full /dev/shm is a clear
+  BusFull error then, not a SIGBUS in the middle of a frame later (Frigate's "Bus error").
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from contextlib import contextmanager
+
+from framebus.errors import BusFull
+from framebus.names import SHM_DIR
+
+__all__ = ["Mapping", "build", "flock", "open_existing", "remove_if_same"]
+
+MODE = 0o660  # owner and the appliance's group; systemd units share one group
+
+
+class Mapping:
+    """An open segment: its fd (kept for flock and identity) and its mappings."""
+
+    __slots__ = ("fd", "path", "ino", "size", "rw", "ro")
+
+    def __init__(self, fd: int, path: str, size: int, writable_bytes: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.ino = os.fstat(fd).st_ino
+        self.size = size
+        # rw covers what this process may write; ro (consumers) covers the whole ring and
+        # makes every payload view read-only at the MMU, so a bug cannot scribble on frames.
+        self.rw = mmap.mmap(fd, writable_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.ro = self.rw if writable_bytes == size else mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+
+    def close(self) -> None:
+        """Close the fd; the mappings go when the last view of them does (refcounting)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def build(path: str, size: int) -> tuple[int, mmap.mmap]:
+    """Create `path` exclusively with `size` reserved bytes; return its fd and a mapping."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, MODE)
+    try:
+        os.fchmod(fd, MODE)  # umask must not take the group's access away
+        os.ftruncate(fd, size)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                st = os.statvfs(SHM_DIR)
+                raise BusFull(
+                    f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free but the ring "
+                    f"{os.path.basename(path)} needs {size}; enlarge the tmpfs or use fewer "
+                    "or smaller slots"
+                ) from None
+            raise
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+
+
+def open_existing(path: str) -> tuple[int, int]:
+    """Open an existing segment read-write; return (fd, size). FileNotFoundError if absent."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    return fd, os.fstat(fd).st_size
+
+
+@contextmanager
+def flock(fd: int):
+    """Exclusive lock on a segment for the rare table updates; the kernel drops it if we die."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def remove_if_same(path: str, ino: int) -> bool:
+    """Unlink `path` only if it is still the segment with inode `ino` (not a successor)."""
+    try:
+        if os.stat(path).st_ino != ino:
+            return False
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,1 @@
+"""edgeroom's services (hub, capture, decode, vision, recorder, bridge, avatar) and its CLI."""
