@@ -75,6 +75,7 @@ class Consumer:
         self.corrupt = 0  # slot descriptors that failed validation
         self._ring: _Ring | None = None
         self._next = 0
+        self._expect_payload = 0
         self._serial = next_serial()
         self._waiter = wake.Waiter(wake_path(self.prefix, self.stream, os.getpid(), self._serial))
         # Remove the FIFO at interpreter exit even if close() is never called.
@@ -83,18 +84,21 @@ class Consumer:
     # ---------------------------------------------------------------- attach
     @classmethod
     def attach(cls, stream: str, *, prefix: str | None = None, reliable: bool = False,
-               missing_ok: bool = False, start: str = "next") -> Consumer:
+               missing_ok: bool = False, start: str = "next",
+               expect_payload: int = 0) -> Consumer:
         """Attach to `stream`.
 
         reliable: the producer holds back (within its hold_back bound) until this consumer
         is done with an item, so it sees every item. missing_ok: start detached if the
         stream does not exist yet, and attach when its producer appears. start: 'next'
         (items sent from now on) or 'oldest' (everything still in the ring).
+        expect_payload: the item size in bytes this consumer needs the slots to hold.
         Raises StreamNotFound, NotAStream, LayoutMismatch with the cause in the message.
         """
         if start not in ("next", "oldest"):
             raise ValueError(f"start must be 'next' or 'oldest', got {start!r}")
         self = cls(stream, prefix, reliable)
+        self._expect_payload = expect_payload
         try:
             if not self._attach(start) and not missing_ok:
                 raise StreamNotFound(self._not_found_message())
@@ -126,6 +130,11 @@ class Consumer:
                 ident = L.read_identity(probe, self.stream, size)
             finally:
                 probe.close()
+            if ident.payload_capacity < self._expect_payload:
+                raise LayoutMismatch(
+                    f"stream {self.stream!r} has slots of {ident.payload_capacity} bytes, "
+                    f"this consumer needs {self._expect_payload}"
+                )
             ring = _Ring(segment.Mapping(fd, path, ident.total_size, ident.geometry().control_size), ident)
         except BaseException:
             os.close(fd)

@@ -201,24 +201,30 @@ class Producer:
         return self
 
     def _publish(self, tmp: str, mm) -> int:
-        """Make the built ring visible under its name; return its generation."""
+        """Make the built ring visible under its name; return its generation.
+
+        A generation is the ring's creation time in µs since the epoch, moved past its
+        predecessor's if the clock went back: it differs for every producer a stream has,
+        whether the last one crashed (its ring is still there) or exited cleanly (gone).
+        """
         path = ring_path(self.prefix, self.stream)
         while True:
+            fresh = time.time_ns() // 1_000
             try:
                 fd, size = segment.open_existing(path)
             except FileNotFoundError:
-                self._set_generation(mm, 1)
+                self._set_generation(mm, fresh)
                 try:
                     os.link(tmp, path)  # exclusive: fails if another producer won the race
                 except FileExistsError:
                     continue
                 os.unlink(tmp)
-                return 1
+                return fresh
             try:
                 with segment.flock(fd):
                     if os.stat(path).st_ino != os.fstat(fd).st_ino:
                         continue  # replaced while we looked; look again
-                    generation = self._retire(fd, size) + 1
+                    generation = max(fresh, self._retire(fd, size) + 1)
                     self._set_generation(mm, generation)
                     os.rename(tmp, path)  # atomic: consumers see the old ring or the new
                     return generation
