@@ -65,7 +65,7 @@ class Consumer:
     """A reader of one stream. Create with Consumer.attach(); one owner thread."""
 
     def __init__(self, stream: str, prefix: str | None, reliable: bool) -> None:
-        self.prefix = check_name("prefix", prefix or default_prefix())
+        self.prefix = check_name("prefix", default_prefix() if prefix is None else prefix)
         self.stream = check_name("stream", stream)
         self.reliable = reliable
         self.missed = 0  # items overwritten before this consumer could read them

@@ -134,7 +134,7 @@ class Producer:
         Raises StreamBusy if a live producer owns the stream, BusFull if /dev/shm is full.
         """
         self = cls()
-        self.prefix = check_name("prefix", prefix or default_prefix())
+        self.prefix = check_name("prefix", default_prefix() if prefix is None else prefix)
         self.stream = check_name("stream", stream)
         if kind not in KINDS:
             raise ValueError(f"unknown stream kind {kind!r}; known: {', '.join(KINDS)}")

@@ -149,7 +149,7 @@ def _read_info(stream: str, path: str, fd: int, size: int) -> StreamInfo:
 
 def list_streams(prefix: str | None = None) -> list[StreamInfo]:
     """Every ring under `prefix` (default: the appliance prefix), alive or not."""
-    prefix = check_name("prefix", prefix or default_prefix())
+    prefix = check_name("prefix", default_prefix() if prefix is None else prefix)
     out = []
     for name in _entries(prefix):
         stream = name[len(prefix) + 1 :]
@@ -204,7 +204,7 @@ def gc(prefix: str | None = None) -> list[str]:
     half-built ring and a wake FIFO when the process named in their file name is gone.
     Live producers' rings and live consumers' FIFOs are never touched.
     """
-    prefix = check_name("prefix", prefix or default_prefix())
+    prefix = check_name("prefix", default_prefix() if prefix is None else prefix)
     removed = []
     for name in _entries(prefix):
         path = f"{SHM_DIR}/{name}"
