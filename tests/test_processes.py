@@ -285,3 +285,24 @@ def test_asyncio_and_zmq_poller_wait_on_the_consumer_fd(prefix):
             assert item.array.tobytes() == b"two"
         finally:
             c.close()
+
+
+@pytest.mark.parametrize("env", MODES)
+def test_reliable_consumer_holds_the_producer_back_only_within_the_bound(prefix, spawn, env):
+    """hold_back=0.02: a reliable consumer taking 0.1 s per item delays the producer by at
+    most ~20 ms per item; past that the producer overwrites, counts an overrun, and the
+    consumer counts what it missed."""
+    consumer = spawn("consumer", prefix, "cam", "--reliable", "--sleep", "0.1", "--until-end",
+                     "--timeout", "30", env=env)
+    consumer.expect("ready")
+    producer = spawn("producer", prefix, "cam", "--slots", "4", "--count", "40", "--hold-back", "0.02",
+                     "--wait-consumers", "1", "--end", "--linger", "2", env=env)
+    done = producer.expect("done", timeout=30)
+    # Unbounded, 40 items at 0.1 s each would take 4 s; bounded, at most 40 x 20 ms plus overhead.
+    assert done["seconds"] < 2.0, done
+    assert done["overruns"] > 0
+    s = consumer.expect("summary", timeout=30)
+    assert s["errors"] == 0 and s["missed"] > 0
+    assert s["received"] + s["missed"] + s["torn"] == 40, s
+    info = stream_info(prefix, "cam")
+    assert info.overruns == done["overruns"] and 0 < info.held_s < 2.0
