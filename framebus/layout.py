@@ -108,6 +108,14 @@ class Geometry:
     def consumer_off(self, index: int) -> int:
         return self.consumers_off + index * CONSUMER_SIZE
 
+    def taken_entries(self, words):
+        """(offset, pid) of every occupied consumer entry, read through `words`."""
+        for i in range(self.max_consumers):
+            off = self.consumers_off + i * CONSUMER_SIZE
+            pid = words.load_acquire(off + C_PID)
+            if pid:
+                yield off, pid
+
 
 class Identity(NamedTuple):
     """The write-once part of the header."""

@@ -421,11 +421,7 @@ class Producer:
         self._cgen = words.load_acquire(L.OFF_CONSUMER_GEN)
         old = self._consumers
         new: dict[tuple[int, int], tuple[int | None, int, int]] = {}
-        for i in range(geo.max_consumers):
-            off = geo.consumer_off(i)
-            pid = words.load_acquire(off + L.C_PID)
-            if not pid:
-                continue
+        for off, pid in geo.taken_entries(words):
             serial = words.load(off + L.C_SERIAL)
             key = (pid, serial)
             if key in old:
@@ -449,12 +445,8 @@ class Producer:
             self._rate_t0, self._rate_n = now, 0
         self._last_maint = now
         geo = self.geometry
-        dead = []
-        for i in range(geo.max_consumers):
-            off = geo.consumer_off(i)
-            pid = words.load_acquire(off + L.C_PID)
-            if pid and not procinfo.is_alive(pid, words.load(off + L.C_TICKS)):
-                dead.append(off)
+        dead = [off for off, pid in geo.taken_entries(words)
+                if not procinfo.is_alive(pid, words.load(off + L.C_TICKS))]
         if dead:
             with segment.flock(self._fd):
                 for off in dead:

@@ -125,11 +125,7 @@ def _read_info(stream: str, path: str, fd: int, size: int) -> StreamInfo:
         info.rate_hz = words.load(L.OFF_RATE_MHZ) / 1000 if fresh and info.status == "alive" else 0.0
         info.overruns = words.load(L.OFF_OVERRUNS)
         info.held_s = words.load(L.OFF_HELD_NS) / 1e9
-        for i in range(geo.max_consumers):
-            off = geo.consumer_off(i)
-            pid = words.load_acquire(off + L.C_PID)
-            if not pid:
-                continue
+        for off, pid in geo.taken_entries(words):
             position = words.load(off + L.C_HOLD_SEQ)
             info.consumers.append(ConsumerInfo(
                 pid=pid,
