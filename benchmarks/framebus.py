@@ -1082,7 +1082,10 @@ def main(argv=None) -> int:
     args.consumers = [c for c in CONSUMER_COUNTS if c in args.consumers]
 
     t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
     rows, notes = run(args)
+    notes.append(f"machine load average (1 min) {load0:.2f} at start, {os.getloadavg()[0]:.2f} "
+                 f"at end: with {os.cpu_count()} cores, anything else running skews the figures")
     name = "quick" if args.quick else "full"
     if args.slots != 8:
         name += f", framebus slots={args.slots}"

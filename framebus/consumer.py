@@ -218,12 +218,15 @@ class Consumer:
     # ---------------------------------------------------------------- reading
     def _read(self, ring: _Ring, seq: int) -> Item | None:
         """The item `seq` if its slot still holds it, else None (seqlock, reader side)."""
-        stamp = 2 * seq + 2
-        index = seq % ring.n
-        off = ring.geo.slots_off + index * L.SLOT_DESC_SIZE
         ro = ring.ro
-        if ro.load_acquire(off) != stamp:
-            return None
+        word = ro.load_acquire(ring.geo.index_off + (seq % ring.n) * 8)
+        if word >> L.INDEX_SHIFT != seq + 1:
+            return None  # the index entry moved on: the item is gone
+        slot = word & L.INDEX_SLOT_MASK
+        stamp = 2 * seq + 2
+        off = ring.geo.slots_off + slot * L.SLOT_DESC_SIZE
+        if slot >= ring.n or ro.load_acquire(off) != stamp:
+            return None  # its slot was reused (or is being reused)
         m = L.META.unpack_from(ring.map.ro, off + L.META_OFF)
         fence_acquire()
         if ro.load(off) != stamp:
@@ -231,12 +234,12 @@ class Consumer:
         try:
             if m[3] > ring.capacity:
                 raise ValueError(f"size {m[3]} exceeds the slot's {ring.capacity} bytes")
-            array = ring.views.get(index, m[0], m[1], m[3], m[4], m[5], m[6], m[7])
+            array = ring.views.get(slot, m[0], m[1], m[3], m[4], m[5], m[6], m[7])
         except (ValueError, KeyError) as exc:
             self.corrupt += 1
             log.warning("stream %s: item %d has a bad descriptor, dropped: %s", self.stream, seq, exc)
             return None
-        return Item(ring, off, stamp, seq, m, array)
+        return Item(ring, slot, stamp, seq, m, array)
 
     def _take(self, ring: _Ring, newest: bool) -> Item | None:
         """The next item in order (or the newest one), skipping what was overwritten.
@@ -245,36 +248,47 @@ class Consumer:
         """
         ro, ctl, entry = ring.ro, ring.ctl, ring.entry
         seq = self._next
-        # Our position: everything before `seq` is done with (a reliable consumer's
-        # promise to the producer; for the others it shows as lag in `bus ls`).
-        ctl.store_release(entry + L.C_HOLD_SEQ, seq)
-        if self.reliable:
-            fence_seq_cst()  # pairs with the producer's: set its flag, then re-read ours
-            if ro.load(L.OFF_PRODUCER_WAITING) and ring.producer_fd is not None:
-                wake.notify(ring.producer_fd)
-        write_seq = ro.load_acquire(L.OFF_WRITE_SEQ)
+        if newest:
+            write_seq = ro.load_acquire(L.OFF_WRITE_SEQ)
+            if write_seq - 1 > seq:
+                self.skipped += write_seq - 1 - seq
+                ctl.store(entry + L.C_SKIPPED, self.skipped)
+                seq = write_seq - 1
+            # We need only the item we are about to read, not the ones after it.
+            self._hold(ring, L.HOLD_NEWEST | seq)
+        else:
+            # Our position: everything before `seq` is done with (for a reliable consumer
+            # a promise the producer waits on; for all, what `bus ls` shows as lag).
+            self._hold(ring, seq)
+            write_seq = ro.load_acquire(L.OFF_WRITE_SEQ)
+            if write_seq - seq > ring.n:
+                self._count_missed(ring, write_seq - ring.n - seq)
+                seq = write_seq - ring.n
         if seq >= write_seq:
             return None
-        if newest and write_seq - 1 > seq:
-            self.skipped += write_seq - 1 - seq
-            ctl.store(entry + L.C_SKIPPED, self.skipped)
-            seq = write_seq - 1
-        elif write_seq - seq > ring.n:
-            self._count_missed(ring, write_seq - ring.n - seq)
-            seq = write_seq - ring.n
         while (item := self._read(ring, seq)) is None:
             # Overwritten (or bad) while we looked: move to what is still there.
             write_seq = ro.load_acquire(L.OFF_WRITE_SEQ)
-            ahead = max(seq + 1, write_seq - ring.n + 1)
+            ahead = max(seq + 1, write_seq - 1 if newest else write_seq - ring.n + 1)
             self._count_missed(ring, ahead - seq)
             seq = ahead
             if seq >= write_seq:
                 self._next = seq
                 return None
+            if newest:
+                self._hold(ring, L.HOLD_NEWEST | seq)
         self._next = seq + 1
         self.received += 1
         ctl.store(entry + L.C_RECEIVED, self.received)
         return item
+
+    def _hold(self, ring: _Ring, hold: int) -> None:
+        """Publish what we still need; a reliable consumer wakes a producer waiting on it."""
+        ring.ctl.store_release(ring.entry + L.C_HOLD_SEQ, hold)
+        if self.reliable:
+            fence_seq_cst()  # pairs with the producer's: set its flag, then re-read ours
+            if ring.ro.load(L.OFF_PRODUCER_WAITING) and ring.producer_fd is not None:
+                wake.notify(ring.producer_fd)
 
     def _count_missed(self, ring: _Ring, n: int) -> None:
         self.missed += n
@@ -369,11 +383,7 @@ class Consumer:
         """Done with the last item: a reliable consumer lets the producer reuse its slot."""
         ring = self._ring
         if ring is not None:
-            ring.ctl.store_release(ring.entry + L.C_HOLD_SEQ, self._next)
-            if self.reliable:
-                fence_seq_cst()
-                if ring.ro.load(L.OFF_PRODUCER_WAITING) and ring.producer_fd is not None:
-                    wake.notify(ring.producer_fd)
+            self._hold(ring, self._next)
 
     def extradata(self) -> tuple[str, bytes] | None:
         """The stream's codec parameter sets (codec, bytes), or None if none were set."""

@@ -32,11 +32,11 @@ class Item:
     later item: check valid() after using the data (or use copy(), which checks for you).
     """
 
-    __slots__ = ("_ring", "_stamp_off", "_stamp", "_m", "seq", "array")
+    __slots__ = ("_ring", "_slot", "_stamp", "_m", "seq", "array")
 
-    def __init__(self, ring, stamp_off: int, stamp: int, seq: int, meta: tuple, array: np.ndarray) -> None:
+    def __init__(self, ring, slot: int, stamp: int, seq: int, meta: tuple, array: np.ndarray) -> None:
         self._ring = ring
-        self._stamp_off = stamp_off
+        self._slot = slot
         self._stamp = stamp
         self._m = meta
         self.seq = seq
@@ -46,7 +46,7 @@ class Item:
         """True while the slot still holds this item (seqlock, reader side: the acquire
         fence orders every earlier read of the payload before the re-read of the stamp)."""
         fence_acquire()
-        return self._ring.ro.load(self._stamp_off) == self._stamp
+        return self._ring.ro.load(self._ring.geo.stamp_off(self._slot)) == self._stamp
 
     def copy(self) -> np.ndarray:
         """A private copy of the payload; raises Overwritten if it was torn by a reuse."""
@@ -142,7 +142,7 @@ class Item:
         if self._m[0] != KIND_VIDEO:
             raise BusError(f"item {self.seq} is {self.kind}, not a picture")
         _, fmt, _, _, w, h, s0, s1 = self._m[:8]
-        base = self._ring.views.base(self.seq % self._ring.geo.slot_count)
+        base = self._ring.views.base(self._slot)
         return picture_planes(base, fmt, w, h, s0, s1)
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@
     0      header      4096 bytes: identity (written once), then hot words on their own
                         cache lines, then the extradata area
     4096   consumers   max_consumers x 64-byte entries
+    ...    index       slot_count x u64: which slot holds item `seq` (at seq % slot_count)
     ...    slot table  slot_count x 128-byte slot descriptors (stamp + metadata)
     ...    payloads    slot_count x slot_stride bytes, page aligned
 
@@ -26,11 +27,12 @@ PAGE = 4096
 CACHE_LINE = 64
 
 # --- identity: written by the producer before the segment is published, then read-only
-IDENTITY = struct.Struct("<8sI4xQQ I I Q Q Q Q Q Q Q I I Q")
+IDENTITY = struct.Struct("<8sI4xQQ I I Q Q Q Q Q Q Q I I Q Q")
 #  0 magic, 8 layout_version, 16 producer_pid, 24 producer_ticks,
 #  32 slot_count, 36 kind, 40 payload_capacity, 48 slot_stride, 56 consumers_off,
 #  64 slots_off, 72 payloads_off, 80 total_size, 88 generation, 96 max_consumers,
-#  100 producer_wake_serial, 104 hold_back_ns (0 = never wait, 2**64-1 = wait forever)
+#  100 producer_wake_serial, 104 hold_back_ns (0 = never wait, 2**64-1 = wait forever),
+#  112 index_off
 OFF_PID = 16
 OFF_TICKS = 24
 OFF_GENERATION = 88
@@ -63,6 +65,15 @@ C_PID, C_TICKS, C_SERIAL, C_FLAGS, C_HOLD_SEQ, C_MISSED, C_SKIPPED, C_RECEIVED =
 # on purpose with latest(); received: items it got.
 CFLAG_RELIABLE = 1
 
+# hold_seq's top bit: the consumer reads newest-first (latest()), so it needs only the
+# item it holds, not the ones after it.
+HOLD_NEWEST = 1 << 63
+
+# --- index word (u64) for item seq, at index_off + (seq % slot_count) * 8:
+# ((seq + 1) << INDEX_SHIFT) | slot; 0 = never written. One atomic word, never torn.
+INDEX_SHIFT = 20
+INDEX_SLOT_MASK = (1 << INDEX_SHIFT) - 1
+
 # --- slot descriptor (128 bytes): a stamp word, then the item's metadata
 SLOT_DESC_SIZE = 128
 # stamp: 0 = never written; 2*seq+1 = item `seq` being written; 2*seq+2 = item `seq` committed
@@ -82,7 +93,7 @@ class Geometry:
     """Offsets and sizes derived from (slot_count, payload_capacity, max_consumers)."""
 
     __slots__ = ("slot_count", "payload_capacity", "max_consumers", "slot_stride",
-                 "consumers_off", "slots_off", "payloads_off", "total_size")
+                 "consumers_off", "index_off", "slots_off", "payloads_off", "total_size")
 
     def __init__(self, slot_count: int, payload_capacity: int, max_consumers: int) -> None:
         self.slot_count = slot_count
@@ -90,17 +101,22 @@ class Geometry:
         self.max_consumers = max_consumers
         self.slot_stride = _align(payload_capacity, PAGE)
         self.consumers_off = HEADER_SIZE
-        self.slots_off = self.consumers_off + max_consumers * CONSUMER_SIZE
+        # Page aligned: consumers map everything before it writable, everything after read-only.
+        self.index_off = _align(self.consumers_off + max_consumers * CONSUMER_SIZE, PAGE)
+        self.slots_off = _align(self.index_off + slot_count * 8, CACHE_LINE)
         self.payloads_off = _align(self.slots_off + slot_count * SLOT_DESC_SIZE, PAGE)
         self.total_size = self.payloads_off + slot_count * self.slot_stride
 
     @property
     def control_size(self) -> int:
         """Bytes a consumer maps writable: header and consumer table (page aligned)."""
-        return _align(self.slots_off, PAGE)
+        return _align(self.index_off, PAGE)
 
-    def stamp_off(self, index: int) -> int:
-        return self.slots_off + index * SLOT_DESC_SIZE
+    def stamp_off(self, slot: int) -> int:
+        return self.slots_off + slot * SLOT_DESC_SIZE
+
+    def index_word_off(self, seq: int) -> int:
+        return self.index_off + (seq % self.slot_count) * 8
 
     def payload_off(self, index: int) -> int:
         return self.payloads_off + index * self.slot_stride
@@ -136,6 +152,7 @@ class Identity(NamedTuple):
     max_consumers: int
     producer_wake_serial: int
     hold_back_ns: int
+    index_off: int
 
     def geometry(self) -> Geometry:
         return Geometry(self.slot_count, self.payload_capacity, self.max_consumers)
@@ -157,8 +174,9 @@ def read_identity(buf, name: str, file_size: int) -> Identity:
         raise NotAStream(f"stream {name!r}: segment is {file_size} bytes, shorter than its {HEADER_SIZE}-byte header")
     ident = Identity(*IDENTITY.unpack_from(buf, 0))
     geo = ident.geometry()
-    derived = (geo.slot_stride, geo.consumers_off, geo.slots_off, geo.payloads_off, geo.total_size)
-    stored = (ident.slot_stride, ident.consumers_off, ident.slots_off, ident.payloads_off, ident.total_size)
+    derived = (geo.slot_stride, geo.consumers_off, geo.index_off, geo.slots_off, geo.payloads_off, geo.total_size)
+    stored = (ident.slot_stride, ident.consumers_off, ident.index_off, ident.slots_off, ident.payloads_off,
+              ident.total_size)
     if derived != stored or ident.slot_count < 2:
         raise NotAStream(f"stream {name!r}: header geometry is inconsistent {stored} (corrupt segment)")
     if file_size < ident.total_size:

@@ -77,6 +77,11 @@ class Loan:
         self._done = False
 
     @property
+    def slot(self) -> int:
+        """Which slot of the ring this loan writes (for diagnostics)."""
+        return self._index
+
+    @property
     def planes(self) -> tuple[np.ndarray, ...]:
         """Writable plane views: (Y, U, V) for yuv420p, (Y, UV) for nv12, (picture,) else."""
         base = self._producer._views.base(self._index)
@@ -166,7 +171,7 @@ class Producer:
             L.IDENTITY.pack_into(
                 mm, 0, L.MAGIC, L.LAYOUT_VERSION, pid, ticks, slots, self.kind, payload,
                 geo.slot_stride, geo.consumers_off, geo.slots_off, geo.payloads_off,
-                geo.total_size, 0, max_consumers, self._wake_serial, hold_ns)
+                geo.total_size, 0, max_consumers, self._wake_serial, hold_ns, geo.index_off)
             words = Words(mm)
             words.store_release(L.OFF_STATE, L.STATE_OPEN)
             self.generation = self._publish(tmp, mm)
@@ -187,7 +192,9 @@ class Producer:
         self._cgen = -1
         self._consumers: dict[tuple[int, int], tuple[int | None, int, int]] = {}
         self._notify_fds: list[int] = []
-        self._reliable: list[int] = []
+        self._holders: list[tuple[int, bool]] = []  # (entry offset, reliable) per consumer
+        self._slot_seq = [-1] * slots  # the item each slot holds (-1: none)
+        self._slot_of: dict[int, int] = {}  # item -> slot, for items still in the index
         self._rate_t0 = time.monotonic_ns()
         self._rate_n = 0
         self._last_maint = self._rate_t0
@@ -271,16 +278,113 @@ class Producer:
         if self._loaned:
             raise BusError(f"stream {self.stream!r}: one loan at a time; send or abort the previous one")
         seq = self._seq
-        n = self.geometry.slot_count
-        if seq >= n and self._reliable:
-            self._hold_back(seq - n + 1)
-        index = seq % n
+        slot = self._choose_slot(seq)
+        old = self._slot_seq[slot]
+        if old >= 0:
+            self._slot_of.pop(old, None)
+        self._slot_seq[slot] = -1
         # Seqlock, writer side: mark the slot busy, then fence so the mark is visible
         # before any byte of the new payload (docs/framebus.md, "Memory ordering").
-        self._words.store(self.geometry.stamp_off(index), 2 * seq + 1)
+        self._words.store(self.geometry.stamp_off(slot), 2 * seq + 1)
         fence_release()
         self._loaned = True
-        return index
+        return slot
+
+    def _choose_slot(self, seq: int) -> int:
+        """The slot for item `seq`: the most recently written one nobody needs any more.
+
+        Reusing the slot that was freed last keeps the ring's working set in the CPU
+        caches when consumers keep up (at 1080p, 2 slots of 6 MB instead of all of them).
+        A slot is free when its item is older than every in-order consumer's position,
+        not the item a latest() consumer holds, and older than every reliable consumer's
+        position. While a latest() consumer is attached, or none at all, the newest item
+        is kept too, so latest() never starves behind a fast producer.
+        When consumers lag, the oldest item goes, as in a plain ring; when that item is
+        still wanted by a reliable consumer, the producer waits for it within hold_back.
+        """
+        n = self.geometry.slot_count
+        words = self._words
+        deadline = None
+        t0 = 0
+        while True:
+            live = reliable = seq
+            newest: list[int] = []
+            for off, is_reliable in self._holders:
+                hold = words.load_acquire(off + L.C_HOLD_SEQ)
+                if hold & L.HOLD_NEWEST:
+                    newest.append(hold & ~L.HOLD_NEWEST)
+                elif is_reliable:
+                    reliable = min(reliable, hold)
+                else:
+                    live = min(live, hold)
+            if newest or not self._holders:
+                # Keep the newest item: a latest() reader (or one that joins) must be able
+                # to get it while the next is written, or a fast producer starves it.
+                live = reliable = min(live, reliable, seq - 1)
+            # Items that fell out of the index window are free for live consumers anyway.
+            limit = min(max(live, seq - n + 1), reliable)
+            slot = self._free_slot(seq, limit, newest)
+            if slot >= 0:
+                break
+            if reliable > seq - n:
+                # Not a reliable consumer's need: a latest() reader holds the only
+                # candidate. Live semantics: the oldest item goes.
+                slot = min(range(n), key=self._slot_seq.__getitem__)
+                break
+            # A reliable consumer still needs the oldest item: wait, within the bound.
+            now = time.monotonic_ns()
+            if deadline is None:
+                t0 = now
+                deadline = None if self._hold_ns == L.HOLD_FOREVER else now + self._hold_ns
+            if deadline is not None and now >= deadline or not self._reliable_alive():
+                if deadline is not None and now >= deadline:
+                    self.overruns += 1
+                    words.store(L.OFF_OVERRUNS, self.overruns)
+                slot = min(range(n), key=self._slot_seq.__getitem__)
+                break
+            self._sleep_held(deadline, now)
+        if deadline is not None:
+            words.store(L.OFF_PRODUCER_WAITING, 0)
+            words.store(L.OFF_HELD_NS, words.load(L.OFF_HELD_NS) + time.monotonic_ns() - t0)
+        return slot
+
+    def _free_slot(self, seq: int, limit: int, newest: list[int]) -> int:
+        """The slot of the newest item below `limit` that no latest() reader holds, or -1."""
+        slot_of = self._slot_of
+        item = min(limit, seq) - 1
+        stop = max(seq - self.geometry.slot_count, -1)
+        while item > stop:  # usually one or two steps
+            slot = slot_of.get(item)
+            if slot is not None and item not in newest:
+                return slot
+            item -= 1
+        best, best_item = -1, -2  # none in the index window: an empty or aborted slot, or older
+        for slot, item in enumerate(self._slot_seq):
+            if best_item < item < limit and item not in newest:
+                best, best_item = slot, item
+        return best
+
+    def _reliable_alive(self) -> bool:
+        """Is any reliable consumer still running? (A dead one must not hold us back.)"""
+        words = self._words
+        return any(
+            is_reliable and procinfo.is_alive(words.load(off + L.C_PID), words.load(off + L.C_TICKS))
+            for off, is_reliable in self._holders
+        )
+
+    def _sleep_held(self, deadline: int | None, now: int) -> None:
+        """Sleep until a reliable consumer moves (it wakes us) or 5 ms pass."""
+        words = self._words
+        # Announce that we sleep, then look once more on the next turn: a consumer that
+        # moved before it saw the flag is seen by that look (full fences on both sides).
+        words.store(L.OFF_PRODUCER_WAITING, 1)
+        fence_seq_cst()
+        if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
+            self._rescan()
+            return
+        slice_s = 0.005 if deadline is None else max(0.0, min(0.005, (deadline - now) / 1e9))
+        self._waiter.wait(slice_s)
+        self._waiter.drain()
 
     def _check_kind(self, kind: int) -> None:
         if kind != self.kind:
@@ -395,12 +499,18 @@ class Producer:
             tb = time_base if time_base is _NS_BASE else _time_base(time_base)
         seq = self._seq
         words = self._words
-        stamp_off = self.geometry.stamp_off(index)
+        geo = self.geometry
+        stamp_off = geo.stamp_off(index)
         L.META.pack_into(self._mm, stamp_off + L.META_OFF, kind, fmt, flags, size, w, h, s0, s1,
                          pts, tb[0], tb[1], capture_ns, now, self._extra_version)
-        # Release: payload and metadata are visible before the committed stamp and write_seq.
+        # Release: payload and metadata are visible before the committed stamp, the stamp
+        # before the index entry that leads readers to it, and that before write_seq.
         words.store_release(stamp_off, 2 * seq + 2)
+        words.store_release(geo.index_word_off(seq), ((seq + 1) << L.INDEX_SHIFT) | index)
         words.store_release(L.OFF_WRITE_SEQ, seq + 1)
+        self._slot_seq[index] = seq
+        self._slot_of[seq] = index
+        self._slot_of.pop(seq - geo.slot_count, None)  # left the index window
         if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
             self._rescan()
         for fd in self._notify_fds:  # wake first, book-keeping after
@@ -434,7 +544,7 @@ class Producer:
                 os.close(fd)
         self._consumers = new
         self._notify_fds = [fd for fd, _, _ in new.values() if fd is not None]
-        self._reliable = [off for _, off, flags in new.values() if flags & L.CFLAG_RELIABLE]
+        self._holders = [(off, bool(flags & L.CFLAG_RELIABLE)) for _, off, flags in new.values()]
 
     def _maintain(self, now: int) -> None:
         """Once a second: publish the rate, and free the entries of dead consumers."""
@@ -452,35 +562,6 @@ class Producer:
                 for off in dead:
                     reap_consumer(words, off, self.prefix, self.stream)
             self._rescan()
-
-    def _hold_back(self, need: int) -> None:
-        """Wait until every reliable consumer is done with item `need - 1`, within the bound."""
-        words = self._words
-        t0 = time.monotonic_ns()
-        deadline = None if self._hold_ns == L.HOLD_FOREVER else t0 + self._hold_ns
-        for off in self._reliable:
-            pid = words.load(off + L.C_PID)
-            while words.load_acquire(off + L.C_HOLD_SEQ) < need:
-                now = time.monotonic_ns()
-                if words.load(off + L.C_PID) != pid or not procinfo.is_alive(pid, words.load(off + L.C_TICKS)):
-                    break  # it left or died; _maintain reaps it
-                if deadline is not None and now >= deadline:
-                    self.overruns += 1
-                    words.store(L.OFF_OVERRUNS, self.overruns)
-                    break
-                # Announce that we sleep, then look once more: a consumer that advanced
-                # before seeing the flag has made the look succeed (full fences both sides).
-                words.store(L.OFF_PRODUCER_WAITING, 1)
-                fence_seq_cst()
-                if words.load_acquire(off + L.C_HOLD_SEQ) >= need:
-                    break
-                slice_s = 0.005 if deadline is None else min(0.005, (deadline - now) / 1e9)
-                self._waiter.wait(slice_s)
-                self._waiter.drain()
-        words.store(L.OFF_PRODUCER_WAITING, 0)
-        held = time.monotonic_ns() - t0
-        if held > 0:
-            words.store(L.OFF_HELD_NS, words.load(L.OFF_HELD_NS) + held)
 
     # ---------------------------------------------------------------- life cycle
     @property

@@ -126,7 +126,7 @@ def _read_info(stream: str, path: str, fd: int, size: int) -> StreamInfo:
         info.overruns = words.load(L.OFF_OVERRUNS)
         info.held_s = words.load(L.OFF_HELD_NS) / 1e9
         for off, pid in geo.taken_entries(words):
-            position = words.load(off + L.C_HOLD_SEQ)
+            position = words.load(off + L.C_HOLD_SEQ) & ~L.HOLD_NEWEST
             info.consumers.append(ConsumerInfo(
                 pid=pid,
                 reliable=bool(words.load(off + L.C_FLAGS) & L.CFLAG_RELIABLE),

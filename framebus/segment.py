@@ -53,8 +53,42 @@ class Mapping:
             self.fd = -1
 
 
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_room(path: str, size: int) -> None:
+    """Raise BusFull unless /dev/shm and memory have room for `size` more bytes.
+
+    Checked before any page is touched: tmpfs pages are memory, and a tmpfs may be
+    larger than the RAM that backs it, so trying and failing could wake the OOM killer.
+    """
+    st = os.statvfs(SHM_DIR)
+    free = st.f_bavail * st.f_frsize
+    mem = _mem_available()
+    name = os.path.basename(path)
+    if size > free:
+        raise BusFull(
+            f"{SHM_DIR} has {free} bytes free but the ring {name} needs {size}; "
+            "enlarge the tmpfs or use fewer or smaller slots"
+        )
+    if mem is not None and size > mem:
+        raise BusFull(
+            f"the ring {name} needs {size} bytes but only {mem} bytes of memory are "
+            "available; use fewer or smaller slots"
+        )
+
+
 def build(path: str, size: int) -> tuple[int, mmap.mmap]:
     """Create `path` exclusively with `size` reserved bytes; return its fd and a mapping."""
+    check_room(path, size)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, MODE)
     try:
         os.fchmod(fd, MODE)  # umask must not take the group's access away

@@ -64,7 +64,7 @@ def producer(args) -> None:
         loan = p.loan_picture(w, h, "rgb24")
         half = loan.array.reshape(-1)
         half[: half.size // 2] = 7  # garbage that must never be read as an item
-        say(event="midwrite", seq=p.seq, slot=p.seq % args.slots)
+        say(event="midwrite", seq=p.seq, slot=loan.slot)
         time.sleep(3600)  # the test SIGKILLs us here
     if args.end:
         loan = p.loan_picture(w, h, "rgb24")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import time
 from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -146,8 +147,12 @@ class Video(NamedTuple):
         return self.w * PACKED_BPP.get(self.fmt, 1) + self.pad
 
     @property
+    def tight(self) -> bool:
+        return self.pad in (None, 0)
+
+    @property
     def tight_even_yuv(self) -> bool:
-        return self.fmt in ("yuv420p", "nv12") and self.pad is None and self.w % 2 == 0 and self.h % 2 == 0
+        return self.fmt in ("yuv420p", "nv12") and self.tight and self.w % 2 == 0 and self.h % 2 == 0
 
 
 class Encoded(NamedTuple):
@@ -171,8 +176,9 @@ def video_specs(draw, max_w: int = 40, max_h: int = 40) -> Video:
     h = draw(st.integers(1, max_h))
     pad = draw(st.none() | st.integers(0, 7))
     vias = ["planes"]
-    if pad is None:
+    if pad in (None, 0):
         vias.append("array")
+    if pad is None:
         if fmt in PACKED_BPP or (w % 2 == 0 and h % 2 == 0):
             vias.append("publish")
     return Video(fmt, w, h, pad, draw(st.sampled_from(vias)))
@@ -223,7 +229,7 @@ def begin_loan(p: framebus.Producer, spec, seq: int) -> framebus.Loan:
     content = expected_content(spec, seq)
     if isinstance(spec, Video):
         loan = p.loan_picture(spec.w, spec.h, spec.fmt, spec.stride)
-        if spec.via == "array" and spec.pad is None:
+        if spec.via == "array" and spec.tight:
             if spec.fmt in PACKED_BPP:
                 loan.array[...] = content[0]
             else:
@@ -288,7 +294,7 @@ def check_content(item, spec, seq: int) -> None:
             assert np.array_equal(item.array.reshape(-1), flat(content))
         else:
             assert item.array.shape == (geo.size,)
-            if spec.pad is None:
+            if spec.tight:
                 assert np.array_equal(item.array, flat(content))
     elif isinstance(spec, Encoded):
         assert (item.kind, item.codec, item.format, item.width, item.height) == ("encoded", spec.codec, None, 0, 0)
@@ -319,6 +325,7 @@ class ModelConsumer:
         self.missed = self.skipped = self.received = 0
         self.hold = (start, start)  # range its registered position (hold_seq) may be in
         self.last = -1
+        self.news = False  # an item was committed since its fd was last drained
 
     def __repr__(self) -> str:
         return (f"<consumer reliable={self.reliable} start={self.start} pos={self.pos} "
@@ -335,19 +342,21 @@ class RingMachine(RuleBasedStateMachine):
         self.bus = Bus()
         self.p: framebus.Producer | None = None
 
-    @initialize(slots=st.integers(2, 6))
-    def create(self, slots: int) -> None:
+    @initialize(slots=st.integers(2, 6), first=st.sampled_from(["next", "oldest"]), reliable=st.booleans())
+    def create(self, slots: int, first: str, reliable: bool) -> None:
         self.n = slots
         self.p = self.bus.producer(self.KIND, payload=CAP, slots=slots, hold_back=0.0)
         self.committed: dict[int, Committed] = {}
         self.maxbegun = -1
         self.loan: tuple[framebus.Loan, object, int] | None = None
+        self.stale: framebus.Loan | None = None  # the last loan sent or aborted
         self.consumers: list[ModelConsumer] = []
         self.held: list[tuple[framebus.Item, int]] = []
         self.overruns = 0
         self.extra: tuple[str, bytes] | None = None
         self.extra_sets = 0
         self.versions: dict[int, int] = {0: 0}  # set_extradata calls -> extradata_version seen
+        self.attach(first, reliable)
 
     def teardown(self) -> None:
         self.bus.close()
@@ -374,6 +383,8 @@ class RingMachine(RuleBasedStateMachine):
     def _began(self, delta: int) -> None:
         self.maxbegun = self.W
         self.overruns += delta
+        if delta:
+            event("overrun counted")
         assert self.p.overruns == self.overruns, (self.p.overruns, self.overruns)
 
     def _committed(self, got: int, spec, t0: int) -> None:
@@ -381,13 +392,15 @@ class RingMachine(RuleBasedStateMachine):
         assert got == self.W, f"send returned sequence {got}, expected {self.W}"
         self.committed[got] = Committed(spec, t0, t1, self.extra_sets)
         assert self.p.seq == self.W
+        for m in self.consumers:
+            m.news = True
 
     def _check_item(self, item) -> None:
         rec = self.committed.get(item.seq)
         assert rec is not None, f"got item {item.seq}, only {self.W} were committed"
         check_content(item, rec.spec, item.seq)
         check_meta(item, item.seq)
-        assert item.generation == 1
+        assert item.generation == self.p.generation
         assert rec.t0 <= item.publish_ns <= rec.t1
         # extradata_version: 0 before any set_extradata, the same between two sets,
         # strictly bigger after each one.
@@ -423,6 +436,10 @@ class RingMachine(RuleBasedStateMachine):
         self.loan = (loan, spec, seq)
 
     def _second_loan_refused(self, spec) -> None:
+        if self.stale is not None:  # an old loan's abort() must not release the open one
+            self.stale.abort()
+            with pytest.raises(BusError):
+                self.stale.send()
         with pytest.raises(BusError) as exc:
             begin_loan(self.p, spec, self.W)
         assert exc.type is BusError, exc.value
@@ -438,6 +455,7 @@ class RingMachine(RuleBasedStateMachine):
             loan.send()
         loan.abort()  # no-op after send
         assert self.p.seq == self.W
+        self.stale = loan
 
     @precondition(lambda self: self.loan is not None)
     @rule()
@@ -449,6 +467,7 @@ class RingMachine(RuleBasedStateMachine):
         with pytest.raises(BusError):
             loan.send()
         loan.abort()
+        self.stale = loan
 
     @precondition(lambda self: self.loan is None)
     @rule()
@@ -477,29 +496,35 @@ class RingMachine(RuleBasedStateMachine):
         if start == "next":
             allowed = {self.W}
         else:
-            # The docstring says 'everything still in the ring' (self.lo); the code starts
-            # one later once the ring has wrapped. Both are accepted here; the difference
-            # is pinned down by test_start_oldest_delivers_everything_still_in_the_ring.
-            allowed = {self.lo, max(0, self.W - self.n + 1)}
+            # The docstring says 'everything still in the ring' (self.lo, or W - n if it
+            # then counts an item an aborted loan destroyed as missed); the code starts at
+            # W - n + 1 once the ring has wrapped. All are accepted here (the model follows
+            # the position it reports); the difference is pinned down by
+            # test_start_oldest_delivers_everything_still_in_the_ring.
+            allowed = {self.lo, max(0, self.W - self.n), max(0, self.W - self.n + 1)}
         assert pos in allowed, f"start={start!r} attached at {pos}, expected one of {sorted(allowed)}"
         assert c.attached and c.reliable == reliable
         self.consumers.append(ModelConsumer(c, reliable, pos))
 
     @precondition(lambda self: self.consumers)
-    @rule(i=st.integers(0, 3), keep=st.booleans())
-    def poll(self, i: int, keep: bool) -> None:
+    @rule(i=st.integers(0, 3), keep=st.booleans(), wait=st.booleans())
+    def poll(self, i: int, keep: bool, wait: bool) -> None:
+        """poll(), or receive() with a short timeout (the same next-in-order item)."""
         m = self._pick(i)
         p = m.pos
-        item = m.c.poll()
+        item = m.c.receive(timeout=0.001) if wait else m.c.poll()
         if p >= self.W:
             assert item is None, f"poll() at {p} of {self.W} returned item {item.seq}"
             m.hold = (p, p)
+            m.news = False
             return
         assert item is not None, f"poll() at {p} of {self.W} returned nothing"
         want = max(p, self.lo)  # the oldest item still readable, at or after its position
         assert item.seq == want, f"poll() at {p} returned {item.seq}, expected {want} (lo={self.lo}, W={self.W})"
         assert item.seq > m.last
         assert item.seq >= self.W - self.n
+        if want > p:
+            event("poll jumped over items that were overwritten")
         m.missed += want - p
         m.received += 1
         m.pos, m.last = want + 1, want
@@ -509,14 +534,16 @@ class RingMachine(RuleBasedStateMachine):
             self._keep(item)
 
     @precondition(lambda self: self.consumers)
-    @rule(i=st.integers(0, 3), keep=st.booleans())
-    def latest(self, i: int, keep: bool) -> None:
+    @rule(i=st.integers(0, 3), keep=st.booleans(), wait=st.booleans())
+    def latest(self, i: int, keep: bool, wait: bool) -> None:
+        """latest(), or receive(newest=True) with a short timeout."""
         m = self._pick(i)
         p = m.pos
-        item = m.c.latest()
+        item = m.c.receive(timeout=0.001, newest=True) if wait else m.c.latest()
         if p >= self.W:
             assert item is None, f"latest() at {p} of {self.W} returned item {item.seq}"
             m.hold = (p, p)
+            m.news = False
             return
         assert item is not None and item.seq == self.W - 1, (p, self.W, item)
         assert item.seq > m.last
@@ -525,6 +552,8 @@ class RingMachine(RuleBasedStateMachine):
         overwritten = max(0, min(self.lo, self.W - 1) - p)
         assert dm >= 0 and ds >= 0 and dm + ds == gap and dm <= overwritten, (
             f"latest() from {p} to {item.seq}: missed +{dm}, skipped +{ds}; gap {gap}, overwritten {overwritten}")
+        if gap:
+            event("latest skipped items")
         m.missed += dm
         m.skipped += ds
         m.received += 1
@@ -567,6 +596,9 @@ class RingMachine(RuleBasedStateMachine):
             assert m.c.lag == self.W - m.pos, (m, m.c.lag)
             assert m.c.attached
             assert m.c.extradata() == self.extra
+            if m.news:  # level-triggered: readable from a send until a poll drains it
+                readable, _, _ = select.select([m.c.fileno()], [], [], 0)
+                assert readable, f"{m}: an item was sent since the last drain, fileno() is not readable"
 
     @invariant()
     def held_items(self) -> None:
@@ -582,6 +614,7 @@ class RingMachine(RuleBasedStateMachine):
                 check_content(item, self.committed[seq].spec, seq)
                 assert np.array_equal(item.copy(), item.array)
             else:
+                event("held item overwritten")
                 with pytest.raises(Overwritten):
                     item.copy()
 
@@ -591,7 +624,7 @@ class RingMachine(RuleBasedStateMachine):
             return
         info = self.bus.info()
         assert (info.status, info.state, info.kind) == ("alive", "open", self.KIND), info
-        assert (info.items, info.slots, info.generation) == (self.W, self.n, 1), info
+        assert (info.items, info.slots, info.generation) == (self.W, self.n, self.p.generation), info
         assert info.payload_bytes == CAP
         assert info.overruns == self.p.overruns == self.overruns
         assert len(info.consumers) == len(self.consumers), (info.consumers, self.consumers)
@@ -629,7 +662,7 @@ def _machine(kind: str, specs) -> type[RingMachine]:
     return Machine
 
 
-_STATEFUL = settings(max_examples=45, stateful_step_count=40, deadline=None,
+_STATEFUL = settings(max_examples=150, stateful_step_count=50, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 VideoRing = _machine("video", video_specs())
@@ -641,7 +674,7 @@ TestVideoRing.settings = _STATEFUL
 TestEncodedRing = EncodedRing.TestCase
 TestEncodedRing.settings = _STATEFUL
 TestAudioRing = AudioRing.TestCase
-TestAudioRing.settings = settings(_STATEFUL, max_examples=25)
+TestAudioRing.settings = settings(_STATEFUL, max_examples=80)
 
 
 # ------------------------------------------------------------------ single properties
@@ -667,7 +700,7 @@ def test_picture_geometry_roundtrip(specs: list[Video], slots: int) -> None:
         p = bus.producer("video", payload=max(sizes), slots=slots)  # the biggest fills a slot exactly
         c = bus.consumer()
         for seq, spec in enumerate(specs):
-            if spec.pad is None:  # a tight picture: its planes fill exactly `size` bytes
+            if spec.tight:  # a tight picture: its planes fill exactly `size` bytes
                 assert sum(int(np.prod(s)) for s in plane_shapes(spec)) == sizes[seq]
             assert publish(p, spec, seq) == seq
             item = c.poll()
@@ -774,7 +807,7 @@ def test_start_oldest_delivers_everything_still_in_the_ring(slots: int, sent: in
             seen.append(item.seq)
         assert seen == in_ring
         assert got == in_ring, f"start='oldest' delivered {got}; still in the ring: {in_ring}"
-        assert oldest.missed == 0
+        assert oldest.missed <= (1 if aborted else 0)  # (the item the aborted loan destroyed)
 
 
 @settings(max_examples=30, deadline=None)
@@ -803,3 +836,88 @@ def test_reliable_consumer_without_hold_back_is_live(slots: int, sent: int) -> N
                 got.append(item.seq)
             assert got == list(range(lost, sent))
             assert (c.missed, c.received, c.skipped) == (lost, sent - lost, 0)
+
+
+def _drain(c: framebus.Consumer) -> list:
+    out = []
+    while (item := c.poll()) is not None:
+        out.append(item)
+    return out
+
+
+def _gen1_then_restart(bus: Bus, slots1: int, sent1: int, read1: int, detached_poll: bool):
+    """Producer 1 sends `sent1` items, the consumer reads `read1`, producer 1 exits cleanly.
+
+    Returns (consumer, items it got from generation 1, generation 1). With detached_poll
+    the consumer also reads the rest of the old ring and polls once more while no producer
+    exists (it is then detached)."""
+    p1 = bus.producer("encoded", payload=64, slots=slots1)
+    c = bus.consumer()
+    for seq in range(sent1):
+        assert p1.publish_encoded(b"one%d" % seq, "h264") == seq
+    got = []
+    while len(got) < read1 and (item := c.poll()) is not None:
+        got.append(item)
+    gen1 = p1.generation
+    p1.close()
+    if detached_poll:
+        got += _drain(c)
+        assert c.poll() is None and not c.attached
+    for item in got:  # a held view of the old ring stays readable and valid
+        assert item.generation == gen1 and item.valid() and bytes(item.array) == b"one%d" % item.seq
+    return c, got, gen1
+
+
+@settings(max_examples=40, deadline=None)
+@given(slots1=st.integers(2, 4), sent1=st.integers(0, 8), read1=st.integers(0, 8),
+       slots2=st.integers(2, 4), sent2=st.integers(0, 8), detached_poll=st.booleans())
+def test_restarted_producer_every_item_delivered_or_counted(slots1, sent1, read1, slots2, sent2,
+                                                            detached_poll) -> None:
+    """A consumer follows its stream to a new producer (clean exit, then a new one): it
+    reads what is left of the old ring, then the new generation from its oldest item on,
+    and every item of both generations is either received or counted in `missed`."""
+    with Bus() as bus:
+        c, got, gen1 = _gen1_then_restart(bus, slots1, sent1, read1, detached_poll)
+        p2 = bus.producer("encoded", payload=64, slots=slots2)
+        assert p2.generation > gen1
+        for seq in range(sent2):
+            assert p2.publish_encoded(b"two%d" % seq, "h264") == seq
+        got += _drain(c)
+        old = [i.seq for i in got if i.generation == gen1]
+        new = [i.seq for i in got if i.generation != gen1]
+        assert all(i.generation == p2.generation for i in got if i.generation != gen1)
+        assert [i.generation for i in got] == sorted(i.generation for i in got)  # old ring first
+        assert old == sorted(old) and new == sorted(new)
+        for i in got:
+            assert bytes(i.array) == (b"one%d" if i.generation == gen1 else b"two%d") % i.seq
+        # The old ring: what was not read before the exit is still delivered, oldest first.
+        assert old[-1:] == ([sent1 - 1] if sent1 else [])
+        assert c.received == len(got)
+        gone2 = max(0, sent2 - slots2)  # new-generation items overwritten before it looked
+        missed_new = c.missed - (sent1 - len(old))
+        assert missed_new == gone2, (
+            f"new generation: items 0..{gone2 - 1} were overwritten before the consumer "
+            f"re-attached, missed counts {missed_new} of them (got {new} of {sent2})")
+        assert new == list(range(gone2, sent2)), (
+            f"after the restart the consumer got {new} of the new generation; still in its ring: "
+            f"{list(range(gone2, sent2))}")
+        assert c.received + c.missed == sent1 + sent2
+
+
+@settings(max_examples=20, deadline=None)
+@given(sent1=st.integers(0, 4), sent2=st.integers(1, 4))
+def test_resync_counted_when_the_consumer_was_detached(sent1, sent2) -> None:
+    """`resyncs` counts every move to a new producer generation, also when the consumer
+    noticed the old producer's exit (and was detached) before the new one appeared."""
+    with Bus() as bus:
+        c, got, gen1 = _gen1_then_restart(bus, 4, sent1, 0, detached_poll=True)
+        assert c.generation is None and c.resyncs == 0
+        p2 = bus.producer("encoded", payload=64, slots=4)
+        got2 = _drain(c)
+        assert got2 == []  # start 'oldest' of an empty ring
+        for seq in range(sent2):
+            p2.publish_encoded(b"two%d" % seq, "h264")
+        got2 = _drain(c)
+        assert [i.seq for i in got2] == list(range(sent2))
+        assert c.generation == p2.generation != gen1
+        assert c.resyncs == 1, f"moved from generation {gen1} to {c.generation}, resyncs = {c.resyncs}"
