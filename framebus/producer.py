@@ -304,9 +304,15 @@ class Producer:
         """
         n = self.geometry.slot_count
         words = self._words
+        waiting = False
         deadline = None
         t0 = 0
         while True:
+            if waiting:
+                # Announce that we (are about to) sleep, then look again: a consumer that
+                # moved before it saw the flag is seen by this look (full fences both sides).
+                words.store(L.OFF_PRODUCER_WAITING, 1)
+                fence_seq_cst()
             live = reliable = seq
             newest: list[int] = []
             for off, is_reliable in self._holders:
@@ -333,17 +339,24 @@ class Producer:
                 break
             # A reliable consumer still needs the oldest item: wait, within the bound.
             now = time.monotonic_ns()
-            if deadline is None:
+            if not waiting:
+                waiting = True
                 t0 = now
                 deadline = None if self._hold_ns == L.HOLD_FOREVER else now + self._hold_ns
+                continue
             if deadline is not None and now >= deadline or not self._reliable_alive():
                 if deadline is not None and now >= deadline:
                     self.overruns += 1
                     words.store(L.OFF_OVERRUNS, self.overruns)
                 slot = min(range(n), key=self._slot_seq.__getitem__)
                 break
-            self._sleep_held(deadline, now)
-        if deadline is not None:
+            if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
+                self._rescan()  # a consumer left (or joined): look again at once
+                continue
+            slice_s = 0.005 if deadline is None else max(0.0, min(0.005, (deadline - now) / 1e9))
+            self._waiter.wait(slice_s)
+            self._waiter.drain()
+        if waiting:
             words.store(L.OFF_PRODUCER_WAITING, 0)
             words.store(L.OFF_HELD_NS, words.load(L.OFF_HELD_NS) + time.monotonic_ns() - t0)
         return slot
@@ -371,20 +384,6 @@ class Producer:
             is_reliable and procinfo.is_alive(words.load(off + L.C_PID), words.load(off + L.C_TICKS))
             for off, is_reliable in self._holders
         )
-
-    def _sleep_held(self, deadline: int | None, now: int) -> None:
-        """Sleep until a reliable consumer moves (it wakes us) or 5 ms pass."""
-        words = self._words
-        # Announce that we sleep, then look once more on the next turn: a consumer that
-        # moved before it saw the flag is seen by that look (full fences on both sides).
-        words.store(L.OFF_PRODUCER_WAITING, 1)
-        fence_seq_cst()
-        if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
-            self._rescan()
-            return
-        slice_s = 0.005 if deadline is None else max(0.0, min(0.005, (deadline - now) / 1e9))
-        self._waiter.wait(slice_s)
-        self._waiter.drain()
 
     def _check_kind(self, kind: int) -> None:
         if kind != self.kind:

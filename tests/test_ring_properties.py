@@ -13,7 +13,18 @@ The model, for a ring of n slots with W items committed:
 * poll() returns the oldest readable item at or after the consumer's position and counts
   every item it jumps over in `missed`; latest() returns item W - 1 and counts the gap in
   `skipped` (or `missed` for items that were overwritten);
-* a held Item is valid() iff maxbegun < item.seq + n.
+* a held Item is valid() iff maxbegun < item.seq + n;
+* with hold_back=0 a reliable consumer is read like any other, and every loan counts one
+  overrun per registered reliable consumer whose position is short of the item the loan
+  overwrites;
+* a consumer's fileno() is readable from a send until a poll that returns None drains it.
+
+(This is the ring of layout version 1, where item `seq` lives in slot seq % n. A producer
+that picks slots differently destroys other items first: `lo` and the held-item
+expectation are the places to change then.)
+
+Besides the state machines: picture geometry of every pixel format, audio and extradata
+round trips, start='oldest', and a consumer following its stream to a restarted producer.
 
 Every test uses its own segment prefix and checks, at the end, that closing everything
 and framebus.gc(prefix) leaves nothing with that prefix in /dev/shm.
@@ -85,13 +96,24 @@ class Bus:
         return infos[0]
 
     def close(self, check: bool = True) -> None:
-        for c in self.consumers:
-            c.close()
-        for p in self.producers:
-            p.close()
+        """Close everything, gc the prefix; with `check`, fail if anything was left (and
+        if a close failed). Leftovers are removed either way, so failures do not pile up."""
+        errors = []
+        for obj in [*self.consumers, *self.producers]:
+            try:
+                obj.close()
+            except Exception as exc:  # keep closing the rest
+                errors.append(exc)
         framebus.gc(self.prefix)
+        left = leftovers(self.prefix)
+        for name in left:
+            try:
+                os.unlink(f"{SHM}/{name}")
+            except FileNotFoundError:
+                pass
         if check:
-            left = leftovers(self.prefix)
+            if errors:
+                raise errors[0]
             assert left == [], f"left in {SHM} after close + gc: {left}"
 
     def __enter__(self) -> Bus:
