@@ -36,12 +36,14 @@ __all__ = ["Consumer"]
 log = logging.getLogger("framebus")
 
 _DETACHED_RETRY_S = 1.0  # a detached consumer also looks for its stream this often
+_SHIFT, _SLOT_MASK, _DESC, _META_OFF = L.INDEX_SHIFT, L.INDEX_SLOT_MASK, L.SLOT_DESC_SIZE, L.META_OFF
 
 
 class _Ring:
     """One attached generation of a stream, as this consumer maps it."""
 
-    __slots__ = ("map", "ident", "geo", "ro", "ctl", "views", "entry", "producer_fd", "generation", "n", "capacity")
+    __slots__ = ("map", "ident", "geo", "ro", "ctl", "views", "entry", "producer_fd", "generation", "n",
+                 "capacity", "index_off", "slots_off", "meta")
 
     def __init__(self, mapping: segment.Mapping, ident: L.Identity) -> None:
         self.map = mapping
@@ -55,6 +57,10 @@ class _Ring:
         self.views = SlotViews(mapping.ro, self.geo.payloads_off, self.geo.slot_stride, self.n, self.capacity)
         self.entry = -1
         self.producer_fd: int | None = None
+        self.index_off = self.geo.index_off
+        self.slots_off = self.geo.slots_off
+        ro = mapping.ro
+        self.meta = lambda off, _unpack=L.META.unpack_from: _unpack(ro, off)  # hot: bound once
 
 
 def _cleanup(waiter: wake.Waiter) -> None:
@@ -219,15 +225,15 @@ class Consumer:
     def _read(self, ring: _Ring, seq: int) -> Item | None:
         """The item `seq` if its slot still holds it, else None (seqlock, reader side)."""
         ro = ring.ro
-        word = ro.load_acquire(ring.geo.index_off + (seq % ring.n) * 8)
-        if word >> L.INDEX_SHIFT != seq + 1:
+        word = ro.load_acquire(ring.index_off + (seq % ring.n) * 8)
+        if word >> _SHIFT != seq + 1:
             return None  # the index entry moved on: the item is gone
-        slot = word & L.INDEX_SLOT_MASK
+        slot = word & _SLOT_MASK
         stamp = 2 * seq + 2
-        off = ring.geo.slots_off + slot * L.SLOT_DESC_SIZE
+        off = ring.slots_off + slot * _DESC
         if slot >= ring.n or ro.load_acquire(off) != stamp:
             return None  # its slot was reused (or is being reused)
-        m = L.META.unpack_from(ring.map.ro, off + L.META_OFF)
+        m = ring.meta(off + _META_OFF)
         fence_acquire()
         if ro.load(off) != stamp:
             return None  # the metadata we read may be torn: never build a view from it
@@ -335,9 +341,14 @@ class Consumer:
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 return None
-            if self._ring is None:
+            ring = self._ring
+            if ring is None:
                 wait = _DETACHED_RETRY_S if wait is None else min(wait, _DETACHED_RETRY_S)
             self._waiter.wait(wait)
+            if ring is not None and ring is self._ring:
+                item = self._take(ring, newest)  # the usual wake-up: straight to the ring
+                if item is not None:
+                    return item
             item = look()
             if item is not None:
                 return item
