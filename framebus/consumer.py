@@ -82,6 +82,8 @@ class Consumer:
         self._ring: _Ring | None = None
         self._next = 0
         self._expect_payload = 0
+        self._seen: tuple[int, int] | None = None  # (inode, generation) of the last ring attached
+        self._last_error = ""
         self._serial = next_serial()
         self._waiter = wake.Waiter(wake_path(self.prefix, self.stream, os.getpid(), self._serial))
         # Remove the FIFO at interpreter exit even if close() is never called.
@@ -106,7 +108,9 @@ class Consumer:
         self = cls(stream, prefix, reliable)
         self._expect_payload = expect_payload
         try:
-            if not self._attach(start) and not missing_ok:
+            if self._attach(start):
+                self._seen = (self._ring.map.ino, self._ring.generation)
+            elif not missing_ok:
                 raise StreamNotFound(self._not_found_message())
         except BaseException:
             self.close()
@@ -208,17 +212,22 @@ class Consumer:
 
     def _resync(self) -> bool:
         """The producer closed or was superseded: follow the stream to its new ring."""
-        old = self._ring
         self._detach()
         try:
             attached = self._attach("oldest")
         except (NotAStream, LayoutMismatch) as exc:
-            log.warning("stream %s: cannot re-attach: %s", self.stream, exc)
+            if str(exc) != self._last_error:  # say it once, not on every poll
+                self._last_error = str(exc)
+                log.warning("stream %s: cannot re-attach: %s", self.stream, exc)
             return False
-        if attached and old is not None and self._ring.map.ino != old.map.ino:
+        self._last_error = ""
+        ring = self._ring
+        if attached and self._seen is not None and self._seen != (ring.map.ino, ring.generation):
             self.resyncs += 1
             log.info("stream %s: producer generation %d -> %d, resynchronised",
-                     self.stream, old.generation, self._ring.generation)
+                     self.stream, self._seen[1], ring.generation)
+        if attached:
+            self._seen = (ring.map.ino, ring.generation)
         return attached
 
     # ---------------------------------------------------------------- reading
