@@ -153,7 +153,7 @@ class Consumer:
             ring.map.close()
             return False  # its producer is closing; the next one will wake us
         write_seq = ring.ro.load_acquire(L.OFF_WRITE_SEQ)
-        self._next = write_seq if start == "next" else max(0, write_seq - ring.n + 1)
+        self._next = write_seq if start == "next" else max(0, write_seq - ring.n)
         self._register(ring)
         ring.producer_fd = wake.open_notifier(
             wake_path(self.prefix, self.stream, ident.producer_pid, ident.producer_wake_serial))
@@ -222,6 +222,10 @@ class Consumer:
             return False
         self._last_error = ""
         ring = self._ring
+        if attached and self._next:
+            # We were following the stream: items of this ring that are already gone
+            # passed us by, and say so.
+            self._count_missed(ring, self._next)
         if attached and self._seen is not None and self._seen != (ring.map.ino, ring.generation):
             self.resyncs += 1
             log.info("stream %s: producer generation %d -> %d, resynchronised",

@@ -326,7 +326,7 @@ class Producer:
             if newest or not self._holders:
                 # Keep the newest item: a latest() reader (or one that joins) must be able
                 # to get it while the next is written, or a fast producer starves it.
-                live = reliable = min(live, reliable, seq - 1)
+                live, reliable = min(live, seq - 1), min(reliable, seq - 1)
             # Items that fell out of the index window are free for live consumers anyway.
             limit = min(max(live, seq - n + 1), reliable)
             slot = self._free_slot(seq, limit, newest)
