@@ -204,7 +204,8 @@ class Consumer:
             os.close(ring.producer_fd)
         if ring.map.fd >= 0:
             with segment.flock(ring.map.fd):
-                if ring.ctl.load(ring.entry + L.C_PID) == os.getpid():
+                entry = ring.entry
+                if (ring.ctl.load(entry + L.C_PID), ring.ctl.load(entry + L.C_SERIAL)) == (os.getpid(), self._serial):
                     ring.ctl.store_release(ring.entry + L.C_PID, 0)
                     ring.ctl.add(L.OFF_CONSUMER_GEN, 1)
             ring.map.close()

@@ -136,12 +136,8 @@ def run(seconds: float = 6.0, prefix: str | None = None) -> int:
     prev: dict[str, int] = {}
     try:
         while cam.is_alive():
-            try:
-                r = out.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if r.get("final"):
-                finals[r["name"]] = r
+            r = _next_report(out, finals)
+            if r is None:
                 continue
             rate = r["received"] - prev.get(r["name"], 0)
             prev[r["name"]] = r["received"]
@@ -156,13 +152,10 @@ def run(seconds: float = 6.0, prefix: str | None = None) -> int:
         cam.join(5)
         for p in procs:
             p.join(5)
-        while True:
-            try:
-                r = out.get(timeout=0.5)
-            except queue.Empty:
+        for _ in range(10):  # the readers' final reports, half a second each at most
+            if len(finals) == len(procs):
                 break
-            if r.get("final"):
-                finals[r["name"]] = r
+            _next_report(out, finals)
         for p in [cam, *procs]:
             if p.is_alive():
                 p.kill()
@@ -171,6 +164,18 @@ def run(seconds: float = 6.0, prefix: str | None = None) -> int:
     print("summary: " + ", ".join(f"{n} received {f['received']} missed {f['missed']}" for n, f in sorted(finals.items())))
     print(f"frames whose picture did not match their number: {bad}")
     return 0 if cam.exitcode == 0 and bad == 0 else 1
+
+
+def _next_report(out, finals: dict) -> dict | None:
+    """The next per-second report from a reader; final reports are filed in `finals`."""
+    try:
+        r = out.get(timeout=0.5)
+    except queue.Empty:
+        return None
+    if r.get("final"):
+        finals[r["name"]] = r
+        return None
+    return r
 
 
 def _print_bus(prefix: str) -> None:
