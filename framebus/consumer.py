@@ -155,6 +155,8 @@ class Consumer:
         write_seq = ring.ro.load_acquire(L.OFF_WRITE_SEQ)
         self._next = write_seq if start == "next" else max(0, write_seq - ring.n)
         self._register(ring)
+        if self._next < write_seq:
+            os.write(self._waiter.fd, b"\x01")  # items are waiting: make fileno() say so
         ring.producer_fd = wake.open_notifier(
             wake_path(self.prefix, self.stream, ident.producer_pid, ident.producer_wake_serial))
         self._ring = ring

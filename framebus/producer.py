@@ -97,7 +97,10 @@ class Loan:
         if self._done:
             raise BusError("this loan was already sent or aborted")
         self._done = True
-        size = self._size if size is None else size
+        if size is None:
+            size = self._size
+        elif self._kind != KIND_ENCODED:
+            raise ValueError("send(size=...) is for encoded loans; a picture or audio loan has its size")
         if not 0 <= size <= self._size:
             raise PayloadTooLarge(f"send(size={size}) exceeds the {self._size} bytes loaned")
         if keyframe:
@@ -304,6 +307,8 @@ class Producer:
         """
         n = self.geometry.slot_count
         words = self._words
+        if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
+            self._rescan()  # a consumer joined or left since the last send: count it now
         waiting = False
         deadline = None
         t0 = 0
@@ -439,10 +444,16 @@ class Producer:
         Packed formats take an (h, w, 3) or (h, w) array; yuv420p/nv12 take the tight
         (h*3/2, w) buffer. Returns the sequence number.
         """
+        if picture.dtype != np.uint8:
+            raise ValueError(f"a picture must be uint8, got {picture.dtype}")
         if fmt in ("yuv420p", "nv12"):
             h, w = picture.shape[0] * 2 // 3, picture.shape[1]
         else:
             h, w = picture.shape[:2]
+        # Check the shape before taking a slot: a failed publish must not destroy an item.
+        want = picture_geometry(fmt, w, h)
+        if picture.size != want.size or (fmt in ("rgb24", "bgr24") and picture.shape[2:] != (3,)):
+            raise ValueError(f"a {w}x{h} {fmt} picture has {want.size} bytes, got an array of shape {picture.shape}")
         loan = self.loan_picture(w, h, fmt)
         try:
             np.copyto(loan.array, picture.reshape(loan.array.shape), casting="no")

@@ -29,7 +29,7 @@ class ConsumerInfo:
     pid: int
     reliable: bool
     alive: bool
-    position: int  # next sequence it will read
+    position: int  # the oldest item it may still read (the one it holds, or the next)
     lag: int  # items sent that it has not read
     missed: int
     skipped: int
