@@ -518,14 +518,14 @@ class Producer:
         words.store_release(stamp_off, 2 * seq + 2)
         words.store_release(geo.index_word_off(seq), ((seq + 1) << L.INDEX_SHIFT) | index)
         words.store_release(L.OFF_WRITE_SEQ, seq + 1)
-        self._slot_seq[index] = seq
-        self._slot_of[seq] = index
-        self._slot_of.pop(seq - geo.slot_count, None)  # left the index window
         if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
             self._rescan()
         for fd in self._notify_fds:  # wake first, book-keeping after
             if not wake.notify(fd):
                 self._last_maint = 0  # a reader vanished: reap it now
+        self._slot_seq[index] = seq
+        self._slot_of[seq] = index
+        self._slot_of.pop(seq - geo.slot_count, None)  # left the index window
         self._seq = seq + 1
         self._loaned = False
         words.store(L.OFF_HEARTBEAT_NS, now)
