@@ -37,6 +37,7 @@ from framebus.formats import (
     picture_geometry,
 )
 from framebus.names import check_name, default_prefix, ring_path, tmp_path, wake_glob, wake_path
+from framebus.registry import gc
 from framebus.views import SlotViews, picture_planes
 
 __all__ = ["Loan", "Producer"]
@@ -204,7 +205,9 @@ class Producer:
         self.overruns = 0
         self._closed = False
         words.store(L.OFF_HEARTBEAT_NS, self._rate_t0)
-        # Wake consumers of a previous generation (and any waiting for the stream to appear).
+        # Clear what dead processes left of this stream (their FIFOs), then wake the
+        # consumers of a previous generation and any waiting for the stream to appear.
+        gc(self.prefix, self.stream)
         wake.poke_all(wake_glob(self.prefix, self.stream), skip=self._waiter.path)
         log.info("stream %s.%s created: %d slots x %d bytes, generation %d",
                  self.prefix, self.stream, slots, payload, self.generation)

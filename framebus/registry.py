@@ -193,23 +193,26 @@ def _remove_stale_ring(prefix: str, stream: str, path: str) -> bool:
     return removed
 
 
-def gc(prefix: str | None = None) -> list[str]:
+def gc(prefix: str | None = None, stream: str | None = None) -> list[str]:
     """Remove what dead processes left under `prefix`; return the paths removed.
 
     A ring is removed when its producer is dead (or it holds no framebus header); a
     half-built ring and a wake FIFO when the process named in their file name is gone.
-    Live producers' rings and live consumers' FIFOs are never touched.
+    Live producers' rings and live consumers' FIFOs are never touched. With `stream`,
+    only that stream's leftovers (what a new producer of it clears at start).
     """
     prefix = check_name("prefix", default_prefix() if prefix is None else prefix)
     removed = []
     for name in _entries(prefix):
         path = f"{SHM_DIR}/{name}"
         rest = name[len(prefix) + 1 :]
-        if "." not in rest:
+        owner, _, tail = rest.partition(".")
+        if stream is not None and owner != stream:
+            continue
+        if not tail:
             if _remove_stale_ring(prefix, rest, path):
                 removed.append(path)
             continue
-        stream, _, tail = rest.partition(".")
         pid_text = tail.rsplit(".", 1)[0].split("-", 1)[0]
         if not (tail.endswith(".wake") or tail.endswith(".tmp")) or not pid_text.isdigit():
             continue

@@ -250,10 +250,12 @@ def test_new_producer_replaces_a_stale_ring_and_bumps_the_generation(prefix, spa
     first = producer.expect("ready")["generation"]
     producer.expect("done")
     producer.kill(signal.SIGKILL)
+    assert any(f.startswith(f"{prefix}.cam.{producer.pid}-") for f in os.listdir("/dev/shm"))
     with framebus.Producer.create("cam", payload=64 * 48 * 3, prefix=prefix) as p:
         assert p.generation > first
         assert stream_info(prefix, "cam").status == "alive"
-    framebus.gc(prefix)  # the dead producer's FIFO
+        # Taking the stream over cleared what the dead producer left (its wake FIFO).
+        assert not any(f.startswith(f"{prefix}.cam.{producer.pid}-") for f in os.listdir("/dev/shm"))
 
 
 def test_asyncio_and_zmq_poller_wait_on_the_consumer_fd(prefix):
