@@ -79,6 +79,7 @@ class Consumer:
         self.received = 0
         self.resyncs = 0  # times the consumer moved to a new producer generation
         self.corrupt = 0  # slot descriptors that failed validation
+        self._corrupt_logged = 0.0
         self._ring: _Ring | None = None
         self._next = 0
         self._expect_payload = 0
@@ -259,7 +260,11 @@ class Consumer:
             array = ring.views.get(slot, m[0], m[1], m[3], m[4], m[5], m[6], m[7])
         except (ValueError, KeyError) as exc:
             self.corrupt += 1
-            log.warning("stream %s: item %d has a bad descriptor, dropped: %s", self.stream, seq, exc)
+            now = time.monotonic()
+            if now - self._corrupt_logged >= 1.0:  # at most one line a second
+                self._corrupt_logged = now
+                log.warning("stream %s: item %d has a bad descriptor, dropped (%d so far): %s",
+                            self.stream, seq, self.corrupt, exc)
             return None
         return Item(ring, slot, stamp, seq, m, array)
 

@@ -113,3 +113,28 @@ def test_wrong_item_kind_and_double_loan(prefix):
         with pytest.raises(ValueError, match="unknown pixel format 'rgba'"):
             p.loan_picture(8, 8, "rgba")
         assert p.seq == 0
+
+
+def test_corrupt_descriptor_is_dropped_counted_and_logged(prefix, caplog):
+    """A descriptor that a (buggy) producer filled with nonsense never becomes a view past
+    its slot: the consumer drops the item, counts it, logs why, and goes on."""
+    with framebus.Producer.create("cam", payload=64 * 48 * 3, slots=4, prefix=prefix) as p:
+        c = framebus.Consumer.attach("cam", prefix=prefix)
+        loan = p.loan_picture(64, 48)
+        loan.array[:] = 1
+        slot = loan.slot
+        loan.send()
+        size_off = p.geometry.stamp_off(slot) + L.META_OFF + 8  # kind, format, flags, then size
+        fd = os.open(f"/dev/shm/{prefix}.cam", os.O_RDWR)
+        try:
+            os.pwrite(fd, struct.pack("<Q", 1 << 40), size_off)
+        finally:
+            os.close(fd)
+        with caplog.at_level("WARNING", logger="framebus"):
+            assert c.poll() is None
+        assert (c.corrupt, c.missed, c.received) == (1, 1, 0)
+        assert "item 0 has a bad descriptor, dropped (1 so far): size 1099511627776 exceeds the slot's 9216 bytes" in caplog.text
+        p.publish_picture(np.full((48, 64, 3), 2, np.uint8))
+        item = c.poll()
+        assert item is not None and item.seq == 1 and (item.array == 2).all()
+        c.close()
