@@ -164,7 +164,7 @@ class Consumer:
         return True
 
     def _register(self, ring: _Ring) -> None:
-        ctl, geo = ring.ctl, ring.geo
+        geo = ring.geo
         ticks = procinfo.start_ticks(os.getpid()) or 0
         with segment.flock(ring.map.fd):
             off = self._free_entry(ring)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import os
 import queue
 import signal
 import time
@@ -21,7 +20,6 @@ import time
 import numpy as np
 
 import framebus
-from services.cli import table
 
 __all__ = ["run"]
 

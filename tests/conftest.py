@@ -80,7 +80,9 @@ class Proc:
             try:
                 ev = self._events.get(timeout=timeout)
             except queue.Empty:
-                raise AssertionError(f"{self.args[1]} {self.pid}: no {event!r} within {timeout}s; stderr:\n{self.stderr}")
+                raise AssertionError(
+                    f"{self.args[1]} {self.pid}: no {event!r} within {timeout}s; stderr:\n{self.stderr}"
+                ) from None
             if ev is None:
                 self.popen.wait(timeout=5)
                 raise AssertionError(
