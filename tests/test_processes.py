@@ -308,3 +308,30 @@ def test_reliable_consumer_holds_the_producer_back_only_within_the_bound(prefix,
     assert s["received"] + s["missed"] + s["torn"] == 40, s
     info = stream_info(prefix, "cam")
     assert info.overruns == done["overruns"] and 0 < info.held_s < 2.0
+
+
+@pytest.mark.parametrize("env", MODES)
+def test_producer_killed_at_random_moments_never_yields_garbage(prefix, spawn, env):
+    """Eight producers in a row, each SIGKILLed at a random moment while it writes as fast
+    as it can: the consumer follows every takeover and never accepts a damaged item."""
+    import random
+
+    rng = random.Random(2)
+    consumer = spawn("consumer", prefix, "cam", "--until-end", "--timeout", "60", env=env)
+    consumer.expect("ready")
+    gens = []
+    for _ in range(8):
+        p = spawn("producer", prefix, "cam", "--size", "320x240", "--slots", "3", "--count", "10000000", env=env)
+        gens.append(p.expect("ready")["generation"])
+        time.sleep(rng.uniform(0.05, 0.25))
+        p.kill(signal.SIGKILL)
+    # The last one waits until the consumer has followed it, so it sees the end marker.
+    last = spawn("producer", prefix, "cam", "--size", "320x240", "--slots", "3", "--count", "20", "--end",
+                 "--wait-consumers", "1", "--linger", "2", env=env)
+    gens.append(last.expect("ready")["generation"])
+    last.expect("done")
+    s = consumer.expect("summary", timeout=30)
+    assert s["errors"] == 0 and s["order_errors"] == 0 and s["corrupt"] == 0, s
+    assert s["received"] > 100, s
+    assert set(s["generations"]) <= set(gens) and gens[-1] in s["generations"], s
+    assert s["resyncs"] == len(s["generations"]) - 1 >= 1, s
