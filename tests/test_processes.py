@@ -335,3 +335,29 @@ def test_producer_killed_at_random_moments_never_yields_garbage(prefix, spawn, e
     assert s["received"] > 100, s
     assert set(s["generations"]) <= set(gens) and gens[-1] in s["generations"], s
     assert s["resyncs"] == len(s["generations"]) - 1 >= 1, s
+
+
+def test_a_ring_is_posix_shared_memory_and_why_we_bypass_the_tracker(prefix):
+    """multiprocessing.shared_memory opens a ring by its name (it is the same POSIX object);
+    and on Python < 3.13 merely attaching that way unlinks it when the attaching process
+    exits (CPython issue 82300), which is why framebus never registers its segments."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from multiprocessing import shared_memory\n"
+        f"shm = shared_memory.SharedMemory({prefix + '.cam'!r})\n"
+        "print(bytes(shm.buf[:8]))\n"
+        "shm.close()\n"
+    )
+    with framebus.Producer.create("cam", payload=1024, prefix=prefix):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == repr(L.MAGIC)
+        if sys.version_info < (3, 13):
+            # The attaching process's resource tracker unlinked the producer's ring.
+            assert not os.path.exists(f"/dev/shm/{prefix}.cam")
+            assert "leaked shared_memory" in out.stderr
+        # framebus consumers, by contrast, come and go without unlinking anything:
+        # test_consumer_exit_unlinks_nothing.
