@@ -41,10 +41,12 @@ if ! command -v cc >/dev/null 2>&1 || ! "$PY" -c 'import sysconfig, os, sys; sys
     ver="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
     apt_install gcc "python${ver}-dev" || echo "setup: continuing without the C fences (x86_64 only)" >&2
 fi
-stamp=".venv/.edgeroom-installed"
-want="$(cat pyproject.toml setup.py framebus/_atomic.c | sha1sum | cut -c1-16) ${EDGEROOM_EXTRAS:-}"
+# Reinstall only when the build inputs changed or these extras were never installed.
+stamp=".venv/.edgeroom-installed-${EDGEROOM_EXTRAS:-core}"
+want="$(cat pyproject.toml setup.py framebus/_atomic.c | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -e .venv/bin/edgeroom ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q -e ".${EDGEROOM_EXTRAS:+[$EDGEROOM_EXTRAS]}"
     echo "$want" > "$stamp"
+    echo "$want" > .venv/.edgeroom-installed-core  # any extras include the core
 fi
