@@ -31,7 +31,6 @@ CODECS = {"h264": 1, "h265": 2, "vp8": 3, "vp9": 4, "av1": 5}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 
 SAMPLE_FORMATS = {"s16": 1}
-SAMPLE_FORMAT_NAMES = {v: k for k, v in SAMPLE_FORMATS.items()}
 
 # Item flags (u32). Bits 16-31 are free for applications.
 FLAG_KEYFRAME = 1 << 0

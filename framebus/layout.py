@@ -118,9 +118,6 @@ class Geometry:
     def index_word_off(self, seq: int) -> int:
         return self.index_off + (seq % self.slot_count) * 8
 
-    def payload_off(self, index: int) -> int:
-        return self.payloads_off + index * self.slot_stride
-
     def consumer_off(self, index: int) -> int:
         return self.consumers_off + index * CONSUMER_SIZE
 

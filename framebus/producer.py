@@ -34,6 +34,7 @@ from framebus.formats import (
     KIND_VIDEO,
     KINDS,
     PIXEL_FORMATS,
+    SAMPLE_FORMATS,
     picture_geometry,
 )
 from framebus.names import check_name, default_prefix, ring_path, tmp_path, wake_glob, wake_path
@@ -343,7 +344,7 @@ class Producer:
             if reliable > seq - n:
                 # Not a reliable consumer's need: a latest() reader holds the only
                 # candidate. Live semantics: the oldest item goes.
-                slot = min(range(n), key=self._slot_seq.__getitem__)
+                slot = self._oldest_slot()
                 break
             # A reliable consumer still needs the oldest item: wait, within the bound.
             now = time.monotonic_ns()
@@ -356,7 +357,7 @@ class Producer:
                 if deadline is not None and now >= deadline:
                     self.overruns += 1
                     words.store(L.OFF_OVERRUNS, self.overruns)
-                slot = min(range(n), key=self._slot_seq.__getitem__)
+                slot = self._oldest_slot()
                 break
             if words.load(L.OFF_CONSUMER_GEN) != self._cgen:
                 self._rescan()  # a consumer left (or joined): look again at once
@@ -384,6 +385,10 @@ class Producer:
             if best_item < item < limit and item not in newest:
                 best, best_item = slot, item
         return best
+
+    def _oldest_slot(self) -> int:
+        """The slot holding the oldest item (or none): what a plain ring would overwrite."""
+        return min(range(len(self._slot_seq)), key=self._slot_seq.__getitem__)
 
     def _reliable_alive(self) -> bool:
         """Is any reliable consumer still running? (A dead one must not hold us back.)"""
@@ -437,8 +442,9 @@ class Producer:
         size = samples * channels * 2
         self._check_size(size, f"{samples} samples x {channels} channels of s16")
         index = self._begin()
-        view = self._views.get(index, KIND_AUDIO, 1, size, rate, channels, samples, 0)
-        return Loan(self, index, KIND_AUDIO, 1, size, rate, channels, samples, 0, view)
+        s16 = SAMPLE_FORMATS["s16"]
+        view = self._views.get(index, KIND_AUDIO, s16, size, rate, channels, samples, 0)
+        return Loan(self, index, KIND_AUDIO, s16, size, rate, channels, samples, 0, view)
 
     # ---------------------------------------------------------------- one-copy publish
     def publish_picture(self, picture: np.ndarray, fmt: str = "rgb24", **meta) -> int:

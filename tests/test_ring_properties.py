@@ -591,15 +591,7 @@ class RingMachine(RuleBasedStateMachine):
         m.missed += got - p
         m.pos = got + (item is not None)
         m.hold = (p, got)
-        if item is None:
-            m.news = False
-            return
-        assert item.seq > m.last
-        m.received += 1
-        m.last = item.seq
-        self._check_item(item)
-        if keep:
-            self._keep(item)
+        self._took(m, item, keep)
 
     @precondition(lambda self: self.consumers)
     @rule(i=st.integers(0, 3), keep=st.booleans(), wait=st.booleans())
@@ -618,7 +610,6 @@ class RingMachine(RuleBasedStateMachine):
             self._gone(W - 1, f"latest() from {p} found nothing")
         else:
             assert item.seq == W - 1, f"latest() at {p} of {W} returned {item.seq}"
-            assert item.seq > m.last
         gap = W - p - (item is not None)
         dm, ds = m.c.missed - m.missed, m.c.skipped - m.skipped
         assert dm >= 0 and ds >= 0 and dm + ds == gap, (
@@ -629,9 +620,14 @@ class RingMachine(RuleBasedStateMachine):
         m.skipped += ds
         m.pos = W
         m.hold = (W - 1, W - 1) if item is not None else (W - 1, W)
+        self._took(m, item, keep)
+
+    def _took(self, m, item, keep: bool) -> None:
+        """Book an item a consumer got (or that it got none), check it, maybe hold it."""
         if item is None:
             m.news = False
             return
+        assert item.seq > m.last
         m.received += 1
         m.last = item.seq
         self._check_item(item)
