@@ -68,7 +68,7 @@ def test_bad_prefix_is_a_usage_error():
 
 @pytest.mark.slow
 def test_demo_runs_and_cleans_up():
-    out = subprocess.run([EDGEROOM, "demo", "--seconds", "3", "--prefix", f"demo{os.getpid()}"],
+    out = subprocess.run([EDGEROOM, "bus", "demo", "--seconds", "3", "--prefix", f"demo{os.getpid()}"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "frames/s" in out.stdout

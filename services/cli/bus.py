@@ -1,35 +1,14 @@
-"""The `edgeroom` command.
-
-    edgeroom bus ls [--prefix P] [--json]   streams on the frame bus
-    edgeroom bus gc [--prefix P]            remove what dead processes left behind
-    edgeroom demo [--seconds N]             the embedded default: a synthetic camera and consumers
-
-Exit codes: 0 ok, 1 the operation failed, 2 bad usage.
-"""
+"""`edgeroom bus ls|gc`: the shared-memory frame bus, read straight from /dev/shm (no hub needed)."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import framebus
+from services.cli.tables import fmt_bytes as _fmt_bytes
+from services.cli.tables import table
 
-__all__ = ["main"]
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain left-aligned text table."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
+__all__ = ["add_parser"]
 
 
 def cmd_bus_ls(args: argparse.Namespace) -> int:
@@ -63,16 +42,14 @@ def cmd_bus_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+
+def cmd_bus_demo(args: argparse.Namespace) -> int:
     from services import demo
 
     return demo.run(seconds=args.seconds, prefix=args.prefix)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeroom", description="Real-time video rooms on an edge box.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_parser(sub) -> None:
     bus = sub.add_parser("bus", help="the shared-memory frame bus")
     bus_sub = bus.add_subparsers(dest="bus_command", required=True)
     ls = bus_sub.add_parser("ls", help="list streams: producer, status, rate, consumers, drops")
@@ -82,24 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gcp = bus_sub.add_parser("gc", help="remove rings and wake FIFOs left by dead processes")
     gcp.add_argument("--prefix", help="appliance prefix (default $EDGEROOM_BUS_PREFIX or 'edgeroom')")
     gcp.set_defaults(func=cmd_bus_gc)
-
-    demo = sub.add_parser("demo", help="run the embedded default: synthetic camera + consumers")
+    demo = bus_sub.add_parser("demo", help="a synthetic camera and three kinds of reader, with their rates")
     demo.add_argument("--seconds", type=float, default=6.0, help="how long to run (default 6)")
     demo.add_argument("--prefix", default=None, help="bus prefix (default: edgeroom-demo)")
-    demo.set_defaults(func=cmd_demo)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (framebus.BusError, ValueError) as exc:
-        print(f"edgeroom: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    demo.set_defaults(func=cmd_bus_demo)

@@ -1,0 +1,53 @@
+"""What services exist and how each is run: the one source of truth for `edgeroom run`
+and for the systemd units.
+
+Every service is started as `edgeroom service KIND [INSTANCE]`. `edgeroom run` builds its
+child processes from this table and the config; the unit files in systemd/ carry the same
+command line, ordering and restart settings (a test checks they agree).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+__all__ = ["ServiceSpec", "CATALOG", "instances", "load_class"]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    kind: str
+    entry: str            # "module:Class"
+    summary: str
+    templated: bool       # one process per instance (capture@NAME), instances from the config
+    instances_from: str = ""  # the config table whose names are the instances
+
+
+CATALOG: dict[str, ServiceSpec] = {
+    "hub": ServiceSpec("hub", "services.hub.service:Hub",
+                       "rooms, sessions, service registry, control endpoint, event fan-out, hooks", False),
+    "capture": ServiceSpec("capture", "services.capture.service:Capture",
+                           "brings one source's frames onto the bus", True, "sources"),
+}
+
+
+def load_class(kind: str) -> type:
+    spec = CATALOG.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown service {kind!r} (known: {', '.join(CATALOG)})")
+    module, _, name = spec.entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def instances(config) -> list[tuple[str, str | None]]:
+    """(kind, instance) of every process the config asks for, hub first."""
+    out: list[tuple[str, str | None]] = []
+    for kind, spec in CATALOG.items():
+        svc = config.services.get(kind)
+        if svc is not None and not svc.enabled:
+            continue
+        if not spec.templated:
+            out.append((kind, None))
+            continue
+        table = getattr(config, spec.instances_from)
+        out += [(kind, name) for name in sorted(table) if getattr(table[name], "enabled", True)]
+    return out

@@ -1,0 +1,131 @@
+"""`edgeroom run`, `service`, `config check`, `keys` and `demo`: running and preparing a box."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services import catalog
+from services.runtime import config as configuration
+
+__all__ = ["add_parsers"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.supervisor.supervisor import Supervisor
+
+    cfg = configuration.load(args.config)
+    return Supervisor(cfg, args.config or os.environ.get("EDGEROOM_CONFIG") or None, args.seconds).run()
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from services.runtime.service import main
+
+    cls = catalog.load_class(args.kind)
+    if catalog.CATALOG[args.kind].templated and not args.instance:
+        raise ValueError(f"service {args.kind} runs one process per instance: give its name "
+                         f"(edgeroom service {args.kind} NAME)")
+    return main(cls, args.instance, args.config)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    path = args.file or os.environ.get("EDGEROOM_CONFIG") or None
+    cfg = configuration.load(path)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    units = [f"{k}@{i}" if i else k for k, i in catalog.instances(cfg)]
+    print(f"ok: {path or 'embedded default'}: {len(cfg.sources)} source(s); runs {', '.join(units)}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from services.control import keys
+
+    curve_dir = Path(args.dir)
+    if args.keys_command == "init":
+        public = keys.init_server(curve_dir, force=args.force)
+        print(f"hub key pair in {curve_dir}; give clients {public} (its public key)")
+    else:
+        public, secret = keys.add_client(curve_dir, args.name)
+        print(f"client {args.name}: {secret} (keep secret) and {public}; authorized in {curve_dir / 'authorized'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default under `edgeroom run`, with its status and events shown live."""
+    from services.control.client import Client, HubUnreachable, Subscriber
+    from services.control.endpoints import endpoints_for, runtime_dir
+
+    cfg = configuration.load(None)
+    ep = endpoints_for(runtime_dir(cfg.box.runtime_dir))
+    run = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], start_new_session=True)
+    try:
+        return _demo_watch(run, ep, args.seconds, Client, Subscriber, HubUnreachable)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=30)
+
+
+def _demo_watch(run, ep, seconds, Client, Subscriber, HubUnreachable) -> int:
+    from services.cli.ctl import _event_line, _status_table
+
+    end = time.monotonic() + seconds
+    client = Client(ep.control, timeout=1.0)
+    while time.monotonic() < end and run.poll() is None:
+        try:
+            client.call("ping")
+            break
+        except HubUnreachable:
+            time.sleep(0.2)
+    with client, Subscriber(ep.events, ["hook.*", "service.*"]) as sub:
+        next_status = 0.0
+        while time.monotonic() < end and run.poll() is None:
+            if time.monotonic() >= next_status:
+                print(_status_table(client.call("status")), flush=True)
+                next_status = time.monotonic() + 3.0
+            event = sub.recv(timeout=0.25)
+            if event is not None:
+                print(_event_line(event), flush=True)
+    print(f"demo over after {seconds:g} s: `edgeroom run` starts the same box and keeps it running", flush=True)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    run = sub.add_parser("run", help="run the box's services as child processes (development, demo)")
+    run.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    run.add_argument("--seconds", type=float, help="stop everything after this many seconds")
+    run.set_defaults(func=cmd_run)
+
+    svc = sub.add_parser("service", help="run one service in the foreground (what systemd units start)")
+    svc.add_argument("kind", choices=sorted(catalog.CATALOG))
+    svc.add_argument("instance", nargs="?", help="instance name for templated services (capture NAME)")
+    svc.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    svc.set_defaults(func=cmd_service)
+
+    cfg = sub.add_parser("config", help="the box's configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a config file; errors name the key and the reason")
+    check.add_argument("file", nargs="?", help="default $EDGEROOM_CONFIG, else the embedded default")
+    check.add_argument("--json", action="store_true", help="print the effective config as JSON")
+    check.set_defaults(func=cmd_config_check)
+
+    keys = sub.add_parser("keys", help="CURVE keys for TCP control endpoints")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="make the hub's key pair")
+    init.add_argument("--dir", required=True, help="the control.curve_dir of the box")
+    init.add_argument("--force", action="store_true", help="replace an existing hub key (clients must update)")
+    init.set_defaults(func=cmd_keys)
+    add = keys_sub.add_parser("add", help="make a client key pair and authorize it")
+    add.add_argument("name")
+    add.add_argument("--dir", required=True, help="the control.curve_dir of the box")
+    add.set_defaults(func=cmd_keys)
+
+    demo = sub.add_parser("demo", help="the embedded default under `edgeroom run`, status and events shown live")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
+    demo.set_defaults(func=cmd_demo)

@@ -1,0 +1,1 @@
+"""The control and event plane: wire protocol, endpoints, keys, client."""

@@ -1,0 +1,193 @@
+"""The hub's commands: one small function each, in TABLE by wire name.
+
+A handler gets the hub, the request's args and a Ctx (where to reply); it returns the
+result, or DEFERRED when the reply comes later (hook calls). It raises ProtocolError
+with code bad_args / not_found for bad input: the hub turns that into an error reply.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from services.control import protocol
+from services.control.protocol import ProtocolError
+from services.hub.registry import check_heartbeat
+from services.hub.sessions import check_sessions
+
+if TYPE_CHECKING:
+    import zmq
+
+    from services.hub.service import Hub
+
+__all__ = ["TABLE", "Ctx", "DEFERRED"]
+
+DEFERRED = object()
+
+
+@dataclass(frozen=True)
+class Ctx:
+    router: zmq.Socket
+    envelope: list[bytes]
+    request_id: Any
+
+
+TABLE: dict[str, Callable[[Hub, dict, Ctx], Any]] = {}
+HELP: dict[str, str] = {}
+
+
+def command(name: str, summary: str):
+    def register(fn):
+        TABLE[name], HELP[name] = fn, summary
+        return fn
+    return register
+
+
+def _args(args: dict, allowed: dict[str, type | tuple], required: tuple[str, ...] = ()) -> dict:
+    """Check a command's args: no unknown names, required ones present, types right."""
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ProtocolError("bad_args", f"unknown argument(s): {', '.join(unknown)} "
+                                        f"(allowed: {', '.join(allowed) or 'none'})")
+    for name in required:
+        if name not in args:
+            raise ProtocolError("bad_args", f"missing argument {name!r}")
+    for name, value in args.items():
+        kind = allowed[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
+            raise ProtocolError("bad_args", f"argument {name!r} has the wrong type ({type(value).__name__})")
+    return args
+
+
+def _tuple(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+# --- asking ------------------------------------------------------------------------------
+@command("ping", "is the hub there: its pid and protocol version")
+def ping(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    _args(args, {})
+    return {"pong": True, "pid": os.getpid(), "version": protocol.VERSION, "box": hub.config.box.name}
+
+
+@command("commands", "every command with a one-line summary")
+def commands(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    _args(args, {})
+    return dict(sorted(HELP.items()))
+
+
+@command("status", "every service: state, pid, uptime, restarts, rate; the box's metrics URL")
+def status(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    _args(args, {})
+    now, wall = time.monotonic(), time.time()
+    hub_row = {"service": "hub", "kind": "hub", "state": "ready", "pid": os.getpid(),
+               "uptime": wall - hub.started_at, "restarts": 0, "rate": 0.0, "status": hub.describe()["status"],
+               "last_seen": 0.0, "streams": []}
+    return {"box": hub.config.box.name, "metrics_url": hub.metrics_url,
+            "services": [hub_row, *hub.registry_.rows(now, wall)]}
+
+
+@command("streams", "streams on the frame bus with their producer service")
+def streams(hub: Hub, args: dict, ctx: Ctx) -> list:
+    _args(args, {})
+    return hub.streams()
+
+
+@command("rooms", "rooms and the sessions in each")
+def rooms(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    _args(args, {})
+    return hub.book.rooms()
+
+
+@command("sessions", "sessions with their tracks (args: room)")
+def sessions(hub: Hub, args: dict, ctx: Ctx) -> list:
+    room = _args(args, {"room": str}).get("room")
+    return [s.public() for s in sorted(hub.book.sessions.values(), key=lambda s: s.id)
+            if room is None or s.room == room]
+
+
+@command("metrics", "a summary of the box's metrics per service")
+def metrics(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    _args(args, {})
+    out = {}
+    for service, families in sorted(hub.collector.snapshots.items()):
+        out[service] = {f["name"]: sum(s[2] for s in f["samples"] if s[0] in (f["name"], f["name"] + "_total"))
+                        for f in families if f.get("type") in ("counter", "gauge")}
+    return {"metrics_url": hub.metrics_url, "services": out}
+
+
+# --- services ------------------------------------------------------------------------------
+@command("service.heartbeat", "a service's state, sessions, streams and metrics (services send it)")
+def heartbeat(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    body = check_heartbeat(args)
+    check_sessions(body.get("sessions", []))
+    rec, previous, restarted = hub.registry_.heartbeat(body, time.monotonic())
+    if previous != rec.state or restarted:
+        hub.log.info("service %s is %s (pid %d)%s", rec.id, rec.state, rec.pid, " after a restart" if restarted else "")
+        hub.publish("service.state", {"service": rec.id, "state": rec.state, "previous": previous,
+                                      "pid": rec.pid, "restarted": restarted})
+    hub.publish_changes(hub.book.update(rec.id, rec.pid, body.get("sessions", [])))
+    hub.store_snapshot(rec.id, body.get("metrics", []))
+    return {"service": rec.id, "state": rec.state}
+
+
+@command("service.bye", "a service stops cleanly (services send it)")
+def bye(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"service": str, "pid": int}, ("service", "pid"))
+    rec = hub.registry_.bye(a["service"], a["pid"])
+    if rec is not None:
+        hub.log.info("service %s stopped", rec.id)
+        hub.publish("service.state", {"service": rec.id, "state": "stopped", "pid": rec.pid})
+        hub.publish_changes(hub.book.end_service(rec.id, "service stopped"))
+    return {"known": rec is not None}
+
+
+# --- events and hooks --------------------------------------------------------------------
+@command("events.probe", "publish an empty event on a probe.* topic (confirms a subscription)")
+def probe(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    topic = _args(args, {"topic": str}, ("topic",))["topic"]
+    if not topic.startswith("probe."):
+        raise ProtocolError("bad_args", f"probe topics start with 'probe.', got {topic!r}")
+    hub.publish(protocol.check_topic(topic), {})
+    return {"published": topic}
+
+
+@command("hook.register", "become the handler of a synchronous hook (args: hook, ttl)")
+def hook_register(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"hook": str, "ttl": (int, float)}, ("hook",))
+    hub.broker.register(a["hook"], ctx, float(a.get("ttl", 3.0)), time.monotonic())
+    return {"hook": a["hook"], "deadline": hub.broker.policies[a["hook"]].deadline}
+
+
+@command("hook.call", "run a synchronous hook: the handler's decision, or the policy's (args: hook, data)")
+def hook_call(hub: Hub, args: dict, ctx: Ctx) -> Any:
+    a = _args(args, {"hook": str, "data": dict}, ("hook",))
+    now = time.monotonic()
+    pending = hub.broker.open_call(a["hook"], ctx, now)
+    handler = hub.broker.handler(a["hook"], now)
+    if handler is None:
+        del hub.broker.pending[pending.call]
+        hub.finish_hook(pending, hub.broker.policy_result(a["hook"], "no_handler"))
+        return DEFERRED
+    push = {"v": protocol.VERSION, "type": "hook_call", "call": pending.call, "hook": a["hook"],
+            "data": a.get("data", {}), "deadline_ms": int((pending.deadline - now) * 1000)}
+    hub.reply(handler.ctx.router, handler.ctx.envelope, protocol.json_bytes(push))
+    return DEFERRED
+
+
+@command("hook.answer", "a handler's decision on a hook call (args: call, decision, data)")
+def hook_answer(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"call": str, "decision": str, "data": (dict, type(None))}, ("call", "decision"))
+    pending, result = hub.broker.answer(a["call"], a["decision"], a.get("data"))
+    hub.finish_hook(pending, result)
+    return {"accepted": True}
+
+
+@command("hooks", "synchronous hooks: policy and whether a handler is registered")
+def hooks(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    _args(args, {})
+    now = time.monotonic()
+    return {name: {"deadline": p.deadline, "on_timeout": p.on_timeout,
+                   "handler": hub.broker.handler(name, now) is not None}
+            for name, p in hub.broker.policies.items()}

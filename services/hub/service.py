@@ -1,0 +1,317 @@
+"""The hub: control endpoint, service registry, rooms and sessions, event fan-out, hook broker.
+
+Sockets (paths under the runtime directory, see services/control/endpoints.py):
+    control.sock    ROUTER  requests from `edgeroom ctl`, services' heartbeats, hook handlers
+    events-in.sock  XSUB    services publish here; every event is checked before fan-out
+    events.sock     XPUB    subscribers; topics match exactly (see protocol.topic_frame)
+and, when configured, the same control and events endpoints on TCP with CURVE.
+Everything runs on one loop (services/runtime/loop.py): no locks, no threads except
+prometheus-client's HTTP server, which reads the metrics snapshot by reference.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import zmq
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+import framebus
+from services.control import protocol
+from services.control.client import context
+from services.control.endpoints import prepare_runtime_dir, secure_socket_file
+from services.control.keys import ZapAuthenticator, load_server
+from services.hub import commands
+from services.hub.commands import DEFERRED, Ctx
+from services.hub.hooks import HookBroker
+from services.hub.registry import STATES, Registry
+from services.hub.sessions import SessionBook
+from services.runtime.config import parse_host_port
+from services.runtime.logs import Throttled
+from services.runtime.metrics import BoxCollector, Derived, snapshot
+from services.runtime.service import Service
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("edgeroom.hub")
+
+
+class Hub(Service):
+    kind = "hub"
+
+    def setup(self) -> None:
+        cfg = self.config
+        prepare_runtime_dir(self.rundir)
+        self.limit = cfg.control.max_message_bytes
+        self.registry_ = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
+        self.book = SessionBook(self.rundir / "hub-state.json")
+        self.broker = HookBroker(cfg.hooks)
+        self.throttled = Throttled(log)
+        self.collector = BoxCollector()
+        self.metrics_url = ""
+        self._event_seq = 0
+        self._hub_metrics()
+        self._load_state()
+        self._bind()
+        self._serve_metrics()
+        self.loop.every(min(0.25, cfg.hub.heartbeat_interval / 2), self._tick)
+
+    # --- sockets -------------------------------------------------------------------------
+    def _socket(self, kind: int, endpoint: str, curve: bool) -> zmq.Socket:
+        sock = context().socket(kind)
+        sock.linger = 0
+        sock.maxmsgsize = 2 * self.limit  # past this libzmq drops the connection; below it we answer too_large
+        if kind == zmq.ROUTER:
+            sock.router_mandatory = False
+        if curve:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = self._server_keys
+        if endpoint.startswith("ipc://") and os.path.exists(endpoint[6:]):
+            os.unlink(endpoint[6:])  # a dead hub's socket file; we are the only hub of this runtime dir
+        sock.bind(endpoint)
+        secure_socket_file(endpoint)
+        return sock
+
+    def _bind(self) -> None:
+        ep, cfg = self.endpoints, self.config.control
+        tcp = bool(ep.tcp_control or ep.tcp_events)
+        self.zap = None
+        if tcp:
+            self._server_keys = load_server(self._curve_dir())
+            self.zap = ZapAuthenticator(context(), self._curve_dir(), self._auth_refused)
+            self.loop.add_reader(self.zap.sock, self.zap.handle)
+        self.routers = [self._socket(zmq.ROUTER, ep.control, False)]
+        if cfg.tcp_control:
+            self.routers.append(self._socket(zmq.ROUTER, ep.tcp_control, True))
+        for router in self.routers:
+            self.loop.add_reader(router, lambda r=router: self._on_request(r))
+        self.xsub = self._socket(zmq.XSUB, ep.events_in, False)
+        self.xsub.send(b"\x01")  # subscribe to everything: the hub checks every event itself
+        self.xpubs = [self._socket(zmq.XPUB, ep.events, False)]
+        if cfg.tcp_events:
+            self.xpubs.append(self._socket(zmq.XPUB, ep.tcp_events, True))
+        self.loop.add_reader(self.xsub, self._on_event_in)
+        for xpub in self.xpubs:
+            self.loop.add_reader(xpub, lambda x=xpub: self._drain_subscriptions(x))
+
+    def _curve_dir(self):
+        from pathlib import Path
+
+        return Path(self.config.control.curve_dir)
+
+    def _auth_refused(self, address: str, mechanism: str, reason: str) -> None:
+        self.m_auth_refused.inc()
+        self.throttled.warning("auth", f"refused a {mechanism} client from {address or '?'}: {reason}")
+
+    def _serve_metrics(self) -> None:
+        listen = self.config.hub.metrics_listen
+        if not listen:
+            return
+        host, port = parse_host_port(listen)
+        box = CollectorRegistry(auto_describe=False)
+        box.register(self.collector)
+        self._http, _ = start_http_server(port, host, registry=box)
+        self.metrics_url = f"http://{host}:{self._http.server_port}/metrics"
+        (self.rundir / "metrics.url").write_text(self.metrics_url + "\n")
+        log.info("metrics at %s", self.metrics_url)
+
+    # --- requests ------------------------------------------------------------------------
+    def _on_request(self, router: zmq.Socket) -> None:
+        for _ in range(100):  # bounded, so one flood cannot starve the rest of the loop
+            try:
+                frames = router.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(router, frames)
+
+    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        envelope, rid = frames[:1], None
+        try:
+            envelope, body = protocol.split_envelope(frames)
+            req = protocol.parse_request(body, self.limit)
+            rid = req.id
+            handler = commands.TABLE.get(req.cmd)
+            if handler is None:
+                raise protocol.ProtocolError("unknown_command", f"unknown command {req.cmd!r}; "
+                                             f"`commands` lists them")
+            self.m_requests.labels(req.cmd).inc()
+            result = handler(self, req.args, Ctx(router, envelope, rid))
+        except protocol.ProtocolError as exc:
+            self._reject(router, envelope, exc.request_id if rid is None else rid, exc.code, exc.message)
+            return
+        if result is not DEFERRED:
+            self.reply(router, envelope, protocol.encode_reply(rid, result))
+
+    def _reject(self, router: zmq.Socket, envelope: list[bytes], rid: Any, code: str, message: str) -> None:
+        self.m_rejected.labels(code).inc()
+        self.throttled.warning(code, f"rejected a control message: {code}: {message}")
+        self.reply(router, envelope, protocol.encode_error(rid, code, message))
+
+    def reply(self, router: zmq.Socket, envelope: list[bytes], body: bytes) -> None:
+        try:
+            router.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer is gone or its queue is full: the reply is lost, say so
+            self.m_replies_lost.inc()
+            self.throttled.warning("reply", f"a reply could not be delivered: {exc}")
+
+    # --- events --------------------------------------------------------------------------
+    def _on_event_in(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self.xsub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                event = protocol.parse_event(frames, self.limit)
+            except protocol.ProtocolError as exc:
+                self.m_events_rejected.labels(exc.code).inc()
+                self.throttled.warning("event", f"dropped a malformed event: {exc.message}")
+                continue
+            if event.topic.startswith("probe."):
+                continue  # probes are the hub's own
+            self._fan_out(frames)
+
+    def _fan_out(self, frames: list[bytes]) -> None:
+        self.m_events.inc()
+        for xpub in self.xpubs:
+            try:
+                xpub.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _drain_subscriptions(self, xpub: zmq.Socket) -> None:
+        while xpub.poll(0):
+            xpub.recv()  # (un)subscriptions: ZeroMQ filters for us, nothing to forward upstream
+
+    def publish(self, topic: str, data: dict) -> None:
+        self._event_seq += 1
+        event = protocol.Event(topic, data, "hub", self._event_seq, time.time(),
+                               time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        self._fan_out(protocol.encode_event(event))
+
+    def publish_changes(self, changes: list[tuple[str, dict]]) -> None:
+        for topic, data in changes:
+            log.info("%s %s", topic.split(".", 1)[1], data.get("session", ""))
+            self.publish(topic, data)
+        if changes:
+            self.book.save()
+        self.m_sessions.set(len(self.book.sessions))
+        self.m_rooms.set(len(self.book.rooms()))
+
+    # --- time ---------------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for rec, previous in self.registry_.sweep(now):
+            log.warning("service %s is %s (was %s)", rec.id, rec.state, previous)
+            self.publish("service.state", {"service": rec.id, "state": rec.state, "previous": previous})
+            if rec.state == "stale":
+                self.publish_changes(self.book.end_service(rec.id, "service stale"))
+        self.publish_changes(self.book.expire(now))
+        for pending, result in self.broker.expire(now):
+            self.finish_hook(pending, result)
+        self._refresh_metrics(now)
+
+    def finish_hook(self, pending, result: dict) -> None:
+        latency = time.monotonic() - pending.started
+        self.m_hook_calls.labels(pending.hook, result["reason"]).inc()
+        self.m_hook_latency.labels(pending.hook).observe(latency)
+        result = {**result, "hook": pending.hook, "latency_ms": round(latency * 1000, 3)}
+        caller = pending.caller
+        self.reply(caller.router, caller.envelope, protocol.encode_reply(caller.request_id, result))
+
+    def _load_state(self) -> None:
+        try:
+            n = self.book.load(time.monotonic(), self.config.hub.session_grace)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return
+        if n:
+            log.info("remembered %d session(s) from the previous hub; waiting %.0f s for their services",
+                     n, self.config.hub.session_grace)
+
+    # --- metrics -------------------------------------------------------------------------
+    def _hub_metrics(self) -> None:
+        r = self.registry
+        self.m_requests = Counter("edgeroom_control_requests", "Control requests accepted, by command.",
+                                  ["command"], registry=r)
+        self.m_rejected = Counter("edgeroom_control_rejected", "Control messages rejected, by error code.",
+                                  ["code"], registry=r)
+        self.m_replies_lost = Counter("edgeroom_control_replies_lost", "Replies the hub could not deliver.",
+                                      registry=r)
+        self.m_auth_refused = Counter("edgeroom_control_auth_refused",
+                                      "TCP clients refused by CURVE authentication.", registry=r)
+        self.m_events = Counter("edgeroom_events_published", "Events fanned out to subscribers.", registry=r)
+        self.m_events_rejected = Counter("edgeroom_events_rejected", "Malformed events dropped, by error code.",
+                                         ["code"], registry=r)
+        self.m_hook_calls = Counter("edgeroom_hook_calls", "Synchronous hook calls, by hook and outcome.",
+                                    ["hook", "outcome"], registry=r)
+        self.m_hook_latency = Histogram("edgeroom_hook_latency_seconds", "Time from hook call to answer.",
+                                        ["hook"], registry=r,
+                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.m_sessions = Gauge("edgeroom_hub_sessions", "Sessions the hub knows.", registry=r)
+        self.m_rooms = Gauge("edgeroom_hub_rooms", "Rooms with at least one session.", registry=r)
+        self.m_services = Gauge("edgeroom_hub_services", "Services by state.", ["state"], registry=r)
+        r.register(Derived(self._service_families))
+
+    def _service_families(self) -> list:
+        up = GaugeMetricFamily("edgeroom_service_up", "1 while the service heartbeats and is not stale or stopped.",
+                               labels=["service"])
+        restarts = CounterMetricFamily("edgeroom_service_restarts", "Restarts the hub has seen (a new pid under a "
+                                       "known id) since the hub started.", labels=["service"])
+        state = GaugeMetricFamily("edgeroom_service_state", "1 for the state the service is in.",
+                                  labels=["service", "state"])
+        for rec in list(self.registry_.services.values()):
+            up.add_metric([rec.id], 1 if rec.state in ("ready", "degraded", "starting") else 0)
+            restarts.add_metric([rec.id], rec.restarts)
+            for name in STATES:
+                state.add_metric([rec.id, name], 1 if rec.state == name else 0)
+        return [up, restarts, state]
+
+    def _refresh_metrics(self, now: float) -> None:
+        for state, n in self.registry_.counts().items():
+            self.m_services.labels(state).set(n)
+        self.collector.snapshots = {**self.collector.snapshots, "hub": snapshot(self.registry)}
+
+    def store_snapshot(self, service: str, families: list) -> None:
+        self.collector.snapshots = {**self.collector.snapshots, service: families}
+
+    # --- the base class's contract -----------------------------------------------------------
+    def describe(self) -> dict:
+        n = len(self.registry_.services) if hasattr(self, "registry_") else 0
+        return {"status": f"{n} service(s), metrics {self.metrics_url or 'off'}"}
+
+    def apply(self, new, changes) -> list[str]:
+        live = [c for c in changes if c.live]
+        self.registry_.interval, self.registry_.stale_after = new.hub.heartbeat_interval, new.hub.stale_after
+        self.broker.policies = new.hooks
+        if self.zap is not None:
+            self.zap.reload()
+        return [c.key for c in changes if c not in live]
+
+    def teardown(self) -> None:
+        self.book.save()
+        for sock in [*self.routers, self.xsub, *self.xpubs]:
+            sock.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()
+        if getattr(self, "_http", None) is not None:
+            self._http.shutdown()
+        for name in ("control.sock", "events-in.sock", "events.sock", "metrics.url"):
+            try:
+                os.unlink(self.rundir / name)
+            except FileNotFoundError:
+                pass
+
+    def streams(self) -> list[dict]:
+        owners = {rec.pid: rec.id for rec in self.registry_.services.values()}
+        rows = []
+        for info in framebus.list_streams(self.config.bus.prefix):
+            row = info.to_dict()
+            row["service"] = owners.get(info.producer_pid, "")
+            rows.append(row)
+        return rows
+

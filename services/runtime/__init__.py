@@ -1,0 +1,1 @@
+"""The service runtime every edgeroom service is built on."""

@@ -1,0 +1,558 @@
+"""The box's configuration: one TOML file, `EDGEROOM_` environment overrides, one validation.
+
+One load path, always in this order:
+
+1. defaults: the field defaults of the dataclasses below, plus the default entries of the
+   dynamic tables (both sync hooks, the `hub` and `capture` services, one `synthetic` source);
+2. the TOML file: `load(path)`, else `$EDGEROOM_CONFIG` when set, else none. A file's
+   `[services.NAME]` and `[hooks.NAME]` tables merge over the default entries key by key;
+   a `sources` table, if the file has one at all, replaces the default sources entirely;
+3. the environment: `EDGEROOM_` + the dotted key upper-cased with `.` written `__`, e.g.
+   `EDGEROOM_HUB__HEARTBEAT_INTERVAL=0.5` or `EDGEROOM_SOURCES__CAM_1__FPS=25`. Names inside
+   the dynamic tables match case-insensitively; a variable may add a new source, nothing
+   else. A variable with `__` that names no key is an error; the names are checked, in
+   sorted order, before any value. Variables without `__` (EDGEROOM_CONFIG,
+   EDGEROOM_BUS_PREFIX, ...) are not configuration;
+4. one validation of the merged tree, in file order: unknown keys, strict types (a bool is
+   not an int; an int is a float; environment strings are parsed by the key's type), the
+   bounds and choices in each field's metadata, then the rules that tie two keys together.
+   The first problem raises ConfigError naming its source (file or `env VAR`) and dotted key.
+
+Each field's metadata holds `help`, `reload` ("live": a reload, SIGHUP, applies it;
+"restart": the process that uses it must restart) and its rules (min, max, choices,
+pattern, even, off, check), which the one generic field validator applies.
+"""
+import copy
+import functools
+import math
+import operator
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
+
+__all__ = [
+    "ENV_PREFIX",
+    "SERVICE_NAMES",
+    "SOURCE_NAME_PATTERN",
+    "SYNC_HOOKS",
+    "BoxConfig",
+    "BusConfig",
+    "Change",
+    "Config",
+    "ConfigError",
+    "ControlConfig",
+    "HookConfig",
+    "HubConfig",
+    "LogConfig",
+    "ServiceConfig",
+    "SourceConfig",
+    "defaults",
+    "diff",
+    "load",
+    "loads",
+    "parse_bytes",
+    "parse_host_port",
+]
+
+ENV_PREFIX = "EDGEROOM_"
+SYNC_HOOKS = ("BEFORE_BRIDGE_VIDEO", "ON_VISION_RESULT")
+SERVICE_NAMES = ("hub", "capture", "decode", "vision", "recorder", "bridge", "avatar")
+SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+LIVE, RESTART = "live", "restart"
+_KeyPath = tuple[str, ...]  # a dotted key, split
+
+
+class ConfigError(ValueError):
+    """A configuration problem; `key` is the dotted key, `source` the file or `env VAR`."""
+
+    def __init__(self, reason: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(": ".join(part for part in (source, key, reason) if part))
+        self.reason, self.key, self.source = reason, key, source
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep key and source across pickling (process pools)
+        return functools.partial(ConfigError, key=self.key, source=self.source), (self.reason,)
+
+
+# --- parsers for string-valued settings -------------------------------------------------
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\[\]\s/]+)\]|(?P<host>[^:\[\]\s/]+)):(?P<port>[0-9]{1,5})")
+_BYTES = re.compile(r"([0-9]+)([KMGT]?)")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_PERCENT = re.compile(r"([0-9]{1,5})%")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[IPv6]:PORT" into (host, port), brackets dropped; port 0..65535."""
+    match = _HOST_PORT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"expected HOST:PORT (an IPv6 host in brackets, like [::1]:9750), got {text!r}")
+    port = int(match["port"])
+    if port > 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return match["v6"] or match["host"], port
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes with an optional K, M, G or T suffix (powers of 1024): "512M" -> 536870912."""
+    match = _BYTES.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"expected a size in bytes with an optional K, M, G or T suffix, like '512M'; got {text!r}")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def _check_memory(text: str) -> None:
+    if parse_bytes(text) == 0:
+        raise ValueError(f"must be more than 0 bytes, got {text!r}")
+
+
+def _check_cpu_quota(text: str) -> None:
+    match = _PERCENT.fullmatch(text)
+    if match is None or not 1 <= int(match[1]) <= 10000:
+        raise ValueError(f"expected a percentage 1%..10000% like '150%', got {text!r}")
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+
+def setting(default: Any, help: str, reload: str, **rules: Any) -> Any:
+    """A dataclass field whose metadata holds its help, reload mode and validation rules."""
+    return field(default=default, metadata={"help": help, "reload": reload, **rules})
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    name: str = setting("edgeroom", "The box's name, shown in status, events and metrics.", RESTART,
+                        pattern=r"^[A-Za-z0-9_.-]{1,63}$")
+    runtime_dir: str = setting("", "Directory for the box's sockets and state; '' means automatic.", RESTART)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting("info", "Least severe log level written.", LIVE,
+                         choices=("debug", "info", "warning", "error"))
+    format: str = setting("text", "Log line format.", LIVE, choices=("text", "json"))
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    prefix: str = setting("edgeroom", "Prefix of every shared-memory object and control socket of the box.",
+                          RESTART, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    max_message_bytes: int = setting(262144, "Largest control message accepted, in bytes.", RESTART,
+                                     min=1024, max=16777216)
+    request_timeout: float = setting(2.0, "Seconds a control client waits for a reply.", LIVE, min=0.1, max=60)
+    tcp_control: str = setting("", "HOST:PORT for remote control requests (CURVE-encrypted); '' is off.",
+                               RESTART, off="", check=parse_host_port)
+    tcp_events: str = setting("", "HOST:PORT for remote event subscribers (CURVE-encrypted); '' is off.",
+                              RESTART, off="", check=parse_host_port)
+    curve_dir: str = setting("", "Directory of the CURVE keys; required when a tcp_ endpoint is set.", RESTART)
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    heartbeat_interval: float = setting(1.0, "Seconds between heartbeats.", LIVE, min=0.05, max=60)
+    stale_after: float = setting(5.0, "Seconds without a heartbeat before a peer counts as stale; "
+                                 "must be greater than heartbeat_interval.", LIVE, max=3600)
+    session_grace: float = setting(10.0, "Seconds a restarted hub keeps a remembered session before ending it.",
+                                   LIVE, min=0, max=3600)
+    metrics_listen: str = setting("127.0.0.1:9750", "HOST:PORT of the metrics endpoint; port 0 picks a free "
+                                  "port; '' is off.", RESTART, off="", check=parse_host_port)
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    deadline: float = setting(0.5, "Seconds the pipeline waits for the hook's answer.", LIVE, min=0.01, max=30)
+    on_timeout: str = setting("allow", "What happens when the deadline passes.", LIVE, choices=("allow", "block"))
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    enabled: bool = setting(True, "Whether the supervisor runs the service.", RESTART)
+    restart: str = setting("on-failure", "When the supervisor restarts the service after it exits.", LIVE,
+                           choices=("no", "on-failure", "always"))
+    restart_sec: float = setting(0.5, "First delay before a restart; doubles on each restart in a row.", LIVE,
+                                 min=0, max=600)
+    restart_max_sec: float = setting(10.0, "Largest restart delay; must be >= restart_sec.", LIVE, min=0, max=3600)
+    start_limit_burst: int = setting(5, "Starts allowed within start_limit_interval before giving up.", LIVE,
+                                     min=1, max=1000)
+    start_limit_interval: float = setting(30.0, "Window, in seconds, of start_limit_burst.", LIVE, min=1, max=86400)
+    start_timeout: float = setting(15.0, "Seconds a starting service has to report ready.", LIVE, min=0.5, max=600)
+    stop_timeout: float = setting(5.0, "Seconds between SIGTERM and SIGKILL.", LIVE, min=0.1, max=600)
+    watchdog_sec: float = setting(10.0, "Seconds without a watchdog ping before the service is killed; 0 is off.",
+                                  LIVE, off=0, min=0.2, max=3600)
+    nice: int = setting(0, "CPU scheduling niceness.", RESTART, min=-20, max=19)
+    cpu_quota: str = setting("", "CPU limit like '150%' (1%..10000%); '' is none.", RESTART,
+                             off="", check=_check_cpu_quota)
+    memory_max: str = setting("", "Memory limit in bytes with K/M/G/T suffix like '512M'; '' is none.", RESTART,
+                              off="", check=_check_memory)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = setting("synthetic", "What the source captures.", RESTART, choices=("synthetic",))
+    width: int = setting(1280, "Picture width in pixels (even).", RESTART, min=16, max=7680, even=True)
+    height: int = setting(720, "Picture height in pixels (even).", RESTART, min=16, max=4320, even=True)
+    fps: float = setting(30.0, "Frames per second.", RESTART, min=0.1, max=240)
+    room: str = setting("default", "The room the source's session joins.", RESTART,
+                        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+_DEFAULT_ENTRIES: dict[str, dict[str, dict[str, Any]]] = {
+    "hooks": {"BEFORE_BRIDGE_VIDEO": {}, "ON_VISION_RESULT": {"deadline": 2.0}},
+    "services": {"hub": {}, "capture": {}},
+    "sources": {"synthetic": {}},
+}
+
+
+def _entries(table: str, cls: type) -> Callable[[], dict]:
+    return lambda: {name: cls(**values) for name, values in _DEFAULT_ENTRIES[table].items()}
+
+
+@dataclass(frozen=True)
+class Config:
+    box: BoxConfig = field(default_factory=BoxConfig, metadata={"help": "The box itself."})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
+    bus: BusConfig = field(default_factory=BusConfig, metadata={"help": "The shared-memory frame bus."})
+    control: ControlConfig = field(default_factory=ControlConfig, metadata={"help": "The ZeroMQ control plane."})
+    hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "The hub: heartbeats, sessions, metrics."})
+    hooks: dict[str, HookConfig] = field(default_factory=_entries("hooks", HookConfig),
+                                         metadata={"help": "Sync hooks by name (SYNC_HOOKS)."})
+    services: dict[str, ServiceConfig] = field(default_factory=_entries("services", ServiceConfig),
+                                               metadata={"help": "Services by name (SERVICE_NAMES)."})
+    sources: dict[str, SourceConfig] = field(default_factory=_entries("sources", SourceConfig),
+                                             metadata={"help": "Capture sources by name."})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every effective value as plain, JSON-able dicts."""
+        return asdict(self)
+
+
+_SECTIONS: dict[str, type] = {"box": BoxConfig, "log": LogConfig, "bus": BusConfig,
+                              "control": ControlConfig, "hub": HubConfig}
+# dynamic tables: entry class and the allowed names (a tuple) or name pattern (a str)
+_TABLES: dict[str, tuple[type, tuple[str, ...] | str]] = {
+    "hooks": (HookConfig, SYNC_HOOKS),
+    "services": (ServiceConfig, SERVICE_NAMES),
+    "sources": (SourceConfig, SOURCE_NAME_PATTERN),
+}
+_TOP = [f.name for f in fields(Config)]
+_REPLACED: set[_KeyPath] = {("sources",)}  # file tables that replace the defaults instead of merging
+
+
+# --- the generic field validator ------------------------------------------------------------
+
+_EXPECTED = {bool: "expected true or false", int: "expected an integer",
+             float: "expected a number", str: "expected a string"}
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}
+_RULES: tuple[tuple[str, Callable[[Any, Any], bool], Callable[[Any, Any], str]], ...] = (
+    ("choices", lambda v, c: v in c, lambda v, c: f"must be one of {', '.join(c)}; got {v!r}"),
+    ("min", operator.ge, lambda v, m: f"must be >= {m}, got {v!r}"),
+    ("max", operator.le, lambda v, m: f"must be <= {m}, got {v!r}"),
+    ("even", lambda v, _: v % 2 == 0, lambda v, _: f"must be even, got {v!r}"),
+    ("pattern", lambda v, p: re.fullmatch(p, v) is not None, lambda v, p: f"must match {p}, got {v!r}"),
+)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value) if isinstance(value, (str, int, float)) else str(value)
+
+
+def _check_type(kind: type, value: Any) -> Any:
+    """`value` as `kind`; strict: only an int may stand in for a float."""
+    if not (type(value) is kind or (kind is float and type(value) is int)):
+        raise ValueError(f"{_EXPECTED[kind]}, got {_show(value)}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {_show(value)}")
+    return float(value) if kind is float else value
+
+
+def _parse_env(kind: type, text: str) -> Any:
+    """An environment string parsed as `kind`."""
+    if kind is str:
+        return text
+    word = text.strip()
+    if kind is bool:
+        if word.lower() not in _BOOLS:
+            raise ValueError(f"expected true or false (or 1/0, yes/no, on/off), got {text!r}")
+        return _BOOLS[word.lower()]
+    try:
+        number = kind(word)
+    except ValueError:
+        raise ValueError(f"{_EXPECTED[kind]}, got {text!r}") from None
+    return _check_type(kind, number)
+
+
+def _check_rules(meta: Mapping[str, Any], value: Any) -> None:
+    """Apply the rules in a field's metadata; the `off` value skips them all."""
+    if "off" in meta and value == meta["off"]:
+        return
+    hint = f"; {_show(meta['off'])} turns it off" if "off" in meta else ""
+    for rule, test, message in _RULES:
+        if rule in meta and not test(value, meta[rule]):
+            raise ValueError(message(value, meta[rule]) + hint)
+    if "check" in meta:
+        try:
+            meta["check"](value)
+        except ValueError as e:
+            raise ValueError(f"{e}{hint}") from None
+
+
+# --- rules tying two keys together: (key, reason, related keys) or None ----------------------
+
+
+def _dotted(path: _KeyPath, *more: str) -> str:
+    return ".".join((*path, *more))
+
+
+def _control_rules(c: ControlConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
+    if (c.tcp_control or c.tcp_events) and not c.curve_dir:
+        reason = f"required when {_dotted(path, 'tcp_control')} or {_dotted(path, 'tcp_events')} is set"
+        return "curve_dir", reason, ("tcp_control", "tcp_events")
+    return None
+
+
+def _hub_rules(h: HubConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
+    if h.stale_after <= h.heartbeat_interval:
+        reason = f"must be greater than {_dotted(path, 'heartbeat_interval')} ({h.heartbeat_interval})"
+        return "stale_after", reason, ("heartbeat_interval",)
+    return None
+
+
+def _service_rules(s: ServiceConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
+    if s.restart_max_sec < s.restart_sec:
+        return "restart_max_sec", f"must be >= {_dotted(path, 'restart_sec')} ({s.restart_sec})", ("restart_sec",)
+    return None
+
+
+_CROSS_RULES: dict[type, Callable[[Any, _KeyPath], tuple[str, str, tuple[str, ...]] | None]] = {
+    ControlConfig: _control_rules, HubConfig: _hub_rules, ServiceConfig: _service_rules,
+}
+
+
+# --- validation: the merged tree into a Config ----------------------------------------------
+
+
+class _Builder:
+    """Turns the merged tree into a Config; `origins` maps a key path to its file or `env VAR`."""
+
+    def __init__(self, origins: dict[_KeyPath, str | None]):
+        self.origins = origins
+
+    def error(self, path: _KeyPath, reason: str, related: tuple[_KeyPath, ...] = ()) -> ConfigError:
+        source = next((self.origins[p] for p in (path, *related) if self.origins.get(p)), None)
+        return ConfigError(reason, key=_dotted(path), source=source)
+
+    def config(self, tree: dict[str, Any]) -> Config:
+        parts = {}
+        for name, value in tree.items():
+            if name not in _TOP:
+                raise self.error((name,), f"unknown key (known: {', '.join(_TOP)})")
+            parts[name] = self.table(name, value) if name in _TABLES else self.section(_SECTIONS[name], value, (name,))
+        return Config(**parts)
+
+    def need_table(self, value: Any, path: _KeyPath) -> None:
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a table, got {_show(value)}")
+
+    def table(self, name: str, value: Any) -> dict[str, Any]:
+        cls, names = _TABLES[name]
+        self.need_table(value, (name,))
+        built = {}
+        for entry, body in value.items():
+            self.check_name(names, (name, entry))
+            built[entry] = self.section(cls, body, (name, entry))
+        return {n: built[n] for n in names if n in built} if isinstance(names, tuple) else built
+
+    def check_name(self, names: tuple[str, ...] | str, path: _KeyPath) -> None:
+        if isinstance(names, tuple) and path[-1] not in names:
+            raise self.error(path, f"unknown key (known: {', '.join(names)})")
+        if isinstance(names, str) and not re.fullmatch(names, path[-1]):
+            raise self.error(path, f"a name here must match {names}")
+
+    def section(self, cls: type, value: Any, path: _KeyPath) -> Any:
+        self.need_table(value, path)
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, item in value.items():
+            if key not in known:
+                raise self.error(path + (key,), f"unknown key (known: {', '.join(known)})")
+            values[key] = self.value(known[key], item, path + (key,))
+        return self.cross_check(cls(**values), path)
+
+    def value(self, f: Any, value: Any, path: _KeyPath) -> Any:
+        from_env = (self.origins.get(path) or "").startswith("env ")
+        try:
+            value = _parse_env(f.type, value) if from_env else _check_type(f.type, value)
+            _check_rules(f.metadata, value)
+        except ValueError as e:
+            raise self.error(path, str(e)) from None
+        return value
+
+    def cross_check(self, obj: Any, path: _KeyPath) -> Any:
+        rule = _CROSS_RULES.get(type(obj))
+        problem = rule(obj, path) if rule else None
+        if problem:
+            key, reason, related = problem
+            raise self.error(path + (key,), reason, tuple(path + (r,) for r in related))
+        return obj
+
+
+# --- merging the layers -----------------------------------------------------------------------
+
+
+def _merge(over: Any, base: Any, path: _KeyPath = ()) -> Any:
+    """`over` on top of `base`, in `over`'s key order, then the keys only `base` has."""
+    if not (isinstance(over, dict) and isinstance(base, dict)) or path in _REPLACED:
+        return over
+    merged = {k: _merge(v, base[k], path + (k,)) if k in base else v for k, v in over.items()}
+    merged.update((k, v) for k, v in base.items() if k not in over)
+    return merged
+
+
+def _note(tree: dict[str, Any], source: str | None, origins: dict[_KeyPath, str | None], path: _KeyPath = ()) -> None:
+    for key, value in tree.items():
+        origins[path + (key,)] = source
+        if isinstance(value, dict):
+            _note(value, source, origins, path + (key,))
+
+
+def _env_error(var: str, path: _KeyPath, reason: str) -> ConfigError:
+    return ConfigError(reason, key=_dotted(path) or None, source=f"env {var}")
+
+
+def _env_entry(var: str, table: str, name: str, tree: dict[str, Any]) -> str:
+    """The entry of dynamic `table` that `name` (lower-cased) names: a present one, or a new source."""
+    present = list(tree.get(table) or {}) if isinstance(tree.get(table), dict) else []
+    found = [n for n in present if n.lower() == name]
+    if found:
+        return found[0]
+    if table == "sources" and name and re.fullmatch(SOURCE_NAME_PATTERN, name):
+        return name
+    if table == "sources":
+        raise _env_error(var, (table, name), f"a name here must match {SOURCE_NAME_PATTERN}")
+    raise _env_error(var, (table, name), f"no such entry (present: {', '.join(present)}); add it to the file")
+
+
+def _env_path(var: str, tree: dict[str, Any]) -> _KeyPath | None:
+    """The key path an `EDGEROOM_A__B` variable sets; None when the variable is not configuration."""
+    rest = var[len(ENV_PREFIX):]
+    if not var.startswith(ENV_PREFIX) or "__" not in rest:
+        return None
+    top, _, rest = rest.lower().partition("__")
+    if top not in _TOP:
+        raise _env_error(var, (top,), f"unknown key (known: {', '.join(_TOP)})")
+    cls, prefix = _SECTIONS.get(top), (top,)
+    if cls is None:
+        name, _, rest = rest.rpartition("__")
+        if not name:
+            raise _env_error(var, (top,), f"expected {ENV_PREFIX}{top.upper()}__NAME__KEY")
+        cls, prefix = _TABLES[top][0], (top, _env_entry(var, top, name, tree))
+    known = [f.name for f in fields(cls)]
+    if rest not in known:
+        raise _env_error(var, prefix + (rest,), f"unknown key (known: {', '.join(known)})")
+    return prefix + (rest,)
+
+
+def _set(tree: dict[str, Any], path: _KeyPath, value: str) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):  # the file has a value where a table belongs: validation says so
+            return
+    tree[path[-1]] = value
+
+
+def _apply_env(tree: dict[str, Any], env: Mapping[str, str], origins: dict[_KeyPath, str | None]) -> None:
+    for var in sorted(env):
+        path = _env_path(var, tree)
+        if path is not None:
+            _set(tree, path, env[var])
+            origins[path] = f"env {var}"
+
+
+# --- the public entry points -------------------------------------------------------------------
+
+
+def _from_document(doc: dict[str, Any], env: Mapping[str, str] | None, source: str | None) -> Config:
+    origins: dict[_KeyPath, str | None] = {}
+    _note(doc, source, origins)
+    base = {**{name: {} for name in _SECTIONS}, **copy.deepcopy(_DEFAULT_ENTRIES)}
+    tree = _merge(doc, base)
+    _apply_env(tree, os.environ if env is None else env, origins)
+    return _Builder(origins).config(tree)
+
+
+def loads(text: str, env: Mapping[str, str] | None = None, source: str | None = "<string>") -> Config:
+    """The configuration from TOML `text` (then `env`, default os.environ); errors name `source`."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", source=source) from None
+    return _from_document(doc, env, source)
+
+
+def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration from `path` (else $EDGEROOM_CONFIG, else defaults only) and `env`."""
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get(ENV_PREFIX + "CONFIG") or None
+    if path is None:
+        return loads("", env, source=None)
+    source = os.fsdecode(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except OSError as e:
+        raise ConfigError(f"cannot read the file: {e.strerror or e}", source=source) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})", source=source) from None
+    return loads(text, env, source)
+
+
+def defaults() -> Config:
+    """The embedded defaults (no file, no environment)."""
+    return loads("", env={}, source=None)
+
+
+class Change(NamedTuple):
+    key: str
+    old: Any
+    new: Any
+    live: bool  # True when a reload (SIGHUP) applies it; False when it needs a restart
+
+
+def _diff_section(prefix: str, old: Any, new: Any) -> list[Change]:
+    return [Change(f"{prefix}.{f.name}", getattr(old, f.name), getattr(new, f.name), f.metadata["reload"] == LIVE)
+            for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+
+
+def _diff_table(prefix: str, old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    changes = []
+    for name in dict.fromkeys([*old, *new]):
+        if name in old and name in new:
+            changes += _diff_section(f"{prefix}.{name}", old[name], new[name])
+        else:
+            before, after = (asdict(t[name]) if name in t else None for t in (old, new))
+            changes.append(Change(f"{prefix}.{name}", before, after, False))
+    return changes
+
+
+def diff(old: Config, new: Config) -> list[Change]:
+    """Every dotted key whose value differs; an added or removed entry is one restart change."""
+    changes = []
+    for name in _TOP:
+        a, b = getattr(old, name), getattr(new, name)
+        changes += _diff_table(name, a, b) if name in _TABLES else _diff_section(name, a, b)
+    return changes

@@ -1,0 +1,126 @@
+"""A service's link to the hub: heartbeats that re-register, events out, requests with callbacks.
+
+Every heartbeat carries the service's whole state (identity, state, sessions, streams,
+metrics), so a hub that restarts knows everything again after one heartbeat: there is no
+separate registration to lose. The link is non-blocking and runs on the service's loop.
+If the hub stops answering for `timeout` seconds the DEALER socket is thrown away and a
+fresh one connects (ZeroMQ would otherwise resend stale requests into the new hub).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Callable
+
+import zmq
+
+from services.control import protocol
+from services.control.client import CommandFailed, CurveKeys, HubUnreachable, context
+from services.control.endpoints import Endpoints
+
+__all__ = ["HubLink"]
+
+log = logging.getLogger("edgeroom.hublink")
+Callback = Callable[[Any, Exception | None], None]
+
+
+class HubLink:
+    def __init__(self, endpoints: Endpoints, service_id: str, timeout: float = 3.0,
+                 curve: CurveKeys | None = None, max_bytes: int = 262144) -> None:
+        self.endpoints, self.service_id, self.timeout = endpoints, service_id, timeout
+        self.curve, self.max_bytes = curve, max_bytes
+        self.sock: zmq.Socket | None = None
+        self.pub = context().socket(zmq.PUB)
+        self.pub.linger = 0
+        self.pub.sndhwm = 1000
+        self.pub.connect(endpoints.events_in)
+        self.pending: dict[str, tuple[float, Callback | None]] = {}
+        self.connected = False
+        self.reconnects = 0
+        self.events_sent = 0
+        self.last_reply = 0.0
+        self._ids = itertools.count(1)
+        self._event_seq = itertools.count(1)
+        self.on_socket_change: Callable[[zmq.Socket | None, zmq.Socket], None] | None = None
+        self._open()
+
+    def _open(self) -> None:
+        old, self.sock = self.sock, context().socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.maxmsgsize = self.max_bytes * 2
+        self.sock.sndhwm = 100
+        if self.curve is not None:
+            self.curve.apply(self.sock)
+        self.sock.connect(self.endpoints.control)
+        if self.on_socket_change is not None:
+            self.on_socket_change(old, self.sock)
+        if old is not None:
+            old.close(linger=0)
+
+    def request(self, cmd: str, args: dict | None = None, callback: Callback | None = None) -> bool:
+        """Send without waiting; `callback(result, error)` runs on the loop when the reply comes."""
+        rid = f"{self.service_id}-{next(self._ids)}"
+        try:
+            self.sock.send_multipart([b"", protocol.encode_request(rid, cmd, args)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if callback is not None:
+                callback(None, HubUnreachable(f"hub at {self.endpoints.control} is not accepting requests"))
+            return False
+        self.pending[rid] = (time.monotonic() + self.timeout, callback)
+        return True
+
+    def readable(self) -> None:
+        """Drain replies; call when the DEALER polls readable."""
+        while self.sock.poll(0):
+            frames = self.sock.recv_multipart()
+            try:
+                msg = protocol.parse_reply(frames[-1], self.max_bytes * 2)
+            except protocol.ProtocolError as exc:
+                log.warning("unreadable message from the hub: %s", exc)
+                continue
+            self._on_reply(msg)
+
+    def _on_reply(self, msg: dict) -> None:
+        if not self.connected:
+            log.info("connected to the hub at %s", self.endpoints.control)
+        self.connected, self.last_reply = True, time.monotonic()
+        _, callback = self.pending.pop(str(msg.get("id")), (0.0, None))
+        if callback is None:
+            return
+        if msg.get("ok"):
+            callback(msg.get("result"), None)
+        else:
+            err = msg.get("error") or {}
+            callback(None, CommandFailed(str(err.get("code")), str(err.get("message"))))
+
+    def check(self, now: float) -> None:
+        """Expire requests the hub never answered; reconnect when it went silent."""
+        expired = [rid for rid, (deadline, _) in self.pending.items() if deadline <= now]
+        for rid in expired:
+            _, callback = self.pending.pop(rid)
+            if callback is not None:
+                callback(None, HubUnreachable(f"no reply from the hub within {self.timeout:g} s"))
+        if expired and now - self.last_reply > self.timeout:
+            if self.connected:
+                log.warning("hub at %s stopped answering; reconnecting", self.endpoints.control)
+            self.connected = False
+            self.reconnects += 1
+            self._open()
+
+    def publish(self, topic: str, data: dict) -> None:
+        """An event through the hub's fan-out; dropped (and counted by ZeroMQ's HWM) if the hub is away."""
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        event = protocol.Event(topic, data, self.service_id, next(self._event_seq), time.time(), now_ns)
+        try:
+            self.pub.send_multipart(protocol.encode_event(event), flags=zmq.NOBLOCK)
+            self.events_sent += 1
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        for sock in (self.sock, self.pub):
+            if sock is not None:
+                sock.close(linger=0)
+        self.sock = None
+

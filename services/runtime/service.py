@@ -1,0 +1,183 @@
+"""The base every edgeroom service runs on: config, logs, loop, sd_notify, signals, hub, metrics.
+
+A service subclasses `Service` and fills in four methods:
+
+    setup()                 open what the service needs (bus rings, devices); may raise
+    teardown()              close it; called once on SIGTERM, bounded by the stop timeout
+    apply(config, changes)  take what it can of a reloaded config; return keys that need a restart
+    describe()              {"rate": ..., "sessions": [...], "streams": [...], "status": "..."}
+
+and schedules its own work on `self.loop`. The base sends READY=1 after setup(), pings
+the watchdog from the loop (so a stuck loop stops pinging), heartbeats the hub with the
+service's whole state and metrics, reloads on SIGHUP and stops cleanly on SIGTERM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from services.control.endpoints import Endpoints, endpoints_for, runtime_dir
+from services.runtime import config as configuration
+from services.runtime import logs
+from services.runtime.hublink import HubLink
+from services.runtime.loop import Loop
+from services.runtime.metrics import ProcessCollector, new_registry, snapshot
+from services.runtime.notify import Notifier
+
+__all__ = ["Service", "identity", "main"]
+
+log = logging.getLogger("edgeroom.service")
+
+
+def identity(kind: str, instance: str | None) -> str:
+    return f"{kind}@{instance}" if instance else kind
+
+
+class Service:
+    kind = ""
+
+    def __init__(self, config: configuration.Config, instance: str | None = None,
+                 config_path: str | None = None) -> None:
+        self.config, self.instance, self.config_path = config, instance, config_path
+        self.id = identity(self.kind, instance)
+        self.log = logging.getLogger(f"edgeroom.{self.kind}")
+        self.loop = Loop()
+        self.notifier = Notifier()
+        self.state = "starting"
+        self.started_at = time.time()
+        self.rundir: Path = runtime_dir(config.box.runtime_dir)
+        self.endpoints: Endpoints = endpoints_for(self.rundir, config.control.tcp_control, config.control.tcp_events)
+        self.link: HubLink | None = None
+        self.registry = new_registry()
+        self._base_metrics()
+
+    # --- what a service provides -------------------------------------------------
+    def setup(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    def apply(self, new: configuration.Config, changes: list) -> list[str]:
+        return [c.key for c in changes if not c.live]
+
+    def describe(self) -> dict:
+        return {}
+
+    # --- metrics every service has ---------------------------------------------
+    def _base_metrics(self) -> None:
+        r = self.registry
+        self.m_heartbeats = Counter("edgeroom_service_heartbeats", "Heartbeats sent to the hub.", registry=r)
+        self.m_hub_reconnects = Counter("edgeroom_service_hub_reconnects",
+                                        "Times the hub stopped answering and the link was reopened.", registry=r)
+        self.m_reloads = Counter("edgeroom_service_reloads", "Config reloads (SIGHUP), by result.",
+                                 ["result"], registry=r)
+        r.register(ProcessCollector(self.started_at))
+
+    # --- the heartbeat ------------------------------------------------------------
+    def heartbeat_body(self) -> dict:
+        info = self.describe()
+        return {"service": self.id, "kind": self.kind, "instance": self.instance, "pid": os.getpid(),
+                "started": self.started_at, "state": self.state, "status": info.get("status", ""),
+                "rate": info.get("rate", 0.0), "sessions": info.get("sessions", []),
+                "streams": info.get("streams", []), "metrics": snapshot(self.registry)}
+
+    def heartbeat(self) -> None:
+        if self.link is not None and self.link.request("service.heartbeat", self.heartbeat_body()):
+            self.m_heartbeats.inc()
+
+    # --- running -------------------------------------------------------------------
+    def _connect_hub(self) -> None:
+        timeout = max(3 * self.config.hub.heartbeat_interval, 1.0)
+        self.link = HubLink(self.endpoints, self.id, timeout=timeout,
+                            max_bytes=self.config.control.max_message_bytes)
+        self.link.on_socket_change = self._swap_link_socket
+        self.loop.add_reader(self.link.sock, self.link.readable)
+
+    def _swap_link_socket(self, old, new) -> None:
+        if old is not None:
+            self.loop.remove_reader(old)
+            self.m_hub_reconnects.inc()
+        self.loop.add_reader(new, self.link.readable if self.link else lambda: None)
+
+    def _turn(self, now: float) -> None:
+        self.notifier.ping(now)
+        if self.link is not None:
+            self.link.check(now)
+
+    def _on_term(self, signum: int) -> None:
+        self.log.info("%s received: stopping", signal.Signals(signum).name)
+        self.loop.stop()
+
+    def _on_hup(self, _signum: int) -> None:
+        self.notifier.reloading()
+        try:
+            new = configuration.load(self.config_path)
+        except configuration.ConfigError as exc:
+            self.m_reloads.labels("rejected").inc()
+            self.log.error("reload rejected, keeping the running config: %s", exc)
+            self.notifier.ready()
+            return
+        changes = configuration.diff(self.config, new)
+        pending = self.apply(new, changes)
+        logs.setup(self.id, new.log.level, new.log.format)
+        self.config = new
+        self.m_reloads.labels("applied").inc()
+        applied = [c.key for c in changes if c.key not in pending]
+        self.log.info("reloaded: %d change(s) applied%s%s", len(applied), f" ({', '.join(applied)})" if applied else "",
+                      f"; needs a restart of {self.id}: {', '.join(pending)}" if pending else "")
+        self.notifier.ready()
+
+    def _serve(self) -> None:
+        self.loop.on_signal(signal.SIGTERM, self._on_term)
+        self.loop.on_signal(signal.SIGINT, self._on_term)
+        self.loop.on_signal(signal.SIGHUP, self._on_hup)
+        self.loop.turn_hooks.append(self._turn)
+        self.loop.every(self.config.hub.heartbeat_interval, self.heartbeat)
+        self.setup()
+        self.state = "ready"
+        self.notifier.ready(self.describe().get("status", "ready"))
+        self.log.info("ready (pid %d)", os.getpid())
+        self.heartbeat()
+        self.loop.run()
+
+    def run(self) -> int:
+        logs.setup(self.id, self.config.log.level, self.config.log.format)
+        if self.kind != "hub":
+            self._connect_hub()
+        try:
+            self._serve()
+        finally:
+            self.state = "stopping"
+            self.notifier.stopping(f"{self.id} stopping")
+            self._stop()
+        return 0
+
+    def _stop(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.teardown()
+        finally:
+            if self.link is not None:
+                self.link.request("service.bye", {"service": self.id, "pid": os.getpid()})
+                self.link.sock.poll(200)  # give the goodbye a moment to leave; the hub copes if it does not
+                self.link.close()
+            self.loop.close()
+            self.notifier.close()
+            self.log.info("stopped in %.0f ms", (time.monotonic() - t0) * 1000)
+
+
+def main(cls: type[Service], instance: str | None = None, config_path: str | None = None) -> int:
+    """Entry point of `edgeroom service KIND [INSTANCE]`."""
+    try:
+        config = configuration.load(config_path)
+    except configuration.ConfigError as exc:
+        print(f"edgeroom {cls.kind}: bad config: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG: systemd's RestartPreventExitStatus keeps it from restart-looping
+    return cls(config, instance, config_path).run()

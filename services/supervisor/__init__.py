@@ -1,0 +1,1 @@
+"""`edgeroom run`: the services as child processes, with systemd's semantics."""

@@ -1,0 +1,202 @@
+"""One supervised child process: start, readiness, watchdog, stop, and when to restart.
+
+The same semantics systemd gives a `Type=notify` unit with `WatchdogSec=`, `Restart=`,
+`RestartSec=` (doubling up to `restart_max_sec`, like RestartSteps=), `StartLimitBurst=`,
+`TimeoutStartSec=` and `TimeoutStopSec=`, and `RestartPreventExitStatus=78` (a bad config
+is not fixed by restarting).
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from services.runtime.scrub import StderrTail
+
+__all__ = ["Child", "EX_CONFIG"]
+
+log = logging.getLogger("edgeroom.run")
+EX_CONFIG = 78
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when `edgeroom run` dies, so no service outlives it."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    def __init__(self, kind: str, instance: str | None, settings, notify_dir: Path, env: dict) -> None:
+        self.kind, self.instance, self.settings = kind, instance, settings
+        self.id = f"{kind}@{instance}" if instance else kind
+        self.env = env
+        self.notify_path = notify_dir / f"{self.id}.sock"
+        self.notify = self._notify_socket()
+        self.popen: subprocess.Popen | None = None
+        self.state = "inactive"          # inactive, starting, ready, stopping, waiting, failed
+        self.status = ""
+        self.tail = StderrTail()
+        self.starts: collections.deque[float] = collections.deque()
+        self.failures_in_row = 0
+        self.restarts = 0
+        self.watchdog_kills = 0
+        self.next_start = 0.0
+        self.started_at = self.ready_at = self.last_ping = self.kill_at = 0.0
+        self.exit_reason = ""
+
+    def _notify_socket(self) -> socket.socket:
+        try:
+            self.notify_path.unlink()
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(self.notify_path))
+        sock.setblocking(False)
+        return sock
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else 0
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "services.cli", "service", self.kind, *([self.instance] if self.instance else [])]
+
+    # --- starting ------------------------------------------------------------------
+    def start(self, now: float) -> bool:
+        """Start unless the start limit is hit; returns False when the child is given up."""
+        window = self.settings.start_limit_interval
+        while self.starts and now - self.starts[0] > window:
+            self.starts.popleft()
+        if len(self.starts) >= self.settings.start_limit_burst:
+            self.state = "failed"
+            log.error("%s: start limit hit (%d starts in %.0f s); giving up — fix it and restart `edgeroom run`",
+                      self.id, len(self.starts), window)
+            return False
+        self.starts.append(now)
+        env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path)}
+        if self.settings.watchdog_sec > 0:
+            env["WATCHDOG_USEC"] = str(int(self.settings.watchdog_sec * 1e6))
+        self.popen = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      start_new_session=True, preexec_fn=_die_with_parent)
+        os.set_blocking(self.popen.stderr.fileno(), False)
+        self.state, self.started_at, self.kill_at, self.exit_reason = "starting", now, 0.0, ""
+        log.info("%s: started (pid %d)", self.id, self.popen.pid)
+        return True
+
+    # --- what the child tells us -----------------------------------------------------
+    def read_notify(self, now: float) -> None:
+        while True:
+            try:
+                data = self.notify.recv(4096).decode(errors="replace")
+            except BlockingIOError:
+                return
+            for line in data.splitlines():
+                self._notify_line(line, now)
+
+    def _notify_line(self, line: str, now: float) -> None:
+        key, _, value = line.partition("=")
+        if key == "READY" and value == "1" and self.state in ("starting", "ready"):
+            if self.state == "starting":
+                log.info("%s: ready after %.2f s", self.id, now - self.started_at)
+            self.state, self.ready_at, self.last_ping = "ready", now, now
+        elif key == "WATCHDOG" and value == "1":
+            self.last_ping = now
+        elif key == "STATUS":
+            self.status = value
+        elif key == "STOPPING" and self.state != "stopping":
+            self.state = "stopping"
+            self.kill_at = now + self.settings.stop_timeout
+
+    def read_stderr(self) -> None:
+        if self.popen is None or self.popen.stderr is None:
+            return
+        try:
+            chunk = self.popen.stderr.read()
+        except (BlockingIOError, ValueError):
+            return
+        for line in self.tail.feed((chunk or b"").decode(errors="replace")):
+            print(f"{self.id} stderr: {line}", file=sys.stderr, flush=True)
+
+    # --- supervision ------------------------------------------------------------------
+    def check(self, now: float) -> None:
+        """Start timeout, watchdog and stop timeout."""
+        s = self.settings
+        if self.state == "starting" and now - self.started_at > s.start_timeout:
+            self._kill(now, f"not ready within {s.start_timeout:g} s (start timeout)", signal.SIGTERM)
+        elif self.state == "ready" and s.watchdog_sec > 0 and now - self.last_ping > s.watchdog_sec:
+            self.watchdog_kills += 1
+            self._kill(now, f"no watchdog ping for {now - self.last_ping:.1f} s (watchdog {s.watchdog_sec:g} s)",
+                       signal.SIGABRT)
+        elif self.kill_at and now >= self.kill_at and self.popen and self.popen.poll() is None:
+            log.warning("%s: still running %.1f s after being asked to stop; SIGKILL", self.id, s.stop_timeout)
+            self.popen.kill()
+            self.kill_at = 0.0
+
+    def _kill(self, now: float, reason: str, sig: int) -> None:
+        log.error("%s: %s; sending %s", self.id, reason, signal.Signals(sig).name)
+        self.exit_reason = reason
+        self.popen.send_signal(sig)
+        self.state, self.kill_at = "stopping", now + self.settings.stop_timeout
+
+    def stop(self, now: float) -> None:
+        if self.popen is not None and self.popen.poll() is None and self.state != "stopping":
+            self.popen.send_signal(signal.SIGTERM)
+            self.state, self.kill_at = "stopping", now + self.settings.stop_timeout
+
+    def reap(self, now: float, shutting_down: bool) -> bool:
+        """If the child exited: decide what happens next. Returns True when it did exit."""
+        if self.popen is None or self.popen.poll() is None:
+            return False
+        self.read_stderr()
+        rc = self.popen.returncode
+        how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
+        failed = rc != 0 or bool(self.exit_reason) or self.state == "starting"
+        was_stopping = self.state == "stopping" and not self.exit_reason
+        self.popen.stderr.close()
+        self.popen = None
+        if shutting_down:
+            self.state = "inactive"
+            log.info("%s: stopped (%s)", self.id, how)
+            return True
+        self._after_exit(now, how, rc, failed and not was_stopping)
+        return True
+
+    def _after_exit(self, now: float, how: str, rc: int, failed: bool) -> None:
+        policy = self.settings.restart
+        if rc == EX_CONFIG:
+            self.state = "failed"
+            log.error("%s: exited with %s (bad config); not restarting. Last stderr:\n%s", self.id, how, self.tail.text())
+            return
+        if policy == "no" or (policy == "on-failure" and not failed):
+            self.state = "inactive"
+            log.info("%s: exited (%s); restart=%s, not restarting", self.id, how, policy)
+            return
+        self.failures_in_row = self.failures_in_row + 1 if failed else 0
+        delay = min(self.settings.restart_max_sec, self.settings.restart_sec * 2 ** max(0, self.failures_in_row - 1))
+        self.state, self.next_start = "waiting", now + delay
+        self.restarts += 1
+        log.warning("%s: exited (%s)%s; restarting in %.2f s", self.id, how,
+                    f" — {self.exit_reason}" if self.exit_reason else "", delay)
+
+    def settle(self, now: float) -> None:
+        """A child that has stayed ready a while is healthy again: its backoff resets."""
+        if self.state == "ready" and self.failures_in_row and now - self.ready_at > 10.0:
+            self.failures_in_row = 0
+
+    def close(self) -> None:
+        self.notify.close()
+        try:
+            self.notify_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def row(self, now: float) -> dict:
+        return {"service": self.id, "state": self.state, "pid": self.pid, "restarts": self.restarts,
+                "watchdog_kills": self.watchdog_kills, "status": self.status,
+                "uptime": now - self.started_at if self.popen else 0.0}
