@@ -114,3 +114,20 @@ def spawn():
     yield _spawn
     for proc in procs:
         proc.kill()
+
+
+@pytest.fixture
+def box(prefix):
+    """A private box (config, runtime dir, bus prefix); every process it started is stopped after."""
+    from tests.appliance import Box
+
+    made: list[Box] = []
+
+    def make(extra: str = "") -> Box:
+        b = Box(prefix, extra)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()

@@ -84,7 +84,7 @@ def status(hub: Hub, args: dict, ctx: Ctx) -> dict:
     hub_row = {"service": "hub", "kind": "hub", "state": "ready", "pid": os.getpid(),
                "uptime": wall - hub.started_at, "restarts": 0, "rate": 0.0, "status": hub.describe()["status"],
                "last_seen": 0.0, "streams": []}
-    return {"box": hub.config.box.name, "metrics_url": hub.metrics_url,
+    return {"box": hub.config.box.name, "metrics_url": hub.metrics_url, "endpoints": hub.bound_endpoints,
             "services": [hub_row, *hub.registry_.rows(now, wall)]}
 
 

@@ -10,6 +10,7 @@ prometheus-client's HTTP server, which reads the metrics snapshot by reference.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -58,6 +59,7 @@ class Hub(Service):
         self._load_state()
         self._bind()
         self._serve_metrics()
+        self._write_endpoints()
         self.loop.every(min(0.25, cfg.hub.heartbeat_interval / 2), self._tick)
 
     # --- sockets -------------------------------------------------------------------------
@@ -74,12 +76,14 @@ class Hub(Service):
             os.unlink(endpoint[6:])  # a dead hub's socket file; we are the only hub of this runtime dir
         sock.bind(endpoint)
         secure_socket_file(endpoint)
+        self.bound.append(sock.last_endpoint.decode())  # tcp port 0 becomes the port picked
         return sock
 
     def _bind(self) -> None:
         ep, cfg = self.endpoints, self.config.control
         tcp = bool(ep.tcp_control or ep.tcp_events)
         self.zap = None
+        self.bound: list[str] = []
         if tcp:
             self._server_keys = load_server(self._curve_dir())
             self.zap = ZapAuthenticator(context(), self._curve_dir(), self._auth_refused)
@@ -97,6 +101,7 @@ class Hub(Service):
         self.loop.add_reader(self.xsub, self._on_event_in)
         for xpub in self.xpubs:
             self.loop.add_reader(xpub, lambda x=xpub: self._drain_subscriptions(x))
+        log.info("listening on %s", ", ".join(self.bound))
 
     def _curve_dir(self):
         from pathlib import Path
@@ -116,8 +121,18 @@ class Hub(Service):
         box.register(self.collector)
         self._http, _ = start_http_server(port, host, registry=box)
         self.metrics_url = f"http://{host}:{self._http.server_port}/metrics"
-        (self.rundir / "metrics.url").write_text(self.metrics_url + "\n")
         log.info("metrics at %s", self.metrics_url)
+
+    def _write_endpoints(self) -> None:
+        """What the hub really bound (ports picked for port 0 included), for tools and tests."""
+        ep = {"control": self.routers[0].last_endpoint.decode(), "events": self.xpubs[0].last_endpoint.decode(),
+              "events_in": self.xsub.last_endpoint.decode(), "metrics": self.metrics_url,
+              "tcp_control": self.routers[1].last_endpoint.decode() if len(self.routers) > 1 else "",
+              "tcp_events": self.xpubs[1].last_endpoint.decode() if len(self.xpubs) > 1 else ""}
+        tmp = self.rundir / "endpoints.json.tmp"
+        tmp.write_text(json.dumps(ep, indent=2) + "\n")
+        os.replace(tmp, self.rundir / "endpoints.json")
+        self.bound_endpoints = ep
 
     # --- requests ------------------------------------------------------------------------
     def _on_request(self, router: zmq.Socket) -> None:
@@ -264,6 +279,7 @@ class Hub(Service):
                                        "known id) since the hub started.", labels=["service"])
         state = GaugeMetricFamily("edgeroom_service_state", "1 for the state the service is in.",
                                   labels=["service", "state"])
+        up.add_metric(["hub"], 1)  # the hub answers this scrape, so it is up
         for rec in list(self.registry_.services.values()):
             up.add_metric([rec.id], 1 if rec.state in ("ready", "degraded", "starting") else 0)
             restarts.add_metric([rec.id], rec.restarts)
@@ -300,7 +316,7 @@ class Hub(Service):
             self.zap.close()
         if getattr(self, "_http", None) is not None:
             self._http.shutdown()
-        for name in ("control.sock", "events-in.sock", "events.sock", "metrics.url"):
+        for name in ("control.sock", "events-in.sock", "events.sock", "endpoints.json"):
             try:
                 os.unlink(self.rundir / name)
             except FileNotFoundError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,10 +36,11 @@ class Session:
     kind: str = "video"
     tracks: dict[str, dict] = field(default_factory=dict)
     confirmed: bool = True
+    since: float = field(default_factory=time.time)   # when it started (Unix time); survives hub restarts
 
     def public(self) -> dict:
         return {"session": self.id, "room": self.room, "service": self.service, "kind": self.kind,
-                "tracks": list(self.tracks.values())}
+                "since": self.since, "tracks": list(self.tracks.values())}
 
 
 def _check_track(track: object) -> dict:
