@@ -63,6 +63,7 @@ class Box:
         self.dir = Path(tempfile.mkdtemp(prefix="er", dir="/tmp"))
         self.rundir = self.dir / "run"
         self.config = self.dir / "edgeroom.toml"
+        extra = extra.replace("{dir}", str(self.dir))
         self.config.write_text(f'[box]\nruntime_dir = "{self.rundir}"\n[bus]\nprefix = "{prefix}"\n{FAST}{extra}')
         self.log_path = self.dir / "out.log"
         self.procs: list[subprocess.Popen] = []
