@@ -140,6 +140,8 @@ class Service:
         self.loop.on_signal(signal.SIGHUP, self._on_hup)
         self.loop.turn_hooks.append(self._turn)
         self.loop.every(self.config.hub.heartbeat_interval, self.heartbeat)
+        if self.notifier.interval > 0:  # wake the loop for the watchdog; the ping itself happens in _turn
+            self.loop.every(self.notifier.interval, lambda: None)
         self.setup()
         self.state = "ready"
         self.notifier.ready(self.describe().get("status", "ready"))
