@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -73,3 +74,16 @@ def test_demo_runs_and_cleans_up():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "frames/s" in out.stdout
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"demo{os.getpid()}.")]
+
+
+@pytest.mark.slow
+def test_appliance_demo_shows_the_box_and_cleans_up(tmp_path, prefix):
+    rundir = Path("/tmp") / f"erdemo{os.getpid()}"
+    env = {**os.environ, "EDGEROOM_BOX__RUNTIME_DIR": str(rundir), "EDGEROOM_BUS__PREFIX": prefix,
+           "EDGEROOM_HUB__METRICS_LISTEN": "127.0.0.1:0"}
+    out = subprocess.run([EDGEROOM, "demo", "--seconds", "6"], capture_output=True, text=True, timeout=90, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"capture@synthetic\s+ready", out.stdout), out.stdout
+    assert "run: all stopped" in out.stdout
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(prefix + ".")]
+    assert not (rundir / "control.sock").exists()

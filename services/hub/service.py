@@ -119,7 +119,11 @@ class Hub(Service):
         host, port = parse_host_port(listen)
         box = CollectorRegistry(auto_describe=False)
         box.register(self.collector)
-        self._http, _ = start_http_server(port, host, registry=box)
+        try:
+            self._http, _ = start_http_server(port, host, registry=box)
+        except OSError as exc:
+            raise OSError(f"hub.metrics_listen = {listen!r}: cannot listen ({exc.strerror}); pick another "
+                          f"port, or '' to turn the scrape endpoint off") from None
         self.metrics_url = f"http://{host}:{self._http.server_port}/metrics"
         log.info("metrics at %s", self.metrics_url)
 
