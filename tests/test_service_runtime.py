@@ -40,10 +40,10 @@ def test_watchdog_pings_come_from_the_main_loop_and_stop_while_it_is_stuck(box):
     try:
         ready_at = None
         while ready_at is None:
-            t, msg = sock.recv(4096).decode(), None
-            if "READY=1" in t:
+            msg = sock.recv(4096).decode()
+            if "READY=1" in msg:
                 ready_at = time.monotonic()
-                assert f"MAINPID={proc.pid}" in t
+                assert f"MAINPID={proc.pid}" in msg
         got = datagrams(sock, ready_at + 3.5)
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()

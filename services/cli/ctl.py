@@ -11,7 +11,13 @@ import sys
 import time
 
 from services.cli.tables import fmt_duration, table
-from services.control.client import Client, CommandFailed, CurveKeys, HubUnreachable, Subscriber
+from services.control.client import (
+    Client,
+    CommandFailed,
+    CurveKeys,
+    HubUnreachable,
+    Subscriber,
+)
 from services.control.endpoints import endpoints_for, runtime_dir
 from services.runtime import config as configuration
 

@@ -133,9 +133,10 @@ class Client:
         except zmq.Again:
             self.close()
             raise HubUnreachable(f"hub not reachable at {self.endpoint}: {_hint(self.endpoint)}") from None
-        return self._await(rid, cmd, time.monotonic() + timeout)
+        return self._await(rid, cmd, timeout)
 
-    def _await(self, rid: str, cmd: str, deadline: float) -> Any:
+    def _await(self, rid: str, cmd: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not self.socket.poll(int(left * 1000) + 1, zmq.POLLIN):
                 continue
@@ -148,7 +149,7 @@ class Client:
             raise CommandFailed(str(err.get("code", "internal")), str(err.get("message", "")))
         self.close()  # the lazy-pirate rule: a socket with a lost request is thrown away
         raise HubUnreachable(f"no reply to {cmd!r} from the hub at {self.endpoint} within "
-                             f"{self.timeout:g} s: {_hint(self.endpoint)}")
+                             f"{timeout:g} s: {_hint(self.endpoint)}")
 
     def _read(self) -> dict | None:
         frames = self.socket.recv_multipart()

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from services.control.client import CommandFailed
 from services.control.endpoints import Endpoints, endpoints_for, runtime_dir
 from services.runtime import config as configuration
 from services.runtime import logs
 from services.runtime.hublink import HubLink
+from services.runtime.logs import Throttled
 from services.runtime.loop import Loop
 from services.runtime.metrics import ProcessCollector, new_registry, snapshot
 from services.runtime.notify import Notifier
@@ -55,6 +57,7 @@ class Service:
         self.endpoints: Endpoints = endpoints_for(self.rundir, config.control.tcp_control, config.control.tcp_events)
         self.link: HubLink | None = None
         self.registry = new_registry()
+        self.throttled = Throttled(self.log)
         self._base_metrics()
 
     # --- what a service provides -------------------------------------------------
@@ -89,8 +92,13 @@ class Service:
                 "streams": info.get("streams", []), "metrics": snapshot(self.registry)}
 
     def heartbeat(self) -> None:
-        if self.link is not None and self.link.request("service.heartbeat", self.heartbeat_body()):
+        if self.link is not None and self.link.request("service.heartbeat", self.heartbeat_body(),
+                                                       self._heartbeat_answered):
             self.m_heartbeats.inc()
+
+    def _heartbeat_answered(self, _result, error: Exception | None) -> None:
+        if isinstance(error, CommandFailed):  # the hub is there but refuses us: say why, once a second at most
+            self.throttled.warning("heartbeat", f"the hub rejected a heartbeat: {error}")
 
     # --- running -------------------------------------------------------------------
     def _connect_hub(self) -> None:
