@@ -124,3 +124,16 @@ def test_sighup_reloads_and_names_what_needs_a_restart(box):
     run.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload rejected, keeping the running config" in b.log(), 5, "bad reload rejected")
     assert b.wait_ready(*ALL)
+
+
+def test_a_second_box_on_the_same_runtime_dir_is_refused(box):
+    b = box()
+    b.run()
+    b.wait_ready(*ALL)
+    second = b.spawn("run")
+    assert second.wait(timeout=20) == 1
+    assert "another run (pid" in b.log()
+    hub = b.spawn("service", "hub")
+    assert hub.wait(timeout=20) == 1
+    assert "another hub (pid" in b.log()
+    assert b.wait_ready(*ALL), "the first box must be unharmed"

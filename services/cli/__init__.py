@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edgeroom: bad config: {exc}", file=sys.stderr)
         return 2
-    except (framebus.BusError, ValueError, OSError) as exc:
+    except (framebus.BusError, ValueError, OSError, RuntimeError) as exc:
         print(f"edgeroom: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

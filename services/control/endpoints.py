@@ -7,13 +7,14 @@ and `/tmp/edgeroom-UID`.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Endpoints", "runtime_dir", "endpoints_for", "prepare_runtime_dir", "secure_socket_file",
-           "CONTROL_SOCK", "EVENTS_IN_SOCK", "EVENTS_SOCK"]
+           "CONTROL_SOCK", "EVENTS_IN_SOCK", "EVENTS_SOCK", "hold_lock"]
 
 CONTROL_SOCK = "control.sock"
 EVENTS_IN_SOCK = "events-in.sock"
@@ -68,3 +69,22 @@ def secure_socket_file(endpoint: str) -> None:
     """After bind: only owner and group may connect to an IPC socket."""
     if endpoint.startswith("ipc://"):
         os.chmod(endpoint[len("ipc://"):], 0o660)
+
+
+def hold_lock(rundir: Path, name: str):
+    """An exclusive lock on RUNDIR/NAME.lock for the life of the process (one hub, one `run`
+    per runtime directory). Raises RuntimeError naming the holder's pid if it is taken."""
+    f = open(rundir / f"{name}.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise RuntimeError(f"another {name} (pid {holder}) is running with runtime directory {rundir}; "
+                           f"stop it first, or give this one its own box.runtime_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

@@ -24,7 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 import framebus
 from services.control import protocol
 from services.control.client import context
-from services.control.endpoints import prepare_runtime_dir, secure_socket_file
+from services.control.endpoints import hold_lock, prepare_runtime_dir, secure_socket_file
 from services.control.keys import ZapAuthenticator, load_server
 from services.hub import commands
 from services.hub.commands import DEFERRED, Ctx
@@ -47,6 +47,7 @@ class Hub(Service):
     def setup(self) -> None:
         cfg = self.config
         prepare_runtime_dir(self.rundir)
+        self._lock = hold_lock(self.rundir, "hub")
         self.limit = cfg.control.max_message_bytes
         self.registry_ = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
         self.book = SessionBook(self.rundir / "hub-state.json")
@@ -313,13 +314,18 @@ class Hub(Service):
         return [c.key for c in changes if c not in live]
 
     def teardown(self) -> None:
-        self.book.save()
-        for sock in [*self.routers, self.xsub, *self.xpubs]:
-            sock.close(linger=0)
-        if self.zap is not None:
+        """Close what setup() opened, however far it got."""
+        if hasattr(self, "book"):
+            self.book.save()
+        for sock in [*getattr(self, "routers", []), *getattr(self, "xpubs", []), getattr(self, "xsub", None)]:
+            if sock is not None:
+                sock.close(linger=0)
+        if getattr(self, "zap", None) is not None:
             self.zap.close()
         if getattr(self, "_http", None) is not None:
             self._http.shutdown()
+        if not hasattr(self, "_lock"):
+            return  # another hub owns the runtime directory: its files are not ours to remove
         for name in ("control.sock", "events-in.sock", "events.sock", "endpoints.json"):
             try:
                 os.unlink(self.rundir / name)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+import framebus
 from services.control.client import CommandFailed
 from services.control.endpoints import Endpoints, endpoints_for, runtime_dir
 from services.runtime import config as configuration
@@ -158,16 +159,24 @@ class Service:
         self.loop.run()
 
     def run(self) -> int:
+        """Serve until SIGTERM; 0 after a clean stop, 1 if the service could not start or crashed."""
         logs.setup(self.id, self.config.log.level, self.config.log.format)
-        if self.kind != "hub":
-            self._connect_hub()
+        rc = 0
         try:
+            if self.kind != "hub":
+                self._connect_hub()
             self._serve()
+        except (OSError, RuntimeError, ValueError, framebus.BusError) as exc:
+            self.log.error("cannot run: %s", exc)  # an expected failure: one line that names the cause
+            rc = 1
+        except Exception:
+            self.log.exception("crashed")  # a bug: the traceback, as one log line
+            rc = 1
         finally:
             self.state = "stopping"
             self.notifier.stopping(f"{self.id} stopping")
             self._stop()
-        return 0
+        return rc
 
     def _stop(self) -> None:
         t0 = time.monotonic()

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import framebus
 from services import catalog
-from services.control.endpoints import endpoints_for, prepare_runtime_dir, runtime_dir
+from services.control.endpoints import endpoints_for, hold_lock, prepare_runtime_dir, runtime_dir
 from services.runtime import config as configuration
 from services.runtime import logs
 from services.runtime.hublink import HubLink
@@ -39,6 +39,7 @@ class Supervisor:
                  duration: float | None = None) -> None:
         self.config, self.config_path, self.duration = config, config_path, duration
         self.rundir = prepare_runtime_dir(runtime_dir(config.box.runtime_dir))
+        self._lock = hold_lock(self.rundir, "run")
         self.notify_dir = self.rundir / "notify"
         self.notify_dir.mkdir(mode=0o750, exist_ok=True)
         self.loop = Loop()
