@@ -54,13 +54,15 @@ def rejected(b, code: str) -> float:
     (b'{"v": 1, "id": 7, "cmd": "ping", "args": [1]}', "bad_request"),
     (b'{"v": 1, "id": 7, "cmd": "sessions", "args": {"room": 5}}', "bad_args"),
     (b'{"v": 1, "id": 7, "cmd": "service.heartbeat", "args": {"service": "x", "pid": "1"}}', "bad_args"),
+    (b'{"v": 1, "id": 7, "cmd": "service.heartbeat", "args": {"service": "x", "pid": 1, "started": 0, '
+     b'"state": "ready", "rate": NaN}}', "bad_json"),
 ])
 def test_bad_requests_get_an_error_reply_and_a_count(hub, body, code):
     reply = raw(hub, [b"", body])
     assert reply is not None, "the hub must answer, not hang"
     assert reply["ok"] is False and reply["error"]["code"] == code, reply
     assert reply["error"]["message"]
-    if b'"id": 7' in body:
+    if b'"id": 7' in body and code != "bad_json":
         assert reply["id"] == 7
     assert wait_for(lambda: rejected(hub, code) >= 1, 3, f"{code} counted")
     assert hub.call("ping")["pong"]
@@ -244,3 +246,15 @@ def test_ctl_commands_against_a_running_box(box):
     os.kill(b.services()["capture@cam"]["pid"], signal.SIGKILL)
     line = events.communicate(timeout=15)[0].strip()
     assert json.loads(line)["topic"] == "service.state"
+
+
+def test_a_heartbeat_with_garbage_metrics_keeps_the_rest_and_the_hub(hub):
+    body = {"service": "capture@junk", "pid": 4242, "started": 0.0, "state": "ready", "sessions": [], "streams": [],
+            "metrics": [{"name": "edgeroom_ok", "type": "gauge", "help": "fine", "samples": [
+                ["edgeroom_ok", {}, 1.5], ["edgeroom_ok", {"bad label": "x"}, 2], ["edgeroom_ok", {}, True]]},
+                7, {"name": "not_ours", "type": "gauge", "samples": []}, {"name": "edgeroom_x", "type": "bogus"}]}
+    assert hub.call("service.heartbeat", body)["state"] == "ready"
+    assert hub.call("metrics")["services"]["capture@junk"] == {"edgeroom_ok": 1.5}
+    text = hub.scrape()
+    assert metric_value(text, "edgeroom_ok", service="capture@junk") == 1.5
+    assert metric_value(text, "edgeroom_hub_metrics_dropped_total", service="hub") == 5, text + hub.log()

@@ -82,14 +82,20 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes]:
     """
     if len(frames) == 2 or (len(frames) == 3 and frames[1] == b""):
         return frames[:-1], frames[-1]
-    raise ProtocolError("bad_request", f"expected one body frame after the routing id, got {len(frames) - 1} frames")
+    raise ProtocolError("bad_request", f"expected a routing id, an optional empty frame and one body frame; "
+                                       f"got {len(frames)} frames")
 
 
-def _load_object(body: bytes, limit: int) -> dict:
-    if len(body) > limit:
-        raise ProtocolError("too_large", f"message of {len(body)} bytes is over the limit of {limit} bytes")
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _load_object(body: bytes, limit: int | None) -> dict:
+    if limit is not None and len(body) > limit:
+        rid = _readable_id(body)
+        raise ProtocolError("too_large", f"message of {len(body)} bytes is over the limit of {limit} bytes", rid)
     try:
-        obj = json.loads(body.decode("utf-8"))
+        obj = json.loads(body.decode("utf-8"), parse_constant=_no_constant)  # NaN/Infinity are not JSON
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError("bad_json", f"body is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -97,9 +103,19 @@ def _load_object(body: bytes, limit: int) -> dict:
     return obj
 
 
+def _readable_id(body: bytes) -> Any:
+    """The id of an oversized request, so its sender can match the too_large reply (the body is
+    bounded by ZMQ_MAXMSGSIZE, so parsing it costs little)."""
+    try:
+        rid = _load_object(body, None).get("id")
+    except ProtocolError:
+        return None
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
 def _check_version(obj: dict, request_id: Any) -> None:
     v = obj.get("v")
-    if v != VERSION:
+    if type(v) is not int or v != VERSION:  # not true, not 1.0: an integer
         raise ProtocolError("unsupported_version", f"protocol version {v!r} is not supported (this hub speaks {VERSION})",
                             request_id)
 
@@ -113,7 +129,7 @@ def _request_id(obj: dict) -> str | int:
 
 def parse_request(body: bytes, limit: int) -> Request:
     obj = _load_object(body, limit)
-    rid = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
+    rid = obj.get("id") if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool) else None
     _check_version(obj, rid)
     rid = _request_id(obj)
     unknown = sorted(set(obj) - {"v", "id", "cmd", "args"})
@@ -191,13 +207,13 @@ def parse_event(frames: list[bytes], limit: int) -> Event:
         raise ProtocolError("bad_request", f"body topic {obj.get('topic')!r} differs from frame topic {topic!r}")
     if not isinstance(obj.get("data"), dict):
         raise ProtocolError("bad_request", "event 'data' must be an object")
-    return Event(topic, obj["data"], str(obj.get("source", "")), _int(obj.get("seq")),
-                 _float(obj.get("time")), _int(obj.get("mono_ns")))
+    for key, kinds in _EVENT_FIELDS.items():
+        value = obj.get(key, 0 if key != "source" else "")
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ProtocolError("bad_request", f"event '{key}' must be {_EVENT_WHAT[key]}, got {type(value).__name__}")
+    return Event(topic, obj["data"], obj.get("source", ""), obj.get("seq", 0), float(obj.get("time", 0.0)),
+                 obj.get("mono_ns", 0))
 
 
-def _int(x: Any) -> int:
-    return x if isinstance(x, int) and not isinstance(x, bool) else 0
-
-
-def _float(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else 0.0
+_EVENT_FIELDS = {"source": str, "seq": int, "time": (int, float), "mono_ns": int}
+_EVENT_WHAT = {"source": "a string", "seq": "an integer", "time": "a number", "mono_ns": "an integer"}

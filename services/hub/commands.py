@@ -15,6 +15,7 @@ from services.control import protocol
 from services.control.protocol import ProtocolError
 from services.hub.registry import check_heartbeat
 from services.hub.sessions import check_sessions
+from services.runtime.metrics import snapshot
 
 if TYPE_CHECKING:
     import zmq
@@ -68,7 +69,7 @@ def _tuple(kind) -> tuple:
 @command("ping", "is the hub there: its pid and protocol version")
 def ping(hub: Hub, args: dict, ctx: Ctx) -> dict:
     _args(args, {})
-    return {"pong": True, "pid": os.getpid(), "version": protocol.VERSION, "box": hub.config.box.name}
+    return {"pong": True, "pid": os.getpid(), "version": protocol.VERSION, "box": hub.box_name}
 
 
 @command("commands", "every command with a one-line summary")
@@ -84,7 +85,7 @@ def status(hub: Hub, args: dict, ctx: Ctx) -> dict:
     hub_row = {"service": "hub", "kind": "hub", "state": "ready", "pid": os.getpid(),
                "uptime": wall - hub.started_at, "restarts": 0, "rate": 0.0, "status": hub.describe()["status"],
                "last_seen": 0.0, "streams": []}
-    return {"box": hub.config.box.name, "metrics_url": hub.metrics_url, "endpoints": hub.bound_endpoints,
+    return {"box": hub.box_name, "metrics_url": hub.metrics_url, "endpoints": hub.bound_endpoints,
             "services": [hub_row, *hub.registry_.rows(now, wall)]}
 
 
@@ -111,7 +112,7 @@ def sessions(hub: Hub, args: dict, ctx: Ctx) -> list:
 def metrics(hub: Hub, args: dict, ctx: Ctx) -> dict:
     _args(args, {})
     out = {}
-    for service, families in sorted(hub.collector.snapshots.items()):
+    for service, families in sorted({**hub.collector.snapshots, "hub": snapshot(hub.registry)}.items()):
         out[service] = {f["name"]: sum(s[2] for s in f["samples"] if s[0] in (f["name"], f["name"] + "_total"))
                         for f in families if f.get("type") in ("counter", "gauge")}
     return {"metrics_url": hub.metrics_url, "services": out}
@@ -125,8 +126,7 @@ def heartbeat(hub: Hub, args: dict, ctx: Ctx) -> dict:
     rec, previous, restarted = hub.registry_.heartbeat(body, time.monotonic())
     if previous != rec.state or restarted:
         hub.log.info("service %s is %s (pid %d)%s", rec.id, rec.state, rec.pid, " after a restart" if restarted else "")
-        hub.publish("service.state", {"service": rec.id, "state": rec.state, "previous": previous,
-                                      "pid": rec.pid, "restarted": restarted})
+        hub.publish_state(rec, previous, restarted)
     hub.publish_changes(hub.book.update(rec.id, rec.pid, body.get("sessions", [])))
     hub.store_snapshot(rec.id, body.get("metrics", []))
     return {"service": rec.id, "state": rec.state}
@@ -135,10 +135,12 @@ def heartbeat(hub: Hub, args: dict, ctx: Ctx) -> dict:
 @command("service.bye", "a service stops cleanly (services send it)")
 def bye(hub: Hub, args: dict, ctx: Ctx) -> dict:
     a = _args(args, {"service": str, "pid": int}, ("service", "pid"))
+    known = hub.registry_.services.get(a["service"])
+    previous = known.state if known else None
     rec = hub.registry_.bye(a["service"], a["pid"])
     if rec is not None:
         hub.log.info("service %s stopped", rec.id)
-        hub.publish("service.state", {"service": rec.id, "state": "stopped", "pid": rec.pid})
+        hub.publish_state(rec, previous)
         hub.publish_changes(hub.book.end_service(rec.id, "service stopped"))
     return {"known": rec is not None}
 
@@ -172,14 +174,16 @@ def hook_call(hub: Hub, args: dict, ctx: Ctx) -> Any:
         return DEFERRED
     push = {"v": protocol.VERSION, "type": "hook_call", "call": pending.call, "hook": a["hook"],
             "data": a.get("data", {}), "deadline_ms": int((pending.deadline - now) * 1000)}
+    pending.handler = handler.ctx.envelope
     hub.reply(handler.ctx.router, handler.ctx.envelope, protocol.json_bytes(push))
+    hub.loop.call_at(pending.deadline, hub.expire_hooks)  # the policy applies on time, not on the next tick
     return DEFERRED
 
 
 @command("hook.answer", "a handler's decision on a hook call (args: call, decision, data)")
 def hook_answer(hub: Hub, args: dict, ctx: Ctx) -> dict:
     a = _args(args, {"call": str, "decision": str, "data": (dict, type(None))}, ("call", "decision"))
-    pending, result = hub.broker.answer(a["call"], a["decision"], a.get("data"))
+    pending, result = hub.broker.answer(a["call"], a["decision"], a.get("data"), ctx.envelope)
     hub.finish_hook(pending, result)
     return {"accepted": True}
 

@@ -34,6 +34,7 @@ class Pending:
     caller: Any              # where to reply: router socket, routing frames, request id
     started: float
     deadline: float
+    handler: list | None = None  # routing frames of the handler the call went to
 
 
 class HookBroker:
@@ -69,10 +70,12 @@ class HookBroker:
         self.pending[call] = p
         return p
 
-    def answer(self, call: str, decision: str, data: object) -> tuple[Pending, dict]:
-        p = self.pending.pop(call, None)
-        if p is None:
-            raise ProtocolError("not_found", f"no pending hook call {call!r} (answered already, or too late)")
+    def answer(self, call: str, decision: str, data: object, envelope: list | None = None) -> tuple[Pending, dict]:
+        p = self.pending.get(call)
+        if p is None or (envelope is not None and p.handler is not None and envelope != p.handler):
+            raise ProtocolError("not_found", f"no pending hook call {call!r} for this handler "
+                                             f"(answered already, too late, or sent to another handler)")
+        del self.pending[call]
         if decision not in DECISIONS:
             self.pending[call] = p
             raise ProtocolError("bad_args", f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")

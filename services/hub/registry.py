@@ -58,7 +58,8 @@ def check_heartbeat(body: dict) -> dict:
     for key in ("sessions", "streams", "metrics"):
         if not isinstance(body.get(key, []), list):
             raise ProtocolError("bad_args", f"heartbeat '{key}' must be a list")
-    if not isinstance(body.get("rate", 0.0), (int, float)):
+    rate = body.get("rate", 0.0)
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool):
         raise ProtocolError("bad_args", "heartbeat 'rate' must be a number")
     return body
 

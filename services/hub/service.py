@@ -33,7 +33,7 @@ from services.hub.registry import STATES, Registry
 from services.hub.sessions import SessionBook
 from services.runtime.config import parse_host_port
 from services.runtime.logs import Throttled
-from services.runtime.metrics import BoxCollector, Derived, snapshot
+from services.runtime.metrics import BoxCollector, Derived, clean_families
 from services.runtime.service import Service
 
 __all__ = ["Hub"]
@@ -49,11 +49,13 @@ class Hub(Service):
         prepare_runtime_dir(self.rundir)
         self._lock = hold_lock(self.rundir, "hub")
         self.limit = cfg.control.max_message_bytes
+        self.box_name, self.prefix = cfg.box.name, cfg.bus.prefix  # restart-only: reloads do not move them
         self.registry_ = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
         self.book = SessionBook(self.rundir / "hub-state.json")
         self.broker = HookBroker(cfg.hooks)
         self.throttled = Throttled(log)
         self.collector = BoxCollector()
+        self.collector.live["hub"] = self.registry
         self.metrics_url = ""
         self._event_seq = 0
         self._hub_metrics()
@@ -69,7 +71,9 @@ class Hub(Service):
         sock.linger = 0
         sock.maxmsgsize = 2 * self.limit  # past this libzmq drops the connection; below it we answer too_large
         if kind == zmq.ROUTER:
-            sock.router_mandatory = False
+            sock.router_mandatory = True  # a reply to a vanished peer raises, so it is counted, not lost silently
+        if endpoint.startswith("tcp://[") or endpoint.startswith("tcp://*"):
+            sock.ipv6 = True
         if curve:
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = self._server_keys
@@ -125,7 +129,7 @@ class Hub(Service):
         except OSError as exc:
             raise OSError(f"hub.metrics_listen = {listen!r}: cannot listen ({exc.strerror}); pick another "
                           f"port, or '' to turn the scrape endpoint off") from None
-        self.metrics_url = f"http://{host}:{self._http.server_port}/metrics"
+        self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{self._http.server_port}/metrics"
         log.info("metrics at %s", self.metrics_url)
 
     def _write_endpoints(self) -> None:
@@ -163,6 +167,11 @@ class Hub(Service):
         except protocol.ProtocolError as exc:
             self._reject(router, envelope, exc.request_id if rid is None else rid, exc.code, exc.message)
             return
+        except Exception as exc:  # a bug in a command must cost one request, never the hub
+            log.exception("command failed")
+            self._reject(router, envelope, rid, "internal", f"the hub failed on this request: "
+                                                           f"{type(exc).__name__}: {exc}")
+            return
         if result is not DEFERRED:
             self.reply(router, envelope, protocol.encode_reply(rid, result))
 
@@ -198,10 +207,7 @@ class Hub(Service):
     def _fan_out(self, frames: list[bytes]) -> None:
         self.m_events.inc()
         for xpub in self.xpubs:
-            try:
-                xpub.send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            xpub.send_multipart(frames, flags=zmq.NOBLOCK)  # XPUB never blocks: a full subscriber loses events
 
     def _drain_subscriptions(self, xpub: zmq.Socket) -> None:
         while xpub.poll(0):
@@ -212,6 +218,11 @@ class Hub(Service):
         event = protocol.Event(topic, data, "hub", self._event_seq, time.time(),
                                time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         self._fan_out(protocol.encode_event(event))
+
+    def publish_state(self, rec, previous: str | None, restarted: bool = False) -> None:
+        """service.state: one shape for every transition."""
+        self.publish("service.state", {"service": rec.id, "state": rec.state, "previous": previous,
+                                       "pid": rec.pid, "restarted": restarted})
 
     def publish_changes(self, changes: list[tuple[str, dict]]) -> None:
         for topic, data in changes:
@@ -227,13 +238,16 @@ class Hub(Service):
         now = time.monotonic()
         for rec, previous in self.registry_.sweep(now):
             log.warning("service %s is %s (was %s)", rec.id, rec.state, previous)
-            self.publish("service.state", {"service": rec.id, "state": rec.state, "previous": previous})
+            self.publish_state(rec, previous)
             if rec.state == "stale":
                 self.publish_changes(self.book.end_service(rec.id, "service stale"))
         self.publish_changes(self.book.expire(now))
-        for pending, result in self.broker.expire(now):
-            self.finish_hook(pending, result)
+        self.expire_hooks()
         self._refresh_metrics(now)
+
+    def expire_hooks(self) -> None:
+        for pending, result in self.broker.expire(time.monotonic()):
+            self.finish_hook(pending, result)
 
     def finish_hook(self, pending, result: dict) -> None:
         latency = time.monotonic() - pending.started
@@ -264,6 +278,8 @@ class Hub(Service):
                                       registry=r)
         self.m_auth_refused = Counter("edgeroom_control_auth_refused",
                                       "TCP clients refused by CURVE authentication.", registry=r)
+        self.m_metrics_dropped = Counter("edgeroom_hub_metrics_dropped", "Malformed metric families or samples "
+                                         "in heartbeats, dropped.", registry=r)
         self.m_events = Counter("edgeroom_events_published", "Events fanned out to subscribers.", registry=r)
         self.m_events_rejected = Counter("edgeroom_events_rejected", "Malformed events dropped, by error code.",
                                          ["code"], registry=r)
@@ -295,10 +311,13 @@ class Hub(Service):
     def _refresh_metrics(self, now: float) -> None:
         for state, n in self.registry_.counts().items():
             self.m_services.labels(state).set(n)
-        self.collector.snapshots = {**self.collector.snapshots, "hub": snapshot(self.registry)}
 
     def store_snapshot(self, service: str, families: list) -> None:
-        self.collector.snapshots = {**self.collector.snapshots, service: families}
+        kept, dropped = clean_families(families)
+        if dropped:
+            self.m_metrics_dropped.inc(dropped)
+            self.throttled.warning("metrics", f"dropped {dropped} malformed metric families/samples from {service}")
+        self.collector.snapshots = {**self.collector.snapshots, service: kept}
 
     # --- the base class's contract -----------------------------------------------------------
     def describe(self) -> dict:
@@ -335,7 +354,7 @@ class Hub(Service):
     def streams(self) -> list[dict]:
         owners = {rec.pid: rec.id for rec in self.registry_.services.values()}
         rows = []
-        for info in framebus.list_streams(self.config.bus.prefix):
+        for info in framebus.list_streams(self.prefix):
             row = info.to_dict()
             row["service"] = owners.get(info.producer_pid, "")
             rows.append(row)

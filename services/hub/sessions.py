@@ -150,10 +150,9 @@ class SessionBook:
             return 0
         try:
             saved = json.loads(self.path.read_text())
-            for raw in saved:
-                s = Session(**{**raw, "confirmed": False})
-                self.sessions[s.id] = s
+            loaded = {s.id: s for s in (Session(**{**raw, "confirmed": False}) for raw in saved)}
         except (ValueError, TypeError) as exc:
             raise ValueError(f"hub state file {self.path} is unreadable ({exc}); starting without it") from None
+        self.sessions.update(loaded)  # all or nothing: a bad entry leaves the book as it was
         self.remembered_until = now + grace if self.sessions else 0.0
         return len(self.sessions)

@@ -20,7 +20,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["snapshot", "BoxCollector", "new_registry", "process_sample", "Derived", "ProcessCollector"]
+__all__ = ["snapshot", "clean_families", "BoxCollector", "new_registry", "process_sample", "Derived", "ProcessCollector"]
 
 _TYPES = {"counter", "gauge", "histogram", "summary", "info", "stateset", "gaugehistogram", "unknown"}
 
@@ -51,12 +51,13 @@ def process_sample() -> tuple[float, int]:
     return usage.ru_utime + usage.ru_stime, rss_pages * _PAGE
 
 
+_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
 def _valid_family(fam: object) -> bool:
     return (isinstance(fam, dict) and isinstance(fam.get("name"), str) and fam["name"].startswith("edgeroom_")
+            and bool(_NAME.match(fam["name"])) and isinstance(fam.get("help", ""), str)
             and fam.get("type") in _TYPES and isinstance(fam.get("samples"), list))
-
-
-_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 def _valid_sample(sample: object) -> bool:
@@ -64,6 +65,21 @@ def _valid_sample(sample: object) -> bool:
             and bool(_NAME.match(sample[0])) and isinstance(sample[1], dict)
             and all(isinstance(k, str) and _NAME.match(k) and isinstance(v, str) for k, v in sample[1].items())
             and isinstance(sample[2], (int, float)) and not isinstance(sample[2], bool))
+
+
+def clean_families(families: object) -> tuple[list[dict], int]:
+    """Only well-formed families and samples survive; returns (kept, how many things were dropped)."""
+    if not isinstance(families, list):
+        return [], 1
+    kept, dropped = [], 0
+    for fam in families:
+        if not _valid_family(fam):
+            dropped += 1
+            continue
+        samples = [x for x in fam["samples"] if _valid_sample(x)]
+        dropped += len(fam["samples"]) - len(samples)
+        kept.append({"name": fam["name"], "type": fam["type"], "help": fam.get("help", ""), "samples": samples})
+    return kept, dropped
 
 
 class BoxCollector:
@@ -75,10 +91,12 @@ class BoxCollector:
 
     def __init__(self) -> None:
         self.snapshots: dict[str, list[dict]] = {}
+        self.live: dict[str, CollectorRegistry] = {}  # registries of this process, read at scrape time
 
     def collect(self) -> Iterable[Metric]:
         merged: dict[str, Metric] = {}
-        for service, families in sorted(self.snapshots.copy().items()):
+        current = {**self.snapshots, **{service: snapshot(r) for service, r in self.live.items()}}
+        for service, families in sorted(current.items()):
             for fam in families:
                 if not _valid_family(fam):
                     continue
