@@ -2,8 +2,8 @@
 and for the systemd units.
 
 Every service is started as `edgeroom service KIND [INSTANCE]`. `edgeroom run` builds its
-child processes from this table and the config; the unit files in systemd/ carry the same
-command line, ordering and restart settings (a test checks they agree).
+child processes from this table and the config; the systemd units (the operations issue)
+are to be generated from the same table, so both run the same command lines.
 """
 from __future__ import annotations
 

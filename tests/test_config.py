@@ -458,7 +458,7 @@ def test_diff_reports_live_and_restart_changes():
                 "[services.capture]\nnice = 5\nrestart = 'always'\n[sources.synthetic]\n[sources.cam1]\n", env={})
     assert diff(old, new) == [
         Change("bus.prefix", "edgeroom", "box2", False),
-        Change("hub.heartbeat_interval", 1.0, 2.0, True),
+        Change("hub.heartbeat_interval", 1.0, 2.0, False),
         Change("hub.stale_after", 5.0, 6.0, True),
         Change("services.capture.restart", "on-failure", "always", True),
         Change("services.capture.nice", 0, 5, False),

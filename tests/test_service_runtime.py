@@ -76,3 +76,77 @@ def test_bad_config_exits_78_and_names_the_key(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(HERE.parent / "config" /
                          "edgeroom.toml")], capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0 and "runs hub, capture@synthetic" in ok.stdout
+
+
+CRASH_AFTER_STOPPING = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for msg in (b"READY=1", b"STOPPING=1"):
+    s.sendto(msg, os.environ["NOTIFY_SOCKET"])
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def _settings(**over):
+    from types import SimpleNamespace
+    base = dict(restart="on-failure", restart_sec=0.05, restart_max_sec=1.0, start_limit_burst=3,
+                start_limit_interval=30.0, start_timeout=5.0, stop_timeout=1.0, watchdog_sec=0.0, nice=0)
+    return SimpleNamespace(**{**base, **over})
+
+
+def _drive(child, until, timeout=10.0):
+    """Run a Child's supervision steps the way the supervisor's loop does, until `until(child)`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(child):
+        now = time.monotonic()
+        child.read_notify(now)
+        if not child.reap(now, shutting_down=False):
+            child.check(now)
+        if child.state in ("inactive", "waiting") and now >= child.next_start and child.state != "failed":
+            if child.state == "waiting":
+                child.start(now)
+        time.sleep(0.01)
+    return child
+
+
+def _crasher(tmp_path, status: int, **settings):
+    from services.supervisor.child import Child
+
+    class Crasher(Child):
+        def command(self):
+            return [sys.executable, "-c", CRASH_AFTER_STOPPING, str(status)]
+
+    return Crasher("capture", "x", _settings(**settings), tmp_path, dict(os.environ))
+
+
+def test_a_crash_is_a_failure_even_after_stopping_and_the_start_limit_ends_it(tmp_path):
+    child = _crasher(tmp_path, 1)
+    child.start(time.monotonic())
+    _drive(child, lambda c: c.state == "failed")
+    assert child.state == "failed"
+    assert child.restarts == 2 and len(child.starts) == 3  # three starts allowed, then given up
+    assert child.failures_in_row == 3
+    child.close()
+
+
+def test_exit_78_bad_config_is_not_restarted(tmp_path):
+    child = _crasher(tmp_path, 78)
+    child.start(time.monotonic())
+    _drive(child, lambda c: c.popen is None and c.state != "starting")
+    assert child.state == "failed" and child.restarts == 0
+    child.close()
+
+
+def test_a_clean_exit_is_not_restarted_under_on_failure_but_is_under_always(tmp_path):
+    clean = _crasher(tmp_path, 0)
+    clean.start(time.monotonic())
+    _drive(clean, lambda c: c.popen is None and c.state != "starting")
+    assert clean.state == "inactive" and clean.restarts == 0
+    clean.close()
+    again = _crasher(tmp_path, 0, restart="always")
+    again.start(time.monotonic())
+    _drive(again, lambda c: c.restarts >= 1)
+    assert again.restarts >= 1 and again.failures_in_row == 0  # no backoff growth for clean exits
+    if again.popen is not None:
+        again.popen.wait()
+    again.close()

@@ -31,7 +31,8 @@ class Capture(Service):
         self.producer = framebus.Producer.create(self.stream, "video", payload=w * h * 3, slots=8,
                                                  prefix=self.config.bus.prefix)
         self.period = 1.0 / self.source.fps
-        self.n = 0
+        self.n = 0      # frame slots since start, sent or skipped: the pacing clock
+        self.sent = 0   # frames really put on the bus: the rate
         self.t0 = time.monotonic()
         self._rate_mark = (self.t0, 0)
         self.rate = 0.0
@@ -63,14 +64,15 @@ class Capture(Service):
         loan.send(pts=capture_ns, capture_ns=capture_ns)  # pts in ns of the capture clock: VFR-safe
         self.m_latency.observe((time.clock_gettime_ns(time.CLOCK_MONOTONIC) - capture_ns) / 1e9)
         self.m_frames.inc()
+        self.sent += 1
         self.n += 1
         self.loop.call_at(self.t0 + self.n * self.period, self._frame)
 
     def _measure(self) -> None:
         now = time.monotonic()
         t, n = self._rate_mark
-        self.rate = (self.n - n) / max(1e-6, now - t)
-        self._rate_mark = (now, self.n)
+        self.rate = (self.sent - n) / max(1e-6, now - t)
+        self._rate_mark = (now, self.sent)
         self.m_fps.set(self.rate)
 
     def describe(self) -> dict:

@@ -27,9 +27,11 @@ EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
 def _endpoints(args: argparse.Namespace) -> tuple[str, str]:
+    cfg = None if args.endpoint and args.timeout else configuration.load(args.config)
+    if args.timeout is None:
+        args.timeout = cfg.control.request_timeout
     if args.endpoint:
         return args.endpoint, args.events_endpoint or ""
-    cfg = configuration.load(args.config)
     ep = endpoints_for(runtime_dir(args.runtime_dir or cfg.box.runtime_dir))
     return ep.control, args.events_endpoint or ep.events
 
@@ -44,7 +46,7 @@ def _curve(args: argparse.Namespace) -> CurveKeys | None:
 
 def _client(args: argparse.Namespace) -> Client:
     control, _ = _endpoints(args)
-    return Client(control, timeout=args.timeout, curve=_curve(args))
+    return Client(control, timeout=args.timeout, curve=_curve(args))  # _endpoints settled the timeout
 
 
 def _print(args: argparse.Namespace, result, human) -> int:
@@ -115,7 +117,7 @@ def _event_line(event) -> str:
 
 def cmd_events(args: argparse.Namespace) -> int:
     _, events_ep = _endpoints(args)
-    if not events_ep:
+    if not events_ep:  # (args.timeout is settled from here on)
         raise configuration.ConfigError("--events-endpoint is needed with --endpoint")
     with _client(args) as client, Subscriber(events_ep, args.topics or ["*"], curve=_curve(args)) as sub:
         sub.wait_ready(client, timeout=max(args.timeout, 1.0))
@@ -151,7 +153,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events-endpoint", help="events endpoint, e.g. tcp://box:9752")
     p.add_argument("--server-key", help="the hub's public key file (TCP with CURVE)")
     p.add_argument("--client-key", help="this client's .key_secret file (TCP with CURVE)")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the hub (default 2)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the hub (default control.request_timeout, 2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -124,7 +124,7 @@ def setting(default: Any, help: str, reload: str, **rules: Any) -> Any:
 
 @dataclass(frozen=True)
 class BoxConfig:
-    name: str = setting("edgeroom", "The box's name, shown in status, events and metrics.", RESTART,
+    name: str = setting("edgeroom", "The box's name, shown by `edgeroom ctl status` and `ping`.", RESTART,
                         pattern=r"^[A-Za-z0-9_.-]{1,63}$")
     runtime_dir: str = setting("", "Directory for the box's sockets and state; '' means automatic.", RESTART)
 
@@ -138,7 +138,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class BusConfig:
-    prefix: str = setting("edgeroom", "Prefix of every shared-memory object and control socket of the box.",
+    prefix: str = setting("edgeroom", "Prefix of every shared-memory object of the box.",
                           RESTART, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 
 
@@ -156,7 +156,7 @@ class ControlConfig:
 
 @dataclass(frozen=True)
 class HubConfig:
-    heartbeat_interval: float = setting(1.0, "Seconds between heartbeats.", LIVE, min=0.05, max=60)
+    heartbeat_interval: float = setting(1.0, "Seconds between heartbeats (every service reads it at start).", RESTART, min=0.05, max=60)
     stale_after: float = setting(5.0, "Seconds without a heartbeat before a peer counts as stale; "
                                  "must be greater than heartbeat_interval.", LIVE, max=3600)
     session_grace: float = setting(10.0, "Seconds a restarted hub keeps a remembered session before ending it.",

@@ -87,6 +87,8 @@ class HubLink:
         self.connected, self.last_reply = True, time.monotonic()
         _, callback = self.pending.pop(str(msg.get("id")), (0.0, None))
         if callback is None:
+            if not msg.get("ok"):  # e.g. too_large with an unreadable id: nobody else will say it
+                log.warning("the hub rejected a message: %s", msg.get("error"))
             return
         if msg.get("ok"):
             callback(msg.get("result"), None)

@@ -2,7 +2,7 @@
 
 The same datagrams go to systemd in production and to `edgeroom run` in development.
 Without $NOTIFY_SOCKET every call is a no-op, so a service runs the same by hand.
-The watchdog is pinged from the service's main loop only (see Service.tick): a loop that
+The watchdog is pinged from the service's main loop only (see Service._turn): a loop that
 is stuck stops pinging, which is the point of the watchdog.
 """
 from __future__ import annotations

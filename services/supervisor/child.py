@@ -26,9 +26,22 @@ EX_CONFIG = 78
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when `edgeroom run` dies, so no service outlives it."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _child_setup(parent: int, nice: int) -> None:
+    """In the child before exec: SIGTERM when `edgeroom run` dies, so no service outlives it.
+
+    If the parent died between fork and prctl, the signal will never come: exit instead.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass  # raising priority needs privileges `edgeroom run` may not have; systemd units apply it
 
 
 class Child:
@@ -44,10 +57,12 @@ class Child:
         self.tail = StderrTail()
         self.starts: collections.deque[float] = collections.deque()
         self.failures_in_row = 0
-        self.restarts = 0
+        self.restarts = 0           # starts after the first one
+        self.started_once = False
         self.watchdog_kills = 0
         self.next_start = 0.0
         self.started_at = self.ready_at = self.last_ping = self.kill_at = 0.0
+        self.watchdog_sec = settings.watchdog_sec
         self.exit_reason = ""
 
     def _notify_socket(self) -> socket.socket:
@@ -79,11 +94,16 @@ class Child:
                       self.id, len(self.starts), window)
             return False
         self.starts.append(now)
+        if self.started_once:
+            self.restarts += 1
+        self.started_once = True
         env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path)}
-        if self.settings.watchdog_sec > 0:
-            env["WATCHDOG_USEC"] = str(int(self.settings.watchdog_sec * 1e6))
+        self.watchdog_sec = self.settings.watchdog_sec  # what this process was told; a reload applies at restart
+        if self.watchdog_sec > 0:
+            env["WATCHDOG_USEC"] = str(int(self.watchdog_sec * 1e6))
+        parent, nice = os.getpid(), self.settings.nice
         self.popen = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True, preexec_fn=_die_with_parent)
+                                      start_new_session=True, preexec_fn=lambda: _child_setup(parent, nice))
         os.set_blocking(self.popen.stderr.fileno(), False)
         self.state, self.started_at, self.kill_at, self.exit_reason = "starting", now, 0.0, ""
         log.info("%s: started (pid %d)", self.id, self.popen.pid)
@@ -129,9 +149,9 @@ class Child:
         s = self.settings
         if self.state == "starting" and now - self.started_at > s.start_timeout:
             self._kill(now, f"not ready within {s.start_timeout:g} s (start timeout)", signal.SIGTERM)
-        elif self.state == "ready" and s.watchdog_sec > 0 and now - self.last_ping > s.watchdog_sec:
+        elif self.state == "ready" and self.watchdog_sec > 0 and now - self.last_ping > self.watchdog_sec:
             self.watchdog_kills += 1
-            self._kill(now, f"no watchdog ping for {now - self.last_ping:.1f} s (watchdog {s.watchdog_sec:g} s)",
+            self._kill(now, f"no watchdog ping for {now - self.last_ping:.1f} s (watchdog {self.watchdog_sec:g} s)",
                        signal.SIGABRT)
         elif self.kill_at and now >= self.kill_at and self.popen and self.popen.poll() is None:
             log.warning("%s: still running %.1f s after being asked to stop; SIGKILL", self.id, s.stop_timeout)
@@ -156,15 +176,16 @@ class Child:
         self.read_stderr()
         rc = self.popen.returncode
         how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
+        # like systemd: a non-zero status, a signal, a kill of ours or an exit before READY=1 is a
+        # failure, whatever the service said on its way out (a crashing service still sends STOPPING=1)
         failed = rc != 0 or bool(self.exit_reason) or self.state == "starting"
-        was_stopping = self.state == "stopping" and not self.exit_reason
         self.popen.stderr.close()
         self.popen = None
         if shutting_down:
             self.state = "inactive"
             log.info("%s: stopped (%s)", self.id, how)
             return True
-        self._after_exit(now, how, rc, failed and not was_stopping)
+        self._after_exit(now, how, rc, failed)
         return True
 
     def _after_exit(self, now: float, how: str, rc: int, failed: bool) -> None:
@@ -180,7 +201,6 @@ class Child:
         self.failures_in_row = self.failures_in_row + 1 if failed else 0
         delay = min(self.settings.restart_max_sec, self.settings.restart_sec * 2 ** max(0, self.failures_in_row - 1))
         self.state, self.next_start = "waiting", now + delay
-        self.restarts += 1
         log.warning("%s: exited (%s)%s; restarting in %.2f s", self.id, how,
                     f" — {self.exit_reason}" if self.exit_reason else "", delay)
 

@@ -143,7 +143,9 @@ class Supervisor:
             if child.popen is not None:
                 child.popen.send_signal(signal.SIGHUP)
         self.config = new
-        log.info("config reloaded; SIGHUP sent to every running service")
+        logs.setup("run", new.log.level, new.log.format)
+        log.info("config reloaded; SIGHUP sent to every running service (restart, start limits and timeouts "
+                 "apply now; watchdog_sec, nice and added sources at the next start)")
 
     # --- the hub link ------------------------------------------------------------------
     def _heartbeat(self) -> None:
