@@ -676,7 +676,7 @@ def run_children(row: Row) -> tuple[dict, list[dict]]:
                 who, rep = results.get(timeout=min(left, 1.0))
             except queue.Empty:
                 if not any(p.is_alive() for p in procs):
-                    raise RowFailed("all children exited without reporting")
+                    raise RowFailed("all children exited without reporting") from None
                 continue
             if "error" in rep:
                 errors.append(f"{who}: {rep['error']}")

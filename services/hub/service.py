@@ -52,6 +52,7 @@ class Hub(Service):
         self.box_name, self.prefix = cfg.box.name, cfg.bus.prefix  # restart-only: reloads do not move them
         self.registry_ = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
         self.book = SessionBook(self.rundir / "hub-state.json")
+        self._book_dirty = False
         self.broker = HookBroker(cfg.hooks)
         self.throttled = Throttled(log)
         self.collector = BoxCollector()
@@ -225,13 +226,14 @@ class Hub(Service):
                                        "pid": rec.pid, "restarted": restarted})
 
     def publish_changes(self, changes: list[tuple[str, dict]]) -> None:
+        if not changes:
+            return
         for topic, data in changes:
             log.info("%s %s", topic.split(".", 1)[1], data.get("session", ""))
             self.publish(topic, data)
-        if changes:
-            self.book.save()
+        self._book_dirty = True  # saved by the next tick: one write for a burst of changes, not one each
         self.m_sessions.set(len(self.book.sessions))
-        self.m_rooms.set(len(self.book.rooms()))
+        self.m_rooms.set(len({s.room for s in self.book.sessions.values()}))
 
     # --- time ---------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -244,6 +246,9 @@ class Hub(Service):
         self.publish_changes(self.book.expire(now))
         self.expire_hooks()
         self._refresh_metrics(now)
+        if self._book_dirty:
+            self._book_dirty = False
+            self.book.save()
 
     def expire_hooks(self) -> None:
         for pending, result in self.broker.expire(time.monotonic()):
