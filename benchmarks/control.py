@@ -1012,11 +1012,10 @@ def reading(rows: dict, extra: dict) -> list[str]:
                    f"µs, is the recv, the loop and ZeroMQ's I/O thread): parse_request "
                    f"{b['hb_parse_request_us']} µs (json.loads alone {b['hb_json_loads_us']} µs) and the "
                    f"service.heartbeat command {b['hb_command_us']} µs, of which Hub.store_snapshot "
-                   f"{b['hb_store_snapshot_us']} µs (keeps the metrics snapshot), SessionBook.rooms() "
-                   f"{b['hb_rooms_us']} µs (publish_changes calls it on every heartbeat to set a gauge, though "
-                   f"nothing changed; it is O(sessions)) and SessionBook.update {b['hb_book_update_us']} µs "
-                   f"(also O(sessions)); a heartbeat that changes a session also saves the whole book: "
-                   f"{b['hb_book_save_ms']} ms with {b['hb_services_registered']} sessions")
+                   f"{b['hb_store_snapshot_us']} µs (checks and keeps the metrics snapshot) and "
+                   f"SessionBook.update {b['hb_book_update_us']} µs (O(sessions)); session changes save the whole "
+                   f"book once per hub tick: {b['hb_book_save_ms']} ms with {b['hb_services_registered']} "
+                   f"sessions (SessionBook.rooms(), for `rooms`, costs {b['hb_rooms_us']} µs)")
     for s in extra.get("heartbeat_scaling", []):
         out.append(f"heartbeats with {s['hb_services']} distinct service(s) registered: {s['hb_per_s']:,.0f}/s, "
                    f"{s['hb_server_cpu_us']} µs hub CPU each, so {s['hb_services']} service(s) at 1 Hz cost "
