@@ -150,3 +150,23 @@ def test_a_clean_exit_is_not_restarted_under_on_failure_but_is_under_always(tmp_
     if again.popen is not None:
         again.popen.wait()
     again.close()
+
+
+def test_a_childs_stderr_is_kept_bounded_and_scrubbed(tmp_path, capfd):
+    from services.supervisor.child import Child
+
+    class Leaky(Child):
+        def command(self):
+            return [sys.executable, "-c", "import sys\nfor i in range(300): print(f'line {i}', file=sys.stderr)\n"
+                    "print('open rtsp://admin:hunter2@cam.local/1 failed; api_key=sk-abcdefghijklmnop', "
+                    "file=sys.stderr)\nsys.exit(3)"]
+
+    child = Leaky("capture", "leaky", _settings(restart="no"), tmp_path, dict(os.environ))
+    child.start(time.monotonic())
+    _drive(child, lambda c: c.popen is None and c.state != "starting")
+    err = capfd.readouterr().err
+    assert "hunter2" not in err and "abcdefghijklmnop" not in err and "hunter2" not in child.tail.text()
+    assert "capture@leaky stderr: open rtsp://admin:***@cam.local/1 failed" in err
+    assert len(child.tail.lines) == 200 and child.tail.dropped == 101  # 301 lines, the last 200 kept
+    assert child.tail.lines[-1].startswith("open rtsp://admin:***@")
+    child.close()
