@@ -123,7 +123,7 @@ def test_malformed_events_are_dropped_and_counted(hub):
     pub.connect(hub.events_in)
     good = protocol.encode_event(protocol.Event("hook.ON_VIDEO_DETECTION", {"labels": ["person"]}, "test"))
     bad = [[b"hook.X\0", b"{not json"], [b"no-nul", good[1]], [b"hook.ON_VIDEO_DETECTION\0", b'{"v":1}'],
-           [b"one frame"]]
+           [b"one frame"], [b"hook.X\0", b'{"v": 1, "topic": "hook.X", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}"]]
     with hub.subscriber("*") as sub:
         wait_for(lambda: ([pub.send_multipart(f) for f in bad], pub.send_multipart(good),
                           sub.recv(timeout=0.2))[2], 5, "publisher connected")
@@ -132,7 +132,8 @@ def test_malformed_events_are_dropped_and_counted(hub):
     pub.close()
     total = sum(metric_value(hub.scrape(), "edgeroom_events_rejected_total", service="hub", code=c) or 0
                 for c in ("bad_json", "bad_request"))
-    assert total >= 4
+    assert total >= 5
+    assert hub.call("ping")["pong"]
 
 
 def _handler(b, decision, data=None, delay=0.0):

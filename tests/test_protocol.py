@@ -505,3 +505,13 @@ def test_xpub_exact_subscription_over_ipc():
         sub.close(linger=0)
         pub.close(linger=0)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_deeply_nested_json_is_bad_json_not_a_crash():
+    deep = b'{"v": 1, "id": 1, "cmd": "ping", "args": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    e = perr(deep, limit=1 << 20)
+    assert (e.code, e.message) == ("bad_json", "body is nested too deeply")
+    event = [b"t\0", b'{"v": 1, "topic": "t", "data": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"]
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_event(event, 1 << 20)
+    assert info.value.code == "bad_json"

@@ -84,6 +84,7 @@ def test_hub_restart_loses_no_session(box):
     again = b.call("sessions")
     assert again == sessions, "the session must be the same one (same start time), not ended and restarted"
     assert "remembered 1 session(s) from the previous hub" in b.log()
+    assert metric_value(b.scrape(), "edgeroom_hub_sessions", service="hub") == 1
 
 
 def test_scrape_url_carries_every_service(box):

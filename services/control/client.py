@@ -83,6 +83,7 @@ def _socket(kind: int, endpoint: str, curve: CurveKeys | None, max_bytes: int) -
     sock = context().socket(kind)
     sock.linger = 0
     sock.maxmsgsize = max_bytes * 2
+    sock.ipv6 = endpoint.startswith("tcp://[")
     if curve is not None:
         curve.apply(sock)
     sock.connect(endpoint)

@@ -98,6 +98,8 @@ def _load_object(body: bytes, limit: int | None) -> dict:
         obj = json.loads(body.decode("utf-8"), parse_constant=_no_constant)  # NaN/Infinity are not JSON
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError("bad_json", f"body is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("bad_json", "body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", f"body must be a JSON object, got {type(obj).__name__}")
     return obj

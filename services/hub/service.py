@@ -201,6 +201,11 @@ class Hub(Service):
                 self.m_events_rejected.labels(exc.code).inc()
                 self.throttled.warning("event", f"dropped a malformed event: {exc.message}")
                 continue
+            except Exception as exc:  # whatever a publisher sends must cost one event, never the hub
+                log.exception("event check failed")
+                self.m_events_rejected.labels("internal").inc()
+                self.throttled.warning("event", f"dropped an event the hub failed to check: {exc}")
+                continue
             if event.topic.startswith("probe."):
                 continue  # probes are the hub's own
             self._fan_out(frames)
@@ -232,8 +237,6 @@ class Hub(Service):
             log.info("%s %s", topic.split(".", 1)[1], data.get("session", ""))
             self.publish(topic, data)
         self._book_dirty = True  # saved by the next tick: one write for a burst of changes, not one each
-        self.m_sessions.set(len(self.book.sessions))
-        self.m_rooms.set(len({s.room for s in self.book.sessions.values()}))
 
     # --- time ---------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -314,6 +317,8 @@ class Hub(Service):
         return [up, restarts, state]
 
     def _refresh_metrics(self, now: float) -> None:
+        self.m_sessions.set(len(self.book.sessions))
+        self.m_rooms.set(len({s.room for s in self.book.sessions.values()}))
         for state, n in self.registry_.counts().items():
             self.m_services.labels(state).set(n)
 
@@ -331,7 +336,7 @@ class Hub(Service):
 
     def apply(self, new, changes) -> list[str]:
         live = [c for c in changes if c.live]
-        self.registry_.interval, self.registry_.stale_after = new.hub.heartbeat_interval, new.hub.stale_after
+        self.registry_.stale_after = new.hub.stale_after  # heartbeat_interval needs a restart: keep ours
         self.broker.policies = new.hooks
         if self.zap is not None:
             self.zap.reload()

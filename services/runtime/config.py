@@ -176,7 +176,7 @@ class ServiceConfig:
     enabled: bool = setting(True, "Whether the supervisor runs the service.", RESTART)
     restart: str = setting("on-failure", "When the supervisor restarts the service after it exits.", LIVE,
                            choices=("no", "on-failure", "always"))
-    restart_sec: float = setting(0.5, "First delay before a restart; doubles on each restart in a row.", LIVE,
+    restart_sec: float = setting(0.5, "First delay before a restart; doubles on each failure in a row.", LIVE,
                                  min=0, max=600)
     restart_max_sec: float = setting(10.0, "Largest restart delay; must be >= restart_sec.", LIVE, min=0, max=3600)
     start_limit_burst: int = setting(5, "Starts allowed within start_limit_interval before giving up.", LIVE,
@@ -185,7 +185,7 @@ class ServiceConfig:
     start_timeout: float = setting(15.0, "Seconds a starting service has to report ready.", LIVE, min=0.5, max=600)
     stop_timeout: float = setting(5.0, "Seconds between SIGTERM and SIGKILL.", LIVE, min=0.1, max=600)
     watchdog_sec: float = setting(10.0, "Seconds without a watchdog ping before the service is killed; 0 is off.",
-                                  LIVE, off=0, min=0.2, max=3600)
+                                  RESTART, off=0, min=0.2, max=3600)
     nice: int = setting(0, "CPU scheduling niceness.", RESTART, min=-20, max=19)
     cpu_quota: str = setting("", "CPU limit like '150%' (1%..10000%); '' is none.", RESTART,
                              off="", check=_check_cpu_quota)

@@ -40,6 +40,7 @@ class Supervisor:
         self.config, self.config_path, self.duration = config, config_path, duration
         self.rundir = prepare_runtime_dir(runtime_dir(config.box.runtime_dir))
         self._lock = hold_lock(self.rundir, "run")
+        self.prefix = config.bus.prefix  # the services' prefix until they restart: what gc must clean
         self.notify_dir = self.rundir / "notify"
         self.notify_dir.mkdir(mode=0o750, exist_ok=True)
         self.loop = Loop()
@@ -144,8 +145,9 @@ class Supervisor:
                 child.popen.send_signal(signal.SIGHUP)
         self.config = new
         logs.setup("run", new.log.level, new.log.format)
-        log.info("config reloaded; SIGHUP sent to every running service (restart, start limits and timeouts "
-                 "apply now; watchdog_sec, nice and added sources at the next start)")
+        log.info("config reloaded; SIGHUP sent to every running service (restart policy, start limits and "
+                 "timeouts apply now; watchdog_sec and nice at a service's next start; added or removed "
+                 "sources when `edgeroom run` restarts)")
 
     # --- the hub link ------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -173,9 +175,9 @@ class Supervisor:
     # --- running -----------------------------------------------------------------------
     def run(self) -> int:
         logs.setup("run", self.config.log.level, self.config.log.format)
-        removed = framebus.gc(self.config.bus.prefix)
+        removed = framebus.gc(self.prefix)
         if removed:
-            log.info("removed %d stale bus object(s) under prefix %r", len(removed), self.config.bus.prefix)
+            log.info("removed %d stale bus object(s) under prefix %r", len(removed), self.prefix)
         self.build()
         if not self.children:
             log.error("nothing to run: every service is disabled in the config")
@@ -203,5 +205,5 @@ class Supervisor:
         if self.link is not None:
             self.link.close()
         self.loop.close()
-        removed = framebus.gc(self.config.bus.prefix)
+        removed = framebus.gc(self.prefix)
         log.info("all stopped%s", f"; removed {len(removed)} bus object(s)" if removed else "")
