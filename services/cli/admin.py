@@ -59,21 +59,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default under `edgeroom run`, with its status and events shown live."""
-    from services.control.client import Client, HubUnreachable, Subscriber
     from services.control.endpoints import endpoints_for, runtime_dir
 
     cfg = configuration.load(None)
     ep = endpoints_for(runtime_dir(cfg.box.runtime_dir))
     run = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], start_new_session=True)
     try:
-        return _demo_watch(run, ep, args.seconds, Client, Subscriber, HubUnreachable)
+        return _demo_watch(run, ep, args.seconds)
     finally:
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=30)
 
 
-def _demo_watch(run, ep, seconds, Client, Subscriber, HubUnreachable) -> int:
+def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
+    """Wait for the hub, then print its status every 3 s and every hook and state event."""
     from services.cli.ctl import _event_line, _status_table
+    from services.control.client import Client, HubUnreachable, Subscriber
 
     end = time.monotonic() + seconds
     client = Client(ep.control, timeout=1.0)

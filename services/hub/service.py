@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -109,9 +110,7 @@ class Hub(Service):
             self.loop.add_reader(xpub, lambda x=xpub: self._drain_subscriptions(x))
         log.info("listening on %s", ", ".join(self.bound))
 
-    def _curve_dir(self):
-        from pathlib import Path
-
+    def _curve_dir(self) -> Path:
         return Path(self.config.control.curve_dir)
 
     def _auth_refused(self, address: str, mechanism: str, reason: str) -> None:

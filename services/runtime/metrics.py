@@ -20,7 +20,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["snapshot", "clean_families", "BoxCollector", "new_registry", "process_sample", "Derived", "ProcessCollector"]
+__all__ = ["snapshot", "clean_families", "BoxCollector", "new_registry", "process_sample", "Derived", "process_collector"]
 
 _TYPES = {"counter", "gauge", "histogram", "summary", "info", "stateset", "gaugehistogram", "unknown"}
 
@@ -130,5 +130,5 @@ def process_families(started: float) -> list[Metric]:
                               value=started)]
 
 
-def ProcessCollector(started: float) -> Derived:
+def process_collector(started: float) -> Derived:
     return Derived(lambda: process_families(started))

@@ -30,7 +30,7 @@ from services.runtime import logs
 from services.runtime.hublink import HubLink
 from services.runtime.logs import Throttled
 from services.runtime.loop import Loop
-from services.runtime.metrics import ProcessCollector, new_registry, snapshot
+from services.runtime.metrics import new_registry, process_collector, snapshot
 from services.runtime.notify import Notifier
 
 __all__ = ["Service", "identity", "main"]
@@ -82,7 +82,7 @@ class Service:
                                         "Times the hub stopped answering and the link was reopened.", registry=r)
         self.m_reloads = Counter("edgeroom_service_reloads", "Config reloads (SIGHUP), by result.",
                                  ["result"], registry=r)
-        r.register(ProcessCollector(self.started_at))
+        r.register(process_collector(self.started_at))
 
     # --- the heartbeat ------------------------------------------------------------
     def heartbeat_body(self) -> dict:

@@ -26,7 +26,7 @@ from services.runtime import config as configuration
 from services.runtime import logs
 from services.runtime.hublink import HubLink
 from services.runtime.loop import Loop
-from services.runtime.metrics import Derived, ProcessCollector, new_registry, snapshot
+from services.runtime.metrics import Derived, new_registry, process_collector, snapshot
 from services.supervisor.child import Child
 
 __all__ = ["Supervisor"]
@@ -61,7 +61,7 @@ class Supervisor:
 
     def _metrics(self) -> None:
         self.registry.register(Derived(self._families))
-        self.registry.register(ProcessCollector(time.time()))
+        self.registry.register(process_collector(time.time()))
 
     def _families(self) -> list:
         restarts = CounterMetricFamily("edgeroom_supervisor_restarts", "Restarts of each unit by `edgeroom run`.",
