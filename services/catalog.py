@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["ServiceSpec", "CATALOG", "instances", "load_class"]
+__all__ = ["ServiceSpec", "CATALOG", "instances", "load_class", "nice"]
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,24 @@ class ServiceSpec:
     summary: str
     templated: bool       # one process per instance (capture@NAME), instances from the config
     instances_from: str = ""  # the config table whose names are the instances
+    network: str = "loopback"  # none | loopback | any: what IP access its unit allows
+    devices: tuple[str, ...] = ()  # device profiles its unit opens: "video" (V4L2), "gpu" (NVIDIA, Jetson)
+    nice: int = 0         # scheduling priority when the config says 0: capture above vision
+    cpu_weight: int = 100  # cgroup CPU share under contention (systemd's default is 100)
 
 
 CATALOG: dict[str, ServiceSpec] = {
     "hub": ServiceSpec("hub", "services.hub.service:Hub",
                        "rooms, sessions, service registry, control endpoint, event fan-out, hooks", False),
     "capture": ServiceSpec("capture", "services.capture.service:Capture",
-                           "brings one source's frames onto the bus", True, "sources"),
+                           "brings one source's frames onto the bus", True, "sources",
+                           network="any", devices=("video",), nice=-5, cpu_weight=200),
 }
+
+
+def nice(spec: ServiceSpec, settings) -> int:
+    """The niceness a service runs at: the config's [services.KIND] nice, or the catalog's when that is 0."""
+    return settings.nice or spec.nice
 
 
 def load_class(kind: str) -> type:

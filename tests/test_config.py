@@ -509,3 +509,17 @@ def test_parse_host_port_messages():
     for bad in ["", "host", ":80", "host:", "[]:80", "host:8o"]:
         with pytest.raises(ValueError, match="expected HOST:PORT"):
             parse_host_port(bad)
+
+
+def test_an_installed_box_config_is_the_default_when_no_env_names_one(tmp_path, monkeypatch):
+    from services.runtime import config as configuration
+
+    installed = tmp_path / "edgeroom.toml"
+    installed.write_text("[box]\nname = 'installed'\n")
+    monkeypatch.setattr(configuration, "SYSTEM_CONFIG", str(installed))
+    assert configuration.load(None, env={}).box.name == "installed"
+    other = tmp_path / "other.toml"
+    other.write_text("[box]\nname = 'other'\n")
+    assert configuration.load(None, env={"EDGEROOM_CONFIG": str(other)}).box.name == "other"
+    monkeypatch.setattr(configuration, "SYSTEM_CONFIG", str(tmp_path / "absent.toml"))
+    assert configuration.load(None, env={}).box.name == "edgeroom"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from services.supervisor.supervisor import Supervisor
 
     cfg = configuration.load(args.config)
-    return Supervisor(cfg, args.config or os.environ.get("EDGEROOM_CONFIG") or None, args.seconds).run()
+    return Supervisor(cfg, args.config or configuration.config_path(), args.seconds).run()
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -34,7 +33,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = args.file or os.environ.get("EDGEROOM_CONFIG") or None
+    path = args.file or configuration.config_path()
     cfg = configuration.load(path)
     if args.json:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -55,6 +54,29 @@ def cmd_keys(args: argparse.Namespace) -> int:
         public, secret = keys.add_client(curve_dir, args.name)
         print(f"client {args.name}: {secret} (keep secret) and {public}; authorized in {curve_dir / 'authorized'}")
     return 0
+
+
+def cmd_units_render(args: argparse.Namespace) -> int:
+    from services import units
+
+    cfg = configuration.load(args.config)
+    rendered = units.render(cfg, args.exec)
+    if args.out is None:
+        for unit in rendered:
+            print(f"# --- {unit.name}\n{unit.text}")
+        return 0
+    for path in units.write(rendered, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_units_check(args: argparse.Namespace) -> int:
+    from services import units
+
+    results = units.check(Path(args.dir), root=args.root, limit=args.max_exposure)
+    for r in results:
+        print(f"{r.name:34} exposure {r.exposure:.1f}  {'ok' if r.ok else 'FAIL: ' + r.problem}")
+    return 0 if results and all(r.ok for r in results) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -126,6 +148,20 @@ def add_parsers(sub) -> None:
     add.add_argument("name")
     add.add_argument("--dir", required=True, help="the control.curve_dir of the box")
     add.set_defaults(func=cmd_keys)
+
+    units = sub.add_parser("units", help="systemd units for the box, from the catalog and the config")
+    units_sub = units.add_subparsers(dest="units_command", required=True)
+    render = units_sub.add_parser("render", help="write edgeroom.target and one unit per service")
+    render.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    render.add_argument("--exec", default="/opt/edgeroom/venv/bin/edgeroom",
+                        help="the edgeroom executable the units start (default /opt/edgeroom/venv/bin/edgeroom)")
+    render.add_argument("--out", help="directory to write into (default: print them)")
+    render.set_defaults(func=cmd_units_render)
+    check = units_sub.add_parser("check", help="systemd-analyze verify and security on every unit in DIR")
+    check.add_argument("dir")
+    check.add_argument("--root", help="verify against this filesystem root (where the units' ExecStart lives)")
+    check.add_argument("--max-exposure", type=float, default=2.0, help="highest exposure accepted (default 2.0)")
+    check.set_defaults(func=cmd_units_check)
 
     demo = sub.add_parser("demo", help="the embedded default under `edgeroom run`, status and events shown live")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")

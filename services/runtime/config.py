@@ -503,11 +503,23 @@ def loads(text: str, env: Mapping[str, str] | None = None, source: str | None = 
     return _from_document(doc, env, source)
 
 
+SYSTEM_CONFIG = "/etc/edgeroom/edgeroom.toml"  # where the installer puts the box's config
+
+
+def config_path(env: Mapping[str, str] | None = None) -> str | None:
+    """The file `load(None)` reads: $EDGEROOM_CONFIG, else the installed box's config if there is one."""
+    env = os.environ if env is None else env
+    if env.get(ENV_PREFIX + "CONFIG"):
+        return env[ENV_PREFIX + "CONFIG"]
+    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+
+
 def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """The configuration from `path` (else $EDGEROOM_CONFIG, else defaults only) and `env`."""
+    """The configuration from `path` (else config_path(): $EDGEROOM_CONFIG, else /etc/edgeroom/edgeroom.toml
+    when it exists, else defaults only) and `env`."""
     env = os.environ if env is None else env
     if path is None:
-        path = env.get(ENV_PREFIX + "CONFIG") or None
+        path = config_path(env)
     if path is None:
         return loads("", env, source=None)
     source = os.fsdecode(path)
