@@ -64,19 +64,32 @@ make_root() {
     "${NSPAWN[@]}" --pipe /bin/true || cannot "systemd-nspawn cannot start a container here"
 }
 
+host_pip() {
+    # pip inside the root uses the host's pip settings and trust store (a proxy with its own CA,
+    # local wheel mirrors), read-only; the container keeps its own network namespace only when booted
+    HOST_PIP=()
+    local var path
+    for var in PIP_CERT PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS SSL_CERT_FILE; do
+        [ -n "${!var:-}" ] && HOST_PIP+=(--setenv="$var=${!var}")
+    done
+    for path in /etc/pip.conf /etc/ssl/certs/ca-certificates.crt "${PIP_CERT:-}" /opt/wheels /opt/pypi /opt/pypi-more; do
+        [ -n "$path" ] && [ -e "$path" ] && HOST_PIP+=(--bind-ro="$path")
+    done
+    return 0
+}
+
 install_edgeroom() {
+    host_pip
     say "install edgeroom into the root with scripts/install.sh"
-    rm -rf "$ROOT/src/edgeroom" && mkdir -p "$ROOT/src/edgeroom"
+    rm -rf "$ROOT/src/edgeroom" "$ROOT"/etc/edgeroom/edgeroom.toml* && mkdir -p "$ROOT/src/edgeroom"
     (cd "$REPO" && git ls-files -z | xargs -0 tar -cf - 2>/dev/null) | tar -xf - -C "$ROOT/src/edgeroom"
-    "${NSPAWN[@]}" --pipe /src/edgeroom/scripts/install.sh --extras none --platform cpu > "$DIR/install.log" 2>&1 \
+    "${NSPAWN[@]}" "${HOST_PIP[@]}" --pipe /src/edgeroom/scripts/install.sh --extras none --platform cpu \
+        > "$DIR/install.log" 2>&1 \
         || fail "install.sh failed inside the root: see $DIR/install.log"
     # a short watchdog and restart delay so the test is quick; the units are rendered again from it
-    cat >> "$ROOT/etc/edgeroom/edgeroom.toml" <<'EOF'
-
-[services.capture]
-watchdog_sec = 3.0
-restart_sec = 1.0
-EOF
+    sed -i 's/^\[services\.capture\]$/[services.capture]\nwatchdog_sec = 3.0\nrestart_sec = 1.0/' \
+        "$ROOT/etc/edgeroom/edgeroom.toml"
+    grep -q '^watchdog_sec = 3.0$' "$ROOT/etc/edgeroom/edgeroom.toml" || fail "could not set the test's watchdog"
     "${NSPAWN[@]}" --pipe /opt/edgeroom/venv/bin/edgeroom units render --out /etc/systemd/system >/dev/null \
         || fail "units render failed inside the root"
 }
