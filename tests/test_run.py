@@ -87,7 +87,7 @@ def test_hub_restart_loses_no_session(box):
     assert metric_value(b.scrape(), "edgeroom_hub_sessions", service="hub") == 1
 
 
-def test_scrape_url_carries_every_service(box):
+def test_scrape_url_carries_every_service(box, prefix):
     b = box()
     b.run()
     b.wait_ready(*ALL)
@@ -106,10 +106,22 @@ def test_scrape_url_carries_every_service(box):
     assert len(families) == len(set(families)), "a family must appear once"
     helps = {line.split()[2] for line in first.splitlines() if line.startswith("# HELP")}
     assert set(families) <= helps
+    assert metric_value(first, "edgeroom_bus_producer_alive", service="hub", stream="cam") == 1
+    assert metric_value(first, "edgeroom_bus_slots", service="hub", stream="cam") == 8
+    assert metric_value(first, "edgeroom_bus_items_total", service="hub", stream="cam") > 0
     frames = metric_value(first, "edgeroom_capture_frames_total", service=CAPTURE, stream="cam")
     later = wait_for(lambda: (v := metric_value(b.scrape(), "edgeroom_capture_frames_total", service=CAPTURE,
                                                 stream="cam")) > frames and v, 5, "frames counter moving")
     assert later > frames
+    with framebus.Consumer.attach("cam", prefix=prefix) as idle:  # attached, never reading: it falls behind
+        def lagging():
+            text = b.scrape()
+            lag = metric_value(text, "edgeroom_bus_consumer_lag_items", service="hub", stream="cam")
+            return text if lag and lag > 8 else None
+        text = wait_for(lagging, 5, "the idle consumer's lag on the scrape URL")
+        assert metric_value(text, "edgeroom_bus_consumers", service="hub", stream="cam") == 1
+        assert metric_value(text, "edgeroom_bus_occupied_slots", service="hub", stream="cam") == 8
+        assert idle.lag > 8
 
 
 def test_sighup_reloads_and_names_what_needs_a_restart(box):

@@ -299,6 +299,7 @@ class Hub(Service):
         self.m_rooms = Gauge("edgeroom_hub_rooms", "Rooms with at least one session.", registry=r)
         self.m_services = Gauge("edgeroom_hub_services", "Services by state.", ["state"], registry=r)
         r.register(Derived(self._service_families))
+        r.register(Derived(self._bus_families))
 
     def _service_families(self) -> list:
         up = GaugeMetricFamily("edgeroom_service_up", "1 while the service heartbeats and is not stale or stopped.",
@@ -314,6 +315,38 @@ class Hub(Service):
             for name in STATES:
                 state.add_metric([rec.id, name], 1 if rec.state == name else 0)
         return [up, restarts, state]
+
+    def _bus_families(self) -> list:
+        """The bus as the scrape sees it, read from /dev/shm at scrape time (any thread may read it)."""
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        fams = {
+            "alive": g("edgeroom_bus_producer_alive", "1 while the stream's producer lives.", labels=["stream"]),
+            "items": c("edgeroom_bus_items", "Items sent on the stream (this generation of the ring).",
+                       labels=["stream"]),
+            "slots": g("edgeroom_bus_slots", "Slots in the stream's ring.", labels=["stream"]),
+            "slot_bytes": g("edgeroom_bus_slot_bytes", "Payload bytes per slot.", labels=["stream"]),
+            "occupied": g("edgeroom_bus_occupied_slots", "Slots holding items the slowest live consumer has "
+                          "not read yet.", labels=["stream"]),
+            "consumers": g("edgeroom_bus_consumers", "Live consumers attached to the stream.", labels=["stream"]),
+            "lag": g("edgeroom_bus_consumer_lag_items", "Items the slowest live consumer is behind.",
+                     labels=["stream"]),
+            "missed": g("edgeroom_bus_consumers_missed_items", "Items the live consumers missed (overwritten "
+                        "before they read them), summed.", labels=["stream"]),
+            "overruns": c("edgeroom_bus_holdback_overruns", "Times a reliable consumer's hold-back bound ran out.",
+                          labels=["stream"]),
+            "held": c("edgeroom_bus_held_seconds", "Time the producer waited for reliable consumers.",
+                      labels=["stream"]),
+        }
+        for info in framebus.list_streams(self.prefix):
+            live = [x for x in info.consumers if x.alive]
+            lag = max((x.lag for x in live), default=0)
+            values = {"alive": info.status == "alive", "items": info.items, "slots": info.slots,
+                      "slot_bytes": info.payload_bytes, "occupied": min(info.slots, lag), "consumers": len(live),
+                      "lag": lag, "missed": sum(x.missed for x in live), "overruns": info.overruns,
+                      "held": info.held_s}
+            for key, fam in fams.items():
+                fam.add_metric([info.stream], float(values[key]))
+        return list(fams.values())
 
     def _refresh_metrics(self, now: float) -> None:
         self.m_sessions.set(len(self.book.sessions))
