@@ -113,6 +113,11 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 watchdog_logged() { in_box journalctl -u "$1" --no-pager -q | grep -q "Watchdog timeout"; }
+scrape() {
+    in_box /opt/edgeroom/venv/bin/python -c \
+        'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9750/metrics").read().decode())'
+}
+exits_counted() { scrape | grep -E '^edgeroom_service_exits_total\{' | grep "result=\"$1\"" | grep -q ' 1.0$'; }
 prop() { in_box systemctl show -p "$2" --value "$1"; }
 restarts_at_least() { [ "$(prop "$1" NRestarts)" -ge "$2" ] && [ "$(prop "$1" ActiveState)" = active ]; }
 
@@ -141,6 +146,10 @@ boot_and_check() {
     wait_for 60 "the watchdog to kill and systemd to restart capture" restarts_at_least "$cap" 2
     wait_for 15 "systemd's watchdog timeout in the journal" watchdog_logged "$cap"
     say "watchdog restart: pid $(prop "$cap" MainPID), NRestarts $(prop "$cap" NRestarts)"
+    # each unit's ExecStopPost told the hub how its process ended: on the scrape URL
+    wait_for 15 "the watchdog kill on the scrape URL" exits_counted watchdog
+    exits_counted signal || fail "the SIGKILL is not on the scrape URL"
+    say "scrape URL: $(scrape | grep '^edgeroom_service_exits_total' | tr '\n' ' ')"
     say "ok: start, SIGKILL restart and watchdog restart under a real systemd"
 }
 

@@ -145,6 +145,11 @@ def _service_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig
              f"TimeoutStartSec={_seconds(svc.start_timeout)}", f"TimeoutStopSec={_seconds(svc.stop_timeout)}"]
     if svc.watchdog_sec:
         lines.append(f"WatchdogSec={_seconds(svc.watchdog_sec)}")
+    if spec.kind != "hub":  # tell the hub how the process ended: watchdog kills, crashes, signals, on the scrape URL
+        sid = f"{spec.kind}@%i" if spec.templated else spec.kind
+        lines.append(f"ExecStopPost=-{exe} ctl call service.exited '{{\"service\": \"{sid}\", "
+                     f"\"result\": \"${{SERVICE_RESULT}}\", \"code\": \"${{EXIT_CODE}}\", "
+                     f"\"status\": \"${{EXIT_STATUS}}\"}}'")
     lines += [f"User={USER}", f"Group={USER}", f"Environment=EDGEROOM_CONFIG={CONFIG_PATH}",
               "RuntimeDirectory=edgeroom", "RuntimeDirectoryMode=0750", "RuntimeDirectoryPreserve=yes",
               "StateDirectory=edgeroom", "StateDirectoryMode=0750",

@@ -259,3 +259,14 @@ def test_a_heartbeat_with_garbage_metrics_keeps_the_rest_and_the_hub(hub):
     text = hub.scrape()
     assert metric_value(text, "edgeroom_ok", service="capture@junk") == 1.5
     assert metric_value(text, "edgeroom_hub_metrics_dropped_total", service="hub") == 5, text + hub.log()
+
+
+def test_service_exits_reported_by_systemd_are_counted_by_result(hub):
+    args = {"service": "capture@cam1", "result": "watchdog", "code": "killed", "status": "ABRT"}
+    assert hub.call("service.exited", args) == {"counted": True}
+    with pytest.raises(CommandFailed) as err:
+        hub.call("service.exited", {**args, "result": "exploded"})
+    assert err.value.code == "bad_args" and "$SERVICE_RESULT" in err.value.message
+    with pytest.raises(CommandFailed):
+        hub.call("service.exited", {**args, "service": "Not A Service"})
+    assert metric_value(hub.scrape(), "edgeroom_service_exits_total", service="capture@cam1", result="watchdog") == 1

@@ -22,3 +22,4 @@ def test_units_boot_restart_and_watchdog_under_real_systemd():
     assert "restarted: pid" in text and "NRestarts 1" in text
     assert "watchdog restart: pid" in text and "NRestarts 2" in text
     assert "capture@synthetic  ready" in text  # `edgeroom ctl status` inside the booted box
+    assert 'result="watchdog"' in text and 'result="signal"' in text  # ExecStopPost -> the hub -> the scrape URL

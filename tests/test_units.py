@@ -88,6 +88,10 @@ def test_supervision_settings_come_from_the_config(tmp_path):
                  "TimeoutStopSec=7s", "Nice=-5", "CPUWeight=200", "RestartPreventExitStatus=78"):
         assert line in capture.splitlines(), line
     assert "WatchdogSec" not in capture
+    stop_post = next(line for line in capture.splitlines() if line.startswith("ExecStopPost="))
+    assert stop_post.startswith(f"ExecStopPost=-{VENV_EXE} ctl call service.exited ")  # '-': a down hub is fine
+    assert '"service": "capture@%i"' in stop_post and '"result": "${SERVICE_RESULT}"' in stop_post
+    assert "ExecStopPost" not in (d / "edgeroom-hub.service").read_text()  # the hub cannot report its own end
     assert "WatchdogSec=10s" in (d / "edgeroom-hub.service").read_text()
     target = (d / "edgeroom.target").read_text()
     assert "Wants=edgeroom-hub.service edgeroom-capture@cam1.service edgeroom-capture@cam2.service" in target

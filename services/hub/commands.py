@@ -145,6 +145,25 @@ def bye(hub: Hub, args: dict, ctx: Ctx) -> dict:
     return {"known": rec is not None}
 
 
+SERVICE_RESULTS = ("success", "protocol", "timeout", "exit-code", "signal", "core-dump", "watchdog",
+                   "start-limit-hit", "resources", "oom-kill")
+
+
+@command("service.exited", "systemd says how a unit's process ended (its ExecStopPost sends this)")
+def exited(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"service": str, "result": str, "code": str, "status": str}, ("service", "result"))
+    check_heartbeat({"service": a["service"], "pid": 0, "started": 0, "state": "ready"})  # the id's shape
+    if a["result"] not in SERVICE_RESULTS:
+        raise ProtocolError("bad_args", f"result must be one of {', '.join(SERVICE_RESULTS)} "
+                                        f"(systemd's $SERVICE_RESULT), got {a['result']!r}")
+    hub.m_exits.labels(a["service"], a["result"]).inc()
+    how = f"{a['result']} ({a.get('code', '')} {a.get('status', '')})".replace(" ( )", "")
+    (hub.log.info if a["result"] == "success" else hub.log.warning)("service %s ended: %s", a["service"], how)
+    hub.publish("service.exited", {"service": a["service"], "result": a["result"], "code": a.get("code", ""),
+                                   "status": a.get("status", "")})
+    return {"counted": True}
+
+
 # --- events and hooks --------------------------------------------------------------------
 @command("events.probe", "publish an empty event on a probe.* topic (confirms a subscription)")
 def probe(hub: Hub, args: dict, ctx: Ctx) -> dict:

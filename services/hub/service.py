@@ -295,6 +295,9 @@ class Hub(Service):
         self.m_hook_latency = Histogram("edgeroom_hook_latency_seconds", "Time from hook call to answer.",
                                         ["hook"], registry=r,
                                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.m_exits = Counter("edgeroom_service_exits", "How units' processes ended, as systemd reports it "
+                               "($SERVICE_RESULT: success, signal, watchdog, core-dump, ...).",
+                               ["service", "result"], registry=r)
         self.m_sessions = Gauge("edgeroom_hub_sessions", "Sessions the hub knows.", registry=r)
         self.m_rooms = Gauge("edgeroom_hub_rooms", "Rooms with at least one session.", registry=r)
         self.m_services = Gauge("edgeroom_hub_services", "Services by state.", ["state"], registry=r)
