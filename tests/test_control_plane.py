@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -270,3 +272,28 @@ def test_service_exits_reported_by_systemd_are_counted_by_result(hub):
     with pytest.raises(CommandFailed):
         hub.call("service.exited", {**args, "service": "Not A Service"})
     assert metric_value(hub.scrape(), "edgeroom_service_exits_total", service="capture@cam1", result="watchdog") == 1
+
+
+def test_ctl_as_a_user_outside_the_group_is_told_so(tmp_path):
+    """Run ctl as `nobody` against a runtime dir of mode 0750: the message says permission, not 'no hub'."""
+    import shutil
+    import sysconfig
+
+    rundir = Path(tempfile.mkdtemp(prefix="erperm", dir="/tmp"))
+    try:
+        rundir.chmod(0o750)
+        (rundir / "control.sock").touch(mode=0o660)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{Path(__file__).parent.parent}:{sysconfig.get_paths()['purelib']}"
+               f":{sysconfig.get_paths()['platlib']}"}
+        runuser, python = shutil.which("runuser"), "/usr/bin/python3"
+        probe = subprocess.run([runuser, "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python,
+                                "-c", "import zmq, services.cli"], capture_output=True, text=True) if runuser else None
+        if probe is None or probe.returncode != 0:
+            pytest.skip(f"cannot run ctl as another user here: {probe.stderr[-200:] if probe else 'no runuser'}")
+        out = subprocess.run([runuser, "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python,
+                              "-m", "services.cli", "ctl", "status", "--runtime-dir", str(rundir)],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+    assert out.returncode == 3
+    assert f"permission denied on {rundir}/control.sock" in out.stderr and "usermod -aG edgeroom" in out.stderr

@@ -70,6 +70,11 @@ class CurveKeys:
 def _hint(endpoint: str) -> str:
     if endpoint.startswith("ipc://"):
         path = Path(endpoint[len("ipc://"):])
+        denied = (path.parent.is_dir() and not os.access(path.parent, os.X_OK)) or \
+            (os.path.lexists(path) and not os.access(path, os.R_OK | os.W_OK))
+        if denied:
+            return (f"permission denied on {path}: the box's sockets are for its group only "
+                    f"(`sudo usermod -aG edgeroom $USER`, then log in again)")
         if not path.exists():
             return (f"no socket at {path}: the hub is not running there (start it with `edgeroom run` or "
                     f"`systemctl start edgeroom.target`, or point --config/--runtime-dir at the right box)")
@@ -127,7 +132,7 @@ class Client:
 
     def call(self, cmd: str, args: dict | None = None, timeout: float | None = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
-        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
+        if self.endpoint.startswith("ipc://") and not os.access(self.endpoint[6:], os.R_OK | os.W_OK):
             raise HubUnreachable(f"hub not reachable at {self.endpoint}: {_hint(self.endpoint)}")
         try:
             rid = self.send(cmd, args)
