@@ -86,7 +86,7 @@ def status(hub: Hub, args: dict, ctx: Ctx) -> dict:
                "uptime": wall - hub.started_at, "restarts": 0, "rate": 0.0, "status": hub.describe()["status"],
                "last_seen": 0.0, "streams": []}
     return {"box": hub.box_name, "metrics_url": hub.metrics_url, "endpoints": hub.bound_endpoints,
-            "services": [hub_row, *hub.registry_.rows(now, wall)]}
+            "services": [hub_row, *hub.service_registry.rows(now, wall)]}
 
 
 @command("streams", "streams on the frame bus with their producer service")
@@ -123,7 +123,7 @@ def metrics(hub: Hub, args: dict, ctx: Ctx) -> dict:
 def heartbeat(hub: Hub, args: dict, ctx: Ctx) -> dict:
     body = check_heartbeat(args)
     check_sessions(body.get("sessions", []))
-    rec, previous, restarted = hub.registry_.heartbeat(body, time.monotonic())
+    rec, previous, restarted = hub.service_registry.heartbeat(body, time.monotonic())
     if previous != rec.state or restarted:
         hub.log.info("service %s is %s (pid %d)%s", rec.id, rec.state, rec.pid, " after a restart" if restarted else "")
         hub.publish_state(rec, previous, restarted)
@@ -135,9 +135,9 @@ def heartbeat(hub: Hub, args: dict, ctx: Ctx) -> dict:
 @command("service.bye", "a service stops cleanly (services send it)")
 def bye(hub: Hub, args: dict, ctx: Ctx) -> dict:
     a = _args(args, {"service": str, "pid": int}, ("service", "pid"))
-    known = hub.registry_.services.get(a["service"])
+    known = hub.service_registry.services.get(a["service"])
     previous = known.state if known else None
-    rec = hub.registry_.bye(a["service"], a["pid"])
+    rec = hub.service_registry.bye(a["service"], a["pid"])
     if rec is not None:
         hub.log.info("service %s stopped", rec.id)
         hub.publish_state(rec, previous)

@@ -51,7 +51,7 @@ class Hub(Service):
         self._lock = hold_lock(self.rundir, "hub")
         self.limit = cfg.control.max_message_bytes
         self.box_name, self.prefix = cfg.box.name, cfg.bus.prefix  # restart-only: reloads do not move them
-        self.registry_ = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
+        self.service_registry = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
         self.book = SessionBook(self.rundir / "hub-state.json")
         self._book_dirty = False
         self.broker = HookBroker(cfg.hooks)
@@ -240,7 +240,7 @@ class Hub(Service):
     # --- time ---------------------------------------------------------------------------
     def _tick(self) -> None:
         now = time.monotonic()
-        for rec, previous in self.registry_.sweep(now):
+        for rec, previous in self.service_registry.sweep(now):
             log.warning("service %s is %s (was %s)", rec.id, rec.state, previous)
             self.publish_state(rec, previous)
             if rec.state == "stale":
@@ -312,7 +312,7 @@ class Hub(Service):
         state = GaugeMetricFamily("edgeroom_service_state", "1 for the state the service is in.",
                                   labels=["service", "state"])
         up.add_metric(["hub"], 1)  # the hub answers this scrape, so it is up
-        for rec in list(self.registry_.services.values()):
+        for rec in list(self.service_registry.services.values()):
             up.add_metric([rec.id], 1 if rec.state in ("ready", "degraded", "starting") else 0)
             restarts.add_metric([rec.id], rec.restarts)
             for name in STATES:
@@ -354,7 +354,7 @@ class Hub(Service):
     def _refresh_metrics(self, now: float) -> None:
         self.m_sessions.set(len(self.book.sessions))
         self.m_rooms.set(len({s.room for s in self.book.sessions.values()}))
-        for state, n in self.registry_.counts().items():
+        for state, n in self.service_registry.counts().items():
             self.m_services.labels(state).set(n)
 
     def store_snapshot(self, service: str, families: list) -> None:
@@ -366,12 +366,12 @@ class Hub(Service):
 
     # --- the base class's contract -----------------------------------------------------------
     def describe(self) -> dict:
-        n = len(self.registry_.services) if hasattr(self, "registry_") else 0
+        n = len(self.service_registry.services) if hasattr(self, "service_registry") else 0
         return {"status": f"{n} service(s), metrics {self.metrics_url or 'off'}"}
 
     def apply(self, new, changes) -> list[str]:
         live = [c for c in changes if c.live]
-        self.registry_.stale_after = new.hub.stale_after  # heartbeat_interval needs a restart: keep ours
+        self.service_registry.stale_after = new.hub.stale_after  # heartbeat_interval needs a restart: keep ours
         self.broker.policies = new.hooks
         if self.zap is not None:
             self.zap.reload()
@@ -397,7 +397,7 @@ class Hub(Service):
                 pass
 
     def streams(self) -> list[dict]:
-        owners = {rec.pid: rec.id for rec in self.registry_.services.values()}
+        owners = {rec.pid: rec.id for rec in self.service_registry.services.values()}
         rows = []
         for info in framebus.list_streams(self.prefix):
             row = info.to_dict()
