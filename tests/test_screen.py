@@ -9,8 +9,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +20,13 @@ import pytest
 
 import framebus
 from services.capture import screen
-from services.capture.screen import SHARE_STARTED, SHARE_STOPPED, ScreenGone, ScreenSource, out_size
+from services.capture.screen import (
+    SHARE_STARTED,
+    SHARE_STOPPED,
+    ScreenGone,
+    ScreenSource,
+    out_size,
+)
 
 W, H = 1280, 720
 RED, GREEN, BLUE, WHITE, BLACK = 0xFF0000, 0x00FF00, 0x0000FF, 0xFFFFFF, 0x000000
