@@ -84,6 +84,7 @@ def test_appliance_demo_shows_the_box_and_cleans_up(tmp_path, prefix):
     out = subprocess.run([EDGEROOM, "demo", "--seconds", "6"], capture_output=True, text=True, timeout=90, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert re.search(r"capture@synthetic\s+ready", out.stdout), out.stdout
+    assert re.search(r"synthetic\s+default\s+capture@synthetic\s+camera", out.stdout), out.stdout
     assert "run: all stopped" in out.stdout
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(prefix + ".")]
     assert not (rundir / "control.sock").exists()

@@ -94,8 +94,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
-    """Wait for the hub, then print its status every 3 s and every hook and state event."""
-    from services.cli.ctl import _event_line, _status_table
+    """Wait for the hub, then print its status every 3 s and every hook and state event;
+    the sessions that started before the subscription took hold are listed once."""
+    from services.cli.ctl import _event_line, _sessions_table, _status_table
     from services.control.client import Client, HubUnreachable, Subscriber
 
     end = time.monotonic() + seconds
@@ -107,6 +108,11 @@ def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
         except HubUnreachable:
             time.sleep(0.2)
     with client, Subscriber(ep.events, ["hook.*", "service.*"]) as sub:
+        sub.wait_ready(client)
+        sessions, until = [], min(end, time.monotonic() + 3.0)
+        while not sessions and time.monotonic() < until:  # the cameras register within a heartbeat or two
+            sessions = client.call("sessions") or time.sleep(0.1) or []
+        print(_sessions_table(sessions), flush=True)
         next_status = 0.0
         while time.monotonic() < end and run.poll() is None:
             if time.monotonic() >= next_status:
