@@ -109,9 +109,11 @@ def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
             time.sleep(0.2)
     with client, Subscriber(ep.events, ["hook.*", "service.*"]) as sub:
         sub.wait_ready(client)
-        sessions, until = [], min(end, time.monotonic() + 3.0)
-        while not sessions and time.monotonic() < until:  # the cameras register within a heartbeat or two
-            sessions = client.call("sessions") or time.sleep(0.1) or []
+        until = min(end, time.monotonic() + 3.0)  # the cameras register within a heartbeat or two
+        sessions = client.call("sessions")
+        while not sessions and time.monotonic() < until:
+            time.sleep(0.1)
+            sessions = client.call("sessions")
         print(_sessions_table(sessions), flush=True)
         next_status = 0.0
         while time.monotonic() < end and run.poll() is None:
