@@ -124,13 +124,9 @@ def _limits(svc: configuration.ServiceConfig, spec: catalog.ServiceSpec) -> list
 
 def _unit_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig) -> str:
     name = f"{spec.kind} %i" if spec.templated else spec.kind
-    lines = [f"Description=edgeroom {name}: {spec.summary}",
-             "Documentation=https://github.com/edgeroom/edgeroom/blob/main/docs/systemd.md",
-             f"PartOf={TARGET}",
-             f"StartLimitIntervalSec={_seconds(svc.start_limit_interval)}",
-             f"StartLimitBurst={svc.start_limit_burst}"]
-    if spec.kind != "hub":
-        lines[3:3] = ["Wants=edgeroom-hub.service", "After=edgeroom-hub.service"]
+    after_hub = [] if spec.kind == "hub" else ["Wants=edgeroom-hub.service", "After=edgeroom-hub.service"]
+    lines = [f"Description=edgeroom {name}: {spec.summary}", f"PartOf={TARGET}", *after_hub,
+             f"StartLimitIntervalSec={_seconds(svc.start_limit_interval)}", f"StartLimitBurst={svc.start_limit_burst}"]
     return "[Unit]\n" + "\n".join(lines) + "\n"
 
 
@@ -161,7 +157,7 @@ def _service_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig
 def _service_unit(spec: catalog.ServiceSpec, cfg: configuration.Config, exe: str) -> Unit:
     svc = cfg.services.get(spec.kind) or configuration.ServiceConfig()
     text = (f"# Rendered by `edgeroom units render` from services/catalog.py and the config; do not edit:\n"
-            f"# change the config ([services.{spec.kind}]) and render again.\n"
+            f"# change the config ([services.{spec.kind}]) and render again. Directives: docs/systemd.md.\n"
             + _unit_section(spec, svc) + "\n" + _service_section(spec, svc, exe, cfg)
             + f"\n[Install]\nWantedBy={TARGET}\n")
     return Unit(unit_name(spec.kind, spec.templated), text)
@@ -172,7 +168,6 @@ def _target(cfg: configuration.Config) -> Unit:
              for k, i in catalog.instances(cfg)]
     text = ("# Rendered by `edgeroom units render`: the box's services, as the config asks for them.\n"
             "[Unit]\nDescription=edgeroom: real-time video rooms on this box\n"
-            "Documentation=https://github.com/edgeroom/edgeroom/blob/main/docs/systemd.md\n"
             f"Wants={' '.join(wants)}\nAfter=network-online.target\n\n"
             "[Install]\nWantedBy=multi-user.target\n")
     return Unit(TARGET, text)
