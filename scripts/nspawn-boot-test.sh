@@ -112,12 +112,20 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     done
 }
 
-watchdog_logged() { in_box journalctl -u "$1" --no-pager -q | grep -q "Watchdog timeout"; }
+watchdog_logged() { local out; out="$(in_box journalctl -u "$1" --no-pager -q)"; grep -q "Watchdog timeout" <<<"$out"; }
 scrape() {
     in_box /opt/edgeroom/venv/bin/python -c \
         'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9750/metrics").read().decode())'
 }
-exits_counted() { scrape | grep -E '^edgeroom_service_exits_total\{' | grep "result=\"$1\"" | grep -q ' 1.0$'; }
+exits_counted() {
+    local out; out="$(scrape)"
+    grep -E '^edgeroom_service_exits_total\{' <<<"$out" | grep "result=\"$1\"" | grep -q ' 1.0$'
+}
+# (output is read whole before grepping: under pipefail, grep -q closing a pipe early fails the producer)
+journal_has() {  # journal_has UNIT PRIORITY TEXT: an entry of that priority whose message has TEXT
+    local out; out="$(in_box journalctl -u "$1" -o json --no-pager)"
+    grep -F "$3" <<<"$out" | grep -q "\"PRIORITY\":\"$2\""
+}
 prop() { in_box systemctl show -p "$2" --value "$1"; }
 restarts_at_least() { [ "$(prop "$1" NRestarts)" -ge "$2" ] && [ "$(prop "$1" ActiveState)" = active ]; }
 
@@ -132,6 +140,11 @@ boot_and_check() {
     say "started: $(in_box systemctl is-active edgeroom-hub.service "$cap" | tr '\n' ' ')"
     wait_for 30 "edgeroom ctl status inside the box" \
         in_box runuser -u edgeroom -- /opt/edgeroom/venv/bin/edgeroom ctl status
+    # logs under journald: one entry per event, the <N> prefix turned into the entry's priority
+    wait_for 10 "the hub's ready line in the journal at priority info" journal_has edgeroom-hub.service 6 "ready (pid"
+    local messages; messages="$(in_box journalctl -u edgeroom-hub.service -o cat --no-pager)"
+    if grep -q '^<[0-7]>' <<<"$messages"; then fail "a <N> prefix reached the journal's message text"; fi
+    say "journal: $(grep -m1 'ready (pid' <<<"$messages")"
     in_box runuser -u edgeroom -- /opt/edgeroom/venv/bin/edgeroom ctl status
 
     local pid; pid="$(prop "$cap" MainPID)"

@@ -23,3 +23,4 @@ def test_units_boot_restart_and_watchdog_under_real_systemd():
     assert "watchdog restart: pid" in text and "NRestarts 2" in text
     assert "capture@synthetic  ready" in text  # `edgeroom ctl status` inside the booted box
     assert 'result="watchdog"' in text and 'result="signal"' in text  # ExecStopPost -> the hub -> the scrape URL
+    assert "nspawn-test: journal: info: ready (pid" in text  # journald took the <6> prefix as the priority
