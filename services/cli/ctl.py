@@ -116,10 +116,12 @@ def _event_line(event) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    _, events_ep = _endpoints(args)
-    if not events_ep:  # (args.timeout is settled from here on)
+    control, events_ep = _endpoints(args)  # one config read; args.timeout is settled from here on
+    if not events_ep:
         raise configuration.ConfigError("--events-endpoint is needed with --endpoint")
-    with _client(args) as client, Subscriber(events_ep, args.topics or ["*"], curve=_curve(args)) as sub:
+    curve = _curve(args)
+    with Client(control, timeout=args.timeout, curve=curve) as client, \
+            Subscriber(events_ep, args.topics or ["*"], curve=curve) as sub:
         sub.wait_ready(client, timeout=max(args.timeout, 1.0))
         print(f"# listening on {events_ep} for {' '.join(args.topics) or 'everything'}", file=sys.stderr, flush=True)
         seen, end = 0, (time.monotonic() + args.seconds) if args.seconds else None

@@ -37,8 +37,6 @@ class HubLink:
         self.pub.connect(endpoints.events_in)
         self.pending: dict[str, tuple[float, Callback | None]] = {}
         self.connected = False
-        self.reconnects = 0
-        self.events_sent = 0
         self.last_reply = 0.0
         self._ids = itertools.count(1)
         self._event_seq = itertools.count(1)
@@ -107,15 +105,13 @@ class HubLink:
             if self.connected:
                 log.warning("hub at %s stopped answering; reconnecting", self.endpoints.control)
             self.connected = False
-            self.reconnects += 1
-            self._open()
+            self._open()  # the service counts it (edgeroom_service_hub_reconnects_total) in on_socket_change
 
     def publish(self, topic: str, data: dict) -> None:
         """An event through the hub's fan-out; dropped (and counted by ZeroMQ's HWM) if the hub is away."""
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         event = protocol.Event(topic, data, self.service_id, next(self._event_seq), time.time(), now_ns)
         self.pub.send_multipart(protocol.encode_event(event), flags=zmq.NOBLOCK)  # PUB drops at HWM, never raises
-        self.events_sent += 1
 
     def close(self) -> None:
         for sock in (self.sock, self.pub):

@@ -216,8 +216,3 @@ class Child:
             self.notify_path.unlink()
         except FileNotFoundError:
             pass
-
-    def row(self, now: float) -> dict:
-        return {"service": self.id, "state": self.state, "pid": self.pid, "restarts": self.restarts,
-                "watchdog_kills": self.watchdog_kills, "status": self.status,
-                "uptime": now - self.started_at if self.popen else 0.0}
