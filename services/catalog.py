@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from services.runtime import sources
 
 __all__ = ["ServiceSpec", "CATALOG", "instances", "load_class", "nice"]
 
@@ -24,6 +27,7 @@ class ServiceSpec:
     devices: tuple[str, ...] = ()  # device profiles its unit opens: "video" (V4L2), "gpu" (NVIDIA, Jetson)
     nice: int = 0         # scheduling priority when the config says 0: capture above vision
     cpu_weight: int = 100  # cgroup CPU share under contention (systemd's default is 100)
+    only: Callable[[Any], bool] | None = None  # which entries of instances_from get an instance (None: all)
 
 
 CATALOG: dict[str, ServiceSpec] = {
@@ -32,6 +36,10 @@ CATALOG: dict[str, ServiceSpec] = {
     "capture": ServiceSpec("capture", "services.capture.service:Capture",
                            "brings one source's frames onto the bus", True, "sources",
                            network="any", devices=("video",), nice=-5, cpu_weight=200),
+    "decode": ServiceSpec("decode", "services.decode.service:Decode",
+                          "decodes one encoded source's stream into pictures on NAME-raw", True, "sources",
+                          network="none", devices=("gpu",), nice=-2, cpu_weight=150,
+                          only=lambda source: source.wants_decode()),
 }
 
 
@@ -58,6 +66,7 @@ def instances(config) -> list[tuple[str, str | None]]:
         if not spec.templated:
             out.append((kind, None))
             continue
-        table = getattr(config, spec.instances_from)
-        out += [(kind, name) for name in sorted(table) if getattr(table[name], "enabled", True)]
+        table = sources.effective(config) if spec.instances_from == "sources" else getattr(config, spec.instances_from)
+        out += [(kind, name) for name in sorted(table)
+                if getattr(table[name], "enabled", True) and (spec.only is None or spec.only(table[name]))]
     return out

@@ -36,6 +36,8 @@ from typing import Any, NamedTuple
 __all__ = [
     "ENV_PREFIX",
     "SERVICE_NAMES",
+    "RAW_FORMATS",
+    "SOURCE_KINDS",
     "SOURCE_NAME_PATTERN",
     "SYNC_HOOKS",
     "BoxConfig",
@@ -55,12 +57,15 @@ __all__ = [
     "loads",
     "parse_bytes",
     "parse_host_port",
+    "parse_region",
+    "source_from_dict",
 ]
 
 ENV_PREFIX = "EDGEROOM_"
 SYNC_HOOKS = ("BEFORE_BRIDGE_VIDEO", "ON_VISION_RESULT")
 SERVICE_NAMES = ("hub", "capture", "decode", "vision", "recorder", "bridge", "avatar")
-SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+# A source's streams are NAME, NAME-raw (decoded) and NAME-audio, so a name may not end in those suffixes.
+SOURCE_NAME_PATTERN = r"^(?!.*-(?:raw|audio)$)[a-z0-9][a-z0-9_-]{0,31}$"
 LIVE, RESTART = "live", "restart"
 _KeyPath = tuple[str, ...]  # a dotted key, split
 
@@ -193,14 +198,90 @@ class ServiceConfig:
                               off="", check=_check_memory)
 
 
+SOURCE_KINDS = ("synthetic", "file", "url", "webcam", "screen")
+URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "udp", "tcp")
+RAW_FORMATS = ("yuv420p", "nv12", "gray", "rgb24", "bgr24")
+
+
+def parse_region(text: str) -> tuple[int, int, int, int]:
+    """"LEFT,TOP,WIDTH,HEIGHT" -> four ints; width and height at least 2."""
+    parts = text.split(",") if isinstance(text, str) else []
+    try:
+        left, top, width, height = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected LEFT,TOP,WIDTH,HEIGHT in pixels, like '0,0,1280,720'; got {text!r}") from None
+    if left < 0 or top < 0 or width < 2 or height < 2:
+        raise ValueError(f"left and top must be >= 0, width and height >= 2; got {text!r}")
+    return left, top, width, height
+
+
+def _check_positive(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"must be more than 0, got {value!r}")
+
+
+def _check_device(text: str) -> None:
+    if not (text.isdigit() or text.startswith("/dev/")):
+        raise ValueError(f"expected a device index like '0' or a path like '/dev/video0', got {text!r}")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = setting("synthetic", "What the source captures.", RESTART, choices=("synthetic",))
-    width: int = setting(1280, "Picture width in pixels (even).", RESTART, min=16, max=7680, even=True)
-    height: int = setting(720, "Picture height in pixels (even).", RESTART, min=16, max=4320, even=True)
-    fps: float = setting(30.0, "Frames per second.", RESTART, min=0.1, max=240)
+    kind: str = setting("synthetic", "What the source captures: synthetic, file, url, webcam or screen.", RESTART,
+                        choices=SOURCE_KINDS)
+    width: int = setting(1280, "Picture width in pixels (even): synthetic draws it, webcam asks for it.", RESTART,
+                         min=16, max=7680, even=True)
+    height: int = setting(720, "Picture height in pixels (even): synthetic draws it, webcam asks for it.", RESTART,
+                          min=16, max=4320, even=True)
+    fps: float = setting(30.0, "Frames per second: synthetic draws, webcam asks for, screen grabs at this rate.",
+                         RESTART, min=0.1, max=240)
     room: str = setting("default", "The room the source's session joins.", RESTART,
                         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    encode: str = setting("h264", "synthetic: h264 (encoded in-process; decode makes NAME-raw) or raw pictures.",
+                          RESTART, choices=("h264", "raw"))
+    bitrate: int = setting(0, "synthetic h264: target bit rate in kbit/s; 0 is constant quality.", RESTART,
+                           min=0, max=200000)
+    gop: float = setting(2.0, "synthetic h264: seconds between keyframes.", RESTART, min=0.04, max=60)
+    audio: bool = setting(False, "Publish audio on NAME-audio (s16 PCM): synthetic a 1 kHz beep each second, "
+                          "in step with a white flash; file and url their first audio track.", RESTART)
+    path: str = setting("", "file: the media file (any container PyAV reads).", RESTART)
+    loop: bool = setting(False, "file: start again from the beginning at the end.", RESTART)
+    url: str = setting("", "url: rtsp://, rtsps://, http(s)://, rtmp://, srt://, udp:// or tcp:// address.",
+                       RESTART)
+    transport: str = setting("tcp", "url, RTSP only: RTP over tcp (interleaved) or udp.", RESTART,
+                             choices=("tcp", "udp"))
+    connect_timeout: float = setting(5.0, "url: seconds to connect and read the stream's header.", RESTART,
+                                     min=0.1, max=300)
+    read_timeout: float = setting(5.0, "url: seconds without data before the source counts as lost.", RESTART,
+                                  min=0.1, max=300)
+    reconnect_min: float = setting(0.5, "url, webcam, screen: first delay before reopening a lost source; "
+                                   "doubles up to reconnect_max.", RESTART, min=0.05, max=600)
+    reconnect_max: float = setting(30.0, "Longest delay between reopen attempts; >= reconnect_min.", RESTART,
+                                   min=0.05, max=3600)
+    device: str = setting("0", "webcam: V4L2 device index ('0') or path ('/dev/video0').", RESTART,
+                          check=_check_device)
+    monitor: int = setting(1, "screen: monitor number, 0 is all monitors together.", RESTART, min=0, max=64)
+    region: str = setting("", "screen: 'LEFT,TOP,WIDTH,HEIGHT' inside the monitor; '' is the whole monitor.",
+                          RESTART, off="", check=parse_region)
+    scale: float = setting(1.0, "screen: downscale factor in (0, 1], exact (area averaging).", RESTART,
+                           max=1.0, check=_check_positive)
+    diff_threshold: float = setting(0.0, "screen: skip a frame when less than this fraction of its pixels differs "
+                                    "from the last one sent; 0 sends every frame.", RESTART, min=0.0, max=1.0)
+    decode: bool = setting(True, "Encoded sources (file, url, synthetic h264): run decode@NAME, which "
+                           "publishes the pictures on NAME-raw.", RESTART)
+    pixel_format: str = setting("yuv420p", "decode: the picture format on NAME-raw.", RESTART, choices=RAW_FORMATS)
+    hw_decode: str = setting("auto", "decode: auto (hardware when a probe decode succeeds), off, or a decoder "
+                             "name like h264_cuvid.", RESTART, pattern=r"^[a-z0-9_]{2,32}$")
+    decode_threads: int = setting(0, "decode: decoder threads; 0 lets FFmpeg pick one per core.", RESTART,
+                                  min=0, max=64)
+
+    def encoded(self) -> bool:
+        """Does this source put encoded access units on its stream (so decode@NAME has work)?"""
+        return self.kind in ("file", "url") or (self.kind == "synthetic" and self.encode == "h264")
+
+    def wants_decode(self) -> bool:
+        """Does decode@NAME run for this source?"""
+        return self.encoded() and self.decode
 
 
 _DEFAULT_ENTRIES: dict[str, dict[str, dict[str, Any]]] = {
@@ -337,8 +418,21 @@ def _service_rules(s: ServiceConfig, path: _KeyPath) -> tuple[str, str, tuple[st
     return None
 
 
+def _source_rules(s: SourceConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
+    if s.kind == "file" and not s.path:
+        return "path", f"required when {_dotted(path, 'kind')} is 'file'", ("kind",)
+    if s.kind == "url":
+        scheme = s.url.partition("://")[0].lower() if "://" in s.url else ""
+        if scheme not in URL_SCHEMES:
+            return "url", (f"expected an address starting with one of {', '.join(s + '://' for s in URL_SCHEMES)}"
+                           f"; got {s.url!r}"), ("kind",)
+    if s.reconnect_max < s.reconnect_min:
+        return "reconnect_max", f"must be >= {_dotted(path, 'reconnect_min')} ({s.reconnect_min})", ("reconnect_min",)
+    return None
+
+
 _CROSS_RULES: dict[type, Callable[[Any, _KeyPath], tuple[str, str, tuple[str, ...]] | None]] = {
-    ControlConfig: _control_rules, HubConfig: _hub_rules, ServiceConfig: _service_rules,
+    ControlConfig: _control_rules, HubConfig: _hub_rules, ServiceConfig: _service_rules, SourceConfig: _source_rules,
 }
 
 
@@ -531,6 +625,11 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte {e.start})", source=source) from None
     return loads(text, env, source)
+
+
+def source_from_dict(name: str, table: Any, origin: str = "command") -> SourceConfig:
+    """One source table (what `edgeroom ctl source add` sends) validated exactly as in the file."""
+    return _from_document({"sources": {name: table}}, {}, origin).sources[name]
 
 
 def defaults() -> Config:

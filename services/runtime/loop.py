@@ -6,6 +6,7 @@ requests, hook events, timers, signals), so nothing needs a lock. Signals arrive
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -34,6 +35,12 @@ class Loop:
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
         self.add_reader(self._sig_r.fileno(), self._drain_signals)
+        # work handed over by other threads (a capture source's reader thread): a deque and a wake-up byte
+        self._handed: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.add_reader(self._wake_r.fileno(), self._run_handed)
 
     def add_reader(self, source: Any, callback: Callable[[], None]) -> None:
         """`source`: a zmq socket or anything with a file descriptor."""
@@ -56,6 +63,23 @@ class Loop:
             callback()
 
         self.call_later(interval, tick)
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the loop's thread at its next turn; callable from any thread."""
+        self._handed.append(callback)
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):  # a full buffer already means a wake-up is pending; closed: stopping
+            pass
+
+    def _run_handed(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._handed:
+            self._handed.popleft()()
 
     def on_signal(self, signum: int, handler: Callable[[int], None]) -> None:
         self.signal_handlers[signum] = handler
@@ -103,5 +127,5 @@ class Loop:
         signal.set_wakeup_fd(-1)
         for signum in self.signal_handlers:
             signal.signal(signum, signal.SIG_DFL)
-        self._sig_r.close()
-        self._sig_w.close()
+        for sock in (self._sig_r, self._sig_w, self._wake_r, self._wake_w):
+            sock.close()

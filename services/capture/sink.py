@@ -1,0 +1,183 @@
+"""Where a source's items go: its streams on the bus, created when the first item shows their shape.
+
+A source writes into a `Sink`; the sink owns the source's rings:
+
+    NAME         the video: encoded access units (h264, h265, vp8, vp9, av1) or raw pictures
+    NAME-audio   PCM s16 chunks, when the source has audio
+
+Rings are made lazily, sized from the first item, and made again (a new generation,
+which consumers follow by themselves) when a picture changes size or an access unit
+outgrows its slot. Encoded rings are long (64 slots: two seconds at 30 fps) so a decoder
+that falls briefly behind misses nothing, and never hold a live source back. Every item
+costs one copy: from the source's buffer (an FFmpeg packet, mss's grab, the encoder's
+output) into the slot.
+
+Not thread-safe: the source's reader thread owns it. Its metrics are prometheus-client
+children, which are.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+import framebus
+from framebus.formats import picture_geometry
+
+__all__ = ["Sink", "SinkMetrics", "audio_stream", "raw_stream"]
+
+log = logging.getLogger("edgeroom.capture")
+
+ENCODED_SLOTS = 64
+RAW_SLOTS = 8
+AUDIO_SLOTS = 64
+MIN_AU_SLOT = 256 * 1024
+MAX_AU_SLOT = 32 * 1024 * 1024
+
+
+def raw_stream(name: str) -> str:
+    """The stream decode@NAME publishes NAME's pictures on."""
+    return f"{name}-raw"
+
+
+def audio_stream(name: str) -> str:
+    return f"{name}-audio"
+
+
+@dataclass
+class SinkMetrics:
+    """The stream's metric children (services/capture/service.py makes them)."""
+    frames: object
+    bytes: object
+    keyframes: object
+    latency: object
+    dropped: object       # labels(reason)
+    audio_chunks: object
+
+
+def _now_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class Sink:
+    def __init__(self, stream: str, prefix: str, metrics: SinkMetrics) -> None:
+        self.stream, self.prefix, self.m = stream, prefix, metrics
+        self.video: framebus.Producer | None = None
+        self.audio_producer: framebus.Producer | None = None
+        self.codec: str | None = None     # encoded codec, or None for raw
+        self.format: str | None = None    # raw pixel format
+        self.width = self.height = 0
+        self.frames = 0                   # video items sent, for the rate
+        self.audio_rate = 0
+        self._extradata: bytes | None = None
+        self._payload = 0
+
+    # ------------------------------------------------------------ rings
+    def _replace_video(self, kind: str, payload: int, slots: int) -> framebus.Producer:
+        if self.video is not None:
+            self.video.close()
+            self.video = None
+        self.video = framebus.Producer.create(self.stream, kind, payload=payload, slots=slots, prefix=self.prefix)
+        self._payload = payload
+        return self.video
+
+    def _encoded_ring(self, codec: str, size: int, width: int, height: int) -> framebus.Producer:
+        if self.video is None or self.codec != codec or size > self._payload:
+            payload = max(MIN_AU_SLOT, width * height // 2, self._payload)
+            while payload < size:
+                payload *= 2
+            if payload > MAX_AU_SLOT:
+                raise framebus.PayloadTooLarge(f"an access unit of {size} bytes (the largest accepted is "
+                                               f"{MAX_AU_SLOT})")
+            if self.video is not None:
+                log.info("%s: access unit of %d bytes outgrows the %d-byte slots: new ring", self.stream, size,
+                         self._payload)
+            self._replace_video("encoded", payload, ENCODED_SLOTS)
+            self.codec, self.format = codec, None
+            if self._extradata:
+                self.video.set_extradata(self._extradata, codec)
+        return self.video
+
+    # ------------------------------------------------------------ video
+    def set_extradata(self, data: bytes | None, codec: str) -> None:
+        """The codec's parameter sets (avcC/hvcC or Annex B), for consumers that join late."""
+        self._extradata = bytes(data) if data else None
+        if self.video is not None and self.codec == codec and self._extradata:
+            self.video.set_extradata(self._extradata, codec)
+
+    def encoded(self, data, codec: str, *, keyframe: bool, pts: int, time_base: Fraction, capture_ns: int,
+                width: int = 0, height: int = 0, discontinuity: bool = False) -> bool:
+        """One access unit (anything with the buffer protocol: an av.Packet, bytes); False if dropped."""
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if size == 0:
+            return False
+        try:
+            ring = self._encoded_ring(codec, size, width, height)
+        except framebus.PayloadTooLarge as exc:
+            self.m.dropped.labels("too_large").inc()
+            log.warning("%s: dropped %s", self.stream, exc)
+            return False
+        loan = ring.loan_encoded(codec, size)
+        loan.array[:] = view
+        flags = framebus.FLAG_DISCONTINUITY if discontinuity else 0
+        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, keyframe=keyframe, flags=flags)
+        self._sent(size, capture_ns, keyframe)
+        return True
+
+    def loan_picture(self, width: int, height: int, fmt: str) -> framebus.Loan:
+        """A slot to draw or grab a picture into; send it with send_picture() or abort() it."""
+        if self.video is None or (width, height, fmt) != (self.width, self.height, self.format):
+            size = picture_geometry(fmt, width, height).size
+            if self.video is not None:
+                log.info("%s: picture is now %dx%d %s: new ring", self.stream, width, height, fmt)
+            self._replace_video("video", size, RAW_SLOTS)
+            self.codec, self.format, self.width, self.height = None, fmt, width, height
+        return self.video.loan_picture(width, height, fmt)
+
+    def send_picture(self, loan: framebus.Loan, *, pts: int, time_base: Fraction, capture_ns: int,
+                     discontinuity: bool = False) -> None:
+        flags = framebus.FLAG_DISCONTINUITY if discontinuity else 0
+        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, flags=flags)
+        self._sent(loan.size, capture_ns, False)
+
+    def _sent(self, size: int, capture_ns: int, keyframe: bool) -> None:
+        self.frames += 1
+        self.m.frames.inc()
+        self.m.bytes.inc(size)
+        if keyframe:
+            self.m.keyframes.inc()
+        self.m.latency.observe((_now_ns() - capture_ns) / 1e9)
+
+    # ------------------------------------------------------------ audio
+    def audio(self, pcm: np.ndarray, rate: int, *, pts: int, capture_ns: int) -> None:
+        """A (samples, channels) int16 chunk; pts in samples (time base 1/rate)."""
+        if self.audio_producer is None or rate != self.audio_rate:
+            if self.audio_producer is not None:
+                self.audio_producer.close()
+            # room for a 0.1 s chunk of 8 channels at the rate, whatever the source sends
+            self.audio_producer = framebus.Producer.create(audio_stream(self.stream), "audio",
+                                                           payload=max(rate // 10, 1024) * 8 * 2,
+                                                           slots=AUDIO_SLOTS, prefix=self.prefix)
+            self.audio_rate = rate
+        self.audio_producer.publish_audio(pcm, rate, pts=pts, time_base=(1, rate), capture_ns=capture_ns)
+        self.m.audio_chunks.inc()
+
+    # ------------------------------------------------------------ state
+    def heartbeat(self) -> None:
+        """Keep the rings marked alive while the source is quiet (a reconnecting camera)."""
+        for p in (self.video, self.audio_producer):
+            if p is not None:
+                p.heartbeat()
+
+    def streams(self) -> list[str]:
+        return [p.stream for p in (self.video, self.audio_producer) if p is not None]
+
+    def close(self) -> None:
+        for p in (self.video, self.audio_producer):
+            if p is not None:
+                p.close()
+        self.video = self.audio_producer = None
