@@ -384,3 +384,59 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class ScreenCapture:
+    """The screen as a capture source (services/capture/source.py): grabs at `fps` into
+    loaned slots, rgb24; frames skipped as unchanged are counted, not sent; share
+    started/stopped go out as hook events."""
+
+    def __init__(self, cfg) -> None:
+        from services.runtime.config import parse_region
+        self.cfg = cfg
+        self.region = parse_region(cfg.region) if cfg.region else None
+        self.info = ""
+
+    def run(self, sink, stop, emit) -> bool:
+        import time
+        from fractions import Fraction
+
+        from services.capture.source import SourceError
+        cfg = self.cfg
+        try:
+            src = ScreenSource(cfg.monitor, self.region, cfg.scale, cfg.diff_threshold)
+        except (ScreenGone, ValueError) as exc:
+            raise SourceError("display", str(exc)) from None
+        src.on_state(lambda event, info: emit(f"hook.{event}", {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in info.items()}))
+        w, h = src.size
+        self.info = f"{src.monitor.describe()} -> {w}x{h}"
+        period = int(1e9 / cfg.fps)
+        due = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        try:
+            while not stop.is_set():
+                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                if now < due:
+                    stop.wait((due - now) / 1e9)
+                    continue
+                if now - due > period:
+                    sink.m.dropped.labels("late").inc((now - due) // period)
+                    due += (now - due) // period * period
+                loan = sink.loan_picture(w, h, "rgb24")
+                try:
+                    sent = src.grab_into(loan.array)
+                except ScreenGone as exc:
+                    loan.abort()
+                    raise SourceError("display", str(exc)) from None
+                if sent:
+                    sink.send_picture(loan, pts=now, time_base=Fraction(1, 1_000_000_000), capture_ns=now)
+                else:
+                    loan.abort()
+                    sink.m.dropped.labels("unchanged").inc()
+                due += period
+        finally:
+            src.close()
+        return False
+
+    def describe(self) -> str:
+        return self.info

@@ -1,90 +1,199 @@
-"""The capture service: one source onto one bus stream, as one session with its tracks.
+"""The capture service: one source onto the bus, as one session with its tracks.
 
-For now the source is the synthetic camera (the embedded default); the capture issue adds
-files, URLs, webcams and screens behind the same service. Frames are paced on the
-service's loop against CLOCK_MONOTONIC: a frame whose time has passed by more than one
-period is not drawn late, it is counted as dropped (reason "late").
+`edgeroom service capture NAME` runs the source NAME (the config's [sources.NAME], or
+one added with `edgeroom ctl source add`). The source runs on a reader thread of its own,
+which owns the sink (the source's bus rings) and does all blocking I/O: demuxing,
+device reads, pacing. The service's loop keeps the control plane: heartbeats, the
+watchdog, events, metrics. So a camera that stops answering never stops the heartbeats,
+and a stuck loop still stops the watchdog.
+
+When the source fails (SourceError: refused, timed out, unplugged, display gone), the
+thread counts the reason, shows it in the status, and opens the source again after a
+delay that doubles from reconnect_min up to reconnect_max (reset once the source has
+delivered for a few seconds). A file that ends without loop leaves the service up and
+idle ("ended"), with its session ended and its tracks removed.
+
+Session and tracks: the session (id = NAME, kind from the source) exists while the
+service runs; its video track (and audio track) exist while items flow, so
+ON_VIDEO_TRACK_ADDED/REMOVED fire when a camera comes and goes.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-import framebus
-from services.capture.synthetic import Pattern
+from services.capture.sink import Sink, SinkMetrics, audio_stream
+from services.capture.source import Source, SourceError, open_source
+from services.runtime import sources
 from services.runtime.service import Service
 
 __all__ = ["Capture"]
+
+HEALTHY_AFTER = 5.0   # seconds of delivery after which the reconnect delay starts over
+FLOWING_WITHIN = 3.0  # a track exists while its last item is at most this old (or one period, if longer)
+_KINDS = {"synthetic": "camera", "file": "file", "url": "camera", "webcam": "camera", "screen": "screen"}
 
 
 class Capture(Service):
     kind = "capture"
 
     def setup(self) -> None:
-        if self.instance not in self.config.sources:
-            raise ValueError(f"no source {self.instance!r} in the config (sources: {', '.join(self.config.sources)})")
-        self.source = self.config.sources[self.instance]
+        self.source_cfg = sources.lookup(self.config, self.instance)
         self.stream = self.instance
-        w, h = self.source.width, self.source.height
-        self.pattern = Pattern(w, h)
-        self.producer = framebus.Producer.create(self.stream, "video", payload=w * h * 3, slots=8,
-                                                 prefix=self.config.bus.prefix)
-        self.period = 1.0 / self.source.fps
-        self.n = 0      # frame slots since start, sent or skipped: the pacing clock
-        self.sent = 0   # frames really put on the bus: the rate
-        self.t0 = time.monotonic()
-        self._rate_mark = (self.t0, 0)
-        self.rate = 0.0
         self._metrics()
-        self.loop.call_at(self.t0, self._frame)
+        self.sink = Sink(self.stream, self.config.bus.prefix, self.sink_metrics)
+        self.source: Source = open_source(self.instance, self.source_cfg)
+        self.phase = "starting"          # starting | running | waiting | ended | failed
+        self.last_error = ""
+        self.retry_at = 0.0
+        self.errors = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self.rate = 0.0
+        self._last_frames = 0
+        self._last_item = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reader, name=f"capture-{self.instance}", daemon=True)
+        self._thread.start()
         self.loop.every(1.0, self._measure)
 
     def _metrics(self) -> None:
         r, s = self.registry, self.stream
-        self.m_frames = Counter("edgeroom_capture_frames", "Frames put on the bus.", ["stream"], registry=r).labels(s)
-        self.m_dropped = Counter("edgeroom_capture_dropped_frames", "Frames not captured, by reason.",
-                                 ["stream", "reason"], registry=r)
-        self.m_fps = Gauge("edgeroom_capture_fps", "Frames per second over the last second.", ["stream"],
+        frames = Counter("edgeroom_capture_frames", "Video items put on the bus.", ["stream"], registry=r)
+        dropped = Counter("edgeroom_capture_dropped_frames", "Frames not put on the bus, by reason.",
+                          ["stream", "reason"], registry=r)
+        self.m_fps = Gauge("edgeroom_capture_fps", "Video items per second over the last second.", ["stream"],
                            registry=r).labels(s)
-        self.m_latency = Histogram("edgeroom_capture_to_bus_seconds", "From capture to the frame on the bus.",
-                                   ["stream"], registry=r,
-                                   buckets=(.0005, .001, .002, .005, .01, .02, .05, .1)).labels(s)
+        latency = Histogram("edgeroom_capture_to_bus_seconds", "From capture to the item on the bus.",
+                            ["stream"], registry=r, buckets=(.0005, .001, .002, .005, .01, .02, .05, .1))
+        nbytes = Counter("edgeroom_capture_bytes", "Bytes of video items put on the bus.", ["stream"], registry=r)
+        keyframes = Counter("edgeroom_capture_keyframes", "Encoded keyframes put on the bus.", ["stream"],
+                            registry=r)
+        audio = Counter("edgeroom_capture_audio_chunks", "Audio chunks put on the bus.", ["stream"], registry=r)
+        self.m_errors = Counter("edgeroom_capture_source_errors", "Source failures, by reason.",
+                                ["stream", "reason"], registry=r)
+        self.m_reconnects = Counter("edgeroom_capture_reconnects", "Times the source was opened again after a "
+                                    "failure.", ["stream"], registry=r).labels(s)
+        self.m_up = Gauge("edgeroom_capture_source_up", "1 while the source delivers.", ["stream"],
+                          registry=r).labels(s)
+        rebases = Counter("edgeroom_capture_timestamp_rebases", "Times the source's clock wrapped, restarted or "
+                          "leapt and the timestamps were rebased (the item is marked a discontinuity).", ["stream"],
+                          registry=r)
+        self.sink_metrics = SinkMetrics(frames.labels(s), nbytes.labels(s), keyframes.labels(s), latency.labels(s),
+                                        _Bound(dropped, s), audio.labels(s), rebases.labels(s))
 
-    def _frame(self) -> None:
-        now = time.monotonic()
-        due = self.t0 + self.n * self.period
-        if now - due > self.period:  # the loop was held up: skip to the present, count what was skipped
-            skipped = int((now - due) / self.period)
-            self.m_dropped.labels(self.stream, "late").inc(skipped)
-            self.n += skipped
-        capture_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        loan = self.producer.loan_picture(self.source.width, self.source.height, "rgb24")
-        self.pattern.draw(loan.array, self.n)
-        loan.send(pts=capture_ns, capture_ns=capture_ns)  # pts in ns of the capture clock: VFR-safe
-        self.m_latency.observe((time.clock_gettime_ns(time.CLOCK_MONOTONIC) - capture_ns) / 1e9)
-        self.m_frames.inc()
-        self.sent += 1
-        self.n += 1
-        self.loop.call_at(self.t0 + self.n * self.period, self._frame)
+    # ------------------------------------------------------------ the reader thread
+    def _reader(self) -> None:
+        cfg = self.source_cfg
+        delay = cfg.reconnect_min
+        while not self._stop.is_set():
+            started, frames0 = time.monotonic(), self.sink.frames
+            self.phase = "running"
+            try:
+                ended = self.source.run(self.sink, self._stop, self._emit)
+            except SourceError as exc:
+                self._failed(exc.reason, str(exc))
+            except Exception as exc:  # a bug or an unexpected library error: keep the service up, say what
+                self.log.exception("source %s failed unexpectedly", self.instance)
+                self._failed("internal", f"{type(exc).__name__}: {exc}")
+            else:
+                if ended:
+                    self.phase = "ended"
+                    while not self._stop.wait(1.0):
+                        self.sink.heartbeat()
+                    return
+                continue
+            if self.sink.frames > frames0 and time.monotonic() - started > HEALTHY_AFTER:
+                delay = cfg.reconnect_min
+            self.phase = "waiting"
+            self.retry_at = time.monotonic() + delay
+            while (left := self.retry_at - time.monotonic()) > 0:
+                self.sink.heartbeat()  # the rings stay alive (not stale) while the source is away
+                if self._stop.wait(min(left, 1.0)):
+                    return
+            delay = min(delay * 2, cfg.reconnect_max)
+            self.m_reconnects.inc()
 
+    def _failed(self, reason: str, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+        self.m_errors.labels(self.stream, reason).inc()
+        self.m_up.set(0)
+        self.throttled.warning(f"source-{reason}", f"source {self.instance}: {message}")
+
+    def _emit(self, topic: str, data: dict) -> None:
+        """From the reader thread: an event goes out on the loop's thread (ZeroMQ sockets are not shared)."""
+        data = {"session": self.instance, "stream": self.stream, **data}
+        self.loop.call_soon_threadsafe(lambda: self.link.publish(topic, data) if self.link else None)
+
+    # ------------------------------------------------------------ on the loop
     def _measure(self) -> None:
         now = time.monotonic()
         t, n = self._rate_mark
-        self.rate = (self.sent - n) / max(1e-6, now - t)
-        self._rate_mark = (now, self.sent)
+        frames = self.sink.frames
+        self.rate = (frames - n) / max(1e-6, now - t)
+        self._rate_mark = (now, frames)
+        if frames != self._last_frames:
+            self._last_frames, self._last_item = frames, now
         self.m_fps.set(self.rate)
+        self.m_up.set(1 if self._flowing(now) else 0)
+
+    def _flowing(self, now: float) -> bool:
+        window = max(FLOWING_WITHIN, 2.0 / self.source_cfg.fps)
+        return self._last_item > 0 and now - self._last_item <= window and self.phase == "running"
+
+    def _status(self) -> str:
+        cfg = self.source_cfg
+        what = getattr(self.source, "describe", lambda: "")() or cfg.kind
+        fmt = self.sink.codec or self.sink.format or "-"
+        if self.phase == "waiting":
+            return f"{cfg.kind}: retrying in {max(0.0, self.retry_at - time.monotonic()):.1f} s: {self.last_error}"
+        if self.phase == "ended":
+            return f"{cfg.kind}: ended ({what})"
+        if self.phase == "running" and not self.sink.frames:
+            return f"{cfg.kind}: opening {what}"
+        return f"{cfg.kind} {what} -> {fmt} at {self.rate:.1f} fps"
+
+    def _tracks(self) -> list[dict]:
+        if not self._flowing(time.monotonic()):
+            return []
+        sink = self.sink
+        video = {"id": "video", "kind": "video", "stream": self.stream, "format": sink.codec or sink.format or "",
+                 "fps": self.source_cfg.fps}
+        if sink.format:
+            video |= {"width": sink.width, "height": sink.height}
+        tracks = [video]
+        if sink.audio_producer is not None:
+            tracks.append({"id": "audio", "kind": "audio", "stream": audio_stream(self.stream),
+                           "format": "s16", "rate": sink.audio_rate})
+        return tracks
 
     def describe(self) -> dict:
-        if not hasattr(self, "producer"):
+        if not hasattr(self, "sink"):
             return {"status": "starting"}
-        track = {"id": "video", "kind": "video", "stream": self.stream, "format": "rgb24",
-                 "width": self.source.width, "height": self.source.height, "fps": self.source.fps}
-        session = {"id": self.instance, "room": getattr(self.source, "room", "default"), "kind": "camera",
-                   "tracks": [track]}
-        return {"status": f"{self.source.kind} {self.source.width}x{self.source.height} at {self.rate:.1f} fps",
-                "rate": round(self.rate, 2), "sessions": [session], "streams": [self.stream]}
+        sessions = []
+        if self.phase != "ended":
+            sessions.append({"id": self.instance, "room": self.source_cfg.room,
+                             "kind": _KINDS.get(self.source_cfg.kind, "camera"), "tracks": self._tracks()})
+        return {"status": self._status(), "rate": round(self.rate, 2), "sessions": sessions,
+                "streams": self.sink.streams(), "state": "degraded" if self.phase == "waiting" else None}
 
     def teardown(self) -> None:
-        if hasattr(self, "producer"):
-            self.producer.close()
+        if hasattr(self, "_stop"):
+            self._stop.set()
+            self._thread.join(timeout=2.0)
+            if self._thread.is_alive():
+                self.log.warning("the source did not stop within the bound; leaving its thread behind")
+                return
+            self.sink.close()
+
+
+class _Bound:
+    """`dropped.labels(reason)` with the stream label already applied."""
+
+    def __init__(self, counter, stream: str) -> None:
+        self.counter, self.stream = counter, stream
+
+    def labels(self, reason: str):
+        return self.counter.labels(self.stream, reason)

@@ -56,6 +56,7 @@ class SinkMetrics:
     latency: object
     dropped: object       # labels(reason)
     audio_chunks: object
+    rebases: object
 
 
 def _now_ns() -> int:
@@ -123,8 +124,8 @@ class Sink:
             return False
         loan = ring.loan_encoded(codec, size)
         loan.array[:] = view
-        flags = framebus.FLAG_DISCONTINUITY if discontinuity else 0
-        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, keyframe=keyframe, flags=flags)
+        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, keyframe=keyframe,
+                  flags=self._flags(discontinuity))
         self._sent(size, capture_ns, keyframe)
         return True
 
@@ -140,9 +141,14 @@ class Sink:
 
     def send_picture(self, loan: framebus.Loan, *, pts: int, time_base: Fraction, capture_ns: int,
                      discontinuity: bool = False) -> None:
-        flags = framebus.FLAG_DISCONTINUITY if discontinuity else 0
-        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, flags=flags)
-        self._sent(loan.size, capture_ns, False)
+        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, flags=self._flags(discontinuity))
+        self._sent(loan.array.nbytes, capture_ns, False)
+
+    def _flags(self, discontinuity: bool) -> int:
+        if not discontinuity:
+            return 0
+        self.m.rebases.inc()
+        return framebus.FLAG_DISCONTINUITY
 
     def _sent(self, size: int, capture_ns: int, keyframe: bool) -> None:
         self.frames += 1

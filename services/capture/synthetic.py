@@ -1,14 +1,41 @@
-"""A moving test pattern with a frame counter, drawn straight into a loaned bus slot.
+"""The synthetic source: a moving test pattern with a frame counter, raw or H.264, and a test tone.
 
-No per-frame allocation: the background is built once, each frame is one copy of it into
-the slot plus a bar and the frame number as 32 black/white blocks (readable back with
-`frame_number`, which tests use to prove frames arrive in order and intact).
+No hardware, no network: the embedded default. Each frame is drawn straight into its
+destination (a loaned bus slot for raw, the encoder's input frame for H.264) from a
+background built once, plus a moving bar and the frame number as 32 black/white blocks
+(readable back with `frame_number`, from RGB or from a decoded luma plane, which tests
+use to prove frames arrive in order and intact).
+
+Once a second, at the exact instant the capture clock passes a whole second since the
+start, the picture is white for one frame and the audio (when `audio = true`) starts a
+100 ms 1 kHz beep: a source whose flash and beep line up by construction, for measuring
+A/V sync downstream. Audio is s16 mono at 48 kHz in 20 ms chunks, stamped on the same
+capture clock as the video.
+
+Frames are paced against CLOCK_MONOTONIC on the reader thread; a frame whose time has
+passed by more than one period is not drawn late but counted as dropped ("late").
 """
 from __future__ import annotations
 
+import math
+import threading
+import time
+from fractions import Fraction
+
 import numpy as np
 
-__all__ = ["Pattern", "frame_number"]
+from services.capture.sink import Sink
+from services.capture.source import Emit
+from services.runtime.config import SourceConfig
+
+__all__ = ["H264Encoder", "Pattern", "SyntheticSource", "frame_number"]
+
+NS = 1_000_000_000
+NS_BASE = Fraction(1, NS)
+AUDIO_RATE = 48000
+AUDIO_CHUNK = 960          # 20 ms
+BEEP_SAMPLES = AUDIO_RATE // 10
+TONE_HZ = 1000
 
 
 class Pattern:
@@ -19,18 +46,145 @@ class Pattern:
         self.background[..., 0] = (x * 255 // max(1, width - 1)).astype(np.uint8)
         self.background[..., 1] = (y * 255 // max(1, height - 1)).astype(np.uint8)
         self.background[..., 2] = 96
+        # the same picture as BT.601 limited-range planes, for the encoder
+        r, g, b = (self.background[..., i].astype(np.float32) for i in range(3))
+        self.luma = np.clip(16 + 0.257 * r + 0.504 * g + 0.098 * b, 0, 255).astype(np.uint8)
+        cr, cb = r[::2, ::2], b[::2, ::2]
+        cg = g[::2, ::2]
+        self.cb = np.clip(128 - 0.148 * cr - 0.291 * cg + 0.439 * cb, 0, 255).astype(np.uint8)
+        self.cr = np.clip(128 + 0.439 * cr - 0.368 * cg - 0.071 * cb, 0, 255).astype(np.uint8)
         self.block = max(1, min(16, width // 32))
 
-    def draw(self, frame: np.ndarray, n: int) -> None:
-        np.copyto(frame, self.background)
+    def _marks(self, frame: np.ndarray, n: int, white: int) -> None:
         bar = (n * 8) % self.width
-        frame[:, bar: bar + 16] = 255
+        frame[:, bar: bar + 16] = white
         bits = np.unpackbits(np.array([n & 0xFFFFFFFF], ">u4").view(np.uint8))
         b = self.block
-        frame[:b, : 32 * b] = np.repeat(bits * 255, b)[None, :, None]
+        row = np.repeat(bits * white, b)
+        frame[:b, : 32 * b] = row[None, :, None] if frame.ndim == 3 else row[None, :]
+
+    def draw(self, frame: np.ndarray, n: int, flash: bool = False) -> None:
+        """An (h, w, 3) RGB picture."""
+        if flash:
+            frame.fill(255)
+        else:
+            np.copyto(frame, self.background)
+        self._marks(frame, n, 255)
+
+    def draw_yuv(self, y: np.ndarray, u: np.ndarray, v: np.ndarray, n: int, flash: bool = False) -> None:
+        """Planes of a yuv420p picture (row pitches may exceed the width)."""
+        w, h = self.width, self.height
+        if flash:
+            y[:h, :w] = 235
+            u[: h // 2, : w // 2] = 128
+            v[: h // 2, : w // 2] = 128
+        else:
+            np.copyto(y[:h, :w], self.luma)
+            np.copyto(u[: h // 2, : w // 2], self.cb)
+            np.copyto(v[: h // 2, : w // 2], self.cr)
+        # black blocks must read as 0 and white as 1 from the luma plane: 16 is black in limited range
+        self._marks(y[:h, :w], n, 235)
 
 
 def frame_number(frame: np.ndarray) -> int:
+    """The number drawn into a picture: RGB (h, w, 3), or a luma / gray plane (h, w)."""
     b = max(1, min(16, frame.shape[1] // 32))
-    bits = frame[b // 2, b // 2: 32 * b: b, 0] > 127
+    samples = frame[b // 2, b // 2: 32 * b: b]
+    bits = (samples[:, 0] if frame.ndim == 3 else samples) > 127
     return int(np.packbits(bits).view(">u4")[0])
+
+
+class H264Encoder:
+    """libx264 in this process: zerolatency (no B-frames, no lookahead: a frame in, its AU out),
+    SPS/PPS repeated before every keyframe so a consumer can start at any keyframe."""
+
+    def __init__(self, width: int, height: int, fps: float, gop: float, bitrate_kbps: int) -> None:
+        import av
+        self.ctx = av.CodecContext.create("libx264", "w")
+        self.ctx.width, self.ctx.height, self.ctx.pix_fmt = width, height, "yuv420p"
+        rate = Fraction(fps).limit_denominator(1001)
+        self.ctx.framerate = rate
+        self.ctx.time_base = 1 / rate
+        self.ctx.gop_size = max(1, round(gop * fps))
+        opts = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "repeat-headers=1:scenecut=0"}
+        if bitrate_kbps:
+            self.ctx.bit_rate = bitrate_kbps * 1000
+        else:
+            opts["crf"] = "23"
+        self.ctx.options = opts
+        self.ctx.open()
+        self.frame_type = av.VideoFrame
+        self.width, self.height = width, height
+
+    def frame(self):
+        """A new input picture (FFmpeg's pool) and numpy views of its three planes."""
+        f = self.frame_type(self.width, self.height, "yuv420p")
+        planes = []
+        for p in f.planes:
+            planes.append(np.frombuffer(p, np.uint8).reshape(-1, p.line_size))
+        return f, planes
+
+    def encode(self, frame, n: int) -> list:
+        frame.pts = n
+        return self.ctx.encode(frame)
+
+
+class SyntheticSource:
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.pattern = Pattern(cfg.width, cfg.height)
+        self.encoder: H264Encoder | None = None
+        self.late = 0
+        # one second of the audio, built once: 50 chunks of 20 ms, the first five beeping
+        idx = np.arange(AUDIO_RATE)
+        tone = np.sin(2 * np.pi * TONE_HZ * idx / AUDIO_RATE) * 16000 * (idx < BEEP_SAMPLES)
+        self.tone = tone.astype(np.int16).reshape(-1, 1)
+
+    def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool:
+        cfg = self.cfg
+        if cfg.encode == "h264":
+            self.encoder = H264Encoder(cfg.width, cfg.height, cfg.fps, cfg.gop, cfg.bitrate)
+        period = NS / cfg.fps
+        t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        n = 0
+        samples = 0
+        while not stop.is_set():
+            due = t0 + round(n * period)
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if now < due:
+                stop.wait((due - now) / NS)
+                continue
+            if now - due > period:  # held up: skip to the present, count what was skipped
+                skipped = int((now - due) // period)
+                sink.m.dropped.labels("late").inc(skipped)
+                self.late += skipped
+                n += skipped
+                continue
+            # a white frame at each whole second of the capture clock: the first frame at or after it
+            flash = n == 0 or math.floor(n * period / NS) != math.floor((n - 1) * period / NS)
+            self._frame(sink, n, due, flash)
+            if cfg.audio:
+                samples = self._audio(sink, t0, samples, due + round(period))
+            n += 1
+        return False
+
+    def _frame(self, sink: Sink, n: int, capture_ns: int, flash: bool) -> None:
+        pts = capture_ns  # the capture clock in ns: a synthetic source has no other clock
+        if self.encoder is None:
+            loan = sink.loan_picture(self.cfg.width, self.cfg.height, "rgb24")
+            self.pattern.draw(loan.array, n, flash)
+            sink.send_picture(loan, pts=pts, time_base=NS_BASE, capture_ns=capture_ns)
+            return
+        frame, (y, u, v) = self.encoder.frame()
+        self.pattern.draw_yuv(y, u, v, n, flash)
+        for packet in self.encoder.encode(frame, n):
+            sink.encoded(packet, "h264", keyframe=packet.is_keyframe, pts=pts, time_base=NS_BASE,
+                         capture_ns=capture_ns, width=self.cfg.width, height=self.cfg.height)
+
+    def _audio(self, sink: Sink, t0: int, samples: int, until_ns: int) -> int:
+        """Publish 20 ms chunks until the audio clock reaches `until_ns`; the next sample index."""
+        while t0 + samples * NS // AUDIO_RATE < until_ns:
+            at = samples % AUDIO_RATE
+            sink.audio(self.tone[at: at + AUDIO_CHUNK], AUDIO_RATE, pts=samples, capture_ns=t0 + samples * NS // AUDIO_RATE)
+            samples += AUDIO_CHUNK
+        return samples

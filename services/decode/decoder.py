@@ -324,7 +324,7 @@ class Decoder:
         self._params: dict[int, bytes] = {}
         self._need_params = False
         self._length_size = 0
-        self._extradata = b""
+        self._extradata = self._extradata_given = b""
         self._extradata_version: Any = None
         if extradata:
             self._take_extradata(bytes(extradata), extradata_version)
@@ -395,7 +395,7 @@ class Decoder:
         """
         data = bytes(data or b"")
         if version is None:
-            if data == self._extradata:
+            if data == self._extradata_given:  # as given: avcC/hvcC is kept converted to Annex B
                 return []
         elif version == self._extradata_version:
             return []
@@ -404,6 +404,7 @@ class Decoder:
 
     def _take_extradata(self, data: bytes, version: Any) -> None:
         self._extradata_version = version
+        self._extradata_given = data
         if self._h26x:
             data, self._length_size = _param_arrays_to_annexb(self.codec, data)
             for s, e in nal_spans(data) if data[:3] == _SC3 or data[:4] == _SC else ():

@@ -88,7 +88,7 @@ class Service:
     def heartbeat_body(self) -> dict:
         info = self.describe()
         return {"service": self.id, "kind": self.kind, "instance": self.instance, "pid": os.getpid(),
-                "started": self.started_at, "state": self.state, "status": info.get("status", ""),
+                "started": self.started_at, "state": info.get("state") or self.state, "status": info.get("status", ""),
                 "rate": info.get("rate", 0.0), "sessions": info.get("sessions", []),
                 "streams": info.get("streams", []), "metrics": snapshot(self.registry)}
 

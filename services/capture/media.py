@@ -1,0 +1,221 @@
+"""File and URL sources: anything PyAV (FFmpeg) demuxes, put on the bus without decoding.
+
+    kind = "file"   path, loop              paced in real time by the file's timestamps
+    kind = "url"    url, transport, timeouts  RTSP (tcp or udp), HTTP(S), RTMP, SRT, UDP/TCP
+
+Video packets go onto the bus as they are — H.264/H.265/VP8/VP9/AV1 access units, the
+bytes the camera or the file holds (H.264/H.265 from MP4/MKV are turned from
+length-prefixed into Annex B by FFmpeg's mp4toannexb filter, which also puts the
+parameter sets in front of every keyframe: one convention on the bus, so any consumer
+can start at any keyframe). Capture decodes only what the bus cannot carry encoded
+(MJPEG, MPEG-4 part 2, ...): those become yuv420p pictures.
+
+With `audio = true` the first audio track is decoded to s16 PCM (the bus carries audio
+as PCM) on NAME-audio.
+
+Timing: a file is paced by its timestamps against CLOCK_MONOTONIC, each packet's
+capture_ns being the instant it is due; a looped file carries on from where the last pass
+ended. A URL's packets are stamped when they arrive. Either way pts go through a
+`Timeline`, so a camera's clock that wraps or restarts never reaches the bus as a step
+backwards.
+
+Failures raise SourceError naming the cause (not_found, connect, timeout, http, corrupt,
+read, unsupported); the capture service reconnects with backoff. A file with garbage in
+the middle is not a failure: FFmpeg resynchronises and the decoder's keyframe gate does
+the rest.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from fractions import Fraction
+
+import av
+import av.error
+
+from services.capture.sink import Sink
+from services.capture.source import Emit, SourceError
+from services.capture.timeline import Timeline
+from services.runtime.config import SourceConfig
+
+__all__ = ["MediaSource", "bus_codec", "classify"]
+
+log = logging.getLogger("edgeroom.capture")
+
+NS = 1_000_000_000
+_BUS_CODECS = {"h264": "h264", "hevc": "h265", "h265": "h265", "vp8": "vp8", "vp9": "vp9", "av1": "av1",
+               "libdav1d": "av1", "libaom-av1": "av1", "libvpx": "vp8", "libvpx-vp9": "vp9"}
+_ANNEXB_FILTERS = {"h264": "h264_mp4toannexb", "h265": "hevc_mp4toannexb"}
+
+
+def bus_codec(stream) -> str | None:
+    """The bus's name for a video stream's codec, or None when the bus cannot carry it encoded."""
+    return _BUS_CODECS.get(stream.codec_context.name)
+
+
+def classify(exc: BaseException, opening: bool) -> str:
+    """The metric reason for an FFmpeg/OS error."""
+    if isinstance(exc, FileNotFoundError) or isinstance(exc, av.error.HTTPNotFoundError):
+        return "not_found"
+    if isinstance(exc, av.error.HTTPError):
+        return "http"
+    if isinstance(exc, (TimeoutError, av.error.ExitError)):
+        return "timeout"
+    if isinstance(exc, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)):
+        return "connect"
+    if isinstance(exc, av.error.InvalidDataError):
+        return "corrupt"
+    return "connect" if opening else "read"
+
+
+def _clock() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class MediaSource:
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.live = cfg.kind == "url"
+        self.target = cfg.url if self.live else cfg.path
+        self.codec: str | None = None
+        self.info = ""           # "h264 1920x1080" once open
+        self._next_origin = 0    # file: where the next pass's first packet is due (capture clock)
+        self._timelines: dict[int, Timeline] = {}
+        self._audio_samples = 0
+
+    # ------------------------------------------------------------ opening
+    def _open(self):
+        cfg = self.cfg
+        options = {}
+        if self.live and cfg.url.lower().startswith(("rtsp://", "rtsps://")):
+            options["rtsp_transport"] = cfg.transport
+        timeout = (cfg.connect_timeout, cfg.read_timeout) if self.live else None
+        try:
+            return av.open(self.target, options=options, timeout=timeout)
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SourceError(classify(exc, True), f"cannot open {self._shown()}: {exc}") from None
+
+    def _shown(self) -> str:
+        """The target without a password (user:pass@ in a URL)."""
+        if "@" in self.target and "://" in self.target:
+            scheme, _, rest = self.target.partition("://")
+            creds, _, host = rest.rpartition("@")
+            return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else self.target
+        return self.target
+
+    # ------------------------------------------------------------ running
+    def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool:
+        while not stop.is_set():
+            container = self._open()
+            try:
+                ended = self._play(container, sink, stop)
+            finally:
+                container.close()
+            if not ended:
+                return False
+            if self.live:
+                raise SourceError("read", f"{self._shown()} ended the stream")
+            if not self.cfg.loop:
+                log.info("%s: end of file", self.target)
+                return True
+        return False
+
+    def _play(self, container, sink: Sink, stop: threading.Event) -> bool:
+        """Demux until the end (True) or stop (False)."""
+        if not container.streams.video:
+            raise SourceError("unsupported", f"{self._shown()} has no video stream")
+        video = container.streams.video[0]
+        streams = [video]
+        audio = container.streams.audio[0] if self.cfg.audio and container.streams.audio else None
+        if audio is not None:
+            streams.append(audio)
+            resampler = av.AudioResampler(format="s16", layout=audio.layout.name, rate=audio.rate)
+        self.codec = bus_codec(video)
+        cc = video.codec_context
+        self.info = f"{cc.name} {cc.width}x{cc.height}"
+        bsf = None
+        if self.codec in _ANNEXB_FILTERS and cc.extradata and cc.extradata[0] == 1:  # avcC/hvcC: length-prefixed
+            bsf = av.BitStreamFilterContext(_ANNEXB_FILTERS[self.codec], video)
+        elif self.codec is not None and cc.extradata:
+            sink.set_extradata(cc.extradata, self.codec)
+        if self.codec is None:
+            log.info("%s: %s cannot travel encoded on the bus; capture decodes it to yuv420p", self.target, cc.name)
+        origin = self._next_origin or _clock()  # capture-clock instant of the pass's first timestamp
+        first: dict[int, int] = {}
+        frame_ns = int(NS / float(video.average_rate)) if video.average_rate else NS // 30
+        try:
+            for packet in container.demux(streams):
+                if stop.is_set():
+                    return False
+                if packet.size == 0:
+                    continue
+                ts = packet.dts if packet.dts is not None else packet.pts
+                if self.live or ts is None:
+                    capture_ns = _clock()
+                else:
+                    base = first.setdefault(packet.stream.index, ts)
+                    capture_ns = origin + int((ts - base) * packet.time_base * NS)
+                    wait = capture_ns - _clock()
+                    if wait > 0 and stop.wait(wait / NS):
+                        return False
+                    self._next_origin = capture_ns + frame_ns
+                if packet.stream is video:
+                    self._video(packet, video, bsf, sink, capture_ns)
+                else:
+                    self._audio(packet, audio, resampler, sink, capture_ns)
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SourceError(classify(exc, False), f"reading {self._shown()}: {exc}") from None
+        return True
+
+    def _timeline(self, stream) -> Timeline:
+        tl = self._timelines.get(stream.index)
+        if tl is None:
+            tl = self._timelines[stream.index] = Timeline(stream.time_base)
+        return tl
+
+    def _video(self, packet, stream, bsf, sink: Sink, capture_ns: int) -> None:
+        tl = self._timeline(stream)
+        cc = stream.codec_context
+        if self.codec is None:
+            self._decode_video(packet, stream, sink, capture_ns, tl)
+            return
+        for p in bsf.filter(packet) if bsf is not None else (packet,):
+            pts, rebased = tl.map(p.pts, capture_ns, p.dts)
+            sink.encoded(p, self.codec, keyframe=p.is_keyframe, pts=pts, time_base=stream.time_base,
+                         capture_ns=capture_ns, width=cc.width, height=cc.height, discontinuity=rebased)
+
+    def _decode_video(self, packet, stream, sink: Sink, capture_ns: int, tl: Timeline) -> None:
+        from services.decode.decoder import copy_into
+        try:
+            frames = stream.codec_context.decode(packet)
+        except av.error.FFmpegError:
+            sink.m.dropped.labels("corrupt").inc()
+            return
+        for frame in frames:
+            pts, rebased = tl.map(frame.pts, capture_ns)
+            w, h = frame.width & ~1, frame.height & ~1  # the bus's pictures have even sizes
+            if (w, h) != (frame.width, frame.height):
+                frame = frame.reformat(width=w, height=h, format="yuv420p")
+            loan = sink.loan_picture(w, h, "yuv420p")
+            try:
+                copy_into(frame, loan, "yuv420p")
+            except BaseException:
+                loan.abort()
+                raise
+            sink.send_picture(loan, pts=pts, time_base=stream.time_base, capture_ns=capture_ns, discontinuity=rebased)
+
+    def _audio(self, packet, stream, resampler, sink: Sink, capture_ns: int) -> None:
+        try:
+            frames = stream.codec_context.decode(packet)
+        except av.error.FFmpegError:
+            sink.m.dropped.labels("corrupt_audio").inc()
+            return
+        for frame in frames:
+            for out in resampler.resample(frame):
+                pcm = out.to_ndarray().reshape(-1, len(out.layout.channels))
+                sink.audio(pcm, out.sample_rate, pts=self._audio_samples, capture_ns=capture_ns)
+                self._audio_samples += pcm.shape[0]
+
+    def describe(self) -> str:
+        return self.info
