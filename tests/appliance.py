@@ -39,6 +39,7 @@ width = 320
 height = 240
 fps = 30.0
 room = "lobby"
+encode = "raw"      # supervision tests: one capture process, pictures straight on the bus
 """
 
 

@@ -227,7 +227,8 @@ def test_bounds_are_inclusive_and_watchdog_zero_is_off():
         ("[log]\nlevel = 'INFO'", "log.level", "must be one of debug, info, warning, error; got 'INFO'"),
         ("[services.hub]\nrestart = 'sometimes'", "services.hub.restart",
          "must be one of no, on-failure, always; got 'sometimes'"),
-        ("[sources.a]\nkind = 'webcam'", "sources.a.kind", "must be one of synthetic; got 'webcam'"),
+        ("[sources.a]\nkind = 'camera'", "sources.a.kind",
+         "must be one of synthetic, file, url, webcam, screen; got 'camera'"),
     ],
 )
 def test_choices(text, key, reason):

@@ -183,3 +183,5 @@ def add_parser(sub) -> None:
     call.add_argument("name")
     call.add_argument("args", nargs="?", help='arguments as a JSON object, e.g. \'{"room": "lobby"}\'')
     call.set_defaults(ctl_func=cmd_call)
+    from services.cli import ctl_media  # the media commands: source, snapshot, list-cameras
+    ctl_media.add_parsers(ctl_sub, _common)

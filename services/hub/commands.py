@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from services.control import protocol
 from services.control.protocol import ProtocolError
 from services.hub.registry import check_heartbeat
 from services.hub.sessions import check_sessions
+from services.runtime import config as configuration
+from services.runtime import sources
 from services.runtime.metrics import snapshot
+from services.runtime.scrub import scrub
 
 if TYPE_CHECKING:
     import zmq
@@ -214,3 +217,86 @@ def hooks(hub: Hub, args: dict, ctx: Ctx) -> dict:
     return {name: {"deadline": p.deadline, "on_timeout": p.on_timeout,
                    "handler": hub.broker.handler(name, now) is not None}
             for name, p in hub.broker.policies.items()}
+
+
+# --- sources -------------------------------------------------------------------------------
+def _source_row(hub: Hub, name: str, src, origin: str, now: float, wall: float) -> dict:
+    services = {r["service"]: r for r in hub.service_registry.rows(now, wall)}
+    capture = services.get(f"capture@{name}", {})
+    decode = services.get(f"decode@{name}")
+    target = {"file": src.path, "url": scrub(src.url), "webcam": src.device,
+              "screen": f"monitor {src.monitor}"}.get(src.kind, f"{src.width}x{src.height} {src.encode}")
+    streams = [name] + ([f"{name}-raw"] if src.wants_decode() else []) + ([f"{name}-audio"] if src.audio else [])
+    return {"name": name, "kind": src.kind, "room": src.room, "target": target, "origin": origin,
+            "streams": streams, "capture": capture.get("state", "absent"), "status": capture.get("status", ""),
+            "decode": decode.get("state", "absent") if decode else None}
+
+
+@command("source.list", "every source: kind, room, target, where it came from, its capture's state")
+def source_list(hub: Hub, args: dict, ctx: Ctx) -> list:
+    _args(args, {})
+    overlay = sources.Overlay.read(sources.overlay_path(hub.config))
+    now, wall = time.monotonic(), time.time()
+    return [_source_row(hub, name, src, "command" if name in overlay.added else "config", now, wall)
+            for name, src in sources.effective(hub.config, overlay).items()]
+
+
+@command("source.add", "add a source to the running box (args: name, source: the keys of a [sources.NAME] table)")
+def source_add(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"name": str, "source": dict}, ("name", "source"))
+    name = a["name"]
+    try:
+        src = configuration.source_from_dict(name, a["source"], "source.add")
+    except configuration.ConfigError as exc:
+        raise ProtocolError("bad_args", str(exc)) from None
+    overlay = sources.Overlay.read(sources.overlay_path(hub.config))
+    if name in sources.effective(hub.config, overlay):
+        raise ProtocolError("bad_args", f"source {name!r} exists already; remove it first")
+    overlay.added[name] = a["source"]
+    overlay.removed = [n for n in overlay.removed if n != name]
+    _save(overlay)
+    hub.log.info("source %s added by command (%s)", name, src.kind)
+    hub.publish("source.added", {"name": name, "kind": src.kind, "room": src.room})
+    return {"name": name, "source": asdict(src), "overlay": str(overlay.path)}
+
+
+@command("source.remove", "remove a source from the running box; its capture and decode stop (args: name)")
+def source_remove(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    name = _args(args, {"name": str}, ("name",))["name"]
+    overlay = sources.Overlay.read(sources.overlay_path(hub.config))
+    present = sources.effective(hub.config, overlay)
+    if name not in present:
+        raise ProtocolError("not_found", f"no source {name!r} (sources: {', '.join(present) or 'none'})")
+    if name in overlay.added:
+        del overlay.added[name]
+    else:
+        overlay.removed.append(name)  # a source of the config file: hidden until added again
+    _save(overlay)
+    hub.log.info("source %s removed by command", name)
+    hub.publish("source.removed", {"name": name})
+    return {"name": name, "overlay": str(overlay.path)}
+
+
+def _save(overlay: sources.Overlay) -> None:
+    try:
+        overlay.write()
+    except OSError as exc:
+        raise ProtocolError("unavailable", f"cannot write {overlay.path}: {exc.strerror or exc}") from None
+
+
+@command("cameras", "the V4L2 cameras of the box (enumerated without opening a stream; never hangs)")
+def cameras(hub: Hub, args: dict, ctx: Ctx) -> list:
+    _args(args, {})
+    from services.capture.cameras import list_cameras
+    return list_cameras()
+
+
+@command("snapshot", "a JPEG of the newest picture of a stream (args: stream, max_width, quality)")
+def snapshot_cmd(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"stream": str, "max_width": int, "quality": int}, ("stream",))
+    from services.hub.snapshot import SnapshotError, take
+    try:
+        return take(hub.config.bus.prefix, a["stream"], max_width=a.get("max_width", 1920),
+                    quality=a.get("quality", 85), limit=hub.limit * 3 // 4)
+    except SnapshotError as exc:
+        raise ProtocolError(exc.code, str(exc)) from None

@@ -64,8 +64,9 @@ __all__ = [
 ENV_PREFIX = "EDGEROOM_"
 SYNC_HOOKS = ("BEFORE_BRIDGE_VIDEO", "ON_VISION_RESULT")
 SERVICE_NAMES = ("hub", "capture", "decode", "vision", "recorder", "bridge", "avatar")
-# A source's streams are NAME, NAME-raw (decoded) and NAME-audio, so a name may not end in those suffixes.
-SOURCE_NAME_PATTERN = r"^(?!.*-(?:raw|audio)$)[a-z0-9][a-z0-9_-]{0,31}$"
+SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+# A source NAME's streams are NAME, NAME-raw (decoded) and NAME-audio, so no source name ends in those.
+STREAM_SUFFIXES = ("-raw", "-audio")
 LIVE, RESTART = "live", "restart"
 _KeyPath = tuple[str, ...]  # a dotted key, split
 
@@ -475,6 +476,9 @@ class _Builder:
             raise self.error(path, f"unknown key (known: {', '.join(names)})")
         if isinstance(names, str) and not re.fullmatch(names, path[-1]):
             raise self.error(path, f"a name here must match {names}")
+        if path[0] == "sources" and path[-1].endswith(STREAM_SUFFIXES):
+            raise self.error(path, f"a source name must not end in {' or '.join(STREAM_SUFFIXES)}: "
+                                   "those name the streams made from a source (NAME-raw, NAME-audio)")
 
     def section(self, cls: type, value: Any, path: _KeyPath) -> Any:
         self.need_table(value, path)

@@ -54,6 +54,7 @@ class Child:
         self.notify = self._notify_socket()
         self.popen: subprocess.Popen | None = None
         self.state = "inactive"          # inactive, starting, ready, stopping, waiting, failed
+        self.retired = False             # its source was removed: stop it, never restart it
         self.status = ""
         self.tail = StderrTail()
         self.starts: collections.deque[float] = collections.deque()

@@ -23,7 +23,7 @@ import framebus
 from services import catalog
 from services.control.endpoints import endpoints_for, hold_lock, prepare_runtime_dir, runtime_dir
 from services.runtime import config as configuration
-from services.runtime import logs
+from services.runtime import logs, sources
 from services.runtime.hublink import HubLink
 from services.runtime.loop import Loop
 from services.runtime.metrics import Derived, new_registry, process_collector, snapshot
@@ -76,12 +76,49 @@ class Supervisor:
         return [restarts, kills, ready]
 
     def build(self) -> None:
-        env = self._env()
+        self._overlay_stamp = self._overlay_mtime()
         for kind, instance in catalog.instances(self.config):
-            settings = self.config.services.get(kind) or configuration.ServiceConfig()
-            child = Child(kind, instance, settings, self.notify_dir, env)
-            self.children.append(child)
-            self.loop.add_reader(child.notify.fileno(), lambda c=child: c.read_notify(time.monotonic()))
+            self._add_child(kind, instance)
+        self.loop.every(0.5, self._sync_sources)
+
+    def _add_child(self, kind: str, instance: str | None) -> Child:
+        settings = self.config.services.get(kind) or configuration.ServiceConfig()
+        child = Child(kind, instance, settings, self.notify_dir, self._env())
+        self.children.append(child)
+        self.loop.add_reader(child.notify.fileno(), lambda c=child: c.read_notify(time.monotonic()))
+        return child
+
+    # --- sources added and removed by command (`edgeroom ctl source add|remove`) -------------
+    def _overlay_mtime(self) -> int:
+        try:
+            return sources.overlay_path(self.config).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def _sync_sources(self) -> None:
+        """Start the processes of added sources and stop those of removed ones (what
+        `edgeroom sources sync` does with systemctl under systemd)."""
+        stamp = self._overlay_mtime()
+        if stamp == self._overlay_stamp or self.shutting_down:
+            return
+        self._overlay_stamp = stamp
+        want = set(catalog.instances(self.config))
+        have = {(c.kind, c.instance) for c in self.children if not c.retired}
+        for kind, instance in sorted(want - have, key=str):
+            log.info("%s@%s: added by command; starting", kind, instance)
+            self._add_child(kind, instance)
+        now = time.monotonic()
+        for child in self.children:
+            if child.kind != "hub" and (child.kind, child.instance) not in want and not child.retired:
+                log.info("%s: its source was removed by command; stopping", child.id)
+                child.retired = True
+                child.stop(now)
+
+    def _drop_retired(self) -> None:
+        for child in [c for c in self.children if c.retired and c.popen is None]:
+            self.loop.remove_reader(child.notify.fileno())
+            child.close()
+            self.children.remove(child)
 
     @property
     def hub(self) -> Child | None:
@@ -91,10 +128,11 @@ class Supervisor:
     def _turn(self, now: float) -> None:
         for child in self.children:
             child.read_stderr()
-            if child.reap(now, self.shutting_down):
+            if child.reap(now, self.shutting_down or child.retired):
                 continue
             child.check(now)
             child.settle(now)
+        self._drop_retired()
         if self.hub is not None and self.hub.state == "failed" and not self.shutting_down:
             self.shutdown("the hub failed; nothing works without it")
         if self.shutting_down:
@@ -144,10 +182,12 @@ class Supervisor:
             if child.popen is not None:
                 child.popen.send_signal(signal.SIGHUP)
         self.config = new
+        self._overlay_stamp = -1  # sources added to or removed from the file start or stop now
+        self._sync_sources()
         logs.setup("run", new.log.level, new.log.format)
         log.info("config reloaded; SIGHUP sent to every running service (restart policy, start limits and "
-                 "timeouts apply now; watchdog_sec and nice at a service's next start; added or removed "
-                 "sources when `edgeroom run` restarts)")
+                 "timeouts apply now; watchdog_sec and nice at a service's next start; added and removed "
+                 "sources start and stop now)")
 
     # --- the hub link ------------------------------------------------------------------
     def _heartbeat(self) -> None:

@@ -1,0 +1,108 @@
+"""`edgeroom ctl source add|remove|list`, `ctl snapshot` and `ctl list-cameras`: the media side of ctl.
+
+    edgeroom ctl source add door kind=url url=rtsp://10.0.0.5/stream1 room=lobby
+    edgeroom ctl source remove door
+    edgeroom ctl source list
+    edgeroom ctl snapshot door-raw door.jpg
+    edgeroom ctl list-cameras
+
+`source add` takes the keys of a [sources.NAME] table as KEY=VALUE; a value is read as a
+TOML value when it is one (640, 2.5, true, "text") and as a plain string otherwise, so
+URLs and paths need no quotes. The hub validates the table exactly as the config file's.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import tomllib
+
+from services.cli import ctl
+from services.cli.tables import table
+
+__all__ = ["add_parsers"]
+
+
+def parse_pairs(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _sources_table(rows: list) -> str:
+    if not rows:
+        return "no sources"
+    return table([[r["name"], r["kind"], r["room"], r["origin"], r["capture"], r["decode"] or "-", r["target"],
+                   r["status"]] for r in rows],
+                 ["SOURCE", "KIND", "ROOM", "FROM", "CAPTURE", "DECODE", "TARGET", "STATUS"])
+
+
+def _cameras_table(rows: list) -> str:
+    if not rows:
+        return "no cameras (no V4L2 devices on this box)"
+    return table([[r["device"], r.get("name", ""), r.get("driver", ""), "yes" if r.get("capture") else "no",
+                   r.get("error", "")] for r in rows], ["DEVICE", "NAME", "DRIVER", "CAPTURE", "PROBLEM"])
+
+
+def cmd_source(args: argparse.Namespace) -> int:
+    with ctl._client(args) as client:
+        if args.action == "list":
+            return ctl._print(args, client.call("source.list", {}), _sources_table)
+        if args.action == "add":
+            result = client.call("source.add", {"name": args.name, "source": parse_pairs(args.keys)})
+            return ctl._print(args, result, lambda r: f"source {r['name']} added ({r['source']['kind']}); "
+                                                      f"its capture starts now")
+        result = client.call("source.remove", {"name": args.name})
+        return ctl._print(args, result, lambda r: f"source {r['name']} removed; its capture stops now")
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    with ctl._client(args) as client:
+        result = client.call("snapshot", {"stream": args.stream, "max_width": args.max_width,
+                                          "quality": args.quality})
+    jpeg = base64.b64decode(result.pop("jpeg"))
+    tmp = f"{args.file}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(jpeg)
+    os.replace(tmp, args.file)
+    result["file"], result["bytes"] = args.file, len(jpeg)
+    return ctl._print(args, result, lambda r: f"{r['file']}: {r['width']}x{r['height']} JPEG ({r['bytes']} bytes) "
+                                              f"of {r['stream']} item {r['seq']}")
+
+
+def cmd_cameras(args: argparse.Namespace) -> int:
+    with ctl._client(args) as client:
+        return ctl._print(args, client.call("cameras", {}), _cameras_table)
+
+
+def add_parsers(ctl_sub, common) -> None:
+    src = ctl_sub.add_parser("source", help="add, remove or list the box's sources")
+    src_sub = src.add_subparsers(dest="action", required=True)
+    p = src_sub.add_parser("list", help="every source, where it came from, its capture's state")
+    common(p)
+    p = src_sub.add_parser("add", help="add a source: NAME KEY=VALUE... (the keys of [sources.NAME])")
+    common(p)
+    p.add_argument("name")
+    p.add_argument("keys", nargs="+", metavar="KEY=VALUE", help="e.g. kind=url url=rtsp://cam/1 room=lobby")
+    p = src_sub.add_parser("remove", help="remove a source; its capture and decode stop")
+    common(p)
+    p.add_argument("name")
+    for p in src_sub.choices.values():
+        p.set_defaults(ctl_func=cmd_source)
+    snap = ctl_sub.add_parser("snapshot", help="a JPEG of the newest picture of a stream: STREAM FILE.jpg")
+    common(snap)
+    snap.add_argument("stream", help="a raw stream, or an encoded one (its NAME-raw twin is used)")
+    snap.add_argument("file")
+    snap.add_argument("--max-width", type=int, default=1920, help="scale down to at most this width (default 1920)")
+    snap.add_argument("--quality", type=int, default=85, help="JPEG quality 10..100 (default 85)")
+    snap.set_defaults(ctl_func=cmd_snapshot)
+    cams = ctl_sub.add_parser("list-cameras", help="the box's V4L2 cameras (never hangs when there are none)")
+    common(cams)
+    cams.set_defaults(ctl_func=cmd_cameras)
