@@ -183,7 +183,8 @@ class MediaSource:
         for p in bsf.filter(packet) if bsf is not None else (packet,):
             pts, rebased = tl.map(p.pts, capture_ns, p.dts)
             sink.encoded(p, self.codec, keyframe=p.is_keyframe, pts=pts, time_base=stream.time_base,
-                         capture_ns=capture_ns, width=cc.width, height=cc.height, discontinuity=rebased)
+                         capture_ns=capture_ns, width=cc.width, height=cc.height, discontinuity=rebased,
+                         corrupt=p.is_corrupt)
 
     def _decode_video(self, packet, stream, sink: Sink, capture_ns: int, tl: Timeline) -> None:
         from services.decode.decoder import copy_into

@@ -53,7 +53,7 @@ class Capture(Service):
         self.rate = 0.0
         self._last_frames = 0
         self._last_item = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._thread = threading.Thread(target=self._reader, name=f"capture-{self.instance}", daemon=True)
         self._thread.start()
         self.loop.every(1.0, self._measure)
@@ -87,21 +87,20 @@ class Capture(Service):
     def _reader(self) -> None:
         cfg = self.source_cfg
         delay = cfg.reconnect_min
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             started, frames0 = time.monotonic(), self.sink.frames
             self.phase = "running"
             try:
-                ended = self.source.run(self.sink, self._stop, self._emit)
+                ended = self.source.run(self.sink, self._halt, self._emit)
             except SourceError as exc:
                 self._failed(exc.reason, str(exc))
             except Exception as exc:  # a bug or an unexpected library error: keep the service up, say what
                 self.log.exception("source %s failed unexpectedly", self.instance)
                 self._failed("internal", f"{type(exc).__name__}: {exc}")
             else:
-                if ended:
+                if ended:  # the input is over: close the rings, so readers (decode) know and flush
                     self.phase = "ended"
-                    while not self._stop.wait(1.0):
-                        self.sink.heartbeat()
+                    self.sink.close()
                     return
                 continue
             if self.sink.frames > frames0 and time.monotonic() - started > HEALTHY_AFTER:
@@ -110,7 +109,7 @@ class Capture(Service):
             self.retry_at = time.monotonic() + delay
             while (left := self.retry_at - time.monotonic()) > 0:
                 self.sink.heartbeat()  # the rings stay alive (not stale) while the source is away
-                if self._stop.wait(min(left, 1.0)):
+                if self._halt.wait(min(left, 1.0)):
                     return
             delay = min(delay * 2, cfg.reconnect_max)
             self.m_reconnects.inc()
@@ -181,8 +180,9 @@ class Capture(Service):
 
     def teardown(self) -> None:
         if hasattr(self, "_stop"):
-            self._stop.set()
+            self._halt.set()
             self._thread.join(timeout=2.0)
+            self.loop.run_handed()  # the source's last events (share stopped) still go out
             if self._thread.is_alive():
                 self.log.warning("the source did not stop within the bound; leaving its thread behind")
                 return

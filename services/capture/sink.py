@@ -110,8 +110,11 @@ class Sink:
             self.video.set_extradata(self._extradata, codec)
 
     def encoded(self, data, codec: str, *, keyframe: bool, pts: int, time_base: Fraction, capture_ns: int,
-                width: int = 0, height: int = 0, discontinuity: bool = False) -> bool:
-        """One access unit (anything with the buffer protocol: an av.Packet, bytes); False if dropped."""
+                width: int = 0, height: int = 0, discontinuity: bool = False, corrupt: bool = False) -> bool:
+        """One access unit (anything with the buffer protocol: an av.Packet, bytes); False if dropped.
+
+        corrupt: the demuxer says the data is damaged or data before it was lost (FLAG_CORRUPT:
+        a decoder closes its keyframe gate rather than show what it would conceal)."""
         view = memoryview(data).cast("B")
         size = view.nbytes
         if size == 0:
@@ -124,8 +127,8 @@ class Sink:
             return False
         loan = ring.loan_encoded(codec, size)
         loan.array[:] = view
-        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, keyframe=keyframe,
-                  flags=self._flags(discontinuity))
+        flags = self._flags(discontinuity) | (framebus.FLAG_CORRUPT if corrupt else 0)
+        loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, keyframe=keyframe, flags=flags)
         self._sent(size, capture_ns, keyframe)
         return True
 

@@ -168,6 +168,10 @@ class SyntheticSource:
             n += 1
         return False
 
+    def describe(self) -> str:
+        cfg = self.cfg
+        return f"{cfg.width}x{cfg.height} test pattern" + (" with a 1 kHz beep" if cfg.audio else "")
+
     def _frame(self, sink: Sink, n: int, capture_ns: int, flash: bool) -> None:
         pts = capture_ns  # the capture clock in ns: a synthetic source has no other clock
         if self.encoder is None:

@@ -59,7 +59,7 @@ def _bgr(item, cv2, np):
     if fmt == "gray":
         return item.array.copy()
     # yuv420p / nv12: the planes into one tight buffer, then OpenCV's converter
-    planes = item.planes
+    planes = item.planes()
     if fmt == "yuv420p":
         tight = np.concatenate([planes[0].reshape(-1), planes[1].reshape(-1), planes[2].reshape(-1)])
         return cv2.cvtColor(tight.reshape(h * 3 // 2, w), cv2.COLOR_YUV2BGR_I420)

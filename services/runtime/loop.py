@@ -72,6 +72,10 @@ class Loop:
         except (BlockingIOError, OSError):  # a full buffer already means a wake-up is pending; closed: stopping
             pass
 
+    def run_handed(self) -> None:
+        """Run what other threads handed over; the loop does it each turn, a stopping service once more."""
+        self._run_handed()
+
     def _run_handed(self) -> None:
         try:
             while self._wake_r.recv(4096):

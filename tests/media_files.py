@@ -1,0 +1,53 @@
+"""Media files for tests, made by real encoders: PyAV's libx264 with the synthetic pattern
+(every picture carries its frame number, readable after decoding) and the ffmpeg CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from services.capture.synthetic import Pattern, frame_number
+
+__all__ = ["ffprobe_frames", "luma", "numbered_file", "picture_number"]
+
+
+def numbered_file(path: Path, frames: int, *, fps: int = 25, gop: int = 10, size=(320, 240),
+                  fmt: str | None = None) -> Path:
+    """An H.264 file whose frame i shows the number i (keyframe every `gop` frames)."""
+    w, h = size
+    pattern = Pattern(w, h)
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.options = {"preset": "ultrafast", "bframes": "0", "sc_threshold": "0"}
+        stream.time_base = Fraction(1, fps)
+        for i in range(frames):
+            frame = av.VideoFrame(w, h, "yuv420p")
+            y, u, v = (np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in frame.planes)
+            pattern.draw_yuv(y, u, v, i)
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def luma(item) -> np.ndarray:
+    """The luma plane of a yuv420p/nv12 bus item (or the gray picture)."""
+    return item.planes()[0]
+
+
+def picture_number(item) -> int:
+    return frame_number(luma(item) if item.format in ("yuv420p", "nv12", "gray") else item.array)
+
+
+def ffprobe_frames(path: Path) -> int:
+    """The number of video frames ffprobe counts by decoding the file."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+                          "stream=nb_read_frames", "-of", "json", str(path)], capture_output=True, text=True,
+                         check=True)
+    return int(json.loads(out.stdout)["streams"][0]["nb_read_frames"])
