@@ -474,7 +474,7 @@ step_units() {
     for f in "$out"/*; do
         put_file "$f" "$UNITDIR/$(basename "$f")" 0644 0 0
     done
-    for f in "$R$UNITDIR"/edgeroom.target "$R$UNITDIR"/edgeroom-*.service; do   # units no longer rendered
+    for f in "$R$UNITDIR"/edgeroom.target "$R$UNITDIR"/edgeroom-*.service "$R$UNITDIR"/edgeroom-*.path; do   # units no longer rendered
         name=$(basename "$f")
         if [ -f "$f" ] && [ ! -e "$out/$name" ] && grep -qF "$RENDER_MARK" "$f"; then
             act "remove $f (no longer rendered)" rm -f -- "$f"
@@ -603,7 +603,7 @@ uninstall_box() {
         if [ -d "$d" ] && [ -z "$(ls -A -- "$d")" ]; then act "remove $d (empty)" rmdir -- "$d"; fi
     done
     # the units we rendered; drop-ins (edgeroom*.d) are the admin's: purge only
-    for f in "$R$UNITDIR"/edgeroom.target "$R$UNITDIR"/edgeroom-*.service; do
+    for f in "$R$UNITDIR"/edgeroom.target "$R$UNITDIR"/edgeroom-*.service "$R$UNITDIR"/edgeroom-*.path; do
         if [ -f "$f" ]; then
             if grep -qF "$RENDER_MARK" "$f"; then act "remove $f" rm -f -- "$f"
             else say "keeping $f: not rendered by edgeroom"; fi

@@ -163,7 +163,19 @@ boot_and_check() {
     wait_for 15 "the watchdog kill on the scrape URL" exits_counted watchdog
     exits_counted signal || fail "the SIGKILL is not on the scrape URL"
     say "scrape URL: $(scrape | grep '^edgeroom_service_exits_total' | tr '\n' ' ')"
-    say "ok: start, SIGKILL restart and watchdog restart under a real systemd"
+
+    # a source added by command: the hub writes sources.json, the path unit runs `edgeroom sources sync`
+    local ctl=(runuser -u edgeroom -- /opt/edgeroom/venv/bin/edgeroom ctl)
+    say "ctl source add extra: its capture unit must start"
+    in_box "${ctl[@]}" source add extra kind=synthetic encode=raw width=160 height=120 fps=5
+    wait_for 30 "edgeroom-capture@extra active after ctl source add" \
+        in_box systemctl is-active edgeroom-capture@extra.service
+    in_box "${ctl[@]}" source list
+    say "ctl source remove extra: its capture unit must stop"
+    in_box "${ctl[@]}" source remove extra
+    wait_for 30 "edgeroom-capture@extra stopped after ctl source remove" \
+        bash -c "! nsenter --target $(leader) --all -- systemctl is-active -q edgeroom-capture@extra.service"
+    say "ok: start, SIGKILL restart, watchdog restart and sources added and removed by command under a real systemd"
 }
 
 preflight

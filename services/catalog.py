@@ -56,8 +56,9 @@ def load_class(kind: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def instances(config) -> list[tuple[str, str | None]]:
-    """(kind, instance) of every process the config asks for, hub first."""
+def instances(config, with_overlay: bool = True) -> list[tuple[str, str | None]]:
+    """(kind, instance) of every process the config asks for, hub first; with_overlay: with the
+    sources added and removed by command (sources.json), as a running box sees them."""
     out: list[tuple[str, str | None]] = []
     for kind, spec in CATALOG.items():
         svc = config.services.get(kind)
@@ -66,7 +67,9 @@ def instances(config) -> list[tuple[str, str | None]]:
         if not spec.templated:
             out.append((kind, None))
             continue
-        table = sources.effective(config) if spec.instances_from == "sources" else getattr(config, spec.instances_from)
+        table = getattr(config, spec.instances_from)
+        if spec.instances_from == "sources" and with_overlay:
+            table = sources.effective(config)
         out += [(kind, name) for name in sorted(table)
                 if getattr(table[name], "enabled", True) and (spec.only is None or spec.only(table[name]))]
     return out

@@ -28,6 +28,8 @@ __all__ = ["Unit", "Checked", "render", "write", "check", "unit_name", "TARGET"]
 TARGET = "edgeroom.target"
 USER = "edgeroom"
 CONFIG_PATH = "/etc/edgeroom/edgeroom.toml"
+STATE_PATH = "/var/lib/edgeroom"  # StateDirectory=edgeroom
+SOURCES_PATH, SOURCES_SYNC = "edgeroom-sources.path", "edgeroom-sources.service"
 
 # Device nodes each profile may open (DeviceAllow= patterns, read-write).
 DEVICES = {
@@ -165,7 +167,7 @@ def _service_unit(spec: catalog.ServiceSpec, cfg: configuration.Config, exe: str
 
 def _target(cfg: configuration.Config) -> Unit:
     wants = [unit_name(k, False) if i is None else unit_name(k, True).replace("@", f"@{i}")
-             for k, i in catalog.instances(cfg)]
+             for k, i in catalog.instances(cfg, with_overlay=False)] + [SOURCES_PATH, SOURCES_SYNC]
     text = ("# Rendered by `edgeroom units render`: the box's services, as the config asks for them.\n"
             "[Unit]\nDescription=edgeroom: real-time video rooms on this box\n"
             f"Wants={' '.join(wants)}\nAfter=network-online.target\n\n"
@@ -173,9 +175,29 @@ def _target(cfg: configuration.Config) -> Unit:
     return Unit(TARGET, text)
 
 
+def _sources_units(exe: str) -> list[Unit]:
+    """The path unit that watches sources.json and the oneshot that starts and stops instance
+    units to match it (services/supervisor/systemd_sync.py). Root, because only root may start
+    units, but with nothing else: no network, no devices, no capabilities, a read-only system."""
+    head = "# Rendered by `edgeroom units render`: sources added or removed by `edgeroom ctl source`.\n"
+    path = (head + "[Unit]\nDescription=edgeroom: watch the sources added and removed by command\n"
+            f"PartOf={TARGET}\n\n[Path]\nPathChanged={STATE_PATH}/sources.json\nUnit={SOURCES_SYNC}\n\n"
+            f"[Install]\nWantedBy={TARGET}\n")
+    service = (head + "[Unit]\nDescription=edgeroom: start and stop capture and decode units to match the sources\n"
+               f"PartOf={TARGET}\nAfter=edgeroom-hub.service\n\n[Service]\nType=oneshot\n"
+               f"ExecStart={exe} sources sync\nEnvironment=EDGEROOM_CONFIG={CONFIG_PATH}\n"
+               "StateDirectory=edgeroom\nStateDirectoryMode=0750\nTimeoutStartSec=90s\n"
+               "RestrictAddressFamilies=AF_UNIX\nPrivateNetwork=yes\nPrivateDevices=yes\nIPAddressDeny=any\n"
+               "ProtectHome=yes\nMemoryDenyWriteExecute=yes\nPrivateUsers=no\n" + HARDENING +
+               f"\n[Install]\nWantedBy={TARGET}\n")
+    return [Unit(SOURCES_PATH, path), Unit(SOURCES_SYNC, service)]
+
+
 def render(cfg: configuration.Config, exe: str) -> list[Unit]:
-    """Every unit of the box: the target and one unit (or template) per catalog service."""
-    return [_target(cfg)] + [_service_unit(spec, cfg, exe) for spec in catalog.CATALOG.values()]
+    """Every unit of the box: the target, one unit (or template) per catalog service, and the
+    two units that follow the sources added or removed by command."""
+    return ([_target(cfg)] + [_service_unit(spec, cfg, exe) for spec in catalog.CATALOG.values()]
+            + _sources_units(exe))
 
 
 def write(units: list[Unit], out: Path) -> list[Path]:

@@ -27,7 +27,8 @@ SCRIPT = REPO / "scripts" / "install.sh"
 CORE = ["--extras", "none", "--platform", "cpu"]
 PREFIX = "/opt/edgeroom"
 EXE = f"{PREFIX}/venv/bin/edgeroom"
-UNITS = {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@.service"}
+UNITS = {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@.service", "edgeroom-decode@.service",
+         "edgeroom-sources.path", "edgeroom-sources.service"}
 WANTS = "etc/systemd/system/multi-user.target.wants/edgeroom.target"
 # systemd-sysusers and userdel write these into a fresh root: its account database
 ACCOUNT_DB = {"passwd", "group", "shadow", "gshadow", ".pwd.lock", "passwd-", "group-", "shadow-", "gshadow-"}
@@ -242,9 +243,10 @@ def test_the_units_are_rendered_for_the_path_inside_the_root_and_enabled(install
     cfg = configuration.load(root / "etc/edgeroom/edgeroom.toml", env={})
     for unit in units.render(cfg, EXE):
         assert (unitdir / unit.name).read_text() == unit.text
-    for name in UNITS - {"edgeroom.target"}:
+    for name in UNITS - {"edgeroom.target", "edgeroom-sources.path"}:
         [start] = [line for line in (unitdir / name).read_text().splitlines() if line.startswith("ExecStart=")]
-        assert start.startswith(f"ExecStart={EXE} service ")
+        assert start.startswith(f"ExecStart={EXE} service " if "@" in name or "hub" in name
+                                else f"ExecStart={EXE} sources sync")
     link = root / WANTS
     assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/edgeroom.target"
 
@@ -257,7 +259,8 @@ def test_the_units_pass_the_check_against_the_root(installed):
                               capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exposures = {line.split()[0]: float(line.split()[2]) for line in proc.stdout.splitlines()}
-    assert set(exposures) == {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@check.service"}
+    assert set(exposures) == {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@check.service",
+                              "edgeroom-decode@check.service", "edgeroom-sources.service"}
     assert all(e <= 2.0 for e in exposures.values()), exposures
 
 

@@ -79,6 +79,17 @@ def cmd_units_check(args: argparse.Namespace) -> int:
     return 0 if results and all(r.ok for r in results) else 1
 
 
+def cmd_sources_sync(args: argparse.Namespace) -> int:
+    from services.supervisor import systemd_sync
+    from services.runtime import logs
+    logs.setup("sources", "info", "text")
+    cfg = configuration.load(args.config)
+    start, stop = systemd_sync.sync(cfg, dry_run=args.dry_run)
+    print(f"sources: started {', '.join(start) or 'nothing'}; stopped {', '.join(stop) or 'nothing'}"
+          + (" (dry run)" if args.dry_run else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default under `edgeroom run`, with its status and events shown live."""
     from services.control.endpoints import endpoints_for, runtime_dir
@@ -170,6 +181,14 @@ def add_parsers(sub) -> None:
     check.add_argument("--root", help="verify against this filesystem root (where the units' ExecStart lives)")
     check.add_argument("--max-exposure", type=float, default=2.0, help="highest exposure accepted (default 2.0)")
     check.set_defaults(func=cmd_units_check)
+
+    srcs = sub.add_parser("sources", help="under systemd: start and stop instance units to match the sources")
+    srcs_sub = srcs.add_subparsers(dest="sources_command", required=True)
+    sync = srcs_sub.add_parser("sync", help="start the capture/decode units of added sources, stop removed ones "
+                                            "(edgeroom-sources.service runs it)")
+    sync.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    sync.add_argument("--dry-run", action="store_true", help="say what would be started and stopped")
+    sync.set_defaults(func=cmd_sources_sync)
 
     demo = sub.add_parser("demo", help="the embedded default under `edgeroom run`, status and events shown live")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
