@@ -133,12 +133,12 @@ class Capture(Service):
         frames = self.sink.frames
         self.rate = (frames - n) / max(1e-6, now - t)
         self._rate_mark = (now, frames)
-        if frames != self._last_frames:
-            self._last_frames, self._last_item = frames, now
         self.m_fps.set(self.rate)
         self.m_up.set(1 if self._flowing(now) else 0)
 
     def _flowing(self, now: float) -> bool:
+        if self.sink.frames != self._last_frames:
+            self._last_frames, self._last_item = self.sink.frames, now
         window = max(FLOWING_WITHIN, 2.0 / self.source_cfg.fps)
         return self._last_item > 0 and now - self._last_item <= window and self.phase == "running"
 

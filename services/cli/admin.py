@@ -107,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
     """Wait for the hub, then print its status every 3 s and every hook and state event;
     the sessions that started before the subscription took hold are listed once."""
-    from services.cli.ctl import _event_line, _sessions_table, _status_table
+    from services.cli.ctl import _event_line, _sessions_table, _status_table, _streams_table
     from services.control.client import Client, HubUnreachable, Subscriber
 
     end = time.monotonic() + seconds
@@ -126,16 +126,36 @@ def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
             time.sleep(0.1)
             sessions = client.call("sessions")
         print(_sessions_table(sessions), flush=True)
-        next_status = 0.0
+        next_status, shot = 0.0, None
         while time.monotonic() < end and run.poll() is None:
             if time.monotonic() >= next_status:
                 print(_status_table(client.call("status")), flush=True)
+                print(_streams_table(client.call("streams")), flush=True)
+                shot = shot or _demo_snapshot(client)
                 next_status = time.monotonic() + 3.0
             event = sub.recv(timeout=0.25)
             if event is not None:
                 print(_event_line(event), flush=True)
     print(f"demo over after {seconds:g} s: `edgeroom run` starts the same box and keeps it running", flush=True)
     return 0
+
+
+def _demo_snapshot(client) -> str | None:
+    """A JPEG of the decoded camera, once it exists: proof that capture -> decode -> bus works."""
+    import base64
+    import tempfile
+
+    from services.control.client import CommandFailed
+    try:
+        shot = client.call("snapshot", {"stream": "synthetic", "max_width": 640})
+    except CommandFailed:
+        return None  # no decoded picture yet (the first keyframe is on its way)
+    path = Path(tempfile.gettempdir()) / "edgeroom-demo-snapshot.jpg"
+    path.write_bytes(base64.b64decode(shot["jpeg"]))
+    print(f"snapshot of {shot['stream']} (item {shot['seq']}, {shot['source_width']}x{shot['source_height']} "
+          f"{shot['format']}) written to {path}: `edgeroom ctl snapshot synthetic FILE.jpg` does the same",
+          flush=True)
+    return str(path)
 
 
 def add_parsers(sub) -> None:
