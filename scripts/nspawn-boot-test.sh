@@ -83,7 +83,7 @@ install_edgeroom() {
     say "install edgeroom into the root with scripts/install.sh"
     rm -rf "$ROOT/src/edgeroom" "$ROOT"/etc/edgeroom/edgeroom.toml* && mkdir -p "$ROOT/src/edgeroom"
     (cd "$REPO" && git ls-files -z | xargs -0 tar -cf - 2>/dev/null) | tar -xf - -C "$ROOT/src/edgeroom"
-    "${NSPAWN[@]}" "${HOST_PIP[@]}" --pipe /src/edgeroom/scripts/install.sh --extras none --platform cpu \
+    "${NSPAWN[@]}" "${HOST_PIP[@]}" --pipe /src/edgeroom/scripts/install.sh --extras media --platform cpu \
         > "$DIR/install.log" 2>&1 \
         || fail "install.sh failed inside the root: see $DIR/install.log"
     # a short watchdog and restart delay so the test is quick; the units are rendered again from it

@@ -270,6 +270,11 @@ def test_sources_added_and_removed_by_command_start_and_stop_their_processes(box
         k for k, v in b.services().items() if v["state"] != "stopped"}, 10, "their processes to stop")
     assert ctl(b, "source", "remove", "cam").returncode == 1
     assert [r["name"] for r in b.call("source.list")] == []
+    # a config source added back by command, then removed again, stays removed
+    assert ctl(b, "source", "add", "cam", "kind=synthetic", "encode=raw", "width=160", "height=120").returncode == 0
+    assert [(r["name"], r["origin"]) for r in b.call("source.list")] == [("cam", "command")]
+    assert ctl(b, "source", "remove", "cam").returncode == 0
+    assert [r["name"] for r in b.call("source.list")] == []
     assert not [s for s in framebus.list_streams(prefix) if s.stream.startswith(("clip", "cam"))]
 
 

@@ -131,6 +131,8 @@ class H264Encoder:
 
 class SyntheticSource:
     def __init__(self, cfg: SourceConfig) -> None:
+        if cfg.encode == "h264":
+            import av  # noqa: F401  (at setup, not on the reader thread: a missing extra is a clear exit 78)
         self.cfg = cfg
         self.pattern = Pattern(cfg.width, cfg.height)
         self.encoder: H264Encoder | None = None

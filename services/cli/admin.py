@@ -25,7 +25,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_service(args: argparse.Namespace) -> int:
     from services.runtime.service import main
 
-    cls = catalog.load_class(args.kind)
+    try:
+        cls = catalog.load_class(args.kind)
+    except ImportError as exc:  # an extra is missing: restarting cannot help; 78 keeps systemd from trying
+        print(f"edgeroom {args.kind}: cannot run: {exc}: this service needs an extra that is not installed "
+              "(pip install 'edgeroom[media]', or scripts/install.sh --extras media)", file=sys.stderr)
+        return 78
     if catalog.CATALOG[args.kind].templated and not args.instance:
         raise ValueError(f"service {args.kind} runs one process per instance: give its name "
                          f"(edgeroom service {args.kind} NAME)")

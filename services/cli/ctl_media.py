@@ -8,7 +8,8 @@
 
 `source add` takes the keys of a [sources.NAME] table as KEY=VALUE; a value is read as a
 TOML value when it is one (640, 2.5, true, "text") and as a plain string otherwise, so
-URLs and paths need no quotes. The hub validates the table exactly as the config file's.
+URLs and paths need no quotes; a text key keeps what was typed (device=0 is "0"). The hub
+validates the table exactly as the config file's.
 """
 from __future__ import annotations
 
@@ -16,23 +17,32 @@ import argparse
 import base64
 import os
 import tomllib
+from dataclasses import fields
 
 from services.cli import ctl
 from services.cli.tables import table
+from services.runtime.config import SourceConfig
 
 __all__ = ["add_parsers"]
 
 
+_TEXT_KEYS = {f.name for f in fields(SourceConfig) if f.type in (str, "str")}
+
+
 def parse_pairs(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs -> a source table: text keys (url, path, device, ...) keep the text as
+    typed (device=0 is the string "0"); other values are read as TOML (640, 2.5, true)."""
     out = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
+        key = key.strip()
         if not eq or not key:
             raise ValueError(f"expected KEY=VALUE, got {pair!r}")
         try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = value
+            parsed = value
+        out[key] = parsed if key not in _TEXT_KEYS or isinstance(parsed, str) else value
     return out
 
 

@@ -257,7 +257,8 @@ def source_add(hub: Hub, args: dict, ctx: Ctx) -> dict:
     _save(overlay)
     hub.log.info("source %s added by command (%s)", name, src.kind)
     hub.publish("source.added", {"name": name, "kind": src.kind, "room": src.room})
-    return {"name": name, "source": asdict(src), "overlay": str(overlay.path)}
+    shown = {**asdict(src), "url": scrub(src.url)}
+    return {"name": name, "source": shown, "overlay": str(overlay.path)}
 
 
 @command("source.remove", "remove a source from the running box; its capture and decode stop (args: name)")
@@ -267,9 +268,8 @@ def source_remove(hub: Hub, args: dict, ctx: Ctx) -> dict:
     present = sources.effective(hub.config, overlay)
     if name not in present:
         raise ProtocolError("not_found", f"no source {name!r} (sources: {', '.join(present) or 'none'})")
-    if name in overlay.added:
-        del overlay.added[name]
-    else:
+    overlay.added.pop(name, None)
+    if name in hub.config.sources:
         overlay.removed.append(name)  # a source of the config file: hidden until added again
     _save(overlay)
     hub.log.info("source %s removed by command", name)

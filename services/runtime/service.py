@@ -166,6 +166,10 @@ class Service:
             if self.kind != "hub":
                 self._connect_hub()
             self._serve()
+        except ImportError as exc:  # an extra is not installed: restarting cannot help (exit 78, like a bad config)
+            self.log.error("cannot run: %s: this service needs an extra that is not installed "
+                           "(pip install 'edgeroom[media]', or scripts/install.sh --extras media)", exc)
+            rc = 78
         except (OSError, RuntimeError, ValueError, framebus.BusError) as exc:
             self.log.error("cannot run: %s", exc)  # an expected failure: one line that names the cause
             rc = 1
