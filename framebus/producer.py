@@ -136,11 +136,16 @@ class Producer:
     @classmethod
     def create(cls, stream: str, kind: str = "video", *, payload: int, slots: int = 8,
                prefix: str | None = None, max_consumers: int = 16,
-               hold_back: float | None = 0.0) -> Producer:
+               hold_back: float | None = 0.0, history: bool = False) -> Producer:
         """Create the ring `stream` (replacing a stale one) and become its producer.
 
         payload: the largest item in bytes; slots: ring length (>= 2);
-        hold_back: seconds to wait per item for reliable consumers (0 never, None forever).
+        hold_back: seconds to wait per item for reliable consumers (0 never, None forever);
+        history: keep the last `slots` items whoever reads, like a plain ring (the oldest
+        goes first), so a reader that attaches with start='oldest' finds them: for encoded
+        streams, where a decoder that joins late needs the last keyframe. Without it the
+        most recently freed slot is reused (cache-friendly for big pictures), and a ring
+        nobody reads keeps only its newest item.
         Raises StreamBusy if a live producer owns the stream, BusFull if /dev/shm is full.
         """
         self = cls()
@@ -163,6 +168,7 @@ class Producer:
         self.kind = KINDS[kind]
         self.geometry = geo = L.Geometry(slots, payload, max_consumers)
         self._hold_ns = hold_ns
+        self._history = history
         pid = os.getpid()
         ticks = procinfo.start_ticks(pid) or 0
         self._wake_serial = next_serial()
@@ -332,6 +338,8 @@ class Producer:
                     reliable = min(reliable, hold)
                 else:
                     live = min(live, hold)
+            if self._history:  # a plain ring: nothing in the window is free, whatever readers did
+                live = min(live, seq - n + 1)
             if newest or not self._holders:
                 # Keep the newest item: a latest() reader (or one that joins) must be able
                 # to get it while the next is written, or a fast producer starves it.

@@ -178,7 +178,10 @@ def _target(cfg: configuration.Config) -> Unit:
 def _sources_units(exe: str) -> list[Unit]:
     """The path unit that watches sources.json and the oneshot that starts and stops instance
     units to match it (services/supervisor/systemd_sync.py). Root, because only root may start
-    units, but with nothing else: no network, no devices, no capabilities, a read-only system."""
+    units, but with nothing else: no network, no devices, no capabilities (so it reads
+    sources.json through the edgeroom group, like any member), a read-only system. Not
+    StateDirectory=: for a root unit systemd would chown the directory to root, and the hub
+    could no longer write it."""
     head = "# Rendered by `edgeroom units render`: sources added or removed by `edgeroom ctl source`.\n"
     path = (head + "[Unit]\nDescription=edgeroom: watch the sources added and removed by command\n"
             f"PartOf={TARGET}\n\n[Path]\nPathChanged={STATE_PATH}/sources.json\nUnit={SOURCES_SYNC}\n\n"
@@ -186,7 +189,8 @@ def _sources_units(exe: str) -> list[Unit]:
     service = (head + "[Unit]\nDescription=edgeroom: start and stop capture and decode units to match the sources\n"
                f"PartOf={TARGET}\nAfter=edgeroom-hub.service\n\n[Service]\nType=oneshot\n"
                f"ExecStart={exe} sources sync\nEnvironment=EDGEROOM_CONFIG={CONFIG_PATH}\n"
-               "StateDirectory=edgeroom\nStateDirectoryMode=0750\nTimeoutStartSec=90s\n"
+               f"Environment=STATE_DIRECTORY={STATE_PATH}\nSupplementaryGroups=edgeroom\n"
+               "TimeoutStartSec=90s\n"
                "RestrictAddressFamilies=AF_UNIX\nPrivateNetwork=yes\nPrivateDevices=yes\nIPAddressDeny=any\n"
                "ProtectHome=yes\nMemoryDenyWriteExecute=yes\nPrivateUsers=no\n" + HARDENING +
                f"\n[Install]\nWantedBy={TARGET}\n")

@@ -107,12 +107,26 @@ def test_sink_grows_the_encoded_ring_and_remakes_the_raw_ring_on_a_size_change(p
         sink.close()
 
 
+def test_an_encoded_ring_nobody_reads_keeps_its_history_for_a_late_decoder(prefix):
+    m = SinkMetrics(*(_Count() for _ in range(7)))
+    sink = Sink("h", prefix, m)
+    try:
+        for i in range(100):  # more than the 64 slots, with no reader at all
+            sink.encoded(bytes([0, 0, 0, 1, 0x65 if i % 10 == 0 else 0x41, i]), "h264", keyframe=i % 10 == 0,
+                         pts=i, time_base=Fraction(1, 25), capture_ns=i + 1, width=320, height=240)
+        with framebus.Consumer.attach("h", prefix=prefix, start="oldest") as late:
+            got = [item.pts for item in iter(late.poll, None)]
+        assert got == list(range(36, 100)), "the last 64 items, oldest first: a late decoder finds keyframe 40"
+    finally:
+        sink.close()
+
+
 # ----------------------------------------------------------------------------- helpers
 def collect(consumer: framebus.Consumer, want: int, timeout: float, keep=lambda item: True) -> list:
     """(number or None, pts, capture_ns, flags) of items until `want` were kept or `timeout` passed."""
     out, deadline = [], time.monotonic() + timeout
     while len(out) < want and time.monotonic() < deadline:
-        item = consumer.receive(timeout=0.2)
+        item = consumer.receive(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
         if item is None or not keep(item):
             continue
         number = picture_number(item) if item.kind == "video" else None
@@ -120,6 +134,15 @@ def collect(consumer: framebus.Consumer, want: int, timeout: float, keep=lambda 
         if item.valid():
             out.append(row)
     return out
+
+
+def collect_both(a: framebus.Consumer, b: framebus.Consumer, want: int, timeout: float) -> tuple[list, list]:
+    """collect() from two streams at once (a file's encoded ring closes when the file ends)."""
+    out_a, out_b, deadline = [], [], time.monotonic() + timeout
+    while (len(out_a) < want or len(out_b) < want) and time.monotonic() < deadline:
+        out_a += collect(a, want - len(out_a), 0.05) if len(out_a) < want else []
+        out_b += collect(b, want - len(out_b), 0.05) if len(out_b) < want else []
+    return out_a, out_b
 
 
 def ctl(b, *args: str) -> subprocess.CompletedProcess:
@@ -137,16 +160,18 @@ def test_a_file_reaches_the_bus_decoded_every_frame_in_order_at_its_pace(box, pr
     with framebus.Consumer.attach("clip-raw", prefix=prefix, missing_ok=True, start="oldest") as raw, \
             framebus.Consumer.attach("clip", prefix=prefix, missing_ok=True, start="oldest") as enc:
         b.run()
-        pictures = collect(raw, 50, 20)
-        encoded = collect(enc, 50, 5)
+        pictures, encoded = collect_both(raw, enc, 50, 20)
+    # every picture in order; the first one or two may come out before this reader's attach
+    # takes hold (a picture ring keeps no history); decode's own count below covers those
     numbers = [n for n, *_ in pictures]
-    assert numbers == list(range(50)), numbers
+    assert numbers == list(range(numbers[0], 50)) and numbers[0] <= 2, numbers
     capture = [c for *_, c, _ in pictures]
     span = (capture[-1] - capture[0]) / 1e9
-    assert 1.9 < span < 2.1, f"50 frames at 25 fps are paced over 1.96 s, took {span:.2f}"
+    expected = (49 - numbers[0]) / 25
+    assert abs(span - expected) < 0.1, f"paced at 25 fps: {expected:.2f} s expected, took {span:.2f}"
     pts = [p for _, p, _, _ in pictures]
-    assert pts == sorted(pts) and len(set(pts)) == 50
-    assert len(encoded) == 50 and [c for *_, c, _ in encoded] == capture, "decode passes capture_ns through"
+    assert pts == sorted(pts) and len(set(pts)) == len(pts)
+    assert len(encoded) == 50 and [c for *_, c, _ in encoded][numbers[0]:] == capture, "capture_ns passed through"
     # the file ended: capture stays up, says so, and its session ends
     status = wait_for(lambda: "ended" in (s := b.services()["capture@clip"])["status"] and s, 10, "capture ended")
     assert status["state"] == "ready"
@@ -186,23 +211,25 @@ def test_corrupt_and_truncated_files_resume_at_the_next_keyframe(box, prefix, tm
     with framebus.Consumer.attach("bad-raw", prefix=prefix, missing_ok=True, start="oldest") as c1, \
             framebus.Consumer.attach("cut-raw", prefix=prefix, missing_ok=True, start="oldest") as c2:
         b.run()
-        bad_pics = collect(c1, 100, 6)
-        cut_pics = collect(c2, 100, 2)
+        bad_pics, cut_pics = collect_both(c1, c2, 100, 6)  # neither reaches 100: both lose pictures
     numbers = [n for n, *_ in bad_pics]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), "pictures intact and in order"
-    assert numbers[0] == 0 and numbers[-1] >= 90, f"decoding went on after the garbage: {numbers}"
+    assert numbers[0] <= 2 and numbers[-1] >= 90, f"decoding went on after the garbage: {numbers}"
     missing = sorted(set(range(100)) - set(numbers))
     assert missing, "the garbage cost some pictures"
     resumed = [n for n in numbers if n > missing[0]]
     assert resumed and resumed[0] % 10 == 0, f"resumed at {resumed[0]}, not at a keyframe"
-    scrape = wait_for(lambda: (s := b.scrape()) if metric_value(s, "edgeroom_decode_frames_in_total",
-                                                                 stream="bad") else None, 5, "decode metrics")
+    def decode_counted():
+        text = b.scrape()
+        return text if metric_value(text, "edgeroom_decode_frames_in_total", stream="bad") else None
+    scrape = wait_for(decode_counted, 5, "decode metrics")
     errors = metric_value(scrape, "edgeroom_decode_errors_total", stream="bad") or 0
     dropped = sum(metric_value(scrape, "edgeroom_decode_dropped_frames_total", stream="bad", reason=r) or 0
                   for r in ("corrupt", "waiting_keyframe"))
     assert errors + dropped > 0, "the damage is counted"
     cut_numbers = [n for n, *_ in cut_pics]
-    assert cut_numbers == list(range(len(cut_numbers))) and 50 < len(cut_numbers) < 80, cut_numbers
+    assert cut_numbers == list(range(cut_numbers[0], cut_numbers[0] + len(cut_numbers))), cut_numbers
+    assert cut_numbers[0] <= 2 and 50 < cut_numbers[-1] < 80, cut_numbers
     assert b.services()["decode@bad"]["state"] == "ready" and b.services()["capture@cut"]["state"] == "ready"
 
 

@@ -7,8 +7,10 @@ A source writes into a `Sink`; the sink owns the source's rings:
 
 Rings are made lazily, sized from the first item, and made again (a new generation,
 which consumers follow by themselves) when a picture changes size or an access unit
-outgrows its slot. Encoded rings are long (64 slots: two seconds at 30 fps) so a decoder
-that falls briefly behind misses nothing, and never hold a live source back. Every item
+outgrows its slot. Encoded and audio rings are long (64 slots: two seconds of video at 30
+fps) and keep their history (framebus `history=True`), so a decoder that falls briefly
+behind misses nothing and one that attaches late starts from the last keyframe; they
+never hold a live source back. Every item
 costs one copy: from the source's buffer (an FFmpeg packet, mss's grab, the encoder's
 output) into the slot.
 
@@ -81,7 +83,9 @@ class Sink:
         if self.video is not None:
             self.video.close()
             self.video = None
-        self.video = framebus.Producer.create(self.stream, kind, payload=payload, slots=slots, prefix=self.prefix)
+        # encoded rings keep their history: a decoder that attaches late starts from the last keyframe
+        self.video = framebus.Producer.create(self.stream, kind, payload=payload, slots=slots, prefix=self.prefix,
+                                              history=kind == "encoded")
         self._payload = payload
         return self.video
 
@@ -170,7 +174,7 @@ class Sink:
             # room for a 0.1 s chunk of 8 channels at the rate, whatever the source sends
             self.audio_producer = framebus.Producer.create(audio_stream(self.stream), "audio",
                                                            payload=max(rate // 10, 1024) * 8 * 2,
-                                                           slots=AUDIO_SLOTS, prefix=self.prefix)
+                                                           slots=AUDIO_SLOTS, prefix=self.prefix, history=True)
             self.audio_rate = rate
         self.audio_producer.publish_audio(pcm, rate, pts=pts, time_base=(1, rate), capture_ns=capture_ns)
         self.m.audio_chunks.inc()

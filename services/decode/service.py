@@ -16,9 +16,12 @@ published after it.
 Never a silent loss: when the consumer's `missed` grows (decode fell more than a ring
 behind) or an item was torn while it was copied, the items lost are counted as
 dropped{reason="missed"}. Then, and also when the producer of NAME died, closed the ring
-or was replaced (a new generation), the decoder is flushed: the pictures of the access
-units it already has (all from before the break) are published, and its keyframe gate
-closes, so nothing that would reference a lost picture is ever published (no grey smear).
+or was replaced (a new generation), or an item is marked FLAG_CORRUPT (the demuxer saw
+damage or loss), the decoder is flushed: the pictures of the access units it already has
+(all from before the break) are published, and its keyframe gate closes, so nothing that
+would reference a lost picture is ever published (no grey smear). A FLAG_CORRUPT item is
+still decoded: if it is a keyframe it opens the gate again (damage inside it is caught by
+the decoder's own checks); if not, it waits behind the gate like those after it.
 
 Everything runs on the service's loop (so its watchdog reflects decode health); one loop
 turn decodes at most BATCH_ITEMS items or BATCH_SECONDS of work, then lets the timers
@@ -78,6 +81,7 @@ class Decode(Service):
         self.raw_input: str | None = None  # "rgb24 1280x720" when NAME carries pictures
         self.generation: int | None = None
         self._missed_seen = 0
+        self._reading = False  # an item was read: from now on, every item missed counts
         self._extra_key: tuple[int, int] | None = None
         self._disc_from: tuple[int, int] | None = None  # (generation, seq): flag the first picture from there
         self._closed_flushed = False
@@ -93,7 +97,8 @@ class Decode(Service):
                           self.stream, self.source.kind,
                           f" (encode = {self.source.encode})" if self.source.kind == "synthetic" else "",
                           self.stream)
-        self.consumer = framebus.Consumer.attach(self.stream, prefix=self.prefix, missing_ok=True)
+        # "oldest": whatever the ring still holds (a file's first frames; the last keyframe, sooner)
+        self.consumer = framebus.Consumer.attach(self.stream, prefix=self.prefix, missing_ok=True, start="oldest")
         self.loop.add_reader(self.consumer.fileno(), self._readable)
         self.loop.every(1.0, self._tick)
         if self.consumer.attached:
@@ -164,21 +169,23 @@ class Decode(Service):
             self._lost(missed, f"missed {missed} access unit(s): decode fell behind")
         if not self.consumer.attached and self.generation is not None and not self._closed_flushed:
             self._closed_flushed = True  # the end of the stream: what the decoder holds comes out
-            self._lost(0, f"stream {self.stream} closed by its producer")
+            self._lost(0, "closed by its producer")
 
     def _check_missed(self) -> int:
+        """Items the consumer lost since the last look. Before the first item read, none count:
+        what a stream sent before decode came is not decode's loss."""
         missed = self.consumer.missed - self._missed_seen
         self._missed_seen = self.consumer.missed
-        return missed
+        return missed if self._reading else 0
 
     def _item(self, item: framebus.Item) -> None:
         missed = self._check_missed()
+        self._reading = True
         gen = item.generation
         new_gen = gen != self.generation
         if new_gen:
             if self.generation is not None:  # capture restarted: its timeline starts again
-                self.log.info("stream %s: new producer generation %d (was %d)", self.stream, gen, self.generation)
-                self._lost(missed, "a new producer generation")
+                self._lost(missed, f"new producer generation {gen} (was {self.generation})")
                 missed = 0
                 self._disc_from = (gen, item.seq)
             self.generation = gen
@@ -200,6 +207,8 @@ class Decode(Service):
             return
         if missed:
             self._lost(missed, f"missed {missed} access unit(s): decode fell behind")
+        if flags & framebus.FLAG_CORRUPT:  # damaged, or data before it was lost: trust nothing before it
+            self._lost(0, f"access unit {item.seq} is marked damaged (FLAG_CORRUPT)", warn=True)
         if flags & framebus.FLAG_DISCONTINUITY:
             self._disc_from = (gen, item.seq)
         if self.decoder is None or codec != self.codec:
@@ -220,7 +229,7 @@ class Decode(Service):
         self._sync()
         self._publish_all(out)
 
-    def _lost(self, missed: int, why: str) -> None:
+    def _lost(self, missed: int, why: str, warn: bool = False) -> None:
         """The input broke off (items missed, a torn item, the producer died or was replaced):
         publish the pictures of the access units decoded so far (complete: they came before the
         break), close the keyframe gate so nothing that references what was lost is published,
@@ -231,9 +240,11 @@ class Decode(Service):
             self._publish_all(out)
         if missed:
             self._count("missed", missed)
-            self.throttled.warning("missed", f"{self.stream}: {why}; waiting for the next keyframe")
+        if missed or warn:  # can recur: at most once a second
+            self.throttled.warning("missed" if missed else "break",
+                                   f"stream {self.stream}: {why}; waiting for the next keyframe")
         else:
-            self.log.info("%s: %s; waiting for the next keyframe", self.stream, why)
+            self.log.info("stream %s: %s; waiting for the next keyframe", self.stream, why)
 
     # ------------------------------------------------------------ decoder
     def _open_decoder(self, codec: str) -> None:
@@ -367,9 +378,7 @@ class Decode(Service):
         elif not self.consumer.producer_alive():
             if not self._producer_dead:
                 self._producer_dead = True
-                self.log.warning("stream %s: its producer (pid %s) died; waiting for a new one", self.stream,
-                                 self._producer_pid())
-                self._lost(0, "the producer of the stream died")
+                self._lost(0, f"its producer (pid {self._producer_pid()}) died", warn=True)
         elif self._producer_dead:
             self._producer_dead = False
 

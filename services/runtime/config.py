@@ -273,7 +273,8 @@ class SourceConfig:
     pixel_format: str = setting("yuv420p", "decode: the picture format on NAME-raw.", RESTART, choices=RAW_FORMATS)
     hw_decode: str = setting("auto", "decode: auto (hardware when a probe decode succeeds), off, or a decoder "
                              "name like h264_cuvid.", RESTART, pattern=r"^[a-z0-9_]{2,32}$")
-    decode_threads: int = setting(0, "decode: decoder threads; 0 lets FFmpeg pick one per core.", RESTART,
+    decode_threads: int = setting(1, "decode: frame threads; 1 adds no latency, N decodes up to N pictures at "
+                                  "once and holds N-1 back; 0 lets FFmpeg pick (one per core, plus one).", RESTART,
                                   min=0, max=64)
 
     def encoded(self) -> bool:
