@@ -262,6 +262,17 @@ def test_probe_hw_finds_none_fast():
         Decoder("h264", hw="h264_cuvid")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.path.exists("/dev/nvidiactl"), reason="needs an NVIDIA GPU (no /dev/nvidiactl here)")
+def test_hardware_decode_on_a_gpu_box(h264):
+    """Where NVDEC exists, the probe finds it, `auto` takes it, and it decodes every picture."""
+    name = probe_hw("h264", refresh=True)
+    assert name == "h264_cuvid", "an NVIDIA box whose FFmpeg has cuvid must decode in hardware"
+    dec = Decoder("h264", hw="auto")
+    assert dec.hardware and dec.backend == "h264_cuvid"
+    assert numbers(run(dec, h264)) == list(range(N))
+
+
 @pytest.mark.parametrize("codec,encoder", [("vp8", "libvpx"), ("vp9", "libvpx-vp9")])
 def test_vpx(codec, encoder):
     units = encode(encoder, options={"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0",
