@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "edgeroom-dashboard.json"
 DOCS = ROOT / "docs" / "metrics.md"
 CAPTURE = "capture@cam"
-ALL = ("hub", CAPTURE, "supervisor")
+# a second source that sends H.264, so its decoder's metrics are on the page too
+ENCODED = '[sources.enc]\nkind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nroom = "lobby"\nencode = "h264"\n'
+ALL = ("hub", CAPTURE, "capture@enc", "decode@enc", "supervisor")
 JOB = "edgeroom"
 
 
@@ -178,7 +180,7 @@ def prometheus():
 def start_box_and_prometheus(box, prometheus):
     """A box under `edgeroom run`, and a Prometheus started as soon as the hub has its scrape URL
     (its first scrape is seconds away anyway), then every service ready and on the page."""
-    b = box()
+    b = box(ENCODED)
     b.run()
     url = wait_for(lambda: b.call("status")["metrics_url"], 20, f"the hub's metrics URL; log:\n{b.log()[-3000:]}")
     prom = prometheus(url)
@@ -218,7 +220,7 @@ def test_prometheus_scrapes_every_service_and_sees_a_restart(box, prometheus):
     prom.wait(lambda: prom.value(frames) is not None, 5, frames)
     assert prom.value(f'edgeroom_supervisor_restarts_total{{service="supervisor",unit="{CAPTURE}"}}') == 0
     assert prom.value('edgeroom_supervisor_restarts_total{service="supervisor",unit="hub"}') == 0
-    prom.wait(lambda: prom.value('edgeroom_hub_sessions{service="hub"}') == 1, 5, "the camera's session")
+    prom.wait(lambda: prom.value('edgeroom_hub_sessions{service="hub"}') == 2, 5, "the cameras' sessions")
     assert prom.value(f'edgeroom_service_restarts_total{{service="{CAPTURE}"}}') == 0
 
     # the counters move: two instant queries a few scrapes apart, and increase() over them
@@ -253,7 +255,7 @@ def test_every_metric_is_typed_documented_and_named_by_the_rules(box, prometheus
     every family has HELP and a type, counters' samples end in _total, and docs/metrics.md lists it."""
     _, prom = start_box_and_prometheus(box, prometheus)
     prom.wait(lambda: set(ALL) <= services_in_prometheus(prom, "edgeroom_service_up"), 10, "every service")
-    prom.wait(lambda: prom.value('count(count by (service) (edgeroom_service_cpu_seconds_total))') == 3, 5,
+    prom.wait(lambda: prom.value('count(count by (service) (edgeroom_service_cpu_seconds_total))') == 5, 5,
               "every service's process metrics")
     metadata = prom.api("metadata")
     names = set(prom.api("label/__name__/values"))
@@ -286,7 +288,7 @@ def test_every_metric_is_typed_documented_and_named_by_the_rules(box, prometheus
     assert len(series) < 200, f"{len(series)} series for one camera: a label explodes"
     labels = {k for s in series for k in s} - {"__name__", "job", "instance"}
     assert labels <= {"service", "stream", "reason", "unit", "state", "command", "code", "hook", "outcome",
-                      "result", "le"}, f"unexpected labels: {sorted(labels)}"
+                      "result", "le", "backend"}, f"unexpected labels: {sorted(labels)}"
 
 
 # --- 2. the Grafana dashboard against the same data ------------------------------------------------
@@ -357,7 +359,7 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
             targets.append((panel["title"], target["expr"]))
     assert len(targets) >= 20
 
-    b = box()
+    b = box(ENCODED)
     b.run()
     url = wait_for(lambda: b.call("status")["metrics_url"], 20, f"the hub's metrics URL; log:\n{b.log()[-3000:]}")
     b.wait_ready(*ALL)
