@@ -23,13 +23,35 @@ Failures raise SourceError naming the cause (not_found, connect, timeout, http, 
 read, unsupported); the capture service reconnects with backoff. A file with garbage in
 the middle is not a failure: FFmpeg resynchronises and the decoder's keyframe gate does
 the rest.
+
+A URL, precisely (checked against a real RTSP server, tests/test_capture_url.py):
+
+* opening is bounded by connect_timeout: a refused connection fails at once (connect);
+  a server that accepts but never answers fails after connect_timeout (timeout, however
+  FFmpeg words it). Opening has two steps that each get connect_timeout (the protocol's
+  handshake, then reading until the streams are known), so a server that answers but
+  never sends media takes up to twice that;
+* reading is bounded by read_timeout: no packet for that long is a timeout. FFmpeg's
+  interrupt fires after read_timeout and, for parsed streams (RTSP H.264), first hands
+  over the access unit its parser held, then needs another read_timeout to fail; the
+  source does not wait for that second one: a packet that comes read_timeout after the
+  one before it is the stall itself (it is dropped: its arrival time says nothing of when
+  it was captured), and so is read_timeout without video while audio still flows;
+* the stream ending (the server closed it, or went away) is a failure (read);
+* `stop` takes effect at the next packet, so within read_timeout even when the server
+  is stalled; an error that comes after `stop` is not a failure (run returns False);
+* a packet without any timestamp (FFmpeg's parser leaves the first access unit of an
+  RTSP session so) waits for the next one that has one and takes that one's time less a
+  frame (or the arrival time between them, if longer), so a session does not start
+  with a spurious rebase;
+* no message carries the URL's password: FFmpeg's own error text names the URL too, so
+  the message uses only its reason, with the URL masked and the text scrubbed.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from fractions import Fraction
 
 import av
 import av.error
@@ -38,6 +60,7 @@ from services.capture.sink import Sink
 from services.capture.source import Emit, SourceError
 from services.capture.timeline import Timeline
 from services.runtime.config import SourceConfig
+from services.runtime.scrub import scrub
 
 __all__ = ["MediaSource", "bus_codec", "classify"]
 
@@ -58,7 +81,7 @@ def classify(exc: BaseException, opening: bool) -> str:
     """The metric reason for an FFmpeg/OS error."""
     if isinstance(exc, FileNotFoundError) or isinstance(exc, av.error.HTTPNotFoundError):
         return "not_found"
-    if isinstance(exc, av.error.HTTPError):
+    if isinstance(exc, (av.error.HTTPError, av.error.HTTPClientError)):  # 4xx/5xx, RTSP's too (401, 403, 454)
         return "http"
     if isinstance(exc, (TimeoutError, av.error.ExitError)):
         return "timeout"
@@ -83,6 +106,8 @@ class MediaSource:
         self._next_origin = 0    # file: where the next pass's first packet is due (capture clock)
         self._timelines: dict[int, Timeline] = {}
         self._audio_samples = 0
+        self._held: list = []      # url: video packets without timestamps, waiting for the next one's
+        self._frame_ticks = 1      # one frame period in the video stream's time base
 
     # ------------------------------------------------------------ opening
     def _open(self):
@@ -90,34 +115,60 @@ class MediaSource:
         options = {}
         if self.live and cfg.url.lower().startswith(("rtsp://", "rtsps://")):
             options["rtsp_transport"] = cfg.transport
+            # SETUP only what is used: a camera's audio we do not publish is not sent at all
+            options["allowed_media_types"] = "video+audio" if cfg.audio else "video"
         timeout = (cfg.connect_timeout, cfg.read_timeout) if self.live else None
+        started = time.monotonic()
         try:
             return av.open(self.target, options=options, timeout=timeout)
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(classify(exc, True), f"cannot open {self._shown()}: {exc}") from None
+            took = time.monotonic() - started
+            if self.live and (isinstance(exc, av.error.ExitError) or took >= 0.95 * cfg.connect_timeout):
+                # FFmpeg's interrupt ended the wait; what it reports then varies (an RTSP handshake
+                # cut short is "Invalid data found"), the cause does not: no answer in time
+                raise SourceError("timeout", f"cannot open {self._shown()}: no answer within {took:.1f} s "
+                                  f"({self._why(exc)})") from None
+            raise SourceError(classify(exc, True), f"cannot open {self._shown()}: {self._why(exc)}") from None
 
     def _shown(self) -> str:
-        """The target without a password (user:pass@ in a URL)."""
-        if "@" in self.target and "://" in self.target:
-            scheme, _, rest = self.target.partition("://")
-            creds, _, host = rest.rpartition("@")
-            return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else self.target
-        return self.target
+        """The target without a password (user:pass@ in a URL; password=, token= and the like anywhere)."""
+        target = self.target
+        if "://" in target:
+            scheme, _, rest = target.partition("://")
+            end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+            authority, tail = rest[:end], rest[end:]
+            creds, at, host = authority.rpartition("@")  # as FFmpeg splits it: the last @ before the path
+            if at and ":" in creds:
+                target = f"{scheme}://{creds.split(':', 1)[0]}:***@{host}{tail}"
+        return scrub(target)
+
+    def _why(self, exc: BaseException) -> str:
+        """An FFmpeg/OS error's reason without the URL it names (PyAV puts the whole URL, password
+        included, into the exception's text)."""
+        text = getattr(exc, "strerror", None) or str(exc)
+        if self.target:
+            text = text.replace(self.target, self._shown())
+        return scrub(text)
 
     # ------------------------------------------------------------ running
     def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool:
         while not stop.is_set():
-            container = self._open()
             try:
-                ended = self._play(container, sink, stop)
-            finally:
-                container.close()
+                container = self._open()
+                try:
+                    ended = self._play(container, sink, stop)
+                finally:
+                    container.close()
+            except SourceError:
+                if stop.is_set():  # stopped while blocked: whatever FFmpeg said then is no failure
+                    return False
+                raise
             if not ended:
                 return False
             if self.live:
                 raise SourceError("read", f"{self._shown()} ended the stream")
             if not self.cfg.loop:
-                log.info("%s: end of file", self.target)
+                log.info("%s: end of file", self._shown())
                 return True
         return False
 
@@ -140,15 +191,34 @@ class MediaSource:
         elif self.codec is not None and cc.extradata:
             sink.set_extradata(cc.extradata, self.codec)
         if self.codec is None:
-            log.info("%s: %s cannot travel encoded on the bus; capture decodes it to yuv420p", self.target, cc.name)
+            log.info("%s: %s cannot travel encoded on the bus; capture decodes it to yuv420p", self._shown(),
+                     cc.name)
         origin = self._next_origin or _clock()  # capture-clock instant of the pass's first timestamp
         first: dict[int, int] = {}
         frame_ns = int(NS / float(video.average_rate)) if video.average_rate else NS // 30
+        self._held = []
+        self._frame_ticks = max(1, round(1 / (video.average_rate * video.time_base))) \
+            if video.average_rate and video.time_base else 1
+        # A live source reads every stream, so that a stop or a stall is seen even while only
+        # packets of other streams (audio we do not want, data) arrive; a file only its own.
+        demux = container.demux() if self.live else container.demux(streams)
+        limit = self.cfg.read_timeout
+        last_any = last_video = time.monotonic()
         try:
-            for packet in container.demux(streams):
+            for packet in demux:
                 if stop.is_set():
                     return False
-                if packet.size == 0:
+                if self.live:
+                    now = time.monotonic()
+                    if now - last_any >= limit:
+                        raise SourceError("timeout", f"reading {self._shown()}: no data for {now - last_any:.1f} s")
+                    last_any = now
+                    if packet.stream is video and packet.size:
+                        last_video = now
+                    elif now - last_video >= limit:
+                        raise SourceError("timeout", f"reading {self._shown()}: no video for "
+                                          f"{now - last_video:.1f} s")
+                if packet.size == 0 or packet.stream not in streams:
                     continue
                 ts = packet.dts if packet.dts is not None else packet.pts
                 if self.live or ts is None:
@@ -165,7 +235,9 @@ class MediaSource:
                 else:
                     self._audio(packet, audio, resampler, sink, capture_ns)
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(classify(exc, False), f"reading {self._shown()}: {exc}") from None
+            raise SourceError(classify(exc, False), f"reading {self._shown()}: {self._why(exc)}") from None
+        finally:
+            demux.close()  # PyAV's read loop ends (and frees its packet) before the container closes
         return True
 
     def _timeline(self, stream) -> Timeline:
@@ -176,15 +248,26 @@ class MediaSource:
 
     def _video(self, packet, stream, bsf, sink: Sink, capture_ns: int) -> None:
         tl = self._timeline(stream)
-        cc = stream.codec_context
         if self.codec is None:
             self._decode_video(packet, stream, sink, capture_ns, tl)
             return
         for p in bsf.filter(packet) if bsf is not None else (packet,):
-            pts, rebased = tl.map(p.pts, capture_ns, p.dts)
-            sink.encoded(p, self.codec, keyframe=p.is_keyframe, pts=pts, time_base=stream.time_base,
-                         capture_ns=capture_ns, width=cc.width, height=cc.height, discontinuity=rebased,
-                         corrupt=p.is_corrupt)
+            if self.live and p.pts is None and p.dts is None:
+                self._held.append((p, capture_ns))  # its time comes with the next packet that has one
+                continue
+            clock = p.dts if p.dts is not None else p.pts
+            for k, (held, held_ns) in enumerate(self._held):
+                back = max((len(self._held) - k) * self._frame_ticks, int((capture_ns - held_ns) * tl.ticks_per_ns))
+                self._send(held, stream, sink, held_ns, tl, clock - back)
+            self._held.clear()
+            self._send(p, stream, sink, capture_ns, tl)
+
+    def _send(self, p, stream, sink: Sink, capture_ns: int, tl: Timeline, clock: int | None = None) -> None:
+        cc = stream.codec_context
+        pts, rebased = tl.map(p.pts, capture_ns, p.dts) if clock is None else tl.map(clock, capture_ns, clock)
+        sink.encoded(p, self.codec, keyframe=p.is_keyframe, pts=pts, time_base=stream.time_base,
+                     capture_ns=capture_ns, width=cc.width, height=cc.height, discontinuity=rebased,
+                     corrupt=p.is_corrupt)
 
     def _decode_video(self, packet, stream, sink: Sink, capture_ns: int, tl: Timeline) -> None:
         from services.decode.decoder import copy_into

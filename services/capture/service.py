@@ -48,6 +48,7 @@ class Capture(Service):
         self.phase = "starting"          # starting | running | waiting | ended | failed
         self.last_error = ""
         self.retry_at = 0.0
+        self._frames_at_open = 0
         self.errors = 0
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
@@ -89,6 +90,7 @@ class Capture(Service):
         delay = cfg.reconnect_min
         while not self._halt.is_set():
             started, frames0 = time.monotonic(), self.sink.frames
+            self._frames_at_open = frames0
             self.phase = "running"
             try:
                 ended = self.source.run(self.sink, self._halt, self._emit)
@@ -150,8 +152,8 @@ class Capture(Service):
             return f"{cfg.kind}: retrying in {max(0.0, self.retry_at - time.monotonic()):.1f} s: {self.last_error}"
         if self.phase == "ended":
             return f"{cfg.kind}: ended ({what})"
-        if self.phase == "running" and not self.sink.frames:
-            return f"{cfg.kind}: opening {what}"
+        if self.phase == "running" and self.sink.frames == self._frames_at_open:
+            return f"{cfg.kind}: opening {what}" + (f" (last error: {self.last_error})" if self.last_error else "")
         return f"{cfg.kind} {what} -> {fmt} at {self.rate:.1f} fps"
 
     def _tracks(self) -> list[dict]:
@@ -176,12 +178,20 @@ class Capture(Service):
             sessions.append({"id": self.instance, "room": self.source_cfg.room,
                              "kind": _KINDS.get(self.source_cfg.kind, "camera"), "tracks": self._tracks()})
         return {"status": self._status(), "rate": round(self.rate, 2), "sessions": sessions,
-                "streams": self.sink.streams(), "state": "degraded" if self.phase == "waiting" else None}
+                "streams": self.sink.streams(), "state": "degraded" if self._reopening() else None}
+
+    def _reopening(self) -> bool:
+        """Failed and not delivering again yet: waiting to retry, or reopening after a failure."""
+        return self.phase == "waiting" or (self.phase == "running" and bool(self.last_error)
+                                            and self.sink.frames == self._frames_at_open)
 
     def teardown(self) -> None:
-        if hasattr(self, "_stop"):
+        if hasattr(self, "_halt"):
             self._halt.set()
-            self._thread.join(timeout=2.0)
+            # a read blocked in FFmpeg ends within read_timeout, an open within 2 x connect_timeout
+            cfg, svc = self.source_cfg, self.config.services.get("capture")
+            bound = max(cfg.read_timeout, 2 * cfg.connect_timeout) + 0.5 if cfg.kind == "url" else 2.0
+            self._thread.join(timeout=min(bound, 0.9 * (svc.stop_timeout if svc else 5.0)))
             self.loop.run_handed()  # the source's last events (share stopped) still go out
             if self._thread.is_alive():
                 self.log.warning("the source did not stop within the bound; leaving its thread behind")

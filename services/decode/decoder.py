@@ -669,6 +669,13 @@ class Decoder:
         self._close_gate()
 
     def close(self) -> None:
+        """Drain the codec before letting it go: FFmpeg's frame threads with pictures still in
+        flight can hang avcodec_free_context."""
+        if self._ctx is not None:
+            try:
+                self._ctx.decode(None)
+            except Exception:  # closing: whatever is left is dropped with the context
+                pass
         self._ctx = None
 
     def stats(self) -> dict:
