@@ -679,25 +679,8 @@ class Box:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        sweep_segments(self.prefix)
+        framebus.gc(self.prefix)  # the box's processes are gone: everything under its prefix is stale
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def sweep_segments(prefix: str) -> list[str]:
-    """Remove framebus objects a crashed child left under this prefix."""
-    gone = []
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return gone
-    for name in names:
-        if name.startswith(prefix + "."):
-            try:
-                os.unlink(os.path.join("/dev/shm", name))
-                gone.append(name)
-            except OSError:
-                pass
-    return gone
 
 
 def run_box(clip: Clip, path: Path, n: int, plan: Plan, tag: str, decode_threads: int | None = None) -> dict:
