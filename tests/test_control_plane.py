@@ -233,6 +233,7 @@ def test_ctl_commands_against_a_running_box(box):
     b = box()
     b.run()
     b.wait_ready("hub", "capture@cam", "supervisor")
+    wait_for(lambda: [s for s in b.call("sessions") if s["tracks"]], 5, "the camera's track (after its first frame)")
     env = ["--config", str(b.config)]
     status = edgeroom("ctl", "status", *env)
     assert status.returncode == 0 and "capture@cam" in status.stdout and "RESTARTS" in status.stdout

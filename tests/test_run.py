@@ -73,7 +73,8 @@ def test_hub_restart_loses_no_session(box):
     b = box()
     b.run()
     rows = b.wait_ready(*ALL)
-    sessions = wait_for(lambda: b.call("sessions"), 5, "the camera's session")
+    # the session with its video track (a track appears once the camera's first frame is out)
+    sessions = wait_for(lambda: (got := b.call("sessions")) and got[0]["tracks"] and got, 5, "the camera's session")
     assert [s["session"] for s in sessions] == ["cam"]
     os.kill(rows["hub"]["pid"], signal.SIGKILL)
     b.client().close()
