@@ -45,11 +45,10 @@ class Capture(Service):
         self._metrics()
         self.sink = Sink(self.stream, self.config.bus.prefix, self.sink_metrics)
         self.source: Source = open_source(self.instance, self.source_cfg)
-        self.phase = "starting"          # starting | running | waiting | ended | failed
+        self.phase = "starting"          # starting | running | waiting | ended
         self.last_error = ""
         self.retry_at = 0.0
-        self._frames_at_open = 0
-        self.errors = 0
+        self._frames_at_open = 0  # items sent when the source was last (re)opened
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
         self._last_frames = 0
@@ -89,8 +88,7 @@ class Capture(Service):
         cfg = self.source_cfg
         delay = cfg.reconnect_min
         while not self._halt.is_set():
-            started, frames0 = time.monotonic(), self.sink.frames
-            self._frames_at_open = frames0
+            started, self._frames_at_open = time.monotonic(), self.sink.frames
             self.phase = "running"
             try:
                 ended = self.source.run(self.sink, self._halt, self._emit)
@@ -105,7 +103,7 @@ class Capture(Service):
                     self.sink.close()
                     return
                 continue
-            if self.sink.frames > frames0 and time.monotonic() - started > HEALTHY_AFTER:
+            if self.sink.frames > self._frames_at_open and time.monotonic() - started > HEALTHY_AFTER:
                 delay = cfg.reconnect_min
             self.phase = "waiting"
             self.retry_at = time.monotonic() + delay
@@ -117,7 +115,6 @@ class Capture(Service):
             self.m_reconnects.inc()
 
     def _failed(self, reason: str, message: str) -> None:
-        self.errors += 1
         self.last_error = message
         self.m_errors.labels(self.stream, reason).inc()
         self.m_up.set(0)

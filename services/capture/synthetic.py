@@ -82,7 +82,7 @@ class Pattern:
             np.copyto(y[:h, :w], self.luma)
             np.copyto(u[: h // 2, : w // 2], self.cb)
             np.copyto(v[: h // 2, : w // 2], self.cr)
-        # black blocks must read as 0 and white as 1 from the luma plane: 16 is black in limited range
+        # the number's blocks: 0 and 235 in luma, far from 127 whatever the encoder's loss
         self._marks(y[:h, :w], n, 235)
 
 
