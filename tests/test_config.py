@@ -29,11 +29,13 @@ from services.runtime.config import (
     loads,
     parse_bytes,
     parse_host_port,
+    _SECTIONS,
+    _TABLES,
 )
 
 SAMPLE = Path(__file__).resolve().parent.parent / "config" / "edgeroom.toml"
-SECTIONS = {"box": BoxConfig, "log": LogConfig, "bus": BusConfig, "control": ControlConfig, "hub": HubConfig}
-TABLES = {"hooks": HookConfig, "services": ServiceConfig, "sources": SourceConfig}
+SECTIONS = {name: cls for name, cls in _SECTIONS.items()}  # every section, new ones included
+TABLES = {name: cls for name, (cls, _names) in _TABLES.items()}
 
 
 def error(text: str, env: dict[str, str] | None = None) -> ConfigError:
@@ -145,7 +147,7 @@ def test_unknown_keys_are_rejected_with_the_known_ones(text, key, known):
 
 def test_unknown_top_level_key_message_is_exact():
     assert str(error("colour = 1")) == (
-        "<string>: colour: unknown key (known: box, log, bus, control, hub, hooks, services, sources)")
+        "<string>: colour: unknown key (known: box, log, bus, control, hub, hooks, services, sources, vision, pipelines, recorder)")
 
 
 def test_every_service_name_is_accepted_with_field_defaults():

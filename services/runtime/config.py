@@ -49,8 +49,11 @@ __all__ = [
     "HookConfig",
     "HubConfig",
     "LogConfig",
+    "PipelineConfig",
+    "RecorderConfig",
     "ServiceConfig",
     "SourceConfig",
+    "VisionConfig",
     "defaults",
     "diff",
     "load",
@@ -286,10 +289,31 @@ class SourceConfig:
         return self.encoded() and self.decode
 
 
+# --- vision (services/vision): the detector and AI provider shared by all pipelines -------
+@dataclass(frozen=True)
+class VisionConfig:
+    model: str = setting("", "Detector model: a YOLO .onnx (onnxruntime) or .pt (the ultralytics extra) file; "
+                         "'' is no detector.", RESTART)
+
+
+# --- one pipeline per stream: [pipelines.NAME] processes NAME's pictures -----------------
+@dataclass(frozen=True)
+class PipelineConfig:
+    enabled: bool = setting(True, "Whether this pipeline runs.", RESTART)
+
+
+# --- the recorder (services/recorder) ------------------------------------------------------
+@dataclass(frozen=True)
+class RecorderConfig:
+    dir: str = setting("", "Directory of the recordings; '' is $STATE_DIRECTORY/recordings, else "
+                       "<runtime dir>/recordings.", RESTART)
+
+
 _DEFAULT_ENTRIES: dict[str, dict[str, dict[str, Any]]] = {
     "hooks": {"BEFORE_BRIDGE_VIDEO": {}, "ON_VISION_RESULT": {"deadline": 2.0}},
     "services": {"hub": {}, "capture": {}},
     "sources": {"synthetic": {}},
+    "pipelines": {},
 }
 
 
@@ -310,6 +334,11 @@ class Config:
                                                metadata={"help": "Services by name (SERVICE_NAMES)."})
     sources: dict[str, SourceConfig] = field(default_factory=_entries("sources", SourceConfig),
                                              metadata={"help": "Capture sources by name."})
+    vision: VisionConfig = field(default_factory=VisionConfig,
+                                 metadata={"help": "The vision service: detector and AI vision provider."})
+    pipelines: dict[str, PipelineConfig] = field(default_factory=_entries("pipelines", PipelineConfig),
+                                                 metadata={"help": "Vision pipelines by stream name."})
+    recorder: RecorderConfig = field(default_factory=RecorderConfig, metadata={"help": "The recorder service."})
 
     def to_dict(self) -> dict[str, Any]:
         """Every effective value as plain, JSON-able dicts."""
@@ -317,15 +346,17 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {"box": BoxConfig, "log": LogConfig, "bus": BusConfig,
-                              "control": ControlConfig, "hub": HubConfig}
+                              "control": ControlConfig, "hub": HubConfig, "vision": VisionConfig,
+                              "recorder": RecorderConfig}
 # dynamic tables: entry class and the allowed names (a tuple) or name pattern (a str)
 _TABLES: dict[str, tuple[type, tuple[str, ...] | str]] = {
     "hooks": (HookConfig, SYNC_HOOKS),
     "services": (ServiceConfig, SERVICE_NAMES),
     "sources": (SourceConfig, SOURCE_NAME_PATTERN),
+    "pipelines": (PipelineConfig, SOURCE_NAME_PATTERN),
 }
 _TOP = [f.name for f in fields(Config)]
-_REPLACED: set[_KeyPath] = {("sources",)}  # file tables that replace the defaults instead of merging
+_REPLACED: set[_KeyPath] = {("sources",), ("pipelines",)}  # file tables that replace the defaults instead of merging
 
 
 # --- the generic field validator ------------------------------------------------------------
