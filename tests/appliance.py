@@ -42,6 +42,9 @@ room = "lobby"
 encode = "raw"      # supervision tests: one capture process, pictures straight on the bus
 """
 
+# Services a test box runs only when the test asks for them with a [services.KIND] table.
+OPT_IN = ("vision", "recorder")
+
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
@@ -65,6 +68,9 @@ class Box:
         self.rundir = self.dir / "run"
         self.config = self.dir / "edgeroom.toml"
         extra = extra.replace("{dir}", str(self.dir))
+        for kind in OPT_IN:  # off unless the test's extra config has its [services.KIND] table
+            if f"[services.{kind}]" not in extra:
+                extra += f"\n[services.{kind}]\nenabled = false\n"
         self.config.write_text(f'[box]\nruntime_dir = "{self.rundir}"\n[bus]\nprefix = "{prefix}"\n{FAST}{extra}')
         self.log_path = self.dir / "out.log"
         self.procs: list[subprocess.Popen] = []

@@ -163,10 +163,10 @@ def encode_error(rid: Any, code: str, message: str) -> bytes:
 
 
 def parse_reply(body: bytes, limit: int) -> dict:
-    """A message a client receives: a reply, or a hook call pushed by the hub."""
+    """A message a client receives: a reply, or a hook call or service call pushed by the hub."""
     obj = _load_object(body, limit)
     _check_version(obj, obj.get("id"))
-    if obj.get("type") not in ("reply", "hook_call"):
+    if obj.get("type") not in ("reply", "hook_call", "service_call"):
         raise ProtocolError("bad_request", f"unknown message type {obj.get('type')!r}")
     return obj
 

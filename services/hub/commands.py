@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from services.control import protocol
 from services.control.protocol import ProtocolError
+from services.hub.offers import Offer, check_offers
 from services.hub.registry import check_heartbeat
 from services.hub.sessions import check_sessions
 from services.runtime import config as configuration
@@ -75,10 +76,10 @@ def ping(hub: Hub, args: dict, ctx: Ctx) -> dict:
     return {"pong": True, "pid": os.getpid(), "version": protocol.VERSION, "box": hub.box_name}
 
 
-@command("commands", "every command with a one-line summary")
+@command("commands", "every command with a one-line summary, the services' commands included")
 def commands(hub: Hub, args: dict, ctx: Ctx) -> dict:
     _args(args, {})
-    return dict(sorted(HELP.items()))
+    return dict(sorted({**HELP, **hub.offer_book.summaries()}.items()))
 
 
 @command("status", "every service: state, pid, uptime, restarts, rate; the box's metrics URL")
@@ -126,7 +127,9 @@ def metrics(hub: Hub, args: dict, ctx: Ctx) -> dict:
 def heartbeat(hub: Hub, args: dict, ctx: Ctx) -> dict:
     body = check_heartbeat(args)
     check_sessions(body.get("sessions", []))
+    offers = check_offers(body.get("offers", {}))
     rec, previous, restarted = hub.service_registry.heartbeat(body, time.monotonic())
+    hub.offer_book.update(rec.id, offers, ctx)
     if previous != rec.state or restarted:
         hub.log.info("service %s is %s (pid %d)%s", rec.id, rec.state, rec.pid, " after a restart" if restarted else "")
         hub.publish_state(rec, previous, restarted)
@@ -142,6 +145,7 @@ def bye(hub: Hub, args: dict, ctx: Ctx) -> dict:
     previous = known.state if known else None
     rec = hub.service_registry.bye(a["service"], a["pid"])
     if rec is not None:
+        hub.offer_book.drop(rec.id)
         hub.log.info("service %s stopped", rec.id)
         hub.publish_state(rec, previous)
         hub.publish_changes(hub.book.end_service(rec.id, "service stopped"))
@@ -217,6 +221,33 @@ def hooks(hub: Hub, args: dict, ctx: Ctx) -> dict:
     return {name: {"deadline": p.deadline, "on_timeout": p.on_timeout,
                    "handler": hub.broker.handler(name, now) is not None}
             for name, p in hub.broker.policies.items()}
+
+
+# --- commands that services answer -----------------------------------------------------------
+def forward(hub: Hub, cmd: str, offer: Offer, args: dict, ctx: Ctx) -> Any:
+    """Push the call to the service that offers `cmd`; its `service.answer` completes the reply."""
+    call = hub.offer_book.open(cmd, offer, ctx, time.monotonic())
+    push = {"v": protocol.VERSION, "type": "service_call", "call": call.call, "cmd": cmd, "args": args,
+            "deadline_ms": int(offer.deadline * 1000)}
+    hub.reply(offer.where.router, offer.where.envelope, protocol.json_bytes(push))
+    hub.loop.call_at(call.deadline, hub.expire_hooks)  # a silent service costs the client a timeout, on time
+    return DEFERRED
+
+
+@command("service.answer", "a service's answer to a forwarded command (services send it; args: service, call, "
+                           "result or error)")
+def service_answer(hub: Hub, args: dict, ctx: Ctx) -> dict:
+    a = _args(args, {"service": str, "call": str, "result": object, "error": dict}, ("service", "call"))
+    call = hub.offer_book.answer(a["call"], a["service"])
+    caller, err = call.caller, a.get("error")
+    if err is not None:
+        hub.m_forwards.labels(call.cmd, "error").inc()
+        body = protocol.encode_error(caller.request_id, str(err.get("code", "internal")), str(err.get("message", "")))
+    else:
+        hub.m_forwards.labels(call.cmd, "ok").inc()
+        body = protocol.encode_reply(caller.request_id, a.get("result"))
+    hub.reply(caller.router, caller.envelope, body)
+    return {"relayed": True}
 
 
 # --- sources -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from services.control.keys import ZapAuthenticator, load_server
 from services.hub import commands
 from services.hub.commands import DEFERRED, Ctx
 from services.hub.hooks import HookBroker
+from services.hub.offers import OfferBook
 from services.hub.registry import STATES, Registry
 from services.hub.sessions import SessionBook
 from services.runtime.config import parse_host_port
@@ -55,6 +56,7 @@ class Hub(Service):
         self.book = SessionBook(self.rundir / "hub-state.json")
         self._book_dirty = False
         self.broker = HookBroker(cfg.hooks)
+        self.offer_book = OfferBook(set(commands.TABLE))
         self.throttled = Throttled(log)
         self.collector = BoxCollector()
         self.collector.live["hub"] = self.registry
@@ -159,11 +161,13 @@ class Hub(Service):
             req = protocol.parse_request(body, self.limit)
             rid = req.id
             handler = commands.TABLE.get(req.cmd)
-            if handler is None:
-                raise protocol.ProtocolError("unknown_command", f"unknown command {req.cmd!r}; "
-                                             f"`commands` lists them")
-            self.m_requests.labels(req.cmd).inc()
-            result = handler(self, req.args, Ctx(router, envelope, rid))
+            if handler is None:  # a command a service offers (record.start, vision.describe, ...), or none
+                offer = self.offer_book.find(req.cmd, self.service_state)
+                self.m_requests.labels(req.cmd).inc()
+                result = commands.forward(self, req.cmd, offer, req.args, Ctx(router, envelope, rid))
+            else:
+                self.m_requests.labels(req.cmd).inc()
+                result = handler(self, req.args, Ctx(router, envelope, rid))
         except protocol.ProtocolError as exc:
             self._reject(router, envelope, exc.request_id if rid is None else rid, exc.code, exc.message)
             return
@@ -255,6 +259,15 @@ class Hub(Service):
     def expire_hooks(self) -> None:
         for pending, result in self.broker.expire(time.monotonic()):
             self.finish_hook(pending, result)
+        for call in self.offer_book.expire(time.monotonic()):
+            self.m_forwards.labels(call.cmd, "timeout").inc()
+            self.reply(call.caller.router, call.caller.envelope, protocol.encode_error(
+                call.caller.request_id, "timeout", f"{call.service} did not answer {call.cmd!r} within "
+                                                   f"{call.deadline - call.started:g} s"))
+
+    def service_state(self, service: str) -> str | None:
+        rec = self.service_registry.services.get(service)
+        return rec.state if rec else None
 
     def finish_hook(self, pending, result: dict) -> None:
         latency = time.monotonic() - pending.started
@@ -295,6 +308,9 @@ class Hub(Service):
         self.m_hook_latency = Histogram("edgeroom_hook_latency_seconds", "Time from hook call to answer.",
                                         ["hook"], registry=r,
                                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.m_forwards = Counter("edgeroom_hub_forwarded_calls", "Commands forwarded to the service that offers "
+                                  "them, by command and outcome (ok, error, timeout).", ["command", "outcome"],
+                                  registry=r)
         self.m_exits = Counter("edgeroom_service_exits", "How units' processes ended, as systemd reports it "
                                "($SERVICE_RESULT: success, signal, watchdog, core-dump, ...).",
                                ["service", "result"], registry=r)

@@ -41,6 +41,7 @@ class HubLink:
         self._ids = itertools.count(1)
         self._event_seq = itertools.count(1)
         self.on_socket_change: Callable[[zmq.Socket | None, zmq.Socket], None] | None = None
+        self.on_call: Callable[[dict], None] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -76,6 +77,10 @@ class HubLink:
                 msg = protocol.parse_reply(frames[-1], self.max_bytes * 2)
             except protocol.ProtocolError as exc:
                 log.warning("unreadable message from the hub: %s", exc)
+                continue
+            if msg.get("type") == "service_call":  # a command the hub forwards to us (see Service.offer)
+                if self.on_call is not None:
+                    self.on_call(msg)
                 continue
             self._on_reply(msg)
 

@@ -10,6 +10,10 @@ A service subclasses `Service` and fills in four methods:
 and schedules its own work on `self.loop`. The base sends READY=1 after setup(), pings
 the watchdog from the loop (so a stuck loop stops pinging), heartbeats the hub with the
 service's whole state and metrics, reloads on SIGHUP and stops cleanly on SIGTERM.
+
+A service may answer commands of its own (`record.start`, `vision.describe`): it calls
+`self.offer(name, handler, summary)` in setup(), the heartbeat announces the offer, and
+the hub forwards clients' calls of that name here (services/hub/offers.py).
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from prometheus_client import Counter
 
 import framebus
 from services.control.client import CommandFailed
+from services.control.protocol import ProtocolError
 from services.control.endpoints import Endpoints, endpoints_for, runtime_dir
 from services.runtime import config as configuration
 from services.runtime import logs
@@ -59,6 +65,7 @@ class Service:
         self.link: HubLink | None = None
         self.registry = new_registry()
         self.throttled = Throttled(self.log)
+        self._offers: dict[str, tuple[Callable[..., Any], str, float, bool]] = {}
         self._base_metrics()
 
     # --- what a service provides -------------------------------------------------
@@ -73,6 +80,50 @@ class Service:
 
     def describe(self) -> dict:
         return {}
+
+    # --- commands a service answers ------------------------------------------------
+    def offer(self, name: str, handler: Callable[..., Any], summary: str, deadline: float = 5.0,
+              later: bool = False) -> None:
+        """Answer the command `name` (clients send it to the hub, which forwards it here).
+
+        handler(args) returns the result, or raises ProtocolError(code, message) for bad input.
+        With later=True, handler(args, done) answers by calling done(result) or
+        done(error=ProtocolError(...)) once, from the loop, within `deadline` seconds.
+        """
+        self._offers[name] = (handler, summary, deadline, later)
+
+    def _on_call(self, msg: dict) -> None:
+        call, name, args = str(msg.get("call")), str(msg.get("cmd")), msg.get("args") or {}
+        entry = self._offers.get(name)
+        answered = False
+
+        def done(result: Any = None, error: Exception | None = None) -> None:
+            nonlocal answered
+            if answered or self.link is None:
+                return
+            answered = True
+            body: dict = {"service": self.id, "call": call}
+            if isinstance(error, ProtocolError):
+                body["error"] = {"code": error.code, "message": error.message}
+            elif error is not None:
+                self.log.error("command %s failed: %s: %s", name, type(error).__name__, error)
+                body["error"] = {"code": "internal", "message": f"{self.id} failed on {name}: "
+                                                                f"{type(error).__name__}: {error}"}
+            else:
+                body["result"] = result
+            self.link.request("service.answer", body)
+
+        if entry is None:
+            done(error=ProtocolError("unknown_command", f"{self.id} does not answer {name!r}"))
+            return
+        handler, _summary, _deadline, later = entry
+        try:
+            if later:
+                handler(args, done)
+            else:
+                done(handler(args))
+        except Exception as exc:  # a bug or bad input costs one call, never the service
+            done(error=exc)
 
     # --- metrics every service has ---------------------------------------------
     def _base_metrics(self) -> None:
@@ -90,7 +141,9 @@ class Service:
         return {"service": self.id, "kind": self.kind, "instance": self.instance, "pid": os.getpid(),
                 "started": self.started_at, "state": info.get("state") or self.state, "status": info.get("status", ""),
                 "rate": info.get("rate", 0.0), "sessions": info.get("sessions", []),
-                "streams": info.get("streams", []), "metrics": snapshot(self.registry)}
+                "streams": info.get("streams", []), "metrics": snapshot(self.registry),
+                "offers": {name: {"summary": summary, "deadline": deadline}
+                           for name, (_h, summary, deadline, _l) in self._offers.items()}}
 
     def heartbeat(self) -> None:
         if self.link is not None and self.link.request("service.heartbeat", self.heartbeat_body(),
@@ -107,6 +160,7 @@ class Service:
         self.link = HubLink(self.endpoints, self.id, timeout=timeout,
                             max_bytes=self.config.control.max_message_bytes)
         self.link.on_socket_change = self._swap_link_socket
+        self.link.on_call = self._on_call
         self.loop.add_reader(self.link.sock, self.link.readable)
 
     def _swap_link_socket(self, old, new) -> None:
