@@ -25,7 +25,7 @@ from fractions import Fraction
 import numpy as np
 
 from services.capture.sink import Sink
-from services.capture.source import Emit
+from services.capture.source import Emit, SourceError
 from services.runtime.config import SourceConfig
 
 __all__ = ["H264Encoder", "Pattern", "SyntheticSource", "frame_number"]
@@ -38,14 +38,32 @@ BEEP_SAMPLES = AUDIO_RATE // 10
 TONE_HZ = 1000
 
 
+def load_scene(path: str, width: int, height: int) -> np.ndarray:
+    """A picture file scaled (and centre-cropped) to fill width x height, as RGB."""
+    import cv2
+    picture = cv2.imread(path, cv2.IMREAD_COLOR)
+    if picture is None:
+        raise SourceError("open", f"synthetic image {path!r}: not a picture OpenCV can read (missing, or not "
+                                  f"JPEG/PNG/BMP)")
+    h, w = picture.shape[:2]
+    scale = max(width / w, height / h)
+    sw, sh = max(width, round(w * scale)), max(height, round(h * scale))
+    scaled = cv2.resize(picture, (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    x0, y0 = (sw - width) // 2, (sh - height) // 2
+    return cv2.cvtColor(scaled[y0:y0 + height, x0:x0 + width], cv2.COLOR_BGR2RGB)
+
+
 class Pattern:
-    def __init__(self, width: int, height: int) -> None:
+    def __init__(self, width: int, height: int, image: str = "") -> None:
         self.width, self.height = width, height
-        y, x = np.mgrid[0:height, 0:width]
-        self.background = np.empty((height, width, 3), np.uint8)
-        self.background[..., 0] = (x * 255 // max(1, width - 1)).astype(np.uint8)
-        self.background[..., 1] = (y * 255 // max(1, height - 1)).astype(np.uint8)
-        self.background[..., 2] = 96
+        if image:  # a scene from a photograph: what a detector has something to find in
+            self.background = load_scene(image, width, height)
+        else:
+            y, x = np.mgrid[0:height, 0:width]
+            self.background = np.empty((height, width, 3), np.uint8)
+            self.background[..., 0] = (x * 255 // max(1, width - 1)).astype(np.uint8)
+            self.background[..., 1] = (y * 255 // max(1, height - 1)).astype(np.uint8)
+            self.background[..., 2] = 96
         # the same picture as BT.601 limited-range planes, for the encoder
         r, g, b = (self.background[..., i].astype(np.float32) for i in range(3))
         self.luma = np.clip(16 + 0.257 * r + 0.504 * g + 0.098 * b, 0, 255).astype(np.uint8)
@@ -134,7 +152,7 @@ class SyntheticSource:
         if cfg.encode == "h264":
             import av  # noqa: F401  (at setup, not on the reader thread: a missing extra is a clear exit 78)
         self.cfg = cfg
-        self.pattern = Pattern(cfg.width, cfg.height)
+        self.pattern: Pattern | None = None  # built on the reader thread: a bad image is a source error
         self.encoder: H264Encoder | None = None
         self.late = 0
         # one second of the audio, built once: 50 chunks of 20 ms, the first five beeping
@@ -144,6 +162,8 @@ class SyntheticSource:
 
     def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool:
         cfg = self.cfg
+        if self.pattern is None:
+            self.pattern = Pattern(cfg.width, cfg.height, cfg.image)
         if cfg.encode == "h264":
             self.encoder = H264Encoder(cfg.width, cfg.height, cfg.fps, cfg.gop, cfg.bitrate)
         period = NS / cfg.fps

@@ -185,3 +185,5 @@ def add_parser(sub) -> None:
     call.set_defaults(ctl_func=cmd_call)
     from services.cli import ctl_media  # the media commands: source, snapshot, list-cameras
     ctl_media.add_parsers(ctl_sub, _common)
+    from services.cli import ctl_vision  # the services' commands: describe, view, record
+    ctl_vision.add_parsers(ctl_sub, _common)

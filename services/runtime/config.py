@@ -249,6 +249,8 @@ class SourceConfig:
     gop: float = setting(2.0, "synthetic h264: seconds between keyframes.", RESTART, min=0.04, max=60)
     audio: bool = setting(False, "Publish audio on NAME-audio (s16 PCM): synthetic a 1 kHz beep each second, "
                           "in step with a white flash; file and url their first audio track.", RESTART)
+    image: str = setting("", "synthetic: a picture file (JPEG, PNG) drawn as the scene instead of the gradient, "
+                         "so a detector has something to find; '' is the gradient.", RESTART)
     path: str = setting("", "file: the media file (any container PyAV reads).", RESTART)
     loop: bool = setting(False, "file: start again from the beginning at the end.", RESTART)
     url: str = setting("", "url: rtsp://, rtsps://, http(s)://, rtmp://, srt://, udp:// or tcp:// address.",
@@ -395,8 +397,36 @@ class PipelineConfig:
 # --- the recorder (services/recorder) ------------------------------------------------------
 @dataclass(frozen=True)
 class RecorderConfig:
+    def _check_targets(text: str) -> None:  # noqa: N805 - a plain function used as the `record` check below
+        for target in parse_list(text):
+            if not re.fullmatch(r"room:[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}|[a-z0-9][a-z0-9_-]{0,63}", target):
+                raise ValueError(f"expected stream names or room:NAME separated by commas, got {target!r}")
+
     dir: str = setting("", "Directory of the recordings; '' is $STATE_DIRECTORY/recordings, else "
                        "<runtime dir>/recordings.", RESTART)
+    record: str = setting("", "What to record from the start: comma-separated targets, each a stream name "
+                          "(NAME, NAME-raw, NAME-audio) or room:NAME; '' is none (start by command).", LIVE,
+                          off="", check=_check_targets)
+    segment_seconds: float = setting(300.0, "Length of a segment file; a new one begins at the next keyframe "
+                                     "after this many seconds.", LIVE, min=1, max=86400)
+    fragment_seconds: float = setting(0.5, "Longest MP4 fragment, in seconds: at most this much (plus one frame) "
+                                      "is lost when the recorder or the box dies.", LIVE, min=0.1, max=1.0)
+    encoder: str = setting("auto", "Encoder for raw streams: auto (NVENC or the Jetson encoder when a probe encode "
+                           "works, else libx264) or an encoder name like h264_nvenc or libx264.", LIVE,
+                           pattern=r"^[a-z0-9_]{2,32}$")
+    crf: int = setting(23, "Encoding quality for raw streams when bitrate is 0 (libx264 crf, NVENC cq): lower "
+                       "is better and bigger.", LIVE, min=0, max=51)
+    preset: str = setting("veryfast", "libx264 speed preset for raw streams.", LIVE,
+                          choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"))
+    bitrate: int = setting(0, "Target bit rate for raw streams in kbit/s; 0 is constant quality (crf).", LIVE,
+                           min=0, max=200000)
+    gop: float = setting(2.0, "Seconds between keyframes when encoding raw streams.", LIVE, min=0.1, max=60)
+    retention_hours: float = setting(72.0, "Delete finished segments older than this; 0 keeps them forever.", LIVE,
+                                     min=0, max=87600)
+    max_disk_share: float = setting(0.5, "Largest share of the filesystem all finished segments may take; the "
+                                    "oldest go first; 0 is no limit.", LIVE, min=0.0, max=0.99)
+    fsync: bool = setting(True, "fsync each fragment, so a power cut loses at most the fragment being written.",
+                          LIVE)
 
 
 _DEFAULT_ENTRIES: dict[str, dict[str, dict[str, Any]]] = {

@@ -1,0 +1,105 @@
+"""`edgeroom ctl describe|view` (the vision service) and `ctl record start|stop|list` (the recorder).
+
+    edgeroom ctl describe door "Is anyone at the door?"
+    edgeroom ctl view lobby               # the room's vision note, ready for an AI's context
+    edgeroom ctl view lobby --follow      # its changes as they happen (no duplicates)
+    edgeroom ctl record start door        # or room:lobby
+    edgeroom ctl record stop door
+    edgeroom ctl record list
+
+The hub forwards these commands to the service that answers them (services/hub/offers.py);
+a service that is not running is named in the refusal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from services.cli import ctl
+from services.cli.tables import table
+from services.control.client import Client, Subscriber
+
+__all__ = ["add_parsers"]
+
+
+def _describe_text(r: dict) -> str:
+    if r.get("blocked"):
+        return f"(the answer was blocked by the ON_VISION_RESULT hook: {r.get('reason', '')})"
+    res = r.get("result") or {}
+    lines = [res.get("description") or "(no description)"]
+    for key in ("labels", "text"):
+        if res.get(key):
+            lines.append(f"{key}: {', '.join(res[key]) if isinstance(res[key], list) else res[key]}")
+    meta = res.get("metadata") or {}
+    lines.append(f"-- {meta.get('provider', '?')} {meta.get('model', '')} in {meta.get('latency_ms', '?')} ms")
+    return "\n".join(lines)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    if args.timeout is None:
+        args.timeout = 120.0  # a model can take a while; the service bounds it with [vision] timeout
+    with ctl._client(args) as client:
+        return ctl._print(args, client.call("vision.describe", {"stream": args.stream, "question": args.question}),
+                          _describe_text)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    if not args.follow:
+        with ctl._client(args) as client:
+            return ctl._print(args, client.call("vision.view", {"room": args.room}), lambda r: r["note"])
+    control, events_ep = ctl._endpoints(args)
+    curve = ctl._curve(args)
+    with Client(control, timeout=args.timeout, curve=curve) as client, \
+            Subscriber(events_ep, ["vision.view"], curve=curve) as sub:
+        sub.wait_ready(client, timeout=max(args.timeout, 1.0))
+        first = client.call("vision.view", {"room": args.room})
+        print(json.dumps(first) if args.json else first["note"], flush=True)
+        end = time.monotonic() + args.seconds if args.seconds else None
+        while end is None or time.monotonic() < end:
+            event = sub.recv(timeout=0.25)
+            if event is None or event.data.get("room") != args.room:
+                continue
+            print(json.dumps(event.data) if args.json else event.data["note"], flush=True)
+    return 0
+
+
+def _recordings_table(rows: list) -> str:
+    if not rows:
+        return "nothing is recording"
+    keys = ["target", "state", "path", "encoder", "duration", "bytes"]
+    return table([[r.get(k, "") for k in keys] for r in rows], [k.upper() for k in keys])
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    with ctl._client(args) as client:
+        if args.action == "list":
+            return ctl._print(args, client.call("record.list", {}), _recordings_table)
+        result = client.call(f"record.{args.action}", {"target": args.target})
+        return ctl._print(args, result, lambda r: json.dumps(r, indent=2))
+
+
+def add_parsers(ctl_sub, common) -> None:
+    d = ctl_sub.add_parser("describe", help="ask the vision provider about the newest picture of a stream")
+    common(d)
+    d.add_argument("stream")
+    d.add_argument("question", nargs="?", default="", help="what to ask (default: [vision] prompt)")
+    d.set_defaults(ctl_func=cmd_describe)
+    v = ctl_sub.add_parser("view", help="what vision knows about a room, as a note for an AI's context")
+    common(v)
+    v.add_argument("room")
+    v.add_argument("--follow", action="store_true", help="print each change as it happens (no duplicates)")
+    v.add_argument("--seconds", type=float, help="with --follow: stop after this many seconds")
+    v.set_defaults(ctl_func=cmd_view)
+    rec = ctl_sub.add_parser("record", help="start, stop or list recordings (a stream, or room:NAME)")
+    rec_sub = rec.add_subparsers(dest="action", required=True)
+    for action, what in (("start", "start recording TARGET"), ("stop", "stop recording TARGET")):
+        p = rec_sub.add_parser(action, help=what)
+        common(p)
+        p.add_argument("target", help="a stream name, or room:NAME")
+    p = rec_sub.add_parser("list", help="what is recording, and where")
+    common(p)
+    for p in rec_sub.choices.values():
+        p.set_defaults(ctl_func=cmd_record)
+
+

