@@ -40,6 +40,12 @@ CATALOG: dict[str, ServiceSpec] = {
                           "decodes one encoded source's stream into pictures on NAME-raw", True, "sources",
                           network="none", devices=("gpu",), nice=-2, cpu_weight=150,
                           only=lambda source: source.wants_decode()),
+    "vision": ServiceSpec("vision", "services.vision.service:Vision",
+                          "runs the vision pipelines (detector, censor, watermark) and asks AI vision models "
+                          "what they see", False, network="any", devices=("gpu",), nice=5, cpu_weight=50),
+    "recorder": ServiceSpec("recorder", "services.recorder.service:Recorder",
+                            "records streams and rooms as crash-safe fragmented MP4", False,
+                            network="none", devices=("gpu",), nice=0, cpu_weight=100),
 }
 
 

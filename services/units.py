@@ -115,6 +115,14 @@ def _devices(spec: catalog.ServiceSpec) -> list[str]:
     return lines + ["MemoryDenyWriteExecute=yes"]  # no PrivateUsers: device access goes by the real groups
 
 
+def _writable(spec: catalog.ServiceSpec, cfg: configuration.Config) -> list[str]:
+    """The recorder writes its recordings' directory; anything else on the system stays read-only."""
+    where = cfg.recorder.dir if spec.kind == "recorder" else ""
+    if not where or where.rstrip("/") == STATE_PATH or where.startswith(STATE_PATH + "/"):
+        return []  # StateDirectory= makes /var/lib/edgeroom writable already
+    return [f"ReadWritePaths={where}"]
+
+
 def _limits(svc: configuration.ServiceConfig, spec: catalog.ServiceSpec) -> list[str]:
     lines = [f"Nice={catalog.nice(spec, svc)}", f"CPUWeight={spec.cpu_weight}"]
     if svc.cpu_quota:
@@ -152,7 +160,7 @@ def _service_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig
               "RuntimeDirectory=edgeroom", "RuntimeDirectoryMode=0750", "RuntimeDirectoryPreserve=yes",
               "StateDirectory=edgeroom", "StateDirectoryMode=0750",
               "RemoveIPC=no"]
-    lines += _limits(svc, spec) + _network(spec, cfg) + _devices(spec)
+    lines += _limits(svc, spec) + _network(spec, cfg) + _devices(spec) + _writable(spec, cfg)
     return "[Service]\n" + "\n".join(lines) + "\n" + HARDENING
 
 

@@ -28,7 +28,7 @@ CORE = ["--extras", "none", "--platform", "cpu"]
 PREFIX = "/opt/edgeroom"
 EXE = f"{PREFIX}/venv/bin/edgeroom"
 UNITS = {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@.service", "edgeroom-decode@.service",
-         "edgeroom-sources.path", "edgeroom-sources.service"}
+         "edgeroom-vision.service", "edgeroom-recorder.service", "edgeroom-sources.path", "edgeroom-sources.service"}
 WANTS = "etc/systemd/system/multi-user.target.wants/edgeroom.target"
 # systemd-sysusers and userdel write these into a fresh root: its account database
 ACCOUNT_DB = {"passwd", "group", "shadow", "gshadow", ".pwd.lock", "passwd-", "group-", "shadow-", "gshadow-"}
@@ -245,8 +245,8 @@ def test_the_units_are_rendered_for_the_path_inside_the_root_and_enabled(install
         assert (unitdir / unit.name).read_text() == unit.text
     for name in UNITS - {"edgeroom.target", "edgeroom-sources.path"}:
         [start] = [line for line in (unitdir / name).read_text().splitlines() if line.startswith("ExecStart=")]
-        assert start.startswith(f"ExecStart={EXE} service " if "@" in name or "hub" in name
-                                else f"ExecStart={EXE} sources sync")
+        assert start.startswith(f"ExecStart={EXE} sources sync" if "sources" in name
+                                else f"ExecStart={EXE} service ")
     link = root / WANTS
     assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/edgeroom.target"
 

@@ -1,0 +1,147 @@
+"""Where recordings go on disk: names, the rule for files being written, leftovers, retention.
+
+Layout: `DIR/TARGET/TARGET-YYYYmmddTHHMMSSZ.mp4`, one folder per target (a stream name,
+or `room-NAME` for the target `room:NAME`), the time the segment began in UTC, with
+`-1`, `-2`, ... when two segments begin in the same second (a resolution change).
+
+The rule for files being written: a segment is written as `NAME.mp4.partial` and renamed
+to `NAME.mp4` when it is complete (closed cleanly, or cut by a full disk). So `*.mp4` is
+always finished, and anything that copies or uploads recordings can ignore `*.partial`.
+A `.partial` left by a crash (SIGKILL, power cut) is handled at start by `recover()`: cut
+after its last whole fragment (mp4.repair), renamed to `.mp4` when it holds media,
+deleted when it does not.
+
+Retention (`sweep()`), run at start, once a minute and after each segment: delete
+finished segments older than `retention_hours`, then the oldest finished segments while
+all of them together take more than `max_disk_share` of the filesystem. A `.partial` is
+never deleted: the file being written stays.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.recorder.mp4 import repair
+
+__all__ = ["PARTIAL", "Recovered", "finish", "folder", "free_bytes", "new_path", "recover", "sweep"]
+
+log = logging.getLogger("edgeroom.recorder")
+
+PARTIAL = ".partial"
+
+
+def folder(root: Path, target: str) -> Path:
+    """The folder of a target's segments ('room:lobby' -> ROOT/room-lobby)."""
+    return root / target.replace(":", "-").replace("/", "_")
+
+
+def new_path(root: Path, target: str, wall: float | None = None) -> Path:
+    """A fresh `.partial` path for a segment of `target` beginning now (or at `wall`)."""
+    d = folder(root, target)
+    d.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if wall is None else wall))
+    base = f"{d.name}-{stamp}"
+    for n in range(1000):
+        name = base if n == 0 else f"{base}-{n}"
+        path = d / f"{name}.mp4{PARTIAL}"
+        if not path.exists() and not (d / f"{name}.mp4").exists():
+            return path
+    raise FileExistsError(f"no free segment name for {base} in {d}")
+
+
+def finish(partial: Path) -> Path:
+    """Rename a completed `.partial` to its final `.mp4` name (and make the rename durable)."""
+    final = partial.with_name(partial.name[: -len(PARTIAL)]) if partial.name.endswith(PARTIAL) else partial
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Recovered:
+    kept: list[Path]     # repaired and renamed to .mp4
+    removed: list[Path]  # held no media
+
+
+def recover(root: Path) -> Recovered:
+    """Handle the `.partial` files a crash left under `root` (call before recording starts)."""
+    out = Recovered([], [])
+    if not root.is_dir():
+        return out
+    for partial in sorted(root.rglob(f"*.mp4{PARTIAL}")):
+        try:
+            size = repair(partial)
+            if size == 0:
+                partial.unlink()
+                out.removed.append(partial)
+            else:
+                out.kept.append(finish(partial))
+        except OSError as exc:
+            log.warning("could not recover %s: %s", partial, exc)
+    return out
+
+
+def sweep(root: Path, *, max_age_s: float = 0.0, max_share: float = 0.0, now: float | None = None) -> list[Path]:
+    """Delete finished segments older than `max_age_s` (0: no age limit), then the oldest while
+    all finished segments take more than `max_share` (0: no limit) of the filesystem's size.
+    Never touches a `.partial`. Returns what it deleted."""
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    files = []
+    for p in root.rglob("*.mp4"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    files.sort()
+    deleted: list[Path] = []
+    keep = []
+    for mtime, size, p in files:
+        if max_age_s > 0 and now - mtime > max_age_s and _unlink(p):
+            deleted.append(p)
+        else:
+            keep.append((mtime, size, p))
+    if max_share > 0:
+        st = os.statvfs(root)
+        limit = max_share * st.f_blocks * st.f_frsize
+        total = sum(size for _, size, _ in keep)
+        for _, size, p in keep:
+            if total <= limit:
+                break
+            if _unlink(p):
+                deleted.append(p)
+                total -= size
+    return deleted
+
+
+def _unlink(p: Path) -> bool:
+    try:
+        p.unlink()
+        return True
+    except OSError as exc:
+        log.warning("retention could not delete %s: %s", p, exc)
+        return False
+
+
+def free_bytes(path: Path) -> tuple[int, int]:
+    """(bytes free for us, filesystem size) of the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize

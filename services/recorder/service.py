@@ -1,0 +1,301 @@
+"""The recorder service: bus streams -> crash-safe fragmented MP4 segments on disk.
+
+One process (`edgeroom service recorder`, unit `edgeroom-recorder`) records any number
+of targets. A target is a bus stream (NAME: encoded, remuxed; NAME-raw or any stream of
+pictures: encoded here; NAME-audio: AAC) or `room:NAME` (services/recorder/room.py,
+when present). Targets come from `[recorder] record` at start and on reload, and from
+the commands `record.start {target}`, `record.stop {target}`, `record.list {}`.
+
+Everything runs on the service loop: one framebus consumer per target, woken by its fd,
+reading a bounded batch per turn (like decode) and feeding services.recorder.stream.
+StreamRecorder. Once a second: attach to streams that appeared, finish the segment of a
+stream whose producer died or closed, resume recordings paused by a full disk when space
+is back. Once a minute (and after each segment): retention (services/recorder/segments).
+At start, `.partial` files a crash left are repaired and renamed before anything records.
+
+Events: record.started, record.segment, record.stopped, record.error (reason disk_full,
+encode, mux, io, ...). Metrics: edgeroom_recorder_*. docs/recorder.md has the details.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+import framebus
+from services.control.protocol import ProtocolError
+from services.recorder import encoder as encoders
+from services.recorder import segments
+from services.recorder.roomfeed import RoomFeed
+from services.recorder.stream import Settings, StreamRecorder
+from services.runtime.config import parse_list
+from services.runtime.service import Service
+
+__all__ = ["Recorder", "recordings_dir"]
+
+BATCH_ITEMS = 32
+BATCH_SECONDS = 0.05
+SWEEP_SECONDS = 60.0
+ROOM_PROBE_SIZE = (640, 480)  # the size the encoder probe of a room's raw sessions runs at
+ROOM_PUMP_SECONDS = 0.1     # room targets: drain their streams into the room recorder this often
+_TARGET = re.compile(r"room:[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}|[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def recordings_dir(config, rundir: Path) -> Path:
+    if config.recorder.dir:
+        return Path(config.recorder.dir)
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) / "recordings" if state else rundir / "recordings"
+
+
+def min_free_bytes(fs_size: int) -> int:
+    """Free space needed before a recording paused by a full disk resumes: 2% of the
+    filesystem, at least 256 KiB, at most 64 MiB."""
+    return max(256 * 1024, min(64 * 1024 * 1024, fs_size // 50))
+
+
+class _Metrics:
+    def __init__(self, r) -> None:
+        self.bytes = Counter("edgeroom_recorder_bytes", "Bytes written to recordings (whole fragments).",
+                             ["target"], registry=r)
+        self.frames = Counter("edgeroom_recorder_frames", "Frames (access units, pictures, audio chunks) recorded.",
+                              ["target"], registry=r)
+        self.segments = Counter("edgeroom_recorder_segments", "Segments completed.", ["target"], registry=r)
+        self.errors = Counter("edgeroom_recorder_errors", "Recording errors, by reason (disk_full, encode, mux, io).",
+                              ["target", "reason"], registry=r)
+        self.dropped = Counter("edgeroom_recorder_dropped", "Items not recorded, by reason (waiting_keyframe, "
+                               "disk_full, overwritten, missed).", ["target", "reason"], registry=r)
+        self.recording = Gauge("edgeroom_recorder_recording", "1 while the target is being recorded.", ["target"],
+                               registry=r)
+        self.encoder = Gauge("edgeroom_recorder_encoder", "1 for the encoder in use (copy: remux); hardware says "
+                             "whether it is a hardware encoder.", ["target", "name", "hardware"], registry=r)
+        self.flush = Histogram("edgeroom_recorder_fragment_flush_seconds", "Time to write and fsync one fragment.",
+                               ["target"], registry=r,
+                               buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1.0))
+        self.deleted = Counter("edgeroom_recorder_deleted_segments", "Segments deleted by retention.", registry=r)
+        self.recovered = Counter("edgeroom_recorder_recovered_segments", "Segments left by a crash, by outcome "
+                                 "(kept: repaired and renamed; removed: no media).", ["outcome"], registry=r)
+
+
+class _Target:
+    __slots__ = ("name", "consumer", "rec", "missed_seen", "again")
+
+    def __init__(self, name: str, consumer: framebus.Consumer, rec: StreamRecorder) -> None:
+        self.name, self.consumer, self.rec = name, consumer, rec
+        self.missed_seen = 0
+        self.again = False
+
+
+class Recorder(Service):
+    kind = "recorder"
+
+    # ------------------------------------------------------------ life cycle
+    def setup(self) -> None:
+        self.root = recordings_dir(self.config, self.rundir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.m = _Metrics(self.registry)
+        self.targets: dict[str, _Target] = {}
+        self.rooms: dict[str, RoomFeed] = {}
+        got = segments.recover(self.root)
+        for p in got.kept:
+            self.log.warning("recovered %s, left by a crash (cut after its last whole fragment)", p)
+        for p in got.removed:
+            self.log.warning("removed %s, left by a crash with no media in it", p)
+        self.m.recovered.labels("kept").inc(len(got.kept))
+        self.m.recovered.labels("removed").inc(len(got.removed))
+        self._sweep()
+        self.loop.every(1.0, self._tick)
+        self.loop.every(ROOM_PUMP_SECONDS, self._pump_rooms)
+        self.loop.every(SWEEP_SECONDS, self._sweep)
+        offer = getattr(self, "offer", None)
+        if offer is not None:
+            offer("record.start", self.cmd_start, "start recording a target: {target: STREAM | room:NAME}")
+            offer("record.stop", self.cmd_stop, "stop recording a target: {target}")
+            offer("record.list", self.cmd_list, "the recordings in progress and the recordings directory")
+        for target in parse_list(self.config.recorder.record):
+            self.start(target)
+        self.log.info("recordings in %s; recording %s", self.root, ", ".join(self.targets) or "nothing yet")
+
+    def teardown(self) -> None:
+        for name in list(getattr(self, "targets", {})) + list(getattr(self, "rooms", {})):
+            self.stop(name)
+
+    def apply(self, new, changes) -> list[str]:
+        pending = [c.key for c in changes if not c.live]
+        old_targets = set(parse_list(self.config.recorder.record))
+        new_targets = set(parse_list(new.recorder.record))
+        self.config = new  # segments opened from now on use the new settings
+        for t in self.targets.values():
+            t.rec.settings = self._settings()
+        for name in sorted(old_targets - new_targets):
+            if name in self.targets or name in self.rooms:
+                self.stop(name)
+        for name in sorted(new_targets - old_targets):
+            self.start(name)
+        return pending
+
+    def _settings(self) -> Settings:
+        c = self.config.recorder
+        return Settings(segment_seconds=c.segment_seconds, fragment_seconds=c.fragment_seconds, encoder=c.encoder,
+                        crf=c.crf, preset=c.preset, bitrate_kbps=c.bitrate, gop_seconds=c.gop, fsync=c.fsync)
+
+    # ------------------------------------------------------------ targets
+    def start(self, name: str) -> _Target | RoomFeed:
+        if name in self.targets:
+            return self.targets[name]
+        if name in self.rooms:
+            return self.rooms[name]
+        if not _TARGET.fullmatch(name):
+            raise ProtocolError("bad_args", f"target must be a stream name or room:NAME, got {name!r}")
+        if name.startswith("room:"):
+            c = self.config.recorder
+            choice = encoders.choose(c.encoder, ROOM_PROBE_SIZE[0], ROOM_PROBE_SIZE[1])  # for raw sessions
+            options = encoders.encoder_options(choice.name, crf=c.crf, preset=c.preset, bitrate_kbps=c.bitrate)
+            feed = RoomFeed(name, self.root, self.config.bus.prefix, self._emit, segment_seconds=c.segment_seconds,
+                            fragment_seconds=c.fragment_seconds, fsync=c.fsync, encoder=choice.name,
+                            encoder_options=options)
+            self.rooms[name] = feed
+            self.m.recording.labels(name).set(1)
+            self.log.info("recording %s (its sessions' streams, as the hub lists them)", name)
+            self._ask_sessions(feed)
+            return feed
+        consumer = framebus.Consumer.attach(name, prefix=self.config.bus.prefix, missing_ok=True, start="oldest")
+        rec = StreamRecorder(name, self.root, self._settings(), self._emit, self.m, on_segment=lambda _p: self._sweep())
+        t = _Target(name, consumer, rec)
+        self.targets[name] = t
+        self.loop.add_reader(consumer.fileno(), lambda: self._readable(t))
+        self.log.info("recording %s%s", name, "" if consumer.attached else " (waiting for the stream)")
+        self._readable(t)
+        return t
+
+    def stop(self, name: str) -> dict:
+        if name in self.rooms:
+            feed = self.rooms.pop(name)
+            path = feed.stop()
+            self.m.recording.labels(name).set(0)
+            self.log.info("stopped recording %s", name)
+            return {"target": name, "path": str(path or feed.last_path or ""), "segments": feed.segments,
+                    "frames": feed.frames}
+        t = self.targets.pop(name)
+        t.again = False
+        self.loop.remove_reader(t.consumer.fileno())
+        path = t.rec.stop()
+        t.consumer.close()
+        self.log.info("stopped recording %s", name)
+        return {"target": name, "path": str(path or t.rec.last_path or ""), "segments": t.rec.segments,
+                "frames": t.rec.frames}
+
+    def _emit(self, topic: str, data: dict) -> None:
+        if self.link is not None:
+            self.link.publish(topic, data)
+
+    # ------------------------------------------------------------ input
+    def _readable(self, t: _Target) -> None:
+        t.again = False
+        if self.targets.get(t.name) is not t:
+            return
+        deadline = time.monotonic() + BATCH_SECONDS
+        for _ in range(BATCH_ITEMS):
+            item = t.consumer.poll()
+            if item is None:
+                self._idle(t)
+                return
+            self._count_missed(t)
+            t.rec.feed(item)
+            if time.monotonic() >= deadline:
+                break
+        t.again = True  # more may be waiting and its wake-up byte already drained
+        self.loop.call_later(0, lambda: t.again and self._readable(t))
+
+    def _count_missed(self, t: _Target) -> None:
+        missed = t.consumer.missed - t.missed_seen
+        if missed > 0:
+            t.missed_seen = t.consumer.missed
+            self.m.dropped.labels(t.name, "missed").inc(missed)
+            self.throttled.warning(f"missed-{t.name}", f"{t.name}: {missed} item(s) overwritten before the "
+                                                       "recorder read them")
+
+    def _idle(self, t: _Target) -> None:
+        if not t.consumer.attached and t.rec.writer is not None:
+            t.rec.interrupt("the stream closed")
+
+    # ------------------------------------------------------------ once a second, once a minute
+    def _tick(self) -> None:
+        for feed in list(self.rooms.values()):
+            self._ask_sessions(feed)
+            if feed.state == "disk_full":
+                feed.resume_if_space(min_free_bytes(segments.free_bytes(self.root)[1]))
+        for t in list(self.targets.values()):
+            if not t.consumer.attached:
+                self._readable(t)
+            elif t.rec.writer is not None and not t.consumer.producer_alive():
+                t.rec.interrupt("its producer died")
+            if t.rec.state == "disk_full":
+                _, size = segments.free_bytes(self.root)
+                t.rec.resume_if_space(min_free_bytes(size))
+
+    def _ask_sessions(self, feed: RoomFeed) -> None:
+        if self.link is None:
+            return
+
+        def answered(result, error) -> None:
+            if error is None and isinstance(result, list) and self.rooms.get(feed.target) is feed:
+                try:
+                    feed.sessions(result)
+                except (framebus.BusError, ValueError, OSError) as exc:  # never let a session take the service down
+                    self.throttled.warning(f"sessions-{feed.target}", f"{feed.target}: {exc}")
+        self.link.request("sessions", {"room": feed.room}, answered)
+
+    def _pump_rooms(self) -> None:
+        now = time.monotonic_ns()
+        for feed in list(self.rooms.values()):
+            feed.pump(now)
+
+    def _sweep(self) -> None:
+        c = self.config.recorder
+        try:
+            gone = segments.sweep(self.root, max_age_s=c.retention_hours * 3600, max_share=c.max_disk_share)
+        except OSError as exc:
+            self.throttled.warning("sweep", f"retention could not run: {exc}")
+            return
+        for p in gone:
+            self.log.info("retention deleted %s", p)
+        if gone:
+            self.m.deleted.inc(len(gone))
+
+    # ------------------------------------------------------------ commands
+    def _target_arg(self, args: dict) -> str:
+        target = args.get("target") if isinstance(args, dict) else None
+        if not isinstance(target, str) or not target:
+            raise ProtocolError("bad_args", "record.start/stop need {\"target\": STREAM or \"room:NAME\"}")
+        return target
+
+    def cmd_start(self, args: dict) -> dict:
+        t = self.start(self._target_arg(args))
+        return {"dir": str(self.root), **(t.describe() if isinstance(t, RoomFeed) else t.rec.describe())}
+
+    def cmd_stop(self, args: dict) -> dict:
+        name = self._target_arg(args)
+        if name not in self.targets and name not in self.rooms:
+            raise ProtocolError("not_found", f"{name} is not being recorded (recording: "
+                                             f"{', '.join(sorted([*self.targets, *self.rooms])) or 'nothing'})")
+        return self.stop(name)
+
+    def cmd_list(self, _args: dict) -> dict:
+        return {"dir": str(self.root), "recordings": [t.rec.describe() for t in self.targets.values()]
+                + [f.describe() for f in self.rooms.values()]}
+
+    # ------------------------------------------------------------ state
+    def describe(self) -> dict:
+        if not hasattr(self, "targets"):
+            return {"status": "starting"}
+        parts = []
+        for d in [t.rec.describe() for t in self.targets.values()] + [f.describe() for f in self.rooms.values()]:
+            enc = f" with {d['encoder']}" + (" (hardware)" if d["hardware"] else "") if d["encoder"] else ""
+            note = f"; {d['note']}" if d["note"] else ""
+            parts.append(f"{d['target']}: {d['state']}{enc}{note}" + (f" ({d['error']})" if d["error"] else ""))
+        return {"status": "; ".join(parts) or f"idle (recordings in {self.root})", "streams": [], "sessions": [],
+                "rate": 0.0}

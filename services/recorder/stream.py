@@ -1,0 +1,427 @@
+"""One target's recording: items in, segments of fragmented MP4 out. Knows nothing of the bus.
+
+`StreamRecorder.feed(item)` takes what a framebus consumer returns (anything with the
+same attributes: kind, codec, keyframe, capture_ns, generation, array, planes(), format,
+width, height, rate, channels, valid()) and turns it into segments:
+
+* encoded access units are remuxed: no decoder, no encoder, the bytes as they came. A
+  segment starts at a keyframe (the items before the first one are dropped and counted
+  as `waiting_keyframe`). Its size comes from the SPS through FFmpeg's parser (parsing
+  is not decoding);
+* raw pictures are encoded with the encoder services/recorder/encoder.py chooses;
+* s16 audio chunks (a NAME-audio target) are encoded to AAC.
+
+Timestamps come from capture_ns (the box's one monotonic clock) at 90 kHz from the
+segment's first item, so variable frame rate is kept as it was captured; Mp4Writer makes
+them strictly increasing.
+
+A new segment begins (the current one is finished: renamed from `.partial`, event
+`record.segment`):
+* when the segment is `segment_seconds` long, at the next keyframe (raw: the next picture);
+* when the parameter sets change (a new SPS: resolution or profile) or a raw picture
+  changes size or format: the MP4 sample entry holds one of each;
+* when the producer restarted (a new ring generation) or the stream closed (`interrupt()`).
+
+A full disk (mp4.DiskFull) finishes the segment where its last whole fragment ended,
+emits `record.error` {reason: disk_full} once, counts it, and drops items (counted as
+`disk_full`) until `resume_if_space()` sees room again; then the next keyframe opens a
+new segment. Other write errors do the same without the wait.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+
+from services.recorder import encoder as encoders
+from services.recorder import segments
+from services.recorder.mp4 import DiskFull, Mp4Error, Mp4Writer, Track
+
+__all__ = ["Settings", "StreamRecorder", "VIDEO_TB", "sps_of"]
+
+log = logging.getLogger("edgeroom.recorder")
+
+VIDEO_TB = Fraction(1, 90000)
+LOOKAHEAD = 8               # access units held at a segment's start to see whether the stream reorders
+NOMINAL_FPS = 30            # the encoder's rate-control hint and gop unit; timestamps stay the captured ones
+
+
+@dataclass(frozen=True)
+class Settings:
+    segment_seconds: float = 300.0
+    fragment_seconds: float = 0.5
+    encoder: str = "auto"
+    crf: int = 23
+    preset: str = "veryfast"
+    bitrate_kbps: int = 0
+    gop_seconds: float = 2.0
+    fsync: bool = True
+
+
+Emit = Callable[[str, dict], None]
+
+
+class StreamRecorder:
+    """The recording of one target. One owner (the service loop) calls it."""
+
+    def __init__(self, target: str, root: Path, settings: Settings, emit: Emit, metrics=None,
+                 on_segment: Callable[[Path], None] | None = None) -> None:
+        self.target, self.root, self.settings, self.emit = target, Path(root), settings, emit
+        self.m = metrics
+        # the per-item children, looked up once (labels() costs more than the increment)
+        self._m_frames = metrics.frames.labels(target) if metrics is not None else None
+        self._m_flush = metrics.flush.labels(target) if metrics is not None else None
+        self._m_bytes = metrics.bytes.labels(target) if metrics is not None else None
+        self.on_segment = on_segment
+        self.writer: Mp4Writer | None = None
+        self.track: Track | None = None
+        self.state = "waiting"          # waiting (for a keyframe / first item), recording, disk_full, stopped
+        self.generation: int | None = None
+        self.sps: bytes | None = None
+        self.shape: tuple | None = None  # raw: (width, height, format); audio: (rate, channels)
+        self.t0_ns = 0
+        self.encoder_name = ""          # "copy" for remux, else the video/audio encoder
+        self.encoder_note = ""
+        self.hardware = False
+        self.started = False            # record.started sent for this recording
+        self.segments = 0
+        self.frames = 0
+        self.bytes = 0
+        self.last_error = ""
+        self.last_path: Path | None = None
+        self.dropped: dict[str, int] = {}
+        self.held: list | None = None     # a remuxed segment's first access units, before its timestamps are decided
+        self.reorder: tuple[int, int] | None = None  # (first source pts, lead in ticks) when the stream has B-frames
+
+    # ------------------------------------------------------------ input
+    def feed(self, item) -> None:
+        if self.state in ("stopped", "disk_full"):
+            if self.state == "disk_full":
+                self._drop("disk_full")
+            return
+        if item.generation != self.generation:
+            if self.generation is not None and self.writer is not None:
+                self._finish(f"the producer restarted (generation {item.generation})")
+            self.generation = item.generation
+        kind = item.kind
+        try:
+            if kind == "encoded":
+                self._encoded(item)
+            elif kind == "video":
+                self._picture(item)
+            elif kind == "audio":
+                self._audio(item)
+            else:
+                self._drop("bad_input")
+                log.debug("%s: item of kind %r ignored", self.target, kind)
+        except DiskFull as exc:
+            self._disk_full(exc)
+        except Mp4Error as exc:
+            self._error(exc.reason, str(exc))
+        except (av.FFmpegError, ValueError) as exc:
+            self._error("encode", f"{self.target}: {exc}")
+
+    def _encoded(self, item) -> None:
+        data = item.array
+        key = item.keyframe
+        if key:
+            sps = sps_of(data) if item.codec == "h264" else None
+            if self.writer is not None:
+                if sps is not None and self.sps is not None and sps != self.sps:
+                    self._finish("new parameter sets (resolution or profile change)")
+                elif self._due():
+                    self._finish(None)
+            if self.writer is None:
+                self._open_copy(item, sps)
+        if self.writer is None:
+            self._drop("waiting_keyframe")
+            return
+        if self.held is not None:  # the segment's first access units: is the stream reordered?
+            au = bytes(memoryview(data).cast("B"))
+            if not item.valid():
+                self._drop("overwritten")
+                return
+            self.held.append((au, key, item.capture_ns, item.pts, item.time_base))
+            if len(self.held) >= LOOKAHEAD:
+                self._release_held()
+            return
+        if self.reorder is None:  # the common case: neither the source's pts nor its time base is needed
+            self._write_au(data, key, item.capture_ns, 0, None, item.valid)
+        else:
+            self._write_au(data, key, item.capture_ns, item.pts, item.time_base, item.valid)
+
+    def _write_au(self, data, key: bool, capture_ns: int, pts: int, tb: Fraction | None, check=None) -> None:
+        dts = self._pts(capture_ns)
+        if self.reorder is not None:  # presentation times from the source's pts, decode times from the capture clock
+            pts0, lead = self.reorder
+            pts_out = (pts - pts0) * tb.numerator * 90000 // tb.denominator + lead
+        else:
+            pts_out, dts = dts, None
+        if not self.writer.write_packet(self.track, data, pts_out, dts, keyframe=key, check=check):
+            self._drop("overwritten")
+            return
+        self._wrote()
+
+    def _release_held(self) -> None:
+        """Decide how the segment's timestamps are made, then write the held access units.
+
+        No reordering (pts rise in decode order): pts = dts = the capture clock, as for every
+        other item. Reordering (B-frames): the pts must differ from the dts, so they come from
+        the source's pts (continuous, made so by capture), shifted by the least `lead` that
+        keeps every held pts at or after its dts."""
+        held, self.held = self.held or [], None
+        pts_list = [h[3] for h in held]
+        if any(b < a for a, b in zip(pts_list, pts_list[1:])):
+            first_pts, first_cap, tb = held[0][3], held[0][2], held[0][4]
+            lead = 0
+            for _, _, cap, pts, _ in held:
+                src = (pts - first_pts) * tb.numerator * 90000 // tb.denominator
+                lead = max(lead, (cap - first_cap) * 9 // 100_000 - src)
+            self.reorder = (first_pts, lead)
+            log.info("%s: the stream reorders pictures (B-frames): pts from the source, %d ticks after dts",
+                     self.target, lead)
+        else:
+            self.reorder = None
+        for au, key, cap, pts, tb in held:
+            self._write_au(au, key, cap, pts, tb)
+
+    def _picture(self, item) -> None:
+        shape = (item.width, item.height, item.format)
+        if self.writer is not None and (shape != self.shape or self._due()):
+            self._finish("the picture changed size or format" if shape != self.shape else None)
+        if self.writer is None:
+            self._open_encode(shape)
+        if not self.writer.write_picture(self.track, item.planes(), item.format, self._pts(item.capture_ns),
+                                         check=item.valid):
+            self._drop("overwritten")
+            return
+        self._wrote()
+
+    def _audio(self, item) -> None:
+        shape = (item.rate, item.channels)
+        if self.writer is not None and (shape != self.shape or self._due()):
+            self._finish("the audio format changed" if shape != self.shape else None)
+        if self.writer is None:
+            self._open_audio(shape)
+        pcm = item.array.view(np.int16).reshape(-1, item.channels).copy()
+        if not item.valid():
+            self._drop("overwritten")
+            return
+        rate = item.rate
+        self.writer.write_audio(self.track, pcm, self._since(item.capture_ns) * rate // 1_000_000_000)
+        self._wrote()
+
+    def _since(self, capture_ns: int) -> int:
+        """Nanoseconds since the segment's first item."""
+        if not self.t0_ns:
+            self.t0_ns = capture_ns
+        return capture_ns - self.t0_ns
+
+    def _pts(self, capture_ns: int) -> int:
+        return self._since(capture_ns) * 9 // 100_000  # ns -> 90 kHz ticks
+
+    def _due(self) -> bool:
+        return self.writer is not None and self.writer.duration >= self.settings.segment_seconds
+
+    def _wrote(self) -> None:
+        self.frames += 1
+        if self._m_frames is not None:
+            self._m_frames.inc()
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if self.m is not None:
+            self.m.dropped.labels(self.target, reason).inc()
+
+    # ------------------------------------------------------------ segments
+    def _writer(self) -> Mp4Writer:
+        path = segments.new_path(self.root, self.target)
+        return Mp4Writer(path, fragment_seconds=self.settings.fragment_seconds, fsync=self.settings.fsync,
+                         on_flush=self._flushed if self.m is not None else None)
+
+    def _flushed(self, seconds: float, nbytes: int) -> None:
+        self._m_flush.observe(seconds)
+        self._m_bytes.inc(nbytes)
+
+    def _open_copy(self, item, sps: bytes | None) -> None:
+        width, height = frame_size(item.codec, item.array)
+        self.writer = self._writer()
+        self.track = self.writer.add_video_copy(item.codec, width, height, None, VIDEO_TB)
+        self.held, self.reorder = [], None
+        self.sps, self.shape = sps, (width, height, item.codec)
+        self._opened("copy", False, "", f"{item.codec} {width}x{height}, remuxed")
+
+    def _open_encode(self, shape: tuple) -> None:
+        width, height, fmt = shape
+        s = self.settings
+        choice = encoders.choose(s.encoder, width, height)
+        options = encoders.encoder_options(choice.name, crf=s.crf, preset=s.preset, bitrate_kbps=s.bitrate_kbps)
+        self.writer = self._writer()
+        self.track = self.writer.add_video_encode(choice.name, width, height, "yuv420p", VIDEO_TB, options,
+                                                  bit_rate=s.bitrate_kbps * 1000,
+                                                  gop=max(1, round(s.gop_seconds * NOMINAL_FPS)))
+        self.track.stream.codec_context.framerate = Fraction(NOMINAL_FPS)
+        self.shape = shape
+        how = "hardware" if choice.hardware else "software"
+        self._opened(choice.name, choice.hardware, choice.note,
+                     f"{fmt} {width}x{height}, encoded with {choice.name} ({how})")
+
+    def _open_audio(self, shape: tuple) -> None:
+        rate, channels = shape
+        self.writer = self._writer()
+        self.track = self.writer.add_audio(rate, channels, "aac")
+        self.shape = shape
+        self._opened("aac", False, "", f"audio {rate} Hz x{channels}, encoded with aac")
+
+    def _opened(self, name: str, hardware: bool, note: str, what: str) -> None:
+        self.state = "recording"
+        self.t0_ns = 0
+        if self.m is not None and (name, hardware) != (self.encoder_name, self.hardware):
+            if self.encoder_name:
+                self.m.encoder.remove(self.target, self.encoder_name, str(self.hardware).lower())
+            self.m.encoder.labels(self.target, name, str(hardware).lower()).set(1)
+        if self.m is not None:
+            self.m.recording.labels(self.target).set(1)
+        self.encoder_name, self.hardware, self.encoder_note = name, hardware, note
+        path = self.writer.path
+        log.info("%s: recording %s into %s%s", self.target, what, path, f" ({note})" if note else "")
+        if not self.started:
+            self.started = True
+            self.emit("record.started", {"target": self.target, "path": path, "encoder": name,
+                                         "hardware": hardware, **({"note": note} if note else {})})
+
+    def _finish(self, why: str | None) -> Path | None:
+        """Close the current segment: rename it to .mp4 and announce it (an empty one is deleted)."""
+        if self.held and self.writer is not None:
+            try:
+                self._release_held()
+            except Mp4Error:
+                pass  # the segment ends with what reached the disk
+        self.held = None
+        w, self.writer, self.track = self.writer, None, None
+        self.sps = None
+        if w is None:
+            return None
+        if why:
+            log.info("%s: %s: new segment", self.target, why)
+        try:
+            w.close()
+        except DiskFull as exc:  # the trailer did not fit: the file ends at its last whole fragment
+            self._disk_full(exc, finishing=True)
+        except Mp4Error as exc:
+            self._error(exc.reason, str(exc), finishing=True)
+        partial = Path(w.path)
+        if w.frames == 0 or w.bytes_written == 0 or not partial.exists():
+            partial.unlink(missing_ok=True)
+            return None
+        path = segments.finish(partial)
+        self.segments += 1
+        self.bytes += w.bytes_written
+        self.last_path = path
+        if self.m is not None:
+            self.m.segments.labels(self.target).inc()
+        self.emit("record.segment", {"target": self.target, "path": str(path), "duration": round(w.duration, 3),
+                                     "frames": w.frames, "bytes": os.path.getsize(path)})
+        if self.on_segment is not None:
+            self.on_segment(path)
+        return path
+
+    # ------------------------------------------------------------ breaks and errors
+    def interrupt(self, why: str) -> None:
+        """The input broke off (the stream closed, its producer died): finish the segment."""
+        if self.writer is not None:
+            self._finish(why)
+        if self.state == "recording":
+            self.state = "waiting"
+
+    def _disk_full(self, exc: DiskFull, finishing: bool = False) -> None:
+        first = self.state != "disk_full"
+        self.state = "disk_full"
+        self.last_error = str(exc)
+        if first:
+            log.error("%s: %s; recording pauses until space returns", self.target, exc)
+            if self.m is not None:
+                self.m.errors.labels(self.target, "disk_full").inc()
+            self.emit("record.error", {"target": self.target, "reason": "disk_full", "message": str(exc),
+                                       "path": finished_name(exc.path)})
+        if not finishing:
+            self._finish(None)
+
+    def _error(self, reason: str, message: str, finishing: bool = False) -> None:
+        self.last_error = message
+        log.error("%s: %s; starting a new segment", self.target, message)
+        if self.m is not None:
+            self.m.errors.labels(self.target, reason).inc()
+        self.emit("record.error", {"target": self.target, "reason": reason, "message": message})
+        if not finishing:
+            self._finish(None)
+            if self.state == "recording":
+                self.state = "waiting"
+
+    def resume_if_space(self, min_free: int) -> bool:
+        """After a full disk: back to recording (at the next keyframe) once `min_free` bytes are free."""
+        if self.state != "disk_full":
+            return False
+        free, _ = segments.free_bytes(self.root)
+        if free < min_free:
+            return False
+        log.info("%s: %d bytes free again: recording resumes at the next keyframe", self.target, free)
+        self.state = "waiting"
+        self.last_error = ""
+        return True
+
+    def stop(self) -> Path | None:
+        """Finish the current segment and stop; `record.stopped`."""
+        path = self._finish(None) if self.writer is not None else None
+        self.state = "stopped"
+        if self.m is not None:
+            self.m.recording.labels(self.target).set(0)
+        self.emit("record.stopped", {"target": self.target, "segments": self.segments, "frames": self.frames,
+                                     "path": str(path or self.last_path or "")})
+        return path
+
+    def describe(self) -> dict:
+        w = self.writer
+        return {"target": self.target, "state": self.state, "path": w.path if w else str(self.last_path or ""),
+                "encoder": self.encoder_name, "hardware": self.hardware, "note": self.encoder_note,
+                "segments": self.segments, "frames": self.frames,
+                "bytes": self.bytes + (w.bytes_written if w else 0),
+                "segment_seconds": round(w.duration, 3) if w else 0.0, "error": self.last_error,
+                "dropped": dict(self.dropped)}
+
+
+def finished_name(path: str) -> str:
+    """The name a segment has once finished (what a record.error should point at)."""
+    return path[: -len(segments.PARTIAL)] if path.endswith(segments.PARTIAL) else path
+
+
+# ------------------------------------------------------------ H.264 helpers
+def sps_of(data) -> bytes | None:
+    """The SPS NAL unit of an H.264 Annex B access unit (searched in its first 512 bytes), or None."""
+    head = bytes(memoryview(data).cast("B")[:512])
+    i = head.find(b"\x00\x00\x01")
+    while i != -1 and i + 3 < len(head):
+        start = i + 3
+        nxt = head.find(b"\x00\x00\x01", start)
+        if head[start] & 0x1F == 7:
+            end = len(head) if nxt == -1 else nxt
+            return head[start:end].rstrip(b"\x00")
+        i = nxt
+    return None
+
+
+def frame_size(codec: str, data) -> tuple[int, int]:
+    """Width and height from the parameter sets of a keyframe, by FFmpeg's parser (no decoding)."""
+    try:
+        cc = av.CodecContext.create(codec, "r")
+        cc.parse(bytes(memoryview(data).cast("B")))
+        cc.parse(None)
+        return cc.width, cc.height
+    except Exception:  # noqa: BLE001 - the muxer copes with 0x0; ffprobe reads the SPS anyway
+        return 0, 0
