@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from services import catalog
@@ -95,74 +92,6 @@ def cmd_sources_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default under `edgeroom run`, with its status and events shown live."""
-    from services.control.endpoints import endpoints_for, runtime_dir
-
-    cfg = configuration.load(None)
-    ep = endpoints_for(runtime_dir(cfg.box.runtime_dir))
-    run = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], start_new_session=True)
-    try:
-        return _demo_watch(run, ep, args.seconds)
-    finally:
-        run.send_signal(signal.SIGTERM)
-        run.wait(timeout=30)
-
-
-def _demo_watch(run: subprocess.Popen, ep, seconds: float) -> int:
-    """Wait for the hub, then print its status every 3 s and every hook and state event;
-    the sessions that started before the subscription took hold are listed once."""
-    from services.cli.ctl import _event_line, _sessions_table, _status_table, _streams_table
-    from services.control.client import Client, HubUnreachable, Subscriber
-
-    end = time.monotonic() + seconds
-    client = Client(ep.control, timeout=1.0)
-    while time.monotonic() < end and run.poll() is None:
-        try:
-            client.call("ping")
-            break
-        except HubUnreachable:
-            time.sleep(0.2)
-    with client, Subscriber(ep.events, ["hook.*", "service.*"]) as sub:
-        sub.wait_ready(client)
-        until = min(end, time.monotonic() + 3.0)  # the cameras register within a heartbeat or two
-        sessions = client.call("sessions")
-        while not sessions and time.monotonic() < until:
-            time.sleep(0.1)
-            sessions = client.call("sessions")
-        print(_sessions_table(sessions), flush=True)
-        next_status, shot = 0.0, None
-        while time.monotonic() < end and run.poll() is None:
-            if time.monotonic() >= next_status:
-                print(_status_table(client.call("status")), flush=True)
-                print(_streams_table(client.call("streams")), flush=True)
-                shot = shot or _demo_snapshot(client)
-                next_status = time.monotonic() + 3.0
-            event = sub.recv(timeout=0.25)
-            if event is not None:
-                print(_event_line(event), flush=True)
-    print(f"demo over after {seconds:g} s: `edgeroom run` starts the same box and keeps it running", flush=True)
-    return 0
-
-
-def _demo_snapshot(client) -> str | None:
-    """A JPEG of the decoded camera, once it exists: proof that capture -> decode -> bus works."""
-    import base64
-    import tempfile
-
-    from services.control.client import CommandFailed
-    try:
-        shot = client.call("snapshot", {"stream": "synthetic", "max_width": 640})
-    except CommandFailed:
-        return None  # no decoded picture yet (the first keyframe is on its way)
-    path = Path(tempfile.gettempdir()) / "edgeroom-demo-snapshot.jpg"
-    path.write_bytes(base64.b64decode(shot["jpeg"]))
-    print(f"snapshot of {shot['stream']} (item {shot['seq']}, {shot['source_width']}x{shot['source_height']} "
-          f"{shot['format']}) written to {path}: `edgeroom ctl snapshot synthetic FILE.jpg` does the same",
-          flush=True)
-    return str(path)
-
-
 def add_parsers(sub) -> None:
     run = sub.add_parser("run", help="run the box's services as child processes (development, demo)")
     run.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
@@ -215,6 +144,6 @@ def add_parsers(sub) -> None:
     sync.add_argument("--dry-run", action="store_true", help="say what would be started and stopped")
     sync.set_defaults(func=cmd_sources_sync)
 
-    demo = sub.add_parser("demo", help="the embedded default under `edgeroom run`, status and events shown live")
-    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
-    demo.set_defaults(func=cmd_demo)
+    from services.cli import demo  # `edgeroom demo`: the embedded default, live
+    demo.add_parser(sub)
+

@@ -44,7 +44,7 @@ class StreamView:
             parts.append("labels: " + ", ".join(self.labels[:12]))
         if self.detected:
             seen = ", ".join(f"{label} x{n}" if n > 1 else label for label, n in sorted(self.detected.items()))
-            parts.append(f"detected: {seen} (best {self.best:.2f})")
+            parts.append(f"detected: {seen}")  # no confidences: a note changes when what is seen changes
         if self.text:
             parts.append(f'text: "{self.text.strip()[:200]}"')
         return f"- {self.stream}: " + ("; ".join(parts) if parts else "nothing seen yet")
