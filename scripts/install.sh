@@ -210,9 +210,9 @@ pick_extras() {
         say "extras: ${EXTRAS:-none (core only)} (from --extras)"
     else
         case "$PLATFORM" in
-            cpu) EXTRAS=media,vision ;;
-            nvidia) EXTRAS=media,vision-gpu ;;
-            jetson) EXTRAS=media ;;
+            cpu) EXTRAS=media,vision,ai ;;
+            nvidia) EXTRAS=media,vision-gpu,ai ;;
+            jetson) EXTRAS=media,ai ;;
         esac
         say "extras: $EXTRAS (for $PLATFORM)"
     fi

@@ -137,7 +137,11 @@ boot_and_check() {
     wait_for 90 "edgeroom.target active" in_box systemctl is-active edgeroom.target
     local cap=edgeroom-capture@synthetic.service
     wait_for 60 "hub and capture active" in_box systemctl is-active edgeroom-hub.service "$cap"
-    say "started: $(in_box systemctl is-active edgeroom-hub.service "$cap" | tr '\n' ' ')"
+    # the vision service (no pipelines by default) and the recorder (nothing to record yet) idle, up
+    wait_for 60 "vision and recorder active" in_box systemctl is-active edgeroom-vision.service \
+        edgeroom-recorder.service
+    say "started: $(in_box systemctl is-active edgeroom-hub.service "$cap" edgeroom-vision.service \
+        edgeroom-recorder.service | tr '\n' ' ')"
     wait_for 30 "edgeroom ctl status inside the box" \
         in_box runuser -u edgeroom -- /opt/edgeroom/venv/bin/edgeroom ctl status
     # logs under journald: one entry per event, the <N> prefix turned into the entry's priority
@@ -175,7 +179,15 @@ boot_and_check() {
     in_box "${ctl[@]}" source remove extra
     wait_for 30 "edgeroom-capture@extra stopped after ctl source remove" \
         bash -c "! nsenter --target $(leader) --all -- systemctl is-active -q edgeroom-capture@extra.service"
-    say "ok: start, SIGKILL restart, watchdog restart and sources added and removed by command under a real systemd"
+    # the recorder writes under the state directory through its hardened unit (ProtectSystem=strict)
+    say "ctl record start synthetic: a recording must appear under /var/lib/edgeroom/recordings"
+    in_box "${ctl[@]}" record start synthetic
+    wait_for 30 "a recording being written" \
+        in_box bash -c 'ls /var/lib/edgeroom/recordings/synthetic/*.mp4.partial'
+    in_box "${ctl[@]}" record stop synthetic
+    wait_for 15 "the recording finished" in_box bash -c 'ls /var/lib/edgeroom/recordings/synthetic/*.mp4'
+    say "recorded: $(in_box bash -c 'ls -l /var/lib/edgeroom/recordings/synthetic/' | tail -n +2 | tr '\n' ' ')"
+    say "ok: start, SIGKILL restart, watchdog restart, sources added and removed by command, a recording, under a real systemd"
 }
 
 preflight

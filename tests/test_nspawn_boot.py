@@ -4,6 +4,7 @@ a SIGKILL restart and a watchdog restart. Exit 2 means this machine cannot run i
 root, no nspawn, no mirror): the reason is the skip message, and the script stays runnable."""
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -24,3 +25,5 @@ def test_units_boot_restart_and_watchdog_under_real_systemd():
     assert "capture@synthetic  ready" in text  # `edgeroom ctl status` inside the booted box
     assert 'result="watchdog"' in text and 'result="signal"' in text  # ExecStopPost -> the hub -> the scrape URL
     assert "nspawn-test: journal: info: ready (pid" in text  # journald took the <6> prefix as the priority
+    assert "active active active active" in text  # hub, capture, vision and recorder units
+    assert re.search(r"recorded: .*synthetic-\d{8}T\d{6}Z\.mp4", text)  # written through the hardened unit

@@ -339,6 +339,18 @@ class Vision(Service):
                  "detect": lane.detect, "frames": lane.frames, "skipped": lane.skipped_seen,
                  "size": list(lane.last_size), "problem": lane.problem} for lane in self.lanes]
 
+    # --- reload --------------------------------------------------------------------------
+    def apply(self, new, changes) -> list[str]:
+        """Take the live [vision] keys (prompt, timeout, retries, max_image_width); the rest
+        needs a restart of the service."""
+        live = {c.key for c in changes if c.live}
+        if "vision.prompt" in live and self.caller is not None:
+            for stream in self.caller.streams():
+                self.caller.update(stream, prompt=new.vision.prompt)
+        if live & {"vision.timeout", "vision.retries"} and hasattr(self.provider, "configure"):
+            self.provider.configure(timeout=new.vision.timeout, retries=new.vision.retries)
+        return [c.key for c in changes if not c.live]
+
     # --- state ---------------------------------------------------------------------------
     def _each_second(self) -> None:
         self.m.busy.set(round(self.engine.busy, 3))
