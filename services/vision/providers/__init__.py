@@ -212,6 +212,16 @@ class RetryingProvider:
     def _who(self) -> str:
         return f"{self.name} model {self.model!r} at {self.where}"
 
+    def _parsed(self, text: str, schema: dict | None, *, finish, model, tokens_in: int,
+                tokens_out: int) -> tuple[VisionResult, int, int]:
+        """The model's answer text -> what _attempt returns; a schema answer that is not JSON is malformed."""
+        try:
+            result = parse_answer(text, schema=schema)
+        except ValueError as e:
+            raise self._fail("malformed", f"asked for JSON matching the schema, got {e}") from None
+        result.metadata.update(finish_reason=finish, response_model=model)
+        return result, tokens_in, tokens_out
+
     def _fail(self, reason: str, cause: str, *, retry_after: float | None = None) -> ProviderError:
         return ProviderError(reason, f"{self._who()}: {cause}", retry_after=retry_after)
 

@@ -36,7 +36,7 @@ except ImportError:         # pragma: no cover (depends on the installed client)
     import httpx as _http
 
 from services.vision.providers import (
-    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider, parse_answer)
+    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider)
 from services.vision.types import VisionResult
 
 __all__ = ["GeminiProvider"]
@@ -130,15 +130,10 @@ class GeminiProvider(RetryingProvider):
         text = "".join(p.text for p in parts if getattr(p, "text", None) and not getattr(p, "thought", False))
         if not text.strip():
             raise self._fail("malformed", f"empty answer (finishReason {finish})")
-        try:
-            result = parse_answer(text, schema=schema)
-        except ValueError as e:
-            raise self._fail("malformed", f"asked for JSON matching the schema, got {e}") from None
         usage = getattr(response, "usage_metadata", None)
-        tokens_in = int(getattr(usage, "prompt_token_count", 0) or 0)
-        tokens_out = int(getattr(usage, "candidates_token_count", 0) or 0)
-        result.metadata.update(finish_reason=finish, response_model=getattr(response, "model_version", None))
-        return result, tokens_in, tokens_out
+        return self._parsed(text, schema, finish=finish, model=getattr(response, "model_version", None),
+                            tokens_in=int(getattr(usage, "prompt_token_count", 0) or 0),
+                            tokens_out=int(getattr(usage, "candidates_token_count", 0) or 0))
 
     def _close(self) -> None:
         self._client.close()

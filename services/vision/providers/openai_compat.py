@@ -28,7 +28,7 @@ import openai
 import pydantic
 
 from services.vision.providers import (
-    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider, parse_answer)
+    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider)
 from services.vision.types import VisionResult
 
 __all__ = ["OpenAIProvider"]
@@ -126,15 +126,10 @@ class OpenAIProvider(RetryingProvider):
         content = getattr(message, "content", None)
         if not isinstance(content, str) or not content.strip():
             raise self._fail("malformed", f"empty answer (finish_reason {finish})")
-        try:
-            result = parse_answer(content, schema=schema)
-        except ValueError as e:
-            raise self._fail("malformed", f"asked for JSON matching the schema, got {e}") from None
         usage = getattr(completion, "usage", None)
-        tokens_in = int(getattr(usage, "prompt_tokens", 0) or 0)
-        tokens_out = int(getattr(usage, "completion_tokens", 0) or 0)
-        result.metadata.update(finish_reason=finish, response_model=getattr(completion, "model", None))
-        return result, tokens_in, tokens_out
+        return self._parsed(content, schema, finish=finish, model=getattr(completion, "model", None),
+                            tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
+                            tokens_out=int(getattr(usage, "completion_tokens", 0) or 0))
 
     def _close(self) -> None:
         self._client.close()
