@@ -81,7 +81,7 @@ def test_sample_documents_every_key_and_its_reload_mode():
         if m := re.match(r"^\[([^\]]+)\]\s*$", line):
             table = m[1]
             continue
-        if not (m := re.match(r"^([a-z_]+)\s*=", line)):
+        if not (m := re.match(r"^([a-z_][a-z0-9_]*)\s*=", line)):
             continue
         key, block = m[1], []
         for above in reversed(lines[: number - 1]):

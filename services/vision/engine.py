@@ -90,10 +90,15 @@ def draw_boxes(bgr: np.ndarray, detections: list[Detection]) -> None:
 class Engine:
     def __init__(self, prefix: str, lanes: list[Lane], detector, metrics, *,
                  on_detections: Callable[[Lane, int, int, list[Detection]], None],
-                 on_error: Callable[[str, str], None], detector_problem: str = "") -> None:
+                 on_error: Callable[[str, str], None], detector_problem: str = "",
+                 upgrade=None, open_upgraded: Callable | None = None,
+                 on_upgraded: Callable[[object], None] | None = None) -> None:
         self.prefix, self.lanes, self.detector, self.m = prefix, lanes, detector, metrics
         self.on_detections, self.on_error = on_detections, on_error
         self.detector_problem = detector_problem
+        # the int8 copy of the detector (services/vision/quantize.py): calibrated on pictures of
+        # lanes that do not censor (uncensored pixels would otherwise sit in a file while it builds)
+        self.upgrade, self.open_upgraded, self.on_upgraded = upgrade, open_upgraded, on_upgraded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vision-engine", daemon=True)
         self.busy = 0.0           # share of the last second spent working (for status)
@@ -168,6 +173,8 @@ class Engine:
                 self.m.dropped.labels(lane.name, "overwritten").inc()
                 continue
             loaded.append((lane, item, bgr))
+        if self.upgrade is not None and not self.upgrade.done:
+            self._upgrade(loaded)
         due = [(lane, bgr) for lane, _item, bgr in loaded
                if lane.detect and self.detector is not None and lane.frames % lane.every_n == 0]
         if due:
@@ -183,6 +190,24 @@ class Engine:
                 lane.detections = dets
         for lane, item, bgr in loaded:
             self._finish(lane, item, bgr, any(lane is d for d, _ in due))
+
+    def _upgrade(self, loaded) -> None:
+        up = self.upgrade
+        for lane, _item, bgr in loaded:
+            if not lane.censors:
+                up.offer(bgr)
+        path = up.poll()
+        if path is not None:
+            try:
+                new = self.open_upgraded(path)
+            except Exception as exc:
+                self.on_error("quantize_failed", f"the int8 copy {path} does not open: {type(exc).__name__}: {exc}")
+                return
+            old, self.detector = self.detector, new
+            old.close()
+            log.info("detector swapped for its int8 copy %s (built in %.1f s)", path, up.build_seconds or 0.0)
+            if self.on_upgraded is not None:
+                self.on_upgraded(new)
 
     def _finish(self, lane: Lane, item, bgr: np.ndarray, detected: bool) -> None:
         dets = lane.detections

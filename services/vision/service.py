@@ -38,7 +38,9 @@ from services.hub.snapshot import SnapshotError, take
 from services.runtime import sources
 from services.runtime.config import parse_list
 from services.runtime.service import Service, main
+from services.runtime.sources import state_dir
 from services.vision.engine import Engine, Lane
+from services.vision.models import aliases_for
 from services.vision.types import Detection
 
 __all__ = ["Vision", "main"]
@@ -71,6 +73,8 @@ class _Metrics:
                                  registry=r)
         self.busy = Gauge("edgeroom_vision_engine_busy_ratio", "Share of the last second the engine worked.",
                           registry=r)
+        self.int8 = Gauge("edgeroom_vision_int8", "The int8 copy of the detector: 1 for its state (calibrating, "
+                          "building, ready, failed).", ["state"], registry=r)
 
 
 class Vision(Service):
@@ -81,14 +85,17 @@ class Vision(Service):
         cfg = self.config.vision
         self.m = _Metrics(self.registry)
         self.problems: list[str] = []
+        self._int8_failure_told = False
         from services.vision.views import RoomViews
         self.views = RoomViews()
+        self.int8 = None
         self.detector, detector_problem = self._open_detector()
         self.lanes = self._lanes()
         self.rooms = {lane.name: self._room_of(lane.name) for lane in self.lanes}
         self.engine = Engine(self.config.bus.prefix, self.lanes, self.detector, self.m,
                              on_detections=self._detections_from_engine, on_error=self._error_from_thread,
-                             detector_problem=detector_problem)
+                             detector_problem=detector_problem, upgrade=self.int8,
+                             open_upgraded=self._open_int8, on_upgraded=self._upgraded)
         self.provider = self._open_provider()
         self.schema = self._schema()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-describe")
@@ -134,11 +141,10 @@ class Vision(Service):
                 self.m.errors.labels("detector").inc()
                 return None, problem
             model = str(found)
-        aliases = dict(pair.split("=", 1) for pair in parse_list(cfg.aliases)) or None
+        aliases = {k.strip(): v.strip() for k, v in (pair.split("=", 1) for pair in parse_list(cfg.aliases))} or None
         try:
             det = Detector.open(model, runtime=cfg.runtime, device=cfg.device, confidence=cfg.confidence,
-                                iou=cfg.iou, classes=parse_list(cfg.classes) or None,
-                                aliases={k.strip(): v.strip() for k, v in aliases.items()} if aliases else None)
+                                iou=cfg.iou, classes=parse_list(cfg.classes) or None, aliases=aliases)
         except (DetectorError, ValueError) as exc:
             problem = f"detector: {exc}"
             self.log.error("cannot open the detector: %s", exc)
@@ -149,7 +155,50 @@ class Vision(Service):
         if det.fallback_reason:
             self.log.warning("detector runs on %s: %s", det.backend, det.fallback_reason)
         self.log.info("detector %s on %s, input %dx%d", model, det.backend, *det.input_size)
+        self._detector_args = dict(confidence=cfg.confidence, iou=cfg.iou, classes=parse_list(cfg.classes) or None,
+                                   aliases=aliases if aliases is not None else aliases_for(model))
+        if cfg.int8 and det.runtime == "onnxruntime" and "CPU" in det.backend:
+            det = self._int8_upgrade(model, det)
         return det, ""
+
+    # --- the int8 copy (services/vision/quantize.py) -------------------------------------------
+    def _int8_upgrade(self, model: str, det):
+        from services.vision.quantize import Calibrator, Int8Cache, Int8Upgrade
+        cfg = self.config.vision
+        cache = Int8Cache(Path(cfg.int8_cache) if cfg.int8_cache else state_dir(self.config) / "models")
+        self.int8 = Int8Upgrade(model, cache, Calibrator(cfg.int8_frames, 0.5))
+        path = self.int8.poll()  # a copy built earlier is used at once
+        if path is None:
+            return det
+        try:
+            fast = self._open_int8(path)
+        except Exception as exc:  # noqa: BLE001 - the float detector carries on
+            self._error_from_thread("quantize_failed", f"the int8 copy {path} does not open: {exc}")
+            return det
+        det.close()
+        self.log.info("detector: the int8 copy %s (cached)", path)
+        self._upgraded(fast)
+        return fast
+
+    def _open_int8(self, path):
+        from services.vision.detector import Detector
+        return Detector.open(path, runtime="onnxruntime", device="cpu", **self._detector_args)
+
+    def _upgraded(self, det) -> None:
+        """The engine thread swapped the detector (or setup found a cached copy)."""
+        self.m.detector_up.clear()
+        self.m.detector_up.labels(f"{det.backend}:int8").set(1)
+
+    def _int8_state(self) -> None:
+        up = self.int8
+        if up is None:
+            return
+        for state in ("calibrating", "building", "ready", "failed"):
+            self.m.int8.labels(state).set(1 if up.state == state else 0)
+        if up.state == "failed" and not self._int8_failure_told:
+            self._int8_failure_told = True
+            self._error_from_thread("quantize_failed", str(up.error))
+            self.problems.append(f"int8 copy: {up.error} (the float model carries on)")
 
     def _lanes(self) -> list[Lane]:
         from services.vision.pipeline import Censor, Pipeline, Resizer, Watermark, make_transforms
@@ -335,7 +384,7 @@ class Vision(Service):
         return self.views.view(room)
 
     def _cmd_pipelines(self, args: dict) -> list:
-        return [{"name": lane.name, "input": lane.input, "output": lane.output, "room": self.rooms.get(lane.name),
+        return [{"name": lane.name, "input": lane.input, "int8": self.int8.describe() if self.int8 else None, "output": lane.output, "room": self.rooms.get(lane.name),
                  "detect": lane.detect, "frames": lane.frames, "skipped": lane.skipped_seen,
                  "size": list(lane.last_size), "problem": lane.problem} for lane in self.lanes]
 
@@ -354,6 +403,7 @@ class Vision(Service):
     # --- state ---------------------------------------------------------------------------
     def _each_second(self) -> None:
         self.m.busy.set(round(self.engine.busy, 3))
+        self._int8_state()
         now, frames = time.monotonic(), sum(lane.frames for lane in self.lanes)
         then, before = self._counted
         self.rate, self._counted = (frames - before) / max(1e-6, now - then), (now, frames)
@@ -371,6 +421,8 @@ class Vision(Service):
         return out
 
     def teardown(self) -> None:
+        if getattr(self, "int8", None) is not None:
+            self.int8.close()  # a build in progress is killed; its temp files go with it
         if getattr(self, "caller", None) is not None:
             self.caller.close()
         if getattr(self, "engine", None) is not None:
