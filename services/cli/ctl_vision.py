@@ -1,4 +1,4 @@
-"""`edgeroom ctl describe|view` (the vision service) and `ctl record start|stop|list` (the recorder).
+"""`edgeroom ctl describe|view|pipeline` (the vision service) and `ctl record start|stop|list` (the recorder).
 
     edgeroom ctl describe door "Is anyone at the door?"
     edgeroom ctl view lobby               # the room's vision note, ready for an AI's context
@@ -6,6 +6,8 @@
     edgeroom ctl record start door        # or room:lobby
     edgeroom ctl record stop door
     edgeroom ctl record list
+    edgeroom ctl pipeline set door transforms=grayscale watermark='{stream} {timestamp}' publish=true
+    edgeroom ctl pipeline remove door
 
 The hub forwards these commands to the service that answers them (services/hub/offers.py);
 a service that is not running is named in the refusal.
@@ -15,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 
 from services.cli import ctl
+from services.cli.ctl_media import parse_pairs
 from services.cli.tables import table
 from services.control.client import Client, Subscriber
+from services.runtime.config import PipelineConfig
 
 __all__ = ["add_parsers"]
 
@@ -64,6 +69,30 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+_PIPELINE_TEXT = {f.name for f in fields(PipelineConfig) if f.type in (str, "str")}
+
+
+def _pipelines_table(rows: list) -> str:
+    if not rows:
+        return "no pipelines"
+    return table([[r["name"], r["origin"], r["input"], r["output"] or "-", "yes" if r["detect"] else "no",
+                   r["frames"], r["skipped"], r["problem"]] for r in rows],
+                 ["PIPELINE", "FROM", "INPUT", "OUTPUT", "DETECT", "FRAMES", "SKIPPED", "PROBLEM"])
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    with ctl._client(args) as client:
+        if args.action == "list":
+            return ctl._print(args, client.call("vision.pipelines", {}), _pipelines_table)
+        if args.action == "set":
+            result = client.call("vision.pipeline.set", {"name": args.name,
+                                                         "pipeline": parse_pairs(args.keys, _PIPELINE_TEXT)})
+            return ctl._print(args, result, lambda r: f"pipeline {r['name']} set; it runs now "
+                                                      f"(kept in {r['overlay']})")
+        result = client.call("vision.pipeline.remove", {"name": args.name})
+        return ctl._print(args, result, lambda r: f"pipeline {r['name']} removed")
+
+
 def _recordings_table(rows: list) -> str:
     if not rows:
         return "nothing is recording"
@@ -91,6 +120,20 @@ def add_parsers(ctl_sub, common) -> None:
     v.add_argument("--follow", action="store_true", help="print each change as it happens (no duplicates)")
     v.add_argument("--seconds", type=float, help="with --follow: stop after this many seconds")
     v.set_defaults(ctl_func=cmd_view)
+    pipe = ctl_sub.add_parser("pipeline", help="set, remove or list the vision pipelines of the running box")
+    pipe_sub = pipe.add_subparsers(dest="action", required=True)
+    p = pipe_sub.add_parser("list", help="every pipeline: input, output, counts, problems")
+    common(p)
+    p = pipe_sub.add_parser("set", help="add or replace a pipeline: NAME KEY=VALUE... (the keys of [pipelines.NAME])")
+    common(p)
+    p.add_argument("name")
+    p.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="e.g. transforms=grayscale watermark='{stream}' "
+                                                               "publish=true")
+    p = pipe_sub.add_parser("remove", help="remove a pipeline")
+    common(p)
+    p.add_argument("name")
+    for p in pipe_sub.choices.values():
+        p.set_defaults(ctl_func=cmd_pipeline)
     rec = ctl_sub.add_parser("record", help="start, stop or list recordings (a stream, or room:NAME)")
     rec_sub = rec.add_subparsers(dest="action", required=True)
     for action, what in (("start", "start recording TARGET"), ("stop", "stop recording TARGET")):

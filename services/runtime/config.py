@@ -62,6 +62,7 @@ __all__ = [
     "parse_host_port",
     "parse_list",
     "parse_region",
+    "pipeline_from_dict",
     "source_from_dict",
 ]
 
@@ -798,6 +799,11 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
 def source_from_dict(name: str, table: Any, origin: str = "command") -> SourceConfig:
     """One source table (what `edgeroom ctl source add` sends) validated exactly as in the file."""
     return _from_document({"sources": {name: table}}, {}, origin).sources[name]
+
+
+def pipeline_from_dict(name: str, table: Any, origin: str = "command") -> PipelineConfig:
+    """One [pipelines.NAME] table (what `edgeroom ctl pipeline set` sends) validated exactly as in the file."""
+    return _from_document({"pipelines": {name: table}}, {}, origin).pipelines[name]
 
 
 def defaults() -> Config:

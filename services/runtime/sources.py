@@ -42,7 +42,8 @@ def overlay_path(config: configuration.Config) -> Path:
 
 
 class Overlay:
-    """The added and removed sources, as read from (and written to) sources.json."""
+    """The added and removed entries of a config table, as read from (and written to) its
+    overlay file: sources.json here, pipelines.json for the vision service's pipelines."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -58,11 +59,11 @@ class Overlay:
         except FileNotFoundError:
             return self
         except (OSError, ValueError) as exc:
-            self.problem = f"{path}: unreadable ({exc}); using the config's sources only"
+            self.problem = f"{path}: unreadable ({exc}); using the config's {path.stem} only"
             return self
         if not isinstance(doc, dict) or not isinstance(doc.get("added", {}), dict) \
                 or not isinstance(doc.get("removed", []), list):
-            self.problem = f"{path}: not a sources overlay; using the config's sources only"
+            self.problem = f"{path}: not a {path.stem} overlay; using the config's {path.stem} only"
             return self
         self.added = {str(k): v for k, v in doc.get("added", {}).items()}
         self.removed = [str(n) for n in doc.get("removed", [])]
@@ -72,7 +73,7 @@ class Overlay:
         self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         body = json.dumps({"version": 1, "added": self.added, "removed": sorted(set(self.removed))},
                           indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".sources.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(body)

@@ -100,16 +100,39 @@ class Engine:
         # lanes that do not censor (uncensored pixels would otherwise sit in a file while it builds)
         self.upgrade, self.open_upgraded, self.on_upgraded = upgrade, open_upgraded, on_upgraded
         self._stop = threading.Event()
+        self._changes: list[tuple[str, Lane | None]] = []   # from the service's loop, applied by the worker
+        self._changes_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="vision-engine", daemon=True)
         self.busy = 0.0           # share of the last second spent working (for status)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         for lane in self.lanes:
-            lane.consumer = framebus.Consumer.attach(lane.input, prefix=self.prefix, missing_ok=True)
-            if lane.censors and self.detector is None:
-                lane.problem = f"censoring every picture: no detector ({self.detector_problem or 'none configured'})"
+            self._open(lane)
         self._thread.start()
+
+    def _open(self, lane: Lane) -> None:
+        lane.consumer = framebus.Consumer.attach(lane.input, prefix=self.prefix, missing_ok=True)
+        if lane.censors and self.detector is None:
+            lane.problem = f"censoring every picture: no detector ({self.detector_problem or 'none configured'})"
+
+    def replace(self, name: str, lane: Lane | None) -> None:
+        """Put `lane` in place of the lane called `name` (None: remove it), between two batches."""
+        with self._changes_lock:
+            self._changes.append((name, lane))
+
+    def _apply_changes(self) -> None:
+        with self._changes_lock:
+            changes, self._changes = self._changes, []
+        for name, lane in changes:
+            lanes = [old for old in self.lanes if old.name != name]
+            for old in self.lanes:
+                if old.name == name:
+                    old.close()
+            if lane is not None:
+                self._open(lane)
+                lanes.append(lane)
+            self.lanes = sorted(lanes, key=lambda x: x.name)  # one assignment: readers see old or new
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
@@ -121,6 +144,8 @@ class Engine:
     def _run(self) -> None:
         work, window = 0.0, time.monotonic()
         while not self._stop.is_set():
+            if self._changes:
+                self._apply_changes()
             batch = self._newest()
             if not batch:
                 self._idle()

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.control.protocol import ProtocolError
 from services.hub.snapshot import SnapshotError, take
 from services.runtime import sources
+from services.runtime import config as configuration
 from services.runtime.config import parse_list
 from services.runtime.service import Service, main
 from services.runtime.sources import state_dir
@@ -47,6 +50,20 @@ __all__ = ["Vision", "main"]
 
 DETECTION, RESULT = "hook.ON_VIDEO_DETECTION", "hook.ON_VISION_RESULT"
 OUTPUT_SUFFIX = "-vision"
+
+
+PIPELINES_FILE = "pipelines.json"   # pipelines set or removed by command, over the config's
+
+
+def effective_pipelines(config, overlay) -> dict:
+    """The config's [pipelines], less the removed, plus the ones set by command."""
+    out = {name: p for name, p in config.pipelines.items() if name not in overlay.removed}
+    for name, table in overlay.added.items():
+        try:
+            out[name] = configuration.pipeline_from_dict(name, table, str(overlay.path))
+        except configuration.ConfigError as exc:
+            logging.getLogger("edgeroom.vision").warning("ignoring a pipeline set by command: %s", exc)
+    return dict(sorted(out.items()))
 
 
 class _Metrics:
@@ -89,6 +106,8 @@ class Vision(Service):
         from services.vision.views import RoomViews
         self.views = RoomViews()
         self.int8 = None
+        self.overlay_path = sources.state_dir(self.config) / PIPELINES_FILE
+        self.pipelines = effective_pipelines(self.config, sources.Overlay.read(self.overlay_path))
         self.detector, detector_problem = self._open_detector()
         self.lanes = self._lanes()
         self.rooms = {lane.name: self._room_of(lane.name) for lane in self.lanes}
@@ -104,7 +123,7 @@ class Vision(Service):
             from services.vision.interval import IntervalCaller
             self.caller = IntervalCaller(self.provider, on_result=self._interval_result,
                                          on_error=self._interval_error, registry=self.registry)
-            for name, p in sorted(self.config.pipelines.items()):
+            for name, p in sorted(self.pipelines.items()):
                 if p.enabled and p.describe_interval > 0:
                     self.caller.add(name, lambda n=name: self._jpeg_for(n), interval=p.describe_interval,
                                     prompt=cfg.prompt, schema=self.schema)
@@ -117,12 +136,15 @@ class Vision(Service):
         self.offer("vision.view", self._cmd_view, "what vision knows about a room now, as a note for an AI's "
                    "context (args: room)")
         self.offer("vision.pipelines", self._cmd_pipelines, "every pipeline: input, output, detector, counts")
+        self.offer("vision.pipeline.set", self._cmd_pipeline_set, "add or replace the pipeline of a stream on the "
+                   "running service (args: name, pipeline: the keys of a [pipelines.NAME] table)")
+        self.offer("vision.pipeline.remove", self._cmd_pipeline_remove, "remove a stream's pipeline (args: name)")
         self.log.info("vision: %d pipeline(s), detector %s, provider %s", len(self.lanes),
                       self.detector.backend if self.detector else "none", cfg.provider)
 
     def _open_detector(self):
         cfg = self.config.vision
-        wanted = [n for n, p in self.config.pipelines.items() if p.enabled and p.detect]
+        wanted = [n for n, p in self.pipelines.items() if p.enabled and p.detect]
         if not wanted:
             return None, ""
         if not cfg.model:
@@ -201,30 +223,30 @@ class Vision(Service):
             self.problems.append(f"int8 copy: {up.error} (the float model carries on)")
 
     def _lanes(self) -> list[Lane]:
+        return [self._lane(name, p) for name, p in sorted(self.pipelines.items()) if p.enabled]
+
+    def _lane(self, name: str, p) -> Lane:
         from services.vision.pipeline import Censor, Pipeline, Resizer, Watermark, make_transforms
-        lanes = []
-        present = sources.effective(self.config)
-        for name, p in sorted(self.config.pipelines.items()):
-            if not p.enabled:
-                continue
-            src = present.get(name)
-            stream = p.input or (f"{name}-raw" if src is not None and src.wants_decode() else name)
-            resizer = None
-            if p.resize:
-                w, h = (int(x) for x in p.resize.split("x"))
-                resizer = Resizer(w, h)
-            censor = (Censor(parse_list(p.censor), mode=p.censor_mode, scope=p.censor_scope,
-                             grace_frames=p.censor_grace) if p.censor else None)
-            mark = (Watermark(p.watermark, position=p.watermark_position, colour=p.watermark_color,
-                              background=p.watermark_background or None, scale=p.watermark_scale)
-                    if p.watermark else None)
-            pipeline = Pipeline(resizer, make_transforms(parse_list(p.transforms)), censor, mark)
-            lanes.append(Lane(name, stream, f"{name}{OUTPUT_SUFFIX}" if p.publish else None, p.output_format,
-                              pipeline, p.detect, p.every_n_frames, p.draw_boxes, censor is not None))
-        return lanes
+        src = sources.effective(self.config).get(name)
+        stream = p.input or (f"{name}-raw" if src is not None and src.wants_decode() else name)
+        resizer = None
+        if p.resize:
+            w, h = (int(x) for x in p.resize.split("x"))
+            resizer = Resizer(w, h)
+        censor = (Censor(parse_list(p.censor), mode=p.censor_mode, scope=p.censor_scope,
+                         grace_frames=p.censor_grace) if p.censor else None)
+        mark = (Watermark(p.watermark, position=p.watermark_position, colour=p.watermark_color,
+                          background=p.watermark_background or None, scale=p.watermark_scale)
+                if p.watermark else None)
+        pipeline = Pipeline(resizer, make_transforms(parse_list(p.transforms)), censor, mark)
+        lane = Lane(name, stream, f"{name}{OUTPUT_SUFFIX}" if p.publish else None, p.output_format,
+                    pipeline, p.detect, p.every_n_frames, p.draw_boxes, censor is not None)
+        if p.detect and self.detector is None and not p.censor:
+            lane.problem = "detect = true, but there is no detector ([vision] model)"
+        return lane
 
     def _room_of(self, name: str) -> str:
-        p = self.config.pipelines.get(name)
+        p = self.pipelines.get(name)
         if p is not None and p.room:
             return p.room
         base = name
@@ -267,7 +289,7 @@ class Vision(Service):
         """The stream to describe when asked about `stream`: the censored output when a
         pipeline censors it; refused when that output is not published."""
         base = stream.removesuffix("-raw")
-        p = self.config.pipelines.get(base)
+        p = self.pipelines.get(base)
         if p is not None and p.enabled and p.censor and not stream.endswith(OUTPUT_SUFFIX):
             if not p.publish:
                 raise ProtocolError("bad_args", f"stream {stream!r} is censored by [pipelines.{base}], whose output "
@@ -383,10 +405,74 @@ class Vision(Service):
             raise ProtocolError("bad_args", "vision.view takes room (a room name)")
         return self.views.view(room)
 
+    def _cmd_pipeline_set(self, args: dict) -> dict:
+        name, table = args.get("name"), args.get("pipeline", {})
+        if not isinstance(name, str) or not isinstance(table, dict):
+            raise ProtocolError("bad_args", "vision.pipeline.set takes name (a source name) and pipeline (an object)")
+        try:
+            p = configuration.pipeline_from_dict(name, table, "vision.pipeline.set")
+        except configuration.ConfigError as exc:
+            raise ProtocolError("bad_args", str(exc)) from None
+        if p.detect and self.detector is None and not self.config.vision.model:
+            raise ProtocolError("bad_args", f"pipelines.{name}.detect: there is no detector: set [vision] model "
+                                            f"and restart the vision service")
+        overlay = sources.Overlay.read(self.overlay_path)
+        overlay.added[name] = table
+        overlay.removed = [n for n in overlay.removed if n != name]
+        self._save(overlay)
+        self.pipelines = {**self.pipelines, name: p}
+        self.rooms[name] = self._room_of(name)
+        self.engine.replace(name, self._lane(name, p) if p.enabled else None)
+        self._interval_for(name, p)
+        self.log.info("pipeline %s set by command", name)
+        return {"name": name, "pipeline": asdict(p), "overlay": str(self.overlay_path)}
+
+    def _cmd_pipeline_remove(self, args: dict) -> dict:
+        name = args.get("name")
+        if not isinstance(name, str) or name not in self.pipelines:
+            raise ProtocolError("not_found", f"no pipeline {name!r} (pipelines: {', '.join(self.pipelines) or 'none'})")
+        overlay = sources.Overlay.read(self.overlay_path)
+        overlay.added.pop(name, None)
+        if name in self.config.pipelines:
+            overlay.removed.append(name)  # the config file's: hidden until set again
+        self._save(overlay)
+        self.pipelines = {n: p for n, p in self.pipelines.items() if n != name}
+        self.engine.replace(name, None)
+        if self.caller is not None:
+            self.caller.remove(name)
+        self.log.info("pipeline %s removed by command", name)
+        return {"name": name, "overlay": str(self.overlay_path)}
+
+    def _added(self) -> set[str]:
+        return set(sources.Overlay.read(self.overlay_path).added)
+
+    def _save(self, overlay) -> None:
+        try:
+            overlay.write()
+        except OSError as exc:
+            raise ProtocolError("unavailable", f"cannot write {overlay.path}: {exc.strerror or exc}") from None
+
+    def _interval_for(self, name: str, p) -> None:
+        if self.caller is None:
+            return
+        self.caller.remove(name)
+        if p.enabled and p.describe_interval > 0:
+            self.caller.add(name, lambda: self._jpeg_for(name), interval=p.describe_interval,
+                            prompt=self.config.vision.prompt, schema=self.schema)
+
     def _cmd_pipelines(self, args: dict) -> list:
-        return [{"name": lane.name, "input": lane.input, "int8": self.int8.describe() if self.int8 else None, "output": lane.output, "room": self.rooms.get(lane.name),
-                 "detect": lane.detect, "frames": lane.frames, "skipped": lane.skipped_seen,
-                 "size": list(lane.last_size), "problem": lane.problem} for lane in self.lanes]
+        """The pipelines as set now (a change reaches the engine between two batches)."""
+        added, lanes = self._added(), {lane.name: lane for lane in self.engine.lanes}
+        rows = []
+        for name, p in self.pipelines.items():
+            lane = lanes.get(name)
+            rows.append({"name": name, "origin": "command" if name in added else "config", "enabled": p.enabled,
+                         "input": lane.input if lane else p.input, "output": f"{name}{OUTPUT_SUFFIX}" if p.publish
+                         else None, "room": self.rooms.get(name), "detect": p.detect,
+                         "frames": lane.frames if lane else 0, "skipped": lane.skipped_seen if lane else 0,
+                         "size": list(lane.last_size) if lane else [0, 0], "problem": lane.problem if lane else "",
+                         "int8": self.int8.describe() if self.int8 else None})
+        return rows
 
     # --- reload --------------------------------------------------------------------------
     def apply(self, new, changes) -> list[str]:
@@ -404,18 +490,18 @@ class Vision(Service):
     def _each_second(self) -> None:
         self.m.busy.set(round(self.engine.busy, 3))
         self._int8_state()
-        now, frames = time.monotonic(), sum(lane.frames for lane in self.lanes)
+        now, frames = time.monotonic(), sum(lane.frames for lane in self.engine.lanes)
         then, before = self._counted
-        self.rate, self._counted = (frames - before) / max(1e-6, now - then), (now, frames)
+        self.rate, self._counted = max(0.0, frames - before) / max(1e-6, now - then), (now, frames)
 
     def describe(self) -> dict:
-        problems = self.problems + [f"{lane.name}: {lane.problem}" for lane in self.lanes if lane.problem]
-        det = self.detector.backend if self.detector is not None else "no detector"
-        status = f"{len(self.lanes)} pipeline(s), {det}, provider {self.config.vision.provider}, " \
+        problems = self.problems + [f"{lane.name}: {lane.problem}" for lane in self.engine.lanes if lane.problem]
+        det = self.engine.detector.backend if self.engine.detector is not None else "no detector"
+        status = f"{len(self.engine.lanes)} pipeline(s), {det}, provider {self.config.vision.provider}, " \
                  f"busy {self.engine.busy:.0%}"
         out: dict[str, Any] = {"status": "; ".join(problems) if problems else status,
                                "rate": round(self.rate, 2),
-                               "streams": [lane.output for lane in self.lanes if lane.output]}
+                               "streams": [lane.output for lane in self.engine.lanes if lane.output]}
         if problems:
             out["state"] = "degraded"
         return out
