@@ -284,3 +284,25 @@ def test_a_room_recording_holds_the_sessions_video_and_audio_in_sync(box, tmp_pa
     offsets = [min(beeps, key=lambda b: abs(b - t)) - t for t in inside]
     print("flash -> beep offsets (ms):", [round(o * 1000, 1) for o in offsets])
     assert all(abs(o) <= 0.040 for o in offsets), f"flashes {flashes}, beeps {beeps}"
+
+
+def test_a_recording_started_by_command_goes_on_after_the_recorder_restarts(box, tmp_path):
+    b, rec = recorder_box(box, tmp_path, "", record="")
+    b.run()
+    b.wait_ready("recorder", "capture@cam")
+    wait_for(lambda: "record.start" in b.call("commands"), 10, "the recorder's commands")
+    b.call("record.start", {"target": "cam"})
+    wait_for(lambda: partials(rec) and partials(rec)[0].stat().st_size > 20000, 10, "the first fragments")
+    pid = b.services()["recorder"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: b.services()["recorder"]["pid"] != pid and b.services()["recorder"]["state"] == "ready", 30,
+             "the recorder restarted")
+    assert [r["target"] for r in b.call("record.list")["recordings"]] == ["cam"]   # remembered, not lost
+    wait_for(lambda: len(partials(rec)) == 1 and len(finished(rec)) == 1, 10,
+             "the killed segment repaired, a new one being written")
+    b.call("record.stop", {"target": "cam"})
+    pid = b.services()["recorder"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: b.services()["recorder"]["pid"] != pid and b.services()["recorder"]["state"] == "ready", 30,
+             "the recorder restarted")
+    assert b.call("record.list")["recordings"] == []   # stopped stays stopped

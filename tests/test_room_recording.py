@@ -304,7 +304,8 @@ def test_raw_and_encoded_sessions_each_get_their_own_track(tmp_path):
     cam = ffprobe_packets(path, "v:0")
     assert len(cam) == len(frames)
     assert [k for _, k in cam] == [key for _, _, key in frames]    # the camera's own keyframes: no re-encode
-    assert len(ffprobe_packets(path, "v:1")) == len(frames)
+    screen = ffprobe_packets(path, "v:1")   # its first picture comes 3 ms after t0: held from 0 (below)
+    assert len(screen) == len(frames) + 1 and screen[0] == (0, True) and rec.stats.held_start == 1
     assert rec.stats.frames == {"cam": len(frames), "screen": len(frames)}
 
 
@@ -344,10 +345,12 @@ def test_an_encoded_session_declared_with_its_parameter_sets_joins_late(tmp_path
     rec.close()
     assert rec.missing == []
     late = ffprobe_packets(path, "v:1")
-    assert len(late) == 30
-    # its second frame plays at its capture time (3.1 s after the start, plus the AAC priming shift);
-    # the first is moved to 0 by FFmpeg's fragmented muxer (no edit list), see docs/room-recording.md
-    assert abs(late[1][0] / 90000 - (3.1 + 1024 / RATE)) < 0.002
+    # A fragmented MP4 has no edit list: players start each track at 0. So its first picture
+    # is held from 0, and every picture, the first included, plays at its capture time
+    # (3.0 s after the start, plus the AAC priming shift both tracks get).
+    assert len(late) == 31 and late[0] == (0, True)
+    assert abs(late[1][0] / 90000 - (3.0 + 1024 / RATE)) < 0.002
+    assert abs(late[2][0] / 90000 - (3.1 + 1024 / RATE)) < 0.002
     out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", "0:v:1", "-f", "null", "-"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr == ""

@@ -104,6 +104,7 @@ class RoomStats:
     trimmed_samples: int = 0                              # audio samples trimmed as overlap / slip
     slips: int = 0                                        # drift corrections of a session's audio
     pts_fixed: int = 0                                    # video times moved one tick forward
+    held_start: int = 0                                   # video tracks whose first picture is held from 0
 
     def silence_ms(self, rate: int) -> float:
         return self.silence_samples * 1000 / rate
@@ -387,16 +388,25 @@ class RoomRecorder:
                 return
             track.gate = False
         pts = ((capture_ns - self.t0) * VIDEO_TB.denominator + NS // 2) // NS
+        if track.last_pts is None and pts > 0:
+            # A fragmented MP4 has no edit list: players start every track at time 0, so a
+            # track whose first picture comes after t0 would play early by that much. Its
+            # first picture (a keyframe) is written at 0 too, and held until its own time.
+            self._put_video(track, payload, 0, keyframe)
+            self.stats.held_start += 1
         if track.last_pts is not None and pts <= track.last_pts:
             pts = track.last_pts + 1
             self.stats.pts_fixed += 1
+        self._put_video(track, payload, pts, keyframe)
+        self.stats.frames[track.id] += 1
+
+    def _put_video(self, track: _Track, payload, pts: int, keyframe: bool) -> None:
         track.last_pts = pts
         if track.kind == "video":
             self.writer.write_packet(track.out, payload, pts, keyframe=keyframe)
         else:
             picture, fmt = payload
             self.writer.write_picture(track.out, picture, fmt, pts)
-        self.stats.frames[track.id] += 1
 
     def _place(self, track: _Track, capture_ns: int, pcm: np.ndarray) -> None:
         p = track.placer.place(capture_ns, len(pcm))

@@ -6,9 +6,9 @@ pictures: encoded here; NAME-audio: AAC) or `room:NAME` (services/recorder/room.
 when present). Targets come from `[recorder] record` at start and on reload, and from
 the commands `record.start {target}`, `record.stop {target}`, `record.list {}`.
 
-Everything runs on the service loop: one framebus consumer per target, woken by its fd,
-reading a bounded batch per turn (like decode) and feeding services.recorder.stream.
-StreamRecorder. Once a second: attach to streams that appeared, finish the segment of a
+Everything runs on the service loop: one framebus consumer per target, drained every
+DRAIN_SECONDS in a bounded batch per turn (not woken per frame: see _drain) and feeding
+services.recorder.stream.StreamRecorder. Once a second: attach to streams that appeared, finish the segment of a
 stream whose producer died or closed, resume recordings paused by a full disk when space
 is back. Once a minute (and after each segment): retention (services/recorder/segments).
 At start, `.partial` files a crash left are repaired and renamed before anything records.
@@ -33,6 +33,7 @@ from services.recorder.roomfeed import RoomFeed
 from services.recorder.stream import Settings, StreamRecorder
 from services.runtime.config import parse_list
 from services.runtime.service import Service
+from services.runtime.sources import Overlay, state_dir
 
 __all__ = ["Recorder", "recordings_dir"]
 
@@ -40,7 +41,8 @@ BATCH_ITEMS = 32
 BATCH_SECONDS = 0.05
 SWEEP_SECONDS = 60.0
 ROOM_PROBE_SIZE = (640, 480)  # the size the encoder probe of a room's raw sessions runs at
-ROOM_PUMP_SECONDS = 0.1     # room targets: drain their streams into the room recorder this often
+DRAIN_SECONDS = 0.1         # every target's ring (and every room's streams) is drained this often
+TARGETS_FILE = "recordings.json"  # targets started and stopped by command, over [recorder] record
 _TARGET = re.compile(r"room:[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}|[a-z0-9][a-z0-9_-]{0,63}")
 
 
@@ -108,14 +110,14 @@ class Recorder(Service):
         self.m.recovered.labels("removed").inc(len(got.removed))
         self._sweep()
         self.loop.every(1.0, self._tick)
-        self.loop.every(ROOM_PUMP_SECONDS, self._pump_rooms)
+        self.loop.every(DRAIN_SECONDS, self._drain)
         self.loop.every(SWEEP_SECONDS, self._sweep)
         offer = getattr(self, "offer", None)
         if offer is not None:
             offer("record.start", self.cmd_start, "start recording a target: {target: STREAM | room:NAME}")
             offer("record.stop", self.cmd_stop, "stop recording a target: {target}")
             offer("record.list", self.cmd_list, "the recordings in progress and the recordings directory")
-        for target in parse_list(self.config.recorder.record):
+        for target in self._wanted():
             self.start(target)
         self.log.info("recordings in %s; recording %s", self.root, ", ".join(self.targets) or "nothing yet")
 
@@ -166,7 +168,6 @@ class Recorder(Service):
         rec = StreamRecorder(name, self.root, self._settings(), self._emit, self.m, on_segment=lambda _p: self._sweep())
         t = _Target(name, consumer, rec)
         self.targets[name] = t
-        self.loop.add_reader(consumer.fileno(), lambda: self._readable(t))
         self.log.info("recording %s%s", name, "" if consumer.attached else " (waiting for the stream)")
         self._readable(t)
         return t
@@ -181,7 +182,6 @@ class Recorder(Service):
                     "frames": feed.frames}
         t = self.targets.pop(name)
         t.again = False
-        self.loop.remove_reader(t.consumer.fileno())
         path = t.rec.stop()
         t.consumer.close()
         self.log.info("stopped recording %s", name)
@@ -249,10 +249,19 @@ class Recorder(Service):
                     self.throttled.warning(f"sessions-{feed.target}", f"{feed.target}: {exc}")
         self.link.request("sessions", {"room": feed.room}, answered)
 
-    def _pump_rooms(self) -> None:
-        now = time.monotonic_ns()
-        for feed in list(self.rooms.values()):
-            feed.pump(now)
+    def _drain(self) -> None:
+        """Every DRAIN_SECONDS: read what each target's ring holds, and feed the rooms.
+
+        Not a wake-up per frame: recording has no latency to keep, a ring holds seconds of
+        items, and one wake-up for every target together costs a fraction of 30 per stream
+        per second (benchmarks/record.py)."""
+        for t in list(self.targets.values()):
+            if not t.again:
+                self._readable(t)
+        if self.rooms:
+            now = time.monotonic_ns()
+            for feed in list(self.rooms.values()):
+                feed.pump(now)
 
     def _sweep(self) -> None:
         c = self.config.recorder
@@ -274,7 +283,9 @@ class Recorder(Service):
         return target
 
     def cmd_start(self, args: dict) -> dict:
-        t = self.start(self._target_arg(args))
+        name = self._target_arg(args)
+        t = self.start(name)
+        self._remember(name, recording=True)
         return {"dir": str(self.root), **(t.describe() if isinstance(t, RoomFeed) else t.rec.describe())}
 
     def cmd_stop(self, args: dict) -> dict:
@@ -282,7 +293,36 @@ class Recorder(Service):
         if name not in self.targets and name not in self.rooms:
             raise ProtocolError("not_found", f"{name} is not being recorded (recording: "
                                              f"{', '.join(sorted([*self.targets, *self.rooms])) or 'nothing'})")
+        self._remember(name, recording=False)
         return self.stop(name)
+
+    # ------------------------------------------------------------ what to record, across restarts
+    def _overlay(self) -> Overlay:
+        return Overlay.read(state_dir(self.config) / TARGETS_FILE)
+
+    def _wanted(self) -> list[str]:
+        """[recorder] record, plus what `record.start` added, less what `record.stop` stopped:
+        a recording started by command goes on after the recorder (or the box) restarts."""
+        overlay = self._overlay()
+        if overlay.problem:
+            self.log.warning("%s", overlay.problem)
+        wanted = [t for t in parse_list(self.config.recorder.record) if t not in overlay.removed]
+        return wanted + [t for t in overlay.added if t not in wanted and _TARGET.fullmatch(t)]
+
+    def _remember(self, name: str, recording: bool) -> None:
+        overlay = self._overlay()
+        if recording:
+            overlay.added[name] = {}
+            overlay.removed = [t for t in overlay.removed if t != name]
+        else:
+            overlay.added.pop(name, None)
+            if name in parse_list(self.config.recorder.record):
+                overlay.removed.append(name)
+        try:
+            overlay.write()
+        except OSError as exc:  # recording goes on; only the memory of it across a restart is lost
+            self.log.error("cannot write %s: %s: %s is not remembered across a restart", overlay.path,
+                           exc.strerror or exc, name)
 
     def cmd_list(self, _args: dict) -> dict:
         return {"dir": str(self.root), "recordings": [t.rec.describe() for t in self.targets.values()]
