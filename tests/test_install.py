@@ -260,7 +260,8 @@ def test_the_units_pass_the_check_against_the_root(installed):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exposures = {line.split()[0]: float(line.split()[2]) for line in proc.stdout.splitlines()}
     assert set(exposures) == {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@check.service",
-                              "edgeroom-decode@check.service", "edgeroom-sources.service"}
+                              "edgeroom-decode@check.service", "edgeroom-vision.service",
+                              "edgeroom-recorder.service", "edgeroom-sources.service"}
     assert all(e <= 2.0 for e in exposures.values()), exposures
 
 

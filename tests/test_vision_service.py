@@ -319,9 +319,15 @@ detect = true
     wait_for(swapped, 90, f"the int8 copy built and swapped in; log:\n{b.log()[-2000:]}")
     copies = list((b.dir / "models").glob("*.int8.onnx"))
     assert len(copies) == 1 and "detector swapped for its int8 copy" in b.log()
+    counts = []
     with b.subscriber("hook.ON_VIDEO_DETECTION") as sub:   # the int8 copy still finds the three people
-        event = sub.recv(timeout=20)
-    assert event is not None and event.data["labels"] == ["person"] and len(event.data["detections"]) >= 3
+        end = time.monotonic() + 20
+        while len(counts) < 6 and time.monotonic() < end:
+            event = sub.recv(timeout=1.0)
+            if event is not None:
+                assert event.data["labels"] == ["person"]
+                counts.append(len(event.data["detections"]))
+    assert len(counts) >= 3 and max(counts) >= 3 and min(counts) >= 2, counts
 
 
 def test_a_pipeline_set_and_removed_by_command_takes_effect_at_once_and_persists(box):
