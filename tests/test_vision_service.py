@@ -349,8 +349,10 @@ restart_sec = 0.2
     b.call("vision.pipeline.set", {"name": "cam", "pipeline": {"resize": "160x120", "transforms": "invert",
                                                               "publish": True, "output_format": "bgr24"}})
     time.sleep(0.5)
-    [inverted] = _pictures(b, "cam-vision", 1)
-    assert np.abs(inverted["array"][..., 0].astype(int) - inverted["array"][..., 2]).max() > 20  # colour again
+    # colour again (the camera's once-a-second white flash is grey either way: most pictures, not all)
+    coloured = [np.abs(p["array"][..., 0].astype(int) - p["array"][..., 2]).max() > 20
+                for p in _pictures(b, "cam-vision", 5)]
+    assert sum(coloured) >= 4, coloured
     with pytest.raises(CommandFailed) as err:   # validated exactly like the config file
         b.call("vision.pipeline.set", {"name": "cam", "pipeline": {"transforms": "grey"}})
     assert err.value.code == "bad_args" and "pipelines.cam.transforms: unknown transform(s) 'grey'" in err.value.message

@@ -21,7 +21,8 @@ The flow, driven by the owner's `poll(now_ns)` (one thread owns a recorder):
   decode). Items stamped more than `future_s` past the last poll are refused ("future").
 * The recording starts when every declared track has sent, or `wait_s` after the first
   item of any track (a track that never sends does not hold the others back). `t0` is
-  the earliest first item. Tracks that have not sent then: audio joins whenever it comes
+  the earliest first picture (a keyframe), or the earliest first item when no picture has
+  come: audio from before it is trimmed, so the file starts on a picture. Tracks that have not sent then: audio joins whenever it comes
   (it is mixed); a video session joins later if its declaration says enough to create
   its track (width, height and, for H.264, the parameter sets), else it is `missing`.
 * Each poll writes what is older than `now - reorder_ms` (later items of other tracks
@@ -312,7 +313,11 @@ class RoomRecorder:
         waited = now_ns - self._first_item_ns >= self.cfg.wait_s * NS
         if not (force or waited or len(sent) == len(self.tracks)):
             return False
-        self.t0 = min(t.first_ns for t in sent)
+        # The file starts with the first picture when there is one (audio before it is trimmed):
+        # a fragmented MP4 has no edit list, so a video track that began after t0 would start
+        # on a held still (see _write_video); this way the usual room (one camera) never needs it.
+        pictures = [t for t in sent if t.kind != "audio"]
+        self.t0 = min(t.first_ns for t in (pictures or sent))
         self.watermark = self.t0 - 1
         self.writer = self._factory(self.path, fragment_seconds=self.cfg.fragment_seconds, fsync=self.cfg.fsync)
         for track in self.tracks.values():
