@@ -115,7 +115,7 @@ sys.path.append(_ROOT)
 
 import framebus  # noqa: E402
 from services.capture.sink import ENCODED_SLOTS, raw_stream  # noqa: E402
-from services.control.client import Client, ControlError  # noqa: E402
+from benchmarks.benchbox import BenchBox  # noqa: E402
 from services.runtime.config import SourceConfig  # noqa: E402
 
 FPS = 30
@@ -585,80 +585,29 @@ def metric_delta(a: dict, b: dict, name: str, by_reason: bool = False):
     return (int(round(tot)), reasons) if by_reason else tot
 
 
-class Box:
+class Box(BenchBox):
     """One `edgeroom run` with N file sources, in a private runtime dir and bus prefix."""
 
     def __init__(self, tag: str, clip_path: Path, n: int, decode_threads: int | None) -> None:
+        super().__init__(f"ing{os.getpid()}{tag}", "ering", [f"s{i + 1}" for i in range(n)])
         self.n = n
-        self.streams = [f"s{i + 1}" for i in range(n)]
-        self.dir = Path(tempfile.mkdtemp(prefix="ering", dir="/tmp"))
-        self.prefix = f"ing{os.getpid()}{tag}"
-        self.rundir = self.dir / "run"
-        self.config = self.dir / "edgeroom.toml"
-        self.log_path = self.dir / "run.log"
-        q = json.dumps  # a TOML basic string is a JSON string
-        lines = [f"[box]\nruntime_dir = {q(str(self.rundir))}", f"[bus]\nprefix = {q(self.prefix)}",
-                 '[log]\nlevel = "info"', '[hub]\nmetrics_listen = "127.0.0.1:0"']
-        for s in self.streams:
-            lines.append(f'[sources.{s}]\nkind = "file"\npath = {q(str(clip_path))}\nloop = true\nroom = "bench"'
-                         + (f"\ndecode_threads = {decode_threads}" if decode_threads is not None else ""))
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-        self.client: Client | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("EDGEROOM_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env["EDGEROOM_CONFIG"] = str(self.config)
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], cwd=_ROOT, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = Client(f"ipc://{self.rundir}/control.sock", timeout=2.0)
-
-    def log_tail(self, n: int = 15) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
-
-    def status(self) -> dict:
-        return self.client.call("status")
+        q = json.dumps
+        self.write_config([f'[sources.{s}]\nkind = "file"\npath = {q(str(clip_path))}\nloop = true\nroom = "bench"'
+                           + (f"\ndecode_threads = {decode_threads}" if decode_threads is not None else "")
+                           for s in self.streams])
 
     def warnings(self, keep: int = 6) -> dict:
         """How many warning/error lines the box logged, and the first and last few of them."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return {"count": 0, "lines": []}
-        bad = [ln for ln in lines if " warning " in ln or " error " in ln or " critical " in ln
-               or " stderr: " in ln]
+        bad = self.warning_lines()
         shown = bad if len(bad) <= keep else bad[:keep // 2] + ["..."] + bad[-(keep - keep // 2):]
-        return {"count": len(bad), "lines": [ln[:300] for ln in shown]}
+        return {"count": len(bad), "lines": shown}
 
     def wait_ready(self, timeout: float) -> dict:
         """Every capture@ and decode@ ready and every decode@ publishing NAME-raw: the status."""
-        deadline = time.monotonic() + timeout
         want = [f"capture@{s}" for s in self.streams] + [f"decode@{s}" for s in self.streams]
-        last = "no answer from the hub"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"edgeroom run exited {self.proc.returncode}: {self.log_tail()}")
-            try:
-                st = self.status()
-            except ControlError as exc:
-                last = str(exc)
-                time.sleep(0.2)
-                continue
-            rows = {r["service"]: r for r in st["services"]}
-            missing = [w for w in want if rows.get(w, {}).get("state") != "ready"]
-            missing += [f"{raw_stream(s)} (from decode@{s})" for s in self.streams
-                        if raw_stream(s) not in rows.get(f"decode@{s}", {}).get("streams", [])]
-            if not missing:
-                return st
-            last = "waiting for " + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
-            time.sleep(0.25)
-        raise RuntimeError(f"not ready after {timeout:.0f} s ({last}): {self.log_tail()}")
+        return super().wait_ready(timeout, want, lambda rows: [
+            f"{raw_stream(s)} (from decode@{s})" for s in self.streams
+            if raw_stream(s) not in rows.get(f"decode@{s}", {}).get("streams", [])])
 
     def bus(self) -> dict[str, tuple[int, int, int]]:
         """{stream: (generation, items sent, the largest live consumer lag)} of every ring of the box."""
@@ -667,20 +616,6 @@ class Box:
             lags = [c.lag for c in info.consumers if c.alive]
             out[info.stream] = (info.generation, info.items, max(lags, default=0))
         return out
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        framebus.gc(self.prefix)  # the box's processes are gone: everything under its prefix is stale
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def run_box(clip: Clip, path: Path, n: int, plan: Plan, tag: str, decode_threads: int | None = None) -> dict:

@@ -84,7 +84,8 @@ sys.path.append(_ROOT)
 import framebus  # noqa: E402
 from benchmarks.ingest import (_on_sigterm, cache_dir, code_version, log, machine_busy_s, proc_cpu_s,  # noqa: E402
                                run_child, self_cpu_s, tool_version)
-from services.control.client import Client, ControlError  # noqa: E402
+from benchmarks.benchbox import BenchBox  # noqa: E402
+from services.control.client import ControlError  # noqa: E402
 
 FPS = 30
 WIDTH, HEIGHT = 1280, 720
@@ -316,21 +317,14 @@ def msum(m: dict, name: str, target: str | None = None) -> float:
     return sum(v for (n, t, _), v in m.items() if n == name and (target is None or t == target))
 
 
-class Box:
+class Box(BenchBox):
     """One `edgeroom run` with N sources and the recorder, in a private runtime dir and bus prefix."""
 
     def __init__(self, tag: str, n: int, mode: str, clip: Path | None, fsync: bool) -> None:
-        self.streams = [f"s{i + 1}" for i in range(n)]
-        self.dir = Path(tempfile.mkdtemp(prefix="erec", dir="/tmp"))
-        self.prefix = f"rec{os.getpid()}{tag}"
-        self.rundir = self.dir / "run"
+        super().__init__(f"rec{os.getpid()}{tag}", "erec", [f"s{i + 1}" for i in range(n)], client_timeout=3.0)
         self.rec_dir = self.dir / "rec"
-        self.config = self.dir / "edgeroom.toml"
-        self.log_path = self.dir / "run.log"
         q = json.dumps
-        lines = [f"[box]\nruntime_dir = {q(str(self.rundir))}", f"[bus]\nprefix = {q(self.prefix)}",
-                 '[log]\nlevel = "info"', '[hub]\nmetrics_listen = "127.0.0.1:0"',
-                 "[services.vision]\nenabled = false", "[services.recorder]\nenabled = true",
+        lines = ["[services.vision]\nenabled = false", "[services.recorder]\nenabled = true",
                  f"[recorder]\ndir = {q(str(self.rec_dir))}\nrecord = \"\"\nfsync = {str(fsync).lower()}\n"
                  f"encoder = \"libx264\"\nsegment_seconds = 3600\nfragment_seconds = {FRAGMENT_S}\n"
                  "max_disk_share = 0.0"]
@@ -341,73 +335,22 @@ class Box:
             else:
                 lines.append(f'[sources.{s}]\nkind = "synthetic"\nwidth = {WIDTH}\nheight = {HEIGHT}\nfps = {FPS}\n'
                              'encode = "raw"\nroom = "bench"')
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-        self.client: Client | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("EDGEROOM_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env["EDGEROOM_CONFIG"] = str(self.config)
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run"], cwd=_ROOT, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = Client(f"ipc://{self.rundir}/control.sock", timeout=3.0)
-
-    def log_tail(self, n: int = 12) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        self.write_config(lines)
 
     def warnings(self) -> list[str]:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-        return [ln[:300] for ln in lines if " warning " in ln or " error " in ln or " critical " in ln]
+        return self.warning_lines()
 
     def wait_ready(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        want = ["recorder"] + [f"capture@{s}" for s in self.streams]
-        last = "no answer from the hub"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"edgeroom run exited {self.proc.returncode}: {self.log_tail()}")
-            try:
-                st = self.client.call("status")
-            except ControlError as exc:
-                last = str(exc)
-                time.sleep(0.2)
-                continue
-            rows = {r["service"]: r for r in st["services"]}
+        def off_bus(rows: dict) -> list[str]:
             on_bus = {i.stream for i in framebus.list_streams(self.prefix) if i.items > 0}
-            missing = [w for w in want if rows.get(w, {}).get("state") != "ready"]
-            missing += [f"{s} on the bus" for s in self.streams if s not in on_bus]
-            if not missing:
-                return st
-            last = "waiting for " + ", ".join(missing[:4])
-            time.sleep(0.25)
-        raise RuntimeError(f"not ready after {timeout:.0f} s ({last}): {self.log_tail()}")
+            return [f"{s} on the bus" for s in self.streams if s not in on_bus]
+        return super().wait_ready(timeout, ["recorder"] + [f"capture@{s}" for s in self.streams], off_bus)
 
     def items(self) -> dict[str, int]:
         return {i.stream: i.items for i in framebus.list_streams(self.prefix)}
 
     def pids(self) -> dict[str, int]:
         return {r["service"]: r["pid"] for r in self.client.call("status")["services"] if r.get("pid")}
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        framebus.gc(self.prefix)
 
 
 def run_box(mode: str, n: int, fsync: bool, plan: Plan, tag: str, clip: Path | None,
@@ -494,7 +437,6 @@ def run_box(mode: str, n: int, fsync: bool, plan: Plan, tag: str, clip: Path | N
         return rec
     finally:
         box.close()
-        shutil.rmtree(box.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------
