@@ -1,5 +1,6 @@
 """One `edgeroom run` for a benchmark: a private runtime dir and bus prefix, the config's
-lines given by the benchmark, a control client, its log, readiness, and a clean stop.
+lines given by the benchmark, a control client, its log, readiness, and a clean stop; and
+the H.264 test clips the benchmarks feed it.
 
 benchmarks/ingest.py (capture + decode), benchmarks/record.py (the recorder) and
 benchmarks/vision.py (the load test) start their boxes through this one class.
@@ -20,7 +21,7 @@ from pathlib import Path
 import framebus
 from services.control.client import Client, ControlError
 
-__all__ = ["BenchBox"]
+__all__ = ["BenchBox", "encode_testsrc"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,3 +109,30 @@ class BenchBox:
         framebus.gc(self.prefix)  # the box's processes are gone: everything under its prefix is stale
         if not keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def encode_testsrc(path: Path, width: int, height: int, fps: int, seconds: float, kbps: int, gop: int,
+                   log: Callable[[str], None] = print) -> Path:
+    """An H.264 High clip of FFmpeg's testsrc2 at a constant bit rate, no B-frames, a keyframe
+    every `gop` frames: made once and cached at `path` (atomically: a half-written file is never kept)."""
+    if path.exists():
+        return path
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError("ffmpeg is not installed (apt-get install ffmpeg): it makes the clips and is a baseline")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.mp4")
+    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+           "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate={fps}:duration={seconds}",
+           "-c:v", "libx264", "-preset", "fast", "-profile:v", "high", "-pix_fmt", "yuv420p",
+           "-b:v", f"{kbps}k", "-maxrate", f"{kbps}k", "-bufsize", f"{2 * kbps}k",
+           "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0", "-bf", "0",
+           "-movflags", "+faststart", "-f", "mp4", str(tmp)]
+    log(f"-- making {path} (once; cached)")
+    t = time.monotonic()
+    try:
+        subprocess.run(cmd, check=True, timeout=900)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"   made in {time.monotonic() - t:.1f} s")
+    return path

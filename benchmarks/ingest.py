@@ -96,7 +96,6 @@ import multiprocessing as mp
 import os
 import resource
 import selectors
-import shutil
 import signal
 import statistics
 import subprocess
@@ -115,7 +114,7 @@ sys.path.append(_ROOT)
 
 import framebus  # noqa: E402
 from services.capture.sink import ENCODED_SLOTS, raw_stream  # noqa: E402
-from benchmarks.benchbox import BenchBox  # noqa: E402
+from benchmarks.benchbox import BenchBox, encode_testsrc  # noqa: E402
 from services.runtime.config import SourceConfig  # noqa: E402
 
 FPS = 30
@@ -243,29 +242,8 @@ def code_version() -> str:
 
 def make_clip(clip: Clip) -> Path:
     """The clip's file, encoded once (atomically: a half-written file is never cached)."""
-    path = cache_dir() / clip.file_name
-    if path.exists():
-        return path
-    if shutil.which("ffmpeg") is None:
-        raise RuntimeError("ffmpeg is not installed (apt-get install ffmpeg): it makes the clips and is a baseline")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.mp4")
-    k = clip.kbps
-    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-           "-f", "lavfi", "-i", f"testsrc2=size={clip.width}x{clip.height}:rate={FPS}:duration={CLIP_S}",
-           "-c:v", "libx264", "-preset", "fast", "-profile:v", "high", "-pix_fmt", "yuv420p",
-           "-b:v", f"{k}k", "-maxrate", f"{k}k", "-bufsize", f"{2 * k}k",
-           "-g", str(GOP), "-keyint_min", str(GOP), "-sc_threshold", "0", "-bf", "0",
-           "-movflags", "+faststart", "-f", "mp4", str(tmp)]
-    log(f"-- making {path} (once; cached)")
-    t = time.monotonic()
-    try:
-        subprocess.run(cmd, check=True, timeout=600)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    log(f"   made in {time.monotonic() - t:.1f} s")
-    return path
+    return encode_testsrc(cache_dir() / clip.file_name, clip.width, clip.height, FPS, CLIP_S, clip.kbps, GOP,
+                          log=log)
 
 
 def clip_info(path: Path) -> dict:

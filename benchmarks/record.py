@@ -84,7 +84,7 @@ sys.path.append(_ROOT)
 import framebus  # noqa: E402
 from benchmarks.ingest import (_on_sigterm, cache_dir, code_version, log, machine_busy_s, proc_cpu_s,  # noqa: E402
                                run_child, self_cpu_s, tool_version)
-from benchmarks.benchbox import BenchBox  # noqa: E402
+from benchmarks.benchbox import BenchBox, encode_testsrc  # noqa: E402
 from services.control.client import ControlError  # noqa: E402
 
 FPS = 30
@@ -118,27 +118,7 @@ def clip_path() -> Path:
 
 
 def make_clip() -> Path:
-    path = clip_path()
-    if path.exists():
-        return path
-    if shutil.which("ffmpeg") is None:
-        raise RuntimeError("ffmpeg is not installed (apt-get install ffmpeg): it makes the clip and is the peer")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.mp4")
-    k = KBPS
-    cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-           "-f", "lavfi", "-i", f"testsrc2=size={WIDTH}x{HEIGHT}:rate={FPS}:duration={CLIP_S}",
-           "-c:v", "libx264", "-preset", "fast", "-profile:v", "high", "-pix_fmt", "yuv420p",
-           "-b:v", f"{k}k", "-maxrate", f"{k}k", "-bufsize", f"{2 * k}k",
-           "-g", str(GOP), "-keyint_min", str(GOP), "-sc_threshold", "0", "-bf", "0",
-           "-movflags", "+faststart", "-f", "mp4", str(tmp)]
-    log(f"-- making {path} (once; cached)")
-    try:
-        subprocess.run(cmd, check=True, timeout=900)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return encode_testsrc(clip_path(), WIDTH, HEIGHT, FPS, CLIP_S, KBPS, GOP, log=log)
 
 
 def framemd5(path: Path) -> list[str]:
