@@ -32,6 +32,12 @@ def people_photo() -> str:
     return str(_need(package_file("ultralytics", "assets/bus.jpg"), "the ultralytics wheel's bus.jpg"))
 
 
+def _street(photo: str) -> str:
+    """A camera on a street with three people standing in it (the photograph, 480x640, 4 fps)."""
+    return (f'[sources.street]\nkind = "synthetic"\nencode = "raw"\nimage = "{photo}"\nwidth = 480\nheight = 640\n'
+            f'fps = 4.0\nroom = "lobby"\n')
+
+
 def _metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -66,15 +72,7 @@ def test_the_detector_finds_the_people_and_the_censor_blacks_out_their_pictures(
 restart = "no"
 [vision]
 model = "bundled:person"
-[sources.street]
-kind = "synthetic"
-encode = "raw"
-image = "{people_photo}"
-width = 480
-height = 640
-fps = 4.0
-room = "lobby"
-[sources.empty]
+{_street(people_photo)}[sources.empty]
 kind = "synthetic"
 encode = "raw"
 width = 320
@@ -299,15 +297,7 @@ restart = "no"
 model = "bundled:person"
 int8_frames = 4
 int8_cache = "{{dir}}/models"
-[sources.street]
-kind = "synthetic"
-encode = "raw"
-image = "{people_photo}"
-width = 480
-height = 640
-fps = 4.0
-room = "lobby"
-[pipelines.street]
+{_street(people_photo)}[pipelines.street]
 detect = true
 """)
     b.run()
