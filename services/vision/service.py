@@ -288,8 +288,7 @@ class Vision(Service):
     def _describable(self, stream: str) -> str:
         """The stream to describe when asked about `stream`: the censored output when a
         pipeline censors it; refused when that output is not published."""
-        base = stream.removesuffix("-raw")
-        p = self.pipelines.get(base)
+        base, p = self._pipeline_reading(stream)
         if p is not None and p.enabled and p.censor and not stream.endswith(OUTPUT_SUFFIX):
             if not p.publish:
                 raise ProtocolError("bad_args", f"stream {stream!r} is censored by [pipelines.{base}], whose output "
@@ -299,6 +298,13 @@ class Vision(Service):
         if p is not None and p.enabled and p.publish and not stream.endswith(OUTPUT_SUFFIX):
             return f"{base}{OUTPUT_SUFFIX}"  # what the pipeline shows, watermark and transforms included
         return stream
+
+    def _pipeline_reading(self, stream: str):
+        """(name, config) of the pipeline that reads `stream` (NAME, NAME-raw or its `input`), or (stream, None)."""
+        for name, p in self.pipelines.items():
+            if stream in (name, f"{name}-raw", p.input):
+                return name, p
+        return stream, None
 
     def _jpeg_for(self, stream: str) -> bytes | None:
         """The newest picture of `stream` as JPEG bytes, or None when it has none yet."""
