@@ -230,7 +230,7 @@ def encode_cmd(out: Path, frames: int | None = None) -> list[str]:
 
 def _encode_run(cmd: list[str], frames: int) -> tuple[float, float, float]:
     """Feed `frames` synthetic pictures to an ffmpeg through its stdin: (its CPU, wall, other load %)."""
-    from services.capture.synthetic import Pattern
+    from services.capture.sources.synthetic import Pattern
 
     pattern = Pattern(WIDTH, HEIGHT)
     pic = bytearray(WIDTH * HEIGHT * 3)

@@ -1,81 +1,113 @@
 """What services exist and how each is run: the one source of truth for `edgeroom run`
-and for the systemd units.
+and for the systemd units (`edgeroom units render`).
 
-Every service is started as `edgeroom service KIND [INSTANCE]`. `edgeroom run` builds its
-child processes from this table and the config; the systemd units (the operations issue)
-are to be generated from the same table, so both run the same command lines.
+Nobody keeps this list by hand. Each service declares itself in its package's `spec`
+module (services/KIND/spec.py) with `register(ServiceSpec(...))`, next to its config parts;
+`specs()` finds them all (services/runtime/plugins.py). Every service is started as
+`edgeroom service KIND [INSTANCE]`: `edgeroom run` builds its child processes from the
+specs and the config, the units are rendered from the same two, so both run the same
+command lines (a test checks it).
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from services.runtime import sources
+from services.runtime import plugins
+from services.runtime.schema import SCHEMA
 
-__all__ = ["ServiceSpec", "CATALOG", "instances", "load_class", "nice"]
+__all__ = ["ServiceSpec", "command_owner", "instance_files", "instances", "load_class", "nice", "register", "spec",
+           "specs"]
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
     kind: str
-    entry: str            # "module:Class"
+    entry: str            # "module:Class", imported only by the process that runs it
     summary: str
-    templated: bool       # one process per instance (capture@NAME), instances from the config
-    instances_from: str = ""  # the config table whose names are the instances
+    order: int            # start order (hub first); also the order of its config parts in the document
+    # templated services run one process per instance (capture@NAME): the instance names the
+    # config asks for, with or without what commands added (the overlay)
+    instances: Callable[[Any, bool], Iterable[str]] | None = None
     network: str = "loopback"  # none | loopback | any: what IP access its unit allows
     devices: tuple[str, ...] = ()  # device profiles its unit opens: "video" (V4L2), "gpu" (NVIDIA, Jetson)
     nice: int = 0         # scheduling priority when the config says 0: capture above vision
     cpu_weight: int = 100  # cgroup CPU share under contention (systemd's default is 100)
-    only: Callable[[Any], bool] | None = None  # which entries of instances_from get an instance (None: all)
+    commands: tuple[str, ...] = ()  # the command families it answers ("record" for record.start, ...)
+    # a directory outside the state directory that its unit must be able to write ('' is none)
+    writes: Callable[[Any], str] | None = None
+    # the network it needs given the config, when that depends on the config (the hub's listeners)
+    network_for: Callable[[Any], str] | None = None
+    reports_exit: bool = True  # its unit tells the hub how its process ended (all but the hub itself)
+    # the file in the state directory whose change changes its instances (the overlay of added sources)
+    instances_file: str = ""
+    docs: str = ""        # its page under docs/
+
+    @property
+    def templated(self) -> bool:
+        return self.instances is not None
+
+    def network_of(self, config: Any) -> str:
+        return self.network_for(config) if self.network_for else self.network
 
 
-CATALOG: dict[str, ServiceSpec] = {
-    "hub": ServiceSpec("hub", "services.hub.service:Hub",
-                       "rooms, sessions, service registry, control endpoint, event fan-out, hooks", False),
-    "capture": ServiceSpec("capture", "services.capture.service:Capture",
-                           "brings one source's frames onto the bus", True, "sources",
-                           network="any", devices=("video",), nice=-5, cpu_weight=200),
-    "decode": ServiceSpec("decode", "services.decode.service:Decode",
-                          "decodes one encoded source's stream into pictures on NAME-raw", True, "sources",
-                          network="none", devices=("gpu",), nice=-2, cpu_weight=150,
-                          only=lambda source: source.wants_decode()),
-    "vision": ServiceSpec("vision", "services.vision.service:Vision",
-                          "runs the vision pipelines (detector, censor, watermark) and asks AI vision models "
-                          "what they see", False, network="any", devices=("gpu",), nice=5, cpu_weight=50),
-    "recorder": ServiceSpec("recorder", "services.recorder.service:Recorder",
-                            "records streams and rooms as crash-safe fragmented MP4", False,
-                            network="none", devices=("gpu",), nice=0, cpu_weight=100),
-}
+_SPECS: dict[str, ServiceSpec] = {}
 
 
-def nice(spec: ServiceSpec, settings) -> int:
+def register(spec: ServiceSpec) -> ServiceSpec:
+    """Declare a service (from its package's spec module)."""
+    if spec.kind in _SPECS and _SPECS[spec.kind] != spec:
+        raise ValueError(f"service {spec.kind!r} is declared twice")
+    _SPECS[spec.kind] = spec
+    SCHEMA.add_service(spec.kind, spec.order)
+    return spec
+
+
+def specs() -> dict[str, ServiceSpec]:
+    """Every service, in start order."""
+    plugins.discover()
+    return {s.kind: s for s in sorted(_SPECS.values(), key=lambda s: (s.order, s.kind))}
+
+
+def spec(kind: str) -> ServiceSpec:
+    found = specs().get(kind)
+    if found is None:
+        raise ValueError(f"unknown service {kind!r} (known: {', '.join(specs())})")
+    return found
+
+
+def nice(spec: ServiceSpec, settings: Any) -> int:
     """The niceness a service runs at: the config's [services.KIND] nice, or the catalog's when that is 0."""
-    return settings.nice or spec.nice
+    return int(settings.nice or spec.nice)
 
 
 def load_class(kind: str) -> type:
-    spec = CATALOG.get(kind)
-    if spec is None:
-        raise ValueError(f"unknown service {kind!r} (known: {', '.join(CATALOG)})")
-    module, _, name = spec.entry.partition(":")
-    return getattr(importlib.import_module(module), name)
+    module, _, name = spec(kind).entry.partition(":")
+    cls: type = getattr(importlib.import_module(module), name)
+    return cls
 
 
-def instances(config, with_overlay: bool = True) -> list[tuple[str, str | None]]:
+def instances(config: Any, with_overlay: bool = True) -> list[tuple[str, str | None]]:
     """(kind, instance) of every process the config asks for, hub first; with_overlay: with the
-    sources added and removed by command (sources.json), as a running box sees them."""
+    entries added and removed by command (sources.json), as a running box sees them."""
     out: list[tuple[str, str | None]] = []
-    for kind, spec in CATALOG.items():
-        svc = config.services.get(kind)
-        if svc is not None and not svc.enabled:
+    for kind, s in specs().items():
+        if not config.services[kind].enabled:
             continue
-        if not spec.templated:
+        if s.instances is None:
             out.append((kind, None))
-            continue
-        table = getattr(config, spec.instances_from)
-        if spec.instances_from == "sources" and with_overlay:
-            table = sources.effective(config)
-        out += [(kind, name) for name in sorted(table)
-                if getattr(table[name], "enabled", True) and (spec.only is None or spec.only(table[name]))]
+        else:
+            out += [(kind, name) for name in sorted(s.instances(config, with_overlay))]
     return out
+
+
+def instance_files() -> list[str]:
+    """Files in the state directory whose change changes which instances run (sources.json)."""
+    return sorted({s.instances_file for s in specs().values() if s.instances_file})
+
+
+def command_owner(family: str) -> str | None:
+    """The service kind that answers the command family `family` (record -> recorder), if any."""
+    return next((s.kind for s in specs().values() if family in s.commands), None)

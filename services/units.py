@@ -21,7 +21,6 @@ from pathlib import Path
 
 from services import catalog
 from services.runtime import config as configuration
-from services.runtime.config import parse_host_port
 
 __all__ = ["Unit", "Checked", "render", "write", "check", "unit_name", "TARGET"]
 
@@ -30,6 +29,7 @@ USER = "edgeroom"
 CONFIG_PATH = "/etc/edgeroom/edgeroom.toml"
 STATE_PATH = "/var/lib/edgeroom"  # StateDirectory=edgeroom
 SOURCES_PATH, SOURCES_SYNC = "edgeroom-sources.path", "edgeroom-sources.service"
+HUB_UNIT = "edgeroom-hub.service"  # the unit every other one wants and comes after
 
 # Device nodes each profile may open (DeviceAllow= patterns, read-write).
 DEVICES = {
@@ -85,19 +85,11 @@ def _seconds(value: float) -> str:
 
 def _network(spec: catalog.ServiceSpec, cfg: configuration.Config) -> list[str]:
     """IP access: none, loopback only, or any (the service talks to cameras or remote clients)."""
-    if spec.network == "none":
+    network = spec.network_of(cfg)
+    if network == "none":
         return ["RestrictAddressFamilies=AF_UNIX", "PrivateNetwork=yes"]
     lines = ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "IPAddressDeny=any"]
-    if spec.network == "any" or (spec.kind == "hub" and _hub_listens_remotely(cfg)):
-        return lines + ["IPAddressAllow=any"]
-    return lines + ["IPAddressAllow=localhost"]
-
-
-def _hub_listens_remotely(cfg: configuration.Config) -> bool:
-    for listen in (cfg.hub.metrics_listen, cfg.control.tcp_control, cfg.control.tcp_events):
-        if listen and parse_host_port(listen)[0] not in ("127.0.0.1", "::1", "localhost"):
-            return True
-    return False
+    return lines + ["IPAddressAllow=any" if network == "any" else "IPAddressAllow=localhost"]
 
 
 def _devices(spec: catalog.ServiceSpec) -> list[str]:
@@ -116,8 +108,9 @@ def _devices(spec: catalog.ServiceSpec) -> list[str]:
 
 
 def _writable(spec: catalog.ServiceSpec, cfg: configuration.Config) -> list[str]:
-    """The recorder writes its recordings' directory; anything else on the system stays read-only."""
-    where = cfg.recorder.dir if spec.kind == "recorder" else ""
+    """A service that writes outside the state directory (the recorder's recordings) may write there;
+    anything else on the system stays read-only."""
+    where = spec.writes(cfg) if spec.writes else ""
     if not where or where.rstrip("/") == STATE_PATH or where.startswith(STATE_PATH + "/"):
         return []  # StateDirectory= makes /var/lib/edgeroom writable already
     return [f"ReadWritePaths={where}"]
@@ -134,7 +127,7 @@ def _limits(svc: configuration.ServiceConfig, spec: catalog.ServiceSpec) -> list
 
 def _unit_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig) -> str:
     name = f"{spec.kind} %i" if spec.templated else spec.kind
-    after_hub = [] if spec.kind == "hub" else ["Wants=edgeroom-hub.service", "After=edgeroom-hub.service"]
+    after_hub = [] if unit_name(spec.kind, False) == HUB_UNIT else [f"Wants={HUB_UNIT}", f"After={HUB_UNIT}"]
     lines = [f"Description=edgeroom {name}: {spec.summary}", f"PartOf={TARGET}", *after_hub,
              f"StartLimitIntervalSec={_seconds(svc.start_limit_interval)}", f"StartLimitBurst={svc.start_limit_burst}"]
     return "[Unit]\n" + "\n".join(lines) + "\n"
@@ -151,7 +144,7 @@ def _service_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig
              f"TimeoutStartSec={_seconds(svc.start_timeout)}", f"TimeoutStopSec={_seconds(svc.stop_timeout)}"]
     if svc.watchdog_sec:
         lines.append(f"WatchdogSec={_seconds(svc.watchdog_sec)}")
-    if spec.kind != "hub":  # tell the hub how the process ended: watchdog kills, crashes, signals, on the scrape URL
+    if spec.reports_exit:  # tell the hub how the process ended: watchdog kills, crashes, signals, on the scrape URL
         sid = f"{spec.kind}@%i" if spec.templated else spec.kind
         lines.append(f"ExecStopPost=-{exe} ctl call service.exited '{{\"service\": \"{sid}\", "
                      f"\"result\": \"${{SERVICE_RESULT}}\", \"code\": \"${{EXIT_CODE}}\", "
@@ -165,7 +158,7 @@ def _service_section(spec: catalog.ServiceSpec, svc: configuration.ServiceConfig
 
 
 def _service_unit(spec: catalog.ServiceSpec, cfg: configuration.Config, exe: str) -> Unit:
-    svc = cfg.services.get(spec.kind) or configuration.ServiceConfig()
+    svc = cfg.services[spec.kind]
     text = (f"# Rendered by `edgeroom units render` from services/catalog.py and the config; do not edit:\n"
             f"# change the config ([services.{spec.kind}]) and render again. Directives: docs/systemd.md.\n"
             + _unit_section(spec, svc) + "\n" + _service_section(spec, svc, exe, cfg)
@@ -191,9 +184,9 @@ def _sources_units(exe: str) -> list[Unit]:
     StateDirectory=: for a root unit systemd would chown the directory to root, and the hub
     could no longer write it."""
     head = "# Rendered by `edgeroom units render`: sources added or removed by `edgeroom ctl source`.\n"
+    watched = "".join(f"PathChanged={STATE_PATH}/{name}\n" for name in catalog.instance_files())
     path = (head + "[Unit]\nDescription=edgeroom: watch the sources added and removed by command\n"
-            f"PartOf={TARGET}\n\n[Path]\nPathChanged={STATE_PATH}/sources.json\nUnit={SOURCES_SYNC}\n\n"
-            f"[Install]\nWantedBy={TARGET}\n")
+            f"PartOf={TARGET}\n\n[Path]\n{watched}Unit={SOURCES_SYNC}\n\n[Install]\nWantedBy={TARGET}\n")
     service = (head + "[Unit]\nDescription=edgeroom: start and stop capture and decode units to match the sources\n"
                f"PartOf={TARGET}\nAfter=edgeroom-hub.service\n\n[Service]\nType=oneshot\n"
                f"ExecStart={exe} sources sync\nEnvironment=EDGEROOM_CONFIG={CONFIG_PATH}\n"
@@ -208,7 +201,7 @@ def _sources_units(exe: str) -> list[Unit]:
 def render(cfg: configuration.Config, exe: str) -> list[Unit]:
     """Every unit of the box: the target, one unit (or template) per catalog service, and the
     two units that follow the sources added or removed by command."""
-    return ([_target(cfg)] + [_service_unit(spec, cfg, exe) for spec in catalog.CATALOG.values()]
+    return ([_target(cfg)] + [_service_unit(spec, cfg, exe) for spec in catalog.specs().values()]
             + _sources_units(exe))
 
 

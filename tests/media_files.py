@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from services.capture.synthetic import Pattern, frame_number
+from services.capture.sources.synthetic import Pattern, frame_number
 
 __all__ = ["ffprobe_frames", "luma", "numbered_file", "picture_number"]
 

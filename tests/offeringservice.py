@@ -13,10 +13,12 @@ class Offering(Service):
     kind = "probe"
 
     def setup(self) -> None:
-        self.offer("probe.echo", lambda args: {"echo": args, "pid": self.pid}, "answers with its args")
-        self.offer("probe.refuse", self._refuse, "refuses with bad_args")
+        self.offer("probe.echo", lambda args: {"echo": args, "pid": self.pid}, "answers with its args",
+                   args={"x": object})
+        self.offer("probe.refuse", self._refuse, "refuses with bad_args", args={"a": int})
         self.offer("probe.crash", lambda args: 1 / 0, "a bug in a handler")
-        self.offer("probe.later", self._later, "answers after args.delay seconds", deadline=0.6, later=True)
+        self.offer("probe.later", self._later, "answers after args.delay seconds", args={"delay": (int, float)},
+                   required=("delay",), deadline=0.6, later=True)
 
     @property
     def pid(self) -> int:

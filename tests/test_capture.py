@@ -306,7 +306,7 @@ def test_sources_added_and_removed_by_command_start_and_stop_their_processes(box
 
 
 def picture_number_bgr(picture: np.ndarray) -> int:
-    from services.capture.synthetic import frame_number
+    from services.capture.sources.synthetic import frame_number
     return frame_number(picture)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import tomllib
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
 
+from services.capture.sources import config_classes
+from services.capture.sources.synthetic import SyntheticConfig as SourceConfig
 from services.runtime.config import (
-    SERVICE_NAMES,
-    SYNC_HOOKS,
     BoxConfig,
     BusConfig,
     Change,
@@ -22,20 +23,21 @@ from services.runtime.config import (
     HubConfig,
     LogConfig,
     ServiceConfig,
-    SourceConfig,
     defaults,
     diff,
     load,
     loads,
     parse_bytes,
     parse_host_port,
-    _SECTIONS,
-    _TABLES,
 )
+from services.runtime.schema import SCHEMA, Section, Table, Variants
 
 SAMPLE = Path(__file__).resolve().parent.parent / "config" / "edgeroom.toml"
-SECTIONS = {name: cls for name, cls in _SECTIONS.items()}  # every section, new ones included
-TABLES = {name: cls for name, (cls, _names) in _TABLES.items()}
+defaults()  # every part declared (the services' spec modules found)
+SECTIONS = {name: p.cls for name, p in SCHEMA.parts.items() if isinstance(p, Section)}  # new ones included
+TABLES = {name: p.entry for name, p in SCHEMA.parts.items() if isinstance(p, Table)}
+SERVICE_NAMES = tuple(SCHEMA.services)
+SYNC_HOOKS = tuple(SCHEMA.sync_hooks)
 
 
 def error(text: str, env: dict[str, str] | None = None) -> ConfigError:
@@ -57,9 +59,9 @@ def test_defaults_are_the_documented_ones():
     assert cfg.hub == HubConfig(heartbeat_interval=1.0, stale_after=5.0, session_grace=10.0,
                                 metrics_listen="127.0.0.1:9750")
     assert cfg.hooks == {"BEFORE_BRIDGE_VIDEO": HookConfig(0.5, "allow"), "ON_VISION_RESULT": HookConfig(2.0, "allow")}
-    assert list(cfg.services) == ["hub", "capture"]
-    assert cfg.services["capture"] == ServiceConfig()
-    assert cfg.sources == {"synthetic": SourceConfig("synthetic", 1280, 720, 30.0)}
+    assert list(cfg.services) == ["hub", "capture", "decode", "vision", "recorder"]
+    assert all(s == ServiceConfig() for s in cfg.services.values())
+    assert cfg.sources == {"synthetic": SourceConfig(width=1280, height=720, fps=30.0)}
     assert load(env={}) == cfg
 
 
@@ -68,37 +70,89 @@ def test_sample_loads_equal_to_defaults():
     assert load(str(SAMPLE), env={}) == defaults()
 
 
-def _metadata(table: str, key: str):
+def _entry_class(table: str, body: dict):
     top, _, entry = table.partition(".")
-    cls = TABLES[top] if entry else SECTIONS[top]
-    return {f.name: f.metadata for f in fields(cls)}[key]
+    if not entry:
+        return SECTIONS[top]
+    cls = TABLES[top]
+    return cls.pick(body.get("kind", cls.default)) if isinstance(cls, Variants) else cls
 
 
-def test_sample_documents_every_key_and_its_reload_mode():
-    lines = SAMPLE.read_text().splitlines()
-    table, seen = None, set()
+def _documented(lines: list[str]):
+    """(table, key, comment, line number) of every key in `lines`, with the # comment block above it."""
+    table = None
     for number, line in enumerate(lines, 1):
         if m := re.match(r"^\[([^\]]+)\]\s*$", line):
             table = m[1]
             continue
         if not (m := re.match(r"^([a-z_][a-z0-9_]*)\s*=", line)):
             continue
-        key, block = m[1], []
+        block = []
         for above in reversed(lines[: number - 1]):
             if not above.startswith("#"):
                 break
             block.insert(0, above)
-        comment = " ".join(block)
-        assert block, f"line {number}: {table}.{key} has no comment above it"
-        live = _metadata(table, key)["reload"] == "live"
-        assert ("Applies on reload" in comment) == live, f"line {number}: {table}.{key}: {comment}"
-        assert ("Needs a restart" in comment) != live, f"line {number}: {table}.{key}: {comment}"
+        yield table, m[1], " ".join(block), number
+
+
+def _examples(text: str) -> list[str]:
+    """The commented example sources of the sample (`# [sources.door]` up to a blank line), uncommented."""
+    out, current = [], None
+    for line in text.splitlines():
+        if re.match(r"^# \[sources\.[a-z0-9_-]+\]$", line):
+            current = []
+            out.append(current)
+        if current is not None and line.startswith("# "):
+            current.append(line[2:])
+        elif current is not None:
+            current = None
+    return ["\n".join(block) for block in out]
+
+
+def _check_documented(text: str, where: str) -> set[tuple[str, str]]:
+    lines, seen = text.splitlines(), set()
+    bodies = {}
+    doc = tomllib.loads(text)
+    for top, value in doc.items():
+        for entry, body in (value.items() if top in TABLES else [("", value)]):
+            bodies[f"{top}.{entry}" if entry else top] = body
+    for table, key, comment, number in _documented(lines):
+        assert comment, f"{where} line {number}: {table}.{key} has no comment above it"
+        meta = {f.name: f.metadata for f in fields(_entry_class(table, bodies[table]))}[key]
+        live = meta["reload"] == "live"
+        assert ("Applies on reload" in comment) == live, f"{where} line {number}: {table}.{key}: {comment}"
+        assert ("Needs a restart" in comment) != live, f"{where} line {number}: {table}.{key}: {comment}"
         seen.add((table, key))
+    return seen
+
+
+def test_sample_documents_every_key_and_its_reload_mode():
+    text = SAMPLE.read_text()
+    seen = _check_documented(text, "sample")
     expected = {(name, f.name) for name, cls in SECTIONS.items() for f in fields(cls)}
     expected |= {(f"hooks.{hook}", f.name) for hook in SYNC_HOOKS for f in fields(HookConfig)}
     expected |= {("services.hub", f.name) for f in fields(ServiceConfig)}
     expected |= {("sources.synthetic", f.name) for f in fields(SourceConfig)}
     assert seen == expected
+
+
+def test_every_source_kind_has_a_documented_example_in_the_sample_that_loads():
+    """A kind registered without its keys in the sample fails here: each kind other than the default
+    has a commented example table with every key of its own (the keys all kinds share are documented
+    in [sources.synthetic]), and the example, uncommented, is a valid config."""
+    common = {f.name for f in fields(SourceConfig)}
+    by_kind = {}
+    for example in _examples(SAMPLE.read_text()):
+        seen = _check_documented(example, "sample example")
+        cfg = loads(example, env={})
+        (name, source), = cfg.sources.items()
+        by_kind[source.kind] = {key for _, key in seen}
+    for kind, cls in config_classes().items():
+        if kind == "synthetic":
+            continue
+        assert kind in by_kind, f"source kind {kind!r} has no example table in config/edgeroom.toml"
+        own = {f.name for f in fields(cls)} - common
+        assert own <= by_kind[kind], f"the {kind} example lacks {sorted(own - by_kind[kind])}"
 
 
 def test_sample_mentions_env_overrides_and_config_check():
@@ -109,7 +163,7 @@ def test_sample_mentions_env_overrides_and_config_check():
 
 
 def test_every_field_has_help_and_reload_mode():
-    for cls in [*SECTIONS.values(), *TABLES.values()]:
+    for cls in SCHEMA.classes():
         for f in fields(cls):
             assert f.metadata["help"], f"{cls.__name__}.{f.name}"
             assert f.metadata["reload"] in ("live", "restart"), f"{cls.__name__}.{f.name}"
@@ -132,17 +186,20 @@ def test_to_dict_is_plain_json():
         ("[hub]\nheartbeat = 1.0", "hub.heartbeat",
          "heartbeat_interval, stale_after, session_grace, metrics_listen"),
         ("[services.capture]\nwatchdog = 3", "services.capture.watchdog", "enabled, restart, restart_sec"),
-        ("[services.camera]", "services.camera", "hub, capture, decode, vision, recorder, bridge, avatar"),
+        ("[services.camera]", "services.camera", "hub, capture, decode, vision, recorder"),
         ("[hooks.before_bridge_video]", "hooks.before_bridge_video", "BEFORE_BRIDGE_VIDEO, ON_VISION_RESULT"),
         ("[hooks.ON_AUDIO]\ndeadline = 1", "hooks.ON_AUDIO", "BEFORE_BRIDGE_VIDEO, ON_VISION_RESULT"),
-        ("[sources.cam1]\nformat = 'rgb'", "sources.cam1.format", "kind, width, height, fps, room"),
+        ("[sources.cam1]\nformat = 'rgb'", "sources.cam1.format",
+         "kind, room, reconnect_min, reconnect_max, decode, pixel_format, hw_decode, decode_threads, width, height"),
+        ("[sources.cam1]\nkind = 'url'\nurl = 'rtsp://x/1'\nwidth = 640", "sources.cam1.width",
+         "kind, room, reconnect_min, reconnect_max, decode, pixel_format, hw_decode, decode_threads, url, transport"),
     ],
 )
 def test_unknown_keys_are_rejected_with_the_known_ones(text, key, known):
     e = error(text)
     assert e.key == key
     assert e.source == "<string>"
-    assert str(e).startswith(f"<string>: {key}: unknown key (known: {known}")
+    assert str(e).startswith(f"<string>: {key}: unknown key") and f"(known: {known}" in str(e)
 
 
 def test_unknown_top_level_key_message_is_exact():
@@ -218,7 +275,7 @@ def test_bounds_are_inclusive_and_watchdog_zero_is_off():
                 "[sources.a]\nwidth = 7680\nheight = 16\nfps = 0.1", env={})
     assert cfg.control.request_timeout == 60.0
     assert cfg.services["capture"].watchdog_sec == 0.0
-    assert cfg.sources["a"] == SourceConfig("synthetic", 7680, 16, 0.1)
+    assert cfg.sources["a"] == SourceConfig(width=7680, height=16, fps=0.1)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +287,7 @@ def test_bounds_are_inclusive_and_watchdog_zero_is_off():
         ("[services.hub]\nrestart = 'sometimes'", "services.hub.restart",
          "must be one of no, on-failure, always; got 'sometimes'"),
         ("[sources.a]\nkind = 'camera'", "sources.a.kind",
-         "must be one of synthetic, file, url, webcam, screen; got 'camera'"),
+         "must be one of synthetic, file, screen, url, webcam; got 'camera'"),
     ],
 )
 def test_choices(text, key, reason):
@@ -296,7 +353,8 @@ def test_the_first_error_in_file_order_is_reported():
 def test_services_and_hooks_merge_while_sources_replace():
     cfg = loads("[services.capture]\nwatchdog_sec = 3\n[hooks.ON_VISION_RESULT]\non_timeout = 'block'\n"
                 "[sources.cam1]\nfps = 25", env={})
-    assert cfg.services == {"hub": ServiceConfig(), "capture": replace(ServiceConfig(), watchdog_sec=3.0)}
+    assert cfg.services == {"hub": ServiceConfig(), "capture": replace(ServiceConfig(), watchdog_sec=3.0),
+                            "decode": ServiceConfig(), "vision": ServiceConfig(), "recorder": ServiceConfig()}
     assert cfg.hooks["ON_VISION_RESULT"] == HookConfig(deadline=2.0, on_timeout="block")
     assert cfg.hooks["BEFORE_BRIDGE_VIDEO"] == HookConfig()
     assert cfg.sources == {"cam1": SourceConfig(fps=25.0)}
@@ -327,16 +385,27 @@ def test_env_overrides_dynamic_table_keys_case_insensitively():
     cfg = loads("[sources.cam_1]\nwidth = 640\nheight = 480", env=env)
     assert cfg.services["capture"].watchdog_sec == 3.0
     assert cfg.hooks == {"BEFORE_BRIDGE_VIDEO": HookConfig(1.0, "allow"), "ON_VISION_RESULT": HookConfig(2.0, "block")}
-    assert cfg.sources == {"cam_1": SourceConfig("synthetic", 640, 480, 25.0)}
+    assert cfg.sources == {"cam_1": SourceConfig(width=640, height=480, fps=25.0)}
 
 
 def test_env_may_add_a_source_but_no_service():
     cfg = loads("", env={"EDGEROOM_SOURCES__CAM2__WIDTH": "640"})
     assert cfg.sources == {"synthetic": SourceConfig(), "cam2": SourceConfig(width=640)}
-    e = env_error({"EDGEROOM_SERVICES__VISION__ENABLED": "true"})
-    assert str(e) == ("env EDGEROOM_SERVICES__VISION__ENABLED: services.vision: "
-                      "no such entry (present: hub, capture); add it to the file")
+    e = env_error({"EDGEROOM_SERVICES__BRIDGE__ENABLED": "true"})
+    assert str(e) == ("env EDGEROOM_SERVICES__BRIDGE__ENABLED: services.bridge: "
+                      "no such entry (present: hub, capture, decode, vision, recorder); add it to the file")
+    # every service has its table: the environment can switch one off without the file
+    assert loads("", env={"EDGEROOM_SERVICES__VISION__ENABLED": "false"}).services["vision"].enabled is False
     assert loads("[services.vision]", env={"EDGEROOM_SERVICES__VISION__NICE": "5"}).services["vision"].nice == 5
+
+
+def test_an_added_source_of_another_kind_takes_that_kinds_keys_from_the_environment():
+    cfg = loads("", env={"EDGEROOM_SOURCES__DOOR__KIND": "url", "EDGEROOM_SOURCES__DOOR__URL": "rtsp://cam/1",
+                         "EDGEROOM_SOURCES__DOOR__READ_TIMEOUT": "2"})
+    assert (cfg.sources["door"].kind, cfg.sources["door"].read_timeout) == ("url", 2.0)
+    e = env_error({"EDGEROOM_SOURCES__DOOR__KIND": "url", "EDGEROOM_SOURCES__DOOR__URL": "rtsp://cam/1",
+                   "EDGEROOM_SOURCES__DOOR__WIDTH": "640"})
+    assert e.key == "sources.door.width" and e.reason.startswith("unknown key of a url source")
 
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("YES", True), ("on", True), ("1", True),
@@ -471,12 +540,16 @@ def test_diff_reports_live_and_restart_changes():
     assert diff(old, defaults()) == []
 
 
-def test_diff_added_service_and_source_field():
-    new = loads("[services.vision]\n[sources.synthetic]\nfps = 15", env={})
+def test_diff_changed_service_and_source_field_and_kind():
+    new = loads("[services.vision]\nnice = 3\n[sources.synthetic]\nfps = 15", env={})
     assert diff(defaults(), new) == [
-        Change("services.vision", None, asdict(ServiceConfig()), False),
+        Change("services.vision.nice", 0, 3, False),
         Change("sources.synthetic.fps", 30.0, 15.0, False),
     ]
+    other = loads("[sources.synthetic]\nkind = 'file'\npath = '/x.mp4'", env={})
+    (change,) = diff(defaults(), other)
+    assert (change.key, change.old["kind"], change.new["kind"], change.live) == ("sources.synthetic", "synthetic",
+                                                                                "file", False)
 
 
 # --- parsers --------------------------------------------------------------------------------------------

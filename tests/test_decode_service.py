@@ -29,7 +29,7 @@ import pytest
 
 import framebus
 from services.capture.sink import raw_stream
-from services.capture.synthetic import Pattern
+from services.capture.sources.synthetic import Pattern
 from services.decode.decoder import nal_spans
 from tests.appliance import Box, metric_value, wait_for
 from tests.conftest import shm_leftovers

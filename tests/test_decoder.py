@@ -1,6 +1,6 @@
 """services.decode against real encoded streams (PyAV's libx264/libx265/libvpx, the ffmpeg CLI).
 
-Every picture carries its frame number as 32 black/white blocks (services.capture.synthetic),
+Every picture carries its frame number as 32 black/white blocks (services.capture.sources.synthetic),
 so the tests check which pictures came out, in which order, not just how many.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import framebus
-from services.capture.synthetic import Pattern, frame_number
-from services.decode import Decoder, DecoderUnavailable, copy_into, probe_hw, publish_frame
+from services.capture.sources.synthetic import Pattern, frame_number
+from services.decode.decoder import Decoder, DecoderUnavailable, copy_into, probe_hw, publish_frame
 from services.decode.decoder import nal_spans
 
 W, H, N, GOP = 320, 240, 60, 30

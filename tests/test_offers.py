@@ -53,6 +53,20 @@ def test_a_service_answers_its_commands_through_the_hub(offering):
     assert b.call("probe.echo", {})["pid"] == proc.pid
 
 
+def test_a_service_checks_arguments_as_the_hub_does_before_its_handler_runs(offering):
+    """One argument check (services/control/args.py) for the hub's commands and the services' own:
+    the same refusal, word for word, and the handler never sees a call that does not fit."""
+    b, proc = offering
+    err = _error(b, "probe.echo", {"y": 1})
+    assert (err.code, err.message) == ("bad_args", "unknown argument(s): y (allowed: x)")
+    assert _error(b, "sessions", {"y": 1}).message == "unknown argument(s): y (allowed: room)"
+    assert _error(b, "probe.later", {}).message == "missing argument 'delay'"
+    assert _error(b, "probe.later", {"delay": "soon"}).message == "argument 'delay' has the wrong type (str)"
+    assert _error(b, "probe.later", {"delay": True}).message == "argument 'delay' has the wrong type (bool)"
+    assert _error(b, "snapshot", {"stream": 5}).message == "argument 'stream' has the wrong type (int)"
+    assert b.call("probe.echo", {"x": "fine"})["pid"] == proc.pid
+
+
 def test_a_silent_service_costs_the_client_a_timeout_not_the_hub(offering):
     b, _proc = offering
     t0 = time.monotonic()
@@ -62,7 +76,7 @@ def test_a_silent_service_costs_the_client_a_timeout_not_the_hub(offering):
     assert 0.5 < took < 0.95, took
     assert b.call("ping")["pong"]
     time.sleep(0.5)  # the late answer arrives and is refused by the hub; nothing breaks
-    assert b.call("probe.echo", {"y": 1})["echo"] == {"y": 1}
+    assert b.call("probe.echo", {"x": 1})["echo"] == {"x": 1}
     line = next(l for l in b.scrape().splitlines()
                 if l.startswith("edgeroom_hub_forwarded_calls_total{") and 'command="probe.later"' in l
                 and 'outcome="timeout"' in l)

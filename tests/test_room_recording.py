@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from services.capture.synthetic import H264Encoder, Pattern
+from services.capture.sources.synthetic import H264Encoder, Pattern
 from services.recorder.room import RoomConfig, RoomInputError, RoomRecorder
 
 NS = 1_000_000_000

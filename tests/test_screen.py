@@ -20,7 +20,7 @@ import pytest
 
 import framebus
 from services.capture import screen
-from services.capture.screen import (
+from services.capture.sources.screen import (
     SHARE_STARTED,
     SHARE_STOPPED,
     ScreenGone,

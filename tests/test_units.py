@@ -69,7 +69,7 @@ def test_device_access_is_exactly_what_each_profile_needs(tmp_path):
         "DeviceAllow=char-video4linux rw"]
     assert "DevicePolicy=closed" in capture and "SupplementaryGroups=video" in capture
     # a GPU service (decode, vision, recorder, avatar arrive later): NVIDIA and Jetson nodes, nothing else
-    gpu = catalog.ServiceSpec("decode", "x:y", "decodes", True, "sources", devices=("gpu",))
+    gpu = catalog.ServiceSpec("decode", "x:y", "decodes", 2, instances=lambda cfg, overlay: [], devices=("gpu",))
     unit = units._service_unit(gpu, configuration.defaults(), VENV_EXE)
     allowed = [line.split("=", 1)[1] for line in unit.text.splitlines() if line.startswith("DeviceAllow=")]
     assert "char-nvidiactl rw" in allowed and "/dev/nvmap rw" in allowed and "char-video4linux rw" not in allowed
@@ -103,13 +103,13 @@ def test_units_start_what_edgeroom_run_starts(tmp_path):
     cfg = configuration.loads("[sources.cam1]\n", env={})
     d = rendered(tmp_path, cfg)
     for kind, instance in catalog.instances(cfg):
-        spec = catalog.CATALOG[kind]
+        spec = catalog.spec(kind)
         text = (d / units.unit_name(kind, spec.templated)).read_text()
         exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
         argv = exec_start.split("=", 1)[1].replace("%i", instance or "").split()
-        child = Child(kind, instance, cfg.services.get(kind) or configuration.ServiceConfig(), tmp_path, {})
+        child = Child(kind, instance, cfg.services[kind], tmp_path, {})
         assert argv[1:] == child.command()[3:], (argv, child.command())
-        assert f"Nice={catalog.nice(spec, cfg.services.get(kind) or configuration.ServiceConfig())}" in text
+        assert f"Nice={catalog.nice(spec, cfg.services[kind])}" in text
         child.close()
 
 

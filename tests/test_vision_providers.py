@@ -337,7 +337,7 @@ def test_parse_answer_tolerates_fences_synonyms_and_geometry():
 
 
 def test_open_provider_rejects_an_unknown_kind():
-    with pytest.raises(ValueError, match="unknown vision provider 'claude'.*openai, gemini, mock"):
+    with pytest.raises(ValueError, match="unknown vision provider 'claude'.*gemini, mock, openai"):
         open_provider("claude")
 
 

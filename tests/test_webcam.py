@@ -38,9 +38,9 @@ import framebus
 from services.capture import cameras, webcam
 from services.capture.cameras import CAP_META_CAPTURE, CAP_VIDEO_CAPTURE, VIDIOC_QUERYCAP, list_cameras
 from services.capture.sink import Sink, SinkMetrics
-from services.capture.source import SourceError
-from services.capture.synthetic import Pattern, frame_number
-from services.capture.webcam import WebcamSource
+from services.capture.sources import SourceError
+from services.capture.sources.synthetic import Pattern, frame_number
+from services.capture.sources.webcam import WebcamSource
 from services.runtime.config import SourceConfig
 from tests.appliance import Box, metric_value, wait_for
 
@@ -455,7 +455,7 @@ def test_a_size_change_mid_stream_makes_a_new_ring(tmp_path, prefix):
 
 
 def test_bench_runs_on_a_file(tmp_path, capsys):
-    """The measuring tool (`python -m services.capture.webcam --bench`) on a small file: it
+    """The measuring tool (`python -m services.capture.sources.webcam --bench`) on a small file: it
     reports grab, retrieve into a slot, and retrieve + copyto."""
     path = mjpeg_file(tmp_path / "b.avi", 12, 320, 240)
     webcam._bench(str(path), 12)

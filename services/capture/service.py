@@ -24,38 +24,39 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.capture.sink import Sink, SinkMetrics, audio_stream
-from services.capture.source import Source, SourceError, open_source
-from services.runtime import sources
+from services.capture import book
+from services.capture.sink import Sink, SinkMetrics
+from services.capture.sources import Source, SourceError, open_source
+from services.runtime.rate import RateMeter
 from services.runtime.service import Service
+from services.runtime.streams import audio_stream
 
 __all__ = ["Capture"]
 
 HEALTHY_AFTER = 5.0   # seconds of delivery after which the reconnect delay starts over
 FLOWING_WITHIN = 3.0  # a track exists while its last item is at most this old (or one period, if longer)
-_KINDS = {"synthetic": "camera", "file": "file", "url": "camera", "webcam": "camera", "screen": "screen"}
 
 
 class Capture(Service):
     kind = "capture"
 
     def setup(self) -> None:
-        self.source_cfg = sources.lookup(self.config, self.instance)
+        self.source_cfg = book.lookup(self.config, self.instance)
         self.stream = self.instance
         self._metrics()
-        self.sink = Sink(self.stream, self.config.bus.prefix, self.sink_metrics)
-        self.source: Source = open_source(self.instance, self.source_cfg)
         self.phase = "starting"          # starting | running | waiting | ended
         self.last_error = ""
         self.retry_at = 0.0
         self._frames_at_open = 0  # items sent when the source was last (re)opened
-        self._rate_mark = (time.monotonic(), 0)
-        self.rate = 0.0
+        self.meter = RateMeter()
         self._last_frames = 0
         self._last_item = 0.0
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._reader, name=f"capture-{self.instance}", daemon=True)
+        self.sink = self.own(Sink(self.stream, self.config.bus.prefix, self.sink_metrics), self._close_sink)
+        self.source: Source = open_source(self.instance, self.source_cfg)
         self._thread.start()
+        self.on_stop(self._stop_reader)
         self.loop.every(1.0, self._measure)
 
     def _metrics(self) -> None:
@@ -128,17 +129,13 @@ class Capture(Service):
     # ------------------------------------------------------------ on the loop
     def _measure(self) -> None:
         now = time.monotonic()
-        t, n = self._rate_mark
-        frames = self.sink.frames
-        self.rate = (frames - n) / max(1e-6, now - t)
-        self._rate_mark = (now, frames)
-        self.m_fps.set(self.rate)
+        self.m_fps.set(self.meter.update(self.sink.frames, now))
         self.m_up.set(1 if self._flowing(now) else 0)
 
     def _flowing(self, now: float) -> bool:
         if self.sink.frames != self._last_frames:
             self._last_frames, self._last_item = self.sink.frames, now
-        window = max(FLOWING_WITHIN, 2.0 / self.source_cfg.fps)
+        window = max(FLOWING_WITHIN, 2.0 * self.source_cfg.frame_interval())
         return self._last_item > 0 and now - self._last_item <= window and self.phase == "running"
 
     def _status(self) -> str:
@@ -151,14 +148,15 @@ class Capture(Service):
             return f"{cfg.kind}: ended ({what})"
         if self.phase == "running" and self.sink.frames == self._frames_at_open:
             return f"{cfg.kind}: opening {what}" + (f" (last error: {self.last_error})" if self.last_error else "")
-        return f"{cfg.kind} {what} -> {fmt} at {self.rate:.1f} fps"
+        return f"{cfg.kind} {what} -> {fmt} at {self.meter.rate:.1f} fps"
 
     def _tracks(self) -> list[dict]:
         if not self._flowing(time.monotonic()):
             return []
         sink = self.sink
+        interval = self.source_cfg.frame_interval()
         video = {"id": "video", "kind": "video", "stream": self.stream, "format": sink.codec or sink.format or "",
-                 "fps": self.source_cfg.fps}
+                 "fps": round(1 / interval, 3) if interval else round(self.meter.rate, 3)}
         if sink.format:
             video |= {"width": sink.width, "height": sink.height}
         tracks = [video]
@@ -168,13 +166,11 @@ class Capture(Service):
         return tracks
 
     def describe(self) -> dict:
-        if not hasattr(self, "sink"):
-            return {"status": "starting"}
         sessions = []
         if self.phase != "ended":
             sessions.append({"id": self.instance, "room": self.source_cfg.room,
-                             "kind": _KINDS.get(self.source_cfg.kind, "camera"), "tracks": self._tracks()})
-        return {"status": self._status(), "rate": round(self.rate, 2), "sessions": sessions,
+                             "kind": self.source_cfg.session_kind, "tracks": self._tracks()})
+        return {"status": self._status(), "rate": round(self.meter.rate, 2), "sessions": sessions,
                 "streams": self.sink.streams(), "state": "degraded" if self._reopening() else None}
 
     def _reopening(self) -> bool:
@@ -182,18 +178,16 @@ class Capture(Service):
         return self.phase == "waiting" or (self.phase == "running" and bool(self.last_error)
                                             and self.sink.frames == self._frames_at_open)
 
-    def teardown(self) -> None:
-        if hasattr(self, "_halt"):
-            self._halt.set()
-            # a read blocked in FFmpeg ends within read_timeout, an open within 2 x connect_timeout
-            cfg, svc = self.source_cfg, self.config.services.get("capture")
-            bound = max(cfg.read_timeout, 2 * cfg.connect_timeout) + 0.5 if cfg.kind == "url" else 2.0
-            self._thread.join(timeout=min(bound, 0.9 * (svc.stop_timeout if svc else 5.0)))
-            self.loop.run_handed()  # the source's last events (share stopped) still go out
-            if self._thread.is_alive():
-                self.log.warning("the source did not stop within the bound; leaving its thread behind")
-                return
-            self.sink.close()
+    def _stop_reader(self) -> None:
+        self._halt.set()
+        self._thread.join(timeout=min(self.source_cfg.stop_bound(), 0.9 * self.config.services[self.kind].stop_timeout))
+        self.loop.run_handed()  # the source's last events (share stopped) still go out
+
+    def _close_sink(self, sink: Sink) -> None:
+        if self._thread.is_alive():  # a read still blocked: the thread may yet write, so its rings stay
+            self.log.warning("the source did not stop within the bound; leaving its thread behind")
+            return
+        sink.close()
 
 
 class _Bound:

@@ -28,8 +28,9 @@ import numpy as np
 
 import framebus
 from framebus.formats import picture_geometry
+from services.runtime.streams import audio_stream
 
-__all__ = ["Sink", "SinkMetrics", "audio_stream", "raw_stream"]
+__all__ = ["Sink", "SinkMetrics"]
 
 log = logging.getLogger("edgeroom.capture")
 
@@ -38,15 +39,6 @@ RAW_SLOTS = 8
 AUDIO_SLOTS = 64
 MIN_AU_SLOT = 256 * 1024
 MAX_AU_SLOT = 32 * 1024 * 1024
-
-
-def raw_stream(name: str) -> str:
-    """The stream decode@NAME publishes NAME's pictures on."""
-    return f"{name}-raw"
-
-
-def audio_stream(name: str) -> str:
-    return f"{name}-audio"
 
 
 @dataclass

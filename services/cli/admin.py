@@ -28,7 +28,7 @@ def cmd_service(args: argparse.Namespace) -> int:
         print(f"edgeroom {args.kind}: cannot run: {exc}: this service needs an extra that is not installed "
               "(pip install 'edgeroom[media]', or scripts/install.sh --extras media)", file=sys.stderr)
         return 78
-    if catalog.CATALOG[args.kind].templated and not args.instance:
+    if catalog.spec(args.kind).templated and not args.instance:
         raise ValueError(f"service {args.kind} runs one process per instance: give its name "
                          f"(edgeroom service {args.kind} NAME)")
     return main(cls, args.instance, args.config)
@@ -99,7 +99,7 @@ def add_parsers(sub) -> None:
     run.set_defaults(func=cmd_run)
 
     svc = sub.add_parser("service", help="run one service in the foreground (what systemd units start)")
-    svc.add_argument("kind", choices=sorted(catalog.CATALOG))
+    svc.add_argument("kind", choices=sorted(catalog.specs()))
     svc.add_argument("instance", nargs="?", help="instance name for templated services (capture NAME)")
     svc.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
     svc.set_defaults(func=cmd_service)

@@ -21,12 +21,12 @@ from dataclasses import fields
 
 from services.cli import ctl
 from services.cli.tables import table
-from services.runtime.config import SourceConfig
+from services.capture.sources import config_classes
 
 __all__ = ["add_parsers"]
 
 
-_TEXT_KEYS = {f.name for f in fields(SourceConfig) if f.type in (str, "str")}
+_TEXT_KEYS = {f.name for cls in config_classes().values() for f in fields(cls) if f.type in (str, "str")}
 
 
 def parse_pairs(pairs: list[str], text_keys: set[str] = _TEXT_KEYS) -> dict:

@@ -23,7 +23,7 @@ from services.cli import ctl
 from services.cli.ctl_media import parse_pairs
 from services.cli.tables import table
 from services.control.client import Client, Subscriber
-from services.runtime.config import PipelineConfig
+from services.vision.spec import PipelineConfig
 
 __all__ = ["add_parsers"]
 

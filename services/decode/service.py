@@ -37,10 +37,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 import framebus
 from framebus.formats import picture_geometry
-from services.capture.sink import RAW_SLOTS, raw_stream
+from services.capture import book
+from services.capture.sink import RAW_SLOTS
+from services.capture.sources import EncodedSourceConfig
 from services.decode.decoder import Decoded, Decoder, DecoderUnavailable, canonical_codec, publish_frame
-from services.runtime import sources
+from services.runtime.rate import RateMeter
 from services.runtime.service import Service
+from services.runtime.streams import raw_stream
 
 __all__ = ["Decode"]
 
@@ -67,7 +70,10 @@ class Decode(Service):
 
     # ------------------------------------------------------------ life cycle
     def setup(self) -> None:
-        self.source = sources.lookup(self.config, self.instance)
+        self.source = book.lookup(self.config, self.instance)
+        if not isinstance(self.source, EncodedSourceConfig):
+            raise ValueError(f"source {self.instance!r} is a {self.source.kind} source: its pictures go on the bus "
+                             "as they are, there is nothing to decode")
         self.stream = self.instance
         self.out_stream = raw_stream(self.instance)
         self.prefix = self.config.bus.prefix
@@ -88,17 +94,16 @@ class Decode(Service):
         self._producer_dead = False
         self._again = False
         self.published = 0
-        self.rate = 0.0
-        self._rate_mark = (time.monotonic(), 0)
+        self.meter = RateMeter()
         self.dropped: dict[str, int] = {}
         self._metrics()
         if not self.source.wants_decode():
-            self.log.info("source %s is %s%s: decode@%s has nothing to do unless the stream carries access units",
-                          self.stream, self.source.kind,
-                          f" (encode = {self.source.encode})" if self.source.kind == "synthetic" else "",
-                          self.stream)
+            self.log.info("source %s is %s (%s): decode@%s has nothing to do unless the stream carries access "
+                          "units", self.stream, self.source.kind, self.source.target(), self.stream)
         # "oldest": whatever the ring still holds (a file's first frames; the last keyframe, sooner)
-        self.consumer = framebus.Consumer.attach(self.stream, prefix=self.prefix, missing_ok=True, start="oldest")
+        self.consumer = self.own(framebus.Consumer.attach(self.stream, prefix=self.prefix, missing_ok=True,
+                                                          start="oldest"))
+        self.on_stop(self._close_outputs)
         self.loop.add_reader(self.consumer.fileno(), self._readable)
         self.loop.every(1.0, self._tick)
         if self.consumer.attached:
@@ -109,14 +114,13 @@ class Decode(Service):
             self.log.info("waiting for stream %s; will publish %s pictures on %s", self.stream, self.fmt,
                           self.out_stream)
 
-    def teardown(self) -> None:
-        if hasattr(self, "consumer"):
-            self.loop.remove_reader(self.consumer.fileno())
-            self.consumer.close()
-        if getattr(self, "producer", None) is not None:
+    def _close_outputs(self) -> None:
+        """The ring and the decoder made since setup (either may not exist yet)."""
+        self.loop.remove_reader(self.consumer.fileno())
+        if self.producer is not None:
             self.producer.close()
             self.producer = None
-        if getattr(self, "decoder", None) is not None:
+        if self.decoder is not None:
             self.decoder.close()
 
     def _metrics(self) -> None:
@@ -366,11 +370,7 @@ class Decode(Service):
 
     # ------------------------------------------------------------ once a second
     def _tick(self) -> None:
-        now = time.monotonic()
-        t, n = self._rate_mark
-        self.rate = (self.published - n) / max(1e-6, now - t)
-        self._rate_mark = (now, self.published)
-        self.m_fps.set(self.rate)
+        self.m_fps.set(self.meter.update(self.published))
         if self.producer is not None:
             self.producer.heartbeat()  # alive while the input is quiet; reaps dead readers
         if not self.consumer.attached:
@@ -389,10 +389,8 @@ class Decode(Service):
         return "?"
 
     def describe(self) -> dict:
-        if not hasattr(self, "consumer"):
-            return {"status": "starting"}
         streams = [self.out_stream] if self.producer is not None else []
-        info = {"rate": round(self.rate, 2), "streams": streams, "sessions": []}
+        info = {"rate": round(self.meter.rate, 2), "streams": streams, "sessions": []}
         if self.raw_input is not None:
             info["status"] = f"{self.stream} carries raw pictures ({self.raw_input}): nothing to decode"
             return info
@@ -405,7 +403,7 @@ class Decode(Service):
         d = self.decoder
         how = f"({'hardware' if d.hardware else 'software'}: {d.backend}{self.backend_note})"
         if self.published and self.producer is not None:
-            status = f"{self.codec} -> {self.fmt} {self.width}x{self.height} at {self.rate:.1f} fps {how}"
+            status = f"{self.codec} -> {self.fmt} {self.width}x{self.height} at {self.meter.rate:.1f} fps {how}"
         else:
             status = f"{self.codec} -> {self.fmt}, waiting for a keyframe {how}"
         if self._producer_dead:

@@ -19,14 +19,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from services import catalog
 from services.control.protocol import ProtocolError
 
-__all__ = ["Forward", "Offer", "OfferBook", "check_offers", "KIND_OF_PREFIX"]
+__all__ = ["Forward", "Offer", "OfferBook", "check_offers"]
 
 _NAME = re.compile(r"^[a-z]+(\.[a-z][a-z_]*)+$")
 LIVE_STATES = ("starting", "ready", "degraded")
-# Which service answers a command family: used to say what is missing when nobody offers it.
-KIND_OF_PREFIX = {"record": "recorder", "vision": "vision"}
 
 
 @dataclass
@@ -91,7 +90,7 @@ class OfferBook:
         offer = self.offers.get(cmd)
         if offer is not None and state_of(offer.service) in LIVE_STATES:
             return offer
-        kind = KIND_OF_PREFIX.get(cmd.partition(".")[0])
+        kind = catalog.command_owner(cmd.partition(".")[0])  # who would answer it: said when nobody does
         service = offer.service if offer is not None else self.gone.get(cmd)
         if service is not None:
             raise ProtocolError("unavailable", f"{service}, which answers {cmd!r}, is {state_of(service) or 'gone'}")

@@ -33,7 +33,7 @@ from services.hub.hooks import HookBroker
 from services.hub.offers import OfferBook
 from services.hub.registry import STATES, Registry
 from services.hub.sessions import SessionBook
-from services.runtime.config import parse_host_port
+from services.runtime.schema import parse_host_port
 from services.runtime.logs import Throttled
 from services.runtime.metrics import BoxCollector, Derived, clean_families
 from services.runtime.service import Service
@@ -49,11 +49,13 @@ class Hub(Service):
     def setup(self) -> None:
         cfg = self.config
         prepare_runtime_dir(self.rundir)
-        self._lock = hold_lock(self.rundir, "hub")
+        self._lock = hold_lock(self.rundir, "hub")  # raises if another hub owns the runtime directory
+        self.on_stop(self._remove_files)  # released last: after the sockets are closed
         self.limit = cfg.control.max_message_bytes
         self.box_name, self.prefix = cfg.box.name, cfg.bus.prefix  # restart-only: reloads do not move them
         self.service_registry = Registry(cfg.hub.heartbeat_interval, cfg.hub.stale_after)
         self.book = SessionBook(self.rundir / "hub-state.json")
+        self.on_stop(self.book.save)
         self._book_dirty = False
         self.broker = HookBroker(cfg.hooks)
         self.offer_book = OfferBook(set(commands.TABLE))
@@ -81,6 +83,7 @@ class Hub(Service):
         if curve:
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = self._server_keys
+        self.own(sock, lambda s: s.close(linger=0), f"the socket at {endpoint}")
         if endpoint.startswith("ipc://") and os.path.exists(endpoint[6:]):
             os.unlink(endpoint[6:])  # a dead hub's socket file; we are the only hub of this runtime dir
         sock.bind(endpoint)
@@ -95,7 +98,7 @@ class Hub(Service):
         self.bound: list[str] = []
         if tcp:
             self._server_keys = load_server(self._curve_dir())
-            self.zap = ZapAuthenticator(context(), self._curve_dir(), self._auth_refused)
+            self.zap = self.own(ZapAuthenticator(context(), self._curve_dir(), self._auth_refused))
             self.loop.add_reader(self.zap.sock, self.zap.handle)
         self.routers = [self._socket(zmq.ROUTER, ep.control, False)]
         if cfg.tcp_control:
@@ -127,11 +130,12 @@ class Hub(Service):
         box = CollectorRegistry(auto_describe=False)
         box.register(self.collector)
         try:
-            self._http, _ = start_http_server(port, host, registry=box)
+            http, _ = start_http_server(port, host, registry=box)
         except OSError as exc:
             raise OSError(f"hub.metrics_listen = {listen!r}: cannot listen ({exc.strerror}); pick another "
                           f"port, or '' to turn the scrape endpoint off") from None
-        self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{self._http.server_port}/metrics"
+        self.own(http, lambda h: h.shutdown(), "the metrics server")
+        self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{http.server_port}/metrics"
         log.info("metrics at %s", self.metrics_url)
 
     def _write_endpoints(self) -> None:
@@ -160,14 +164,13 @@ class Hub(Service):
             envelope, body = protocol.split_envelope(frames)
             req = protocol.parse_request(body, self.limit)
             rid = req.id
-            handler = commands.TABLE.get(req.cmd)
-            if handler is None:  # a command a service offers (record.start, vision.describe, ...), or none
+            if req.cmd not in commands.TABLE:  # a command a service offers (record.start, ...), or none
                 offer = self.offer_book.find(req.cmd, self.service_state)
                 self.m_requests.labels(req.cmd).inc()
                 result = commands.forward(self, req.cmd, offer, req.args, Ctx(router, envelope, rid))
             else:
                 self.m_requests.labels(req.cmd).inc()
-                result = handler(self, req.args, Ctx(router, envelope, rid))
+                result = commands.run(self, req.cmd, req.args, Ctx(router, envelope, rid))
         except protocol.ProtocolError as exc:
             self._reject(router, envelope, exc.request_id if rid is None else rid, exc.code, exc.message)
             return
@@ -382,7 +385,7 @@ class Hub(Service):
 
     # --- the base class's contract -----------------------------------------------------------
     def describe(self) -> dict:
-        n = len(self.service_registry.services) if hasattr(self, "service_registry") else 0
+        n = len(self.service_registry.services)
         return {"status": f"{n} service(s), metrics {self.metrics_url or 'off'}"}
 
     def apply(self, new, changes) -> list[str]:
@@ -393,19 +396,8 @@ class Hub(Service):
             self.zap.reload()
         return [c.key for c in changes if c not in live]
 
-    def teardown(self) -> None:
-        """Close what setup() opened, however far it got."""
-        if hasattr(self, "book"):
-            self.book.save()
-        for sock in [*getattr(self, "routers", []), *getattr(self, "xpubs", []), getattr(self, "xsub", None)]:
-            if sock is not None:
-                sock.close(linger=0)
-        if getattr(self, "zap", None) is not None:
-            self.zap.close()
-        if getattr(self, "_http", None) is not None:
-            self._http.shutdown()
-        if not hasattr(self, "_lock"):
-            return  # another hub owns the runtime directory: its files are not ours to remove
+    def _remove_files(self) -> None:
+        """The runtime directory's files of this hub (it holds the directory's lock)."""
         for name in ("control.sock", "events-in.sock", "events.sock", "endpoints.json"):
             try:
                 os.unlink(self.rundir / name)

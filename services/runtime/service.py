@@ -1,9 +1,8 @@
 """The base every edgeroom service runs on: config, logs, loop, sd_notify, signals, hub, metrics.
 
-A service subclasses `Service` and fills in four methods:
+A service subclasses `Service` (or `AsyncService`, on asyncio) and fills in:
 
     setup()                 open what the service needs (bus rings, devices); may raise
-    teardown()              close it; called once on SIGTERM, bounded by the stop timeout
     apply(config, changes)  take what it can of a reloaded config; return keys that need a restart
     describe()              {"rate": ..., "sessions": [...], "streams": [...], "status": "..."}
 
@@ -11,9 +10,17 @@ and schedules its own work on `self.loop`. The base sends READY=1 after setup(),
 the watchdog from the loop (so a stuck loop stops pinging), heartbeats the hub with the
 service's whole state and metrics, reloads on SIGHUP and stops cleanly on SIGTERM.
 
+One lifecycle: whatever setup() acquires is registered as it is acquired, with
+`self.own(thing)` (closed with thing.close(), or the closer given) or `self.on_stop(fn)`,
+and released in reverse order when the service stops — also when setup() failed half
+way, so nothing needs to ask what was set up. `describe()` is asked only once the service
+is ready (`self.ready`); before that the base reports "starting".
+
 A service may answer commands of its own (`record.start`, `vision.describe`): it calls
-`self.offer(name, handler, summary)` in setup(), the heartbeat announces the offer, and
-the hub forwards clients' calls of that name here (services/hub/offers.py).
+`self.offer(name, handler, summary, args=..., required=...)` in setup(), the heartbeat
+announces the offer, the hub forwards clients' calls of that name here
+(services/hub/offers.py), and the base checks the arguments as the hub checks its own
+(services/control/args.py) before the handler runs.
 """
 from __future__ import annotations
 
@@ -22,24 +29,30 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
 import framebus
+from services.control.args import ArgTypes, check_args
 from services.control.client import CommandFailed
-from services.control.protocol import ProtocolError
 from services.control.endpoints import Endpoints, endpoints_for, runtime_dir
+from services.control.protocol import ProtocolError
 from services.runtime import config as configuration
 from services.runtime import logs
+from services.runtime.aioloop import AsyncLoop
 from services.runtime.hublink import HubLink
 from services.runtime.logs import Throttled
 from services.runtime.loop import Loop
 from services.runtime.metrics import new_registry, process_collector, snapshot
 from services.runtime.notify import Notifier
 
-__all__ = ["Service", "identity", "main"]
+__all__ = ["AsyncService", "Resources", "Service", "identity", "main"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("edgeroom.service")
 
@@ -48,31 +61,61 @@ def identity(kind: str, instance: str | None) -> str:
     return f"{kind}@{instance}" if instance else kind
 
 
+class Resources:
+    """What a service holds, released in the reverse order of acquiring it; a failing release is
+    logged and the others still run."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self._held: list[tuple[str, Callable[[], object]]] = []
+
+    def add(self, what: str, release: Callable[[], object]) -> None:
+        self._held.append((what, release))
+
+    def release(self) -> None:
+        while self._held:
+            what, release = self._held.pop()
+            try:
+                release()
+            except Exception:  # one resource that fails to close must not keep the others open
+                self.log.exception("releasing %s failed", what)
+
+
+@dataclass(frozen=True)
+class _Offer:
+    handler: Callable[..., Any]
+    summary: str
+    deadline: float
+    later: bool
+    args: ArgTypes
+    required: tuple[str, ...]
+
+
 class Service:
     kind = ""
+    loop_class: type[Loop] | type[AsyncLoop] = Loop
 
     def __init__(self, config: configuration.Config, instance: str | None = None,
                  config_path: str | None = None) -> None:
         self.config, self.instance, self.config_path = config, instance, config_path
         self.id = identity(self.kind, instance)
         self.log = logging.getLogger(f"edgeroom.{self.kind}")
-        self.loop = Loop()
+        self.loop = self.loop_class()
         self.notifier = Notifier()
         self.state = "starting"
+        self.ready = False  # setup() is done: describe() may be asked
+        self.resources = Resources(self.log)
         self.started_at = time.time()
         self.rundir: Path = runtime_dir(config.box.runtime_dir)
         self.endpoints: Endpoints = endpoints_for(self.rundir, config.control.tcp_control, config.control.tcp_events)
         self.link: HubLink | None = None
         self.registry = new_registry()
         self.throttled = Throttled(self.log)
-        self._offers: dict[str, tuple[Callable[..., Any], str, float, bool]] = {}
+        self._offers: dict[str, _Offer] = {}
         self._base_metrics()
 
     # --- what a service provides -------------------------------------------------
     def setup(self) -> None:
-        pass
-
-    def teardown(self) -> None:
         pass
 
     def apply(self, new: configuration.Config, changes: list) -> list[str]:
@@ -81,16 +124,29 @@ class Service:
     def describe(self) -> dict:
         return {}
 
+    # --- what it holds ---------------------------------------------------------------
+    def own(self, thing: T, close: Callable[[T], object] | None = None, what: str = "") -> T:
+        """Register `thing`, just acquired, to be released when the service stops: `close(thing)`,
+        else `thing.close()`. Returns `thing`."""
+        release = (lambda: close(thing)) if close is not None else thing.close  # type: ignore[attr-defined]
+        self.resources.add(what or type(thing).__name__, release)
+        return thing
+
+    def on_stop(self, release: Callable[[], object], what: str = "") -> None:
+        """Run `release` when the service stops (after what was registered later, before what came earlier)."""
+        self.resources.add(what or getattr(release, "__name__", "a release"), release)
+
     # --- commands a service answers ------------------------------------------------
-    def offer(self, name: str, handler: Callable[..., Any], summary: str, deadline: float = 5.0,
-              later: bool = False) -> None:
+    def offer(self, name: str, handler: Callable[..., Any], summary: str, *, args: ArgTypes | None = None,
+              required: tuple[str, ...] = (), deadline: float = 5.0, later: bool = False) -> None:
         """Answer the command `name` (clients send it to the hub, which forwards it here).
 
-        handler(args) returns the result, or raises ProtocolError(code, message) for bad input.
-        With later=True, handler(args, done) answers by calling done(result) or
-        done(error=ProtocolError(...)) once, from the loop, within `deadline` seconds.
+        `args` are its arguments' types and `required` the ones it needs: the base refuses a call
+        that does not fit (bad_args) before the handler runs. handler(args) returns the result, or
+        raises ProtocolError(code, message). With later=True, handler(args, done) answers by calling
+        done(result) or done(error=ProtocolError(...)) once, from the loop, within `deadline` seconds.
         """
-        self._offers[name] = (handler, summary, deadline, later)
+        self._offers[name] = _Offer(handler, summary, deadline, later, args or {}, required)
 
     def _on_call(self, msg: dict) -> None:
         call, name, args = str(msg.get("call")), str(msg.get("cmd")), msg.get("args") or {}
@@ -116,12 +172,12 @@ class Service:
         if entry is None:
             done(error=ProtocolError("unknown_command", f"{self.id} does not answer {name!r}"))
             return
-        handler, _summary, _deadline, later = entry
         try:
-            if later:
-                handler(args, done)
+            args = check_args(args, entry.args, entry.required)
+            if entry.later:
+                entry.handler(args, done)
             else:
-                done(handler(args))
+                done(entry.handler(args))
         except Exception as exc:  # a bug or bad input costs one call, never the service
             done(error=exc)
 
@@ -137,13 +193,12 @@ class Service:
 
     # --- the heartbeat ------------------------------------------------------------
     def heartbeat_body(self) -> dict:
-        info = self.describe()
+        info = self.describe() if self.ready else {"status": "starting"}
         return {"service": self.id, "kind": self.kind, "instance": self.instance, "pid": os.getpid(),
                 "started": self.started_at, "state": info.get("state") or self.state, "status": info.get("status", ""),
                 "rate": info.get("rate", 0.0), "sessions": info.get("sessions", []),
                 "streams": info.get("streams", []), "metrics": snapshot(self.registry),
-                "offers": {name: {"summary": summary, "deadline": deadline}
-                           for name, (_h, summary, deadline, _l) in self._offers.items()}}
+                "offers": {name: {"summary": o.summary, "deadline": o.deadline} for name, o in self._offers.items()}}
 
     def heartbeat(self) -> None:
         if self.link is not None and self.link.request("service.heartbeat", self.heartbeat_body(),
@@ -206,7 +261,7 @@ class Service:
         if self.notifier.interval > 0:  # wake the loop for the watchdog; the ping itself happens in _turn
             self.loop.every(self.notifier.interval, lambda: None)
         self.setup()
-        self.state = "ready"
+        self.state, self.ready = "ready", True
         self.notifier.ready(self.describe().get("status", "ready"))
         self.log.info("ready (pid %d)", os.getpid())
         self.heartbeat()
@@ -238,8 +293,9 @@ class Service:
 
     def _stop(self) -> None:
         t0 = time.monotonic()
+        self.ready = False
         try:
-            self.teardown()
+            self.resources.release()
         finally:
             if self.link is not None:
                 self.link.request("service.bye", {"service": self.id, "pid": os.getpid()})
@@ -248,6 +304,22 @@ class Service:
             self.loop.close()
             self.notifier.close()
             self.log.info("stopped in %.0f ms", (time.monotonic() - t0) * 1000)
+
+
+class AsyncService(Service):
+    """A service on asyncio (services/runtime/aioloop.py): the same heartbeats, watchdog, sd_notify,
+    reload and stop as any service; its coroutines run with `self.loop.spawn(coro)`, and
+    `started()` runs as a task once the service is ready."""
+
+    loop_class = AsyncLoop
+    loop: AsyncLoop
+
+    async def started(self) -> None:
+        """Runs as a task once the service is ready (override it); an exception is logged."""
+
+    def _serve(self) -> None:
+        self.loop.aio.call_soon(lambda: self.loop.spawn(self.started(), name=f"{self.id} started"))
+        super()._serve()
 
 
 def main(cls: type[Service], instance: str | None = None, config_path: str | None = None) -> int:

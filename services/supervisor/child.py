@@ -103,7 +103,7 @@ class Child:
         self.watchdog_sec = self.settings.watchdog_sec  # what this process was told; a reload applies at restart
         if self.watchdog_sec > 0:
             env["WATCHDOG_USEC"] = str(int(self.watchdog_sec * 1e6))
-        parent, nice = os.getpid(), catalog.nice(catalog.CATALOG[self.kind], self.settings)
+        parent, nice = os.getpid(), catalog.nice(catalog.spec(self.kind), self.settings)
         self.popen = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       start_new_session=True, preexec_fn=lambda: _child_setup(parent, nice))
         os.set_blocking(self.popen.stderr.fileno(), False)

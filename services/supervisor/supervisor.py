@@ -23,7 +23,8 @@ import framebus
 from services import catalog
 from services.control.endpoints import endpoints_for, hold_lock, prepare_runtime_dir, runtime_dir
 from services.runtime import config as configuration
-from services.runtime import logs, sources
+from services.runtime import logs
+from services.runtime.state import state_dir
 from services.runtime.hublink import HubLink
 from services.runtime.loop import Loop
 from services.runtime.metrics import Derived, new_registry, process_collector, snapshot
@@ -82,18 +83,22 @@ class Supervisor:
         self.loop.every(0.5, self._sync_sources)
 
     def _add_child(self, kind: str, instance: str | None) -> Child:
-        settings = self.config.services.get(kind) or configuration.ServiceConfig()
+        settings = self.config.services[kind]
         child = Child(kind, instance, settings, self.notify_dir, self._env())
         self.children.append(child)
         self.loop.add_reader(child.notify.fileno(), lambda c=child: c.read_notify(time.monotonic()))
         return child
 
-    # --- sources added and removed by command (`edgeroom ctl source add|remove`) -------------
-    def _overlay_mtime(self) -> int:
-        try:
-            return sources.overlay_path(self.config).stat().st_mtime_ns
-        except OSError:
-            return 0
+    # --- instances added and removed by command (`edgeroom ctl source add|remove`) -----------
+    def _overlay_mtime(self) -> tuple[int, ...]:
+        """When the files that decide the instances (catalog.instance_files) last changed."""
+        stamps = []
+        for name in catalog.instance_files():
+            try:
+                stamps.append((state_dir(self.config) / name).stat().st_mtime_ns)
+            except OSError:
+                stamps.append(0)
+        return tuple(stamps)
 
     def _sync_sources(self) -> None:
         """Start the processes of added sources and stop those of removed ones (what
@@ -182,7 +187,7 @@ class Supervisor:
             if child.popen is not None:
                 child.popen.send_signal(signal.SIGHUP)
         self.config = new
-        self._overlay_stamp = -1  # sources added to or removed from the file start or stop now
+        self._overlay_stamp = (-1,)  # sources added to or removed from the file start or stop now
         self._sync_sources()
         logs.setup("run", new.log.level, new.log.format)
         log.info("config reloaded; SIGHUP sent to every running service (restart policy, start limits and "

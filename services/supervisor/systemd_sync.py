@@ -21,7 +21,6 @@ __all__ = ["plan", "sync"]
 
 log = logging.getLogger("edgeroom.sources")
 
-TEMPLATED = [kind for kind, spec in catalog.CATALOG.items() if spec.templated]
 
 
 def _instance_unit(kind: str, instance: str) -> str:
@@ -35,7 +34,7 @@ def wanted(config) -> set[str]:
 def loaded(systemctl: str = "systemctl") -> set[str]:
     """Instance units systemd has running or on their way, or failed (systemd's own start limit
     decided that: sync does not override it)."""
-    patterns = [_instance_unit(kind, "*") for kind in TEMPLATED]
+    patterns = [_instance_unit(kind, "*") for kind, spec in catalog.specs().items() if spec.templated]
     out = subprocess.run([systemctl, "list-units", "--all", "--plain", "--no-legend", "--no-pager",
                           "--state=active,activating,reloading,failed", *patterns],
                          capture_output=True, text=True, timeout=30, check=True).stdout

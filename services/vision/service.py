@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -35,13 +34,15 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.capture import book
 from services.control.protocol import ProtocolError
-from services.hub.snapshot import SnapshotError, take
-from services.runtime import sources
 from services.runtime import config as configuration
-from services.runtime.config import parse_list
+from services.runtime.rate import RateMeter
+from services.runtime.schema import parse_list
 from services.runtime.service import Service, main
-from services.runtime.sources import state_dir
+from services.runtime.snapshot import SnapshotError, take
+from services.runtime.state import Overlay, state_dir
+from services.runtime.streams import raw_stream, source_of, vision_stream
 from services.vision.engine import Engine, Lane
 from services.vision.models import aliases_for
 from services.vision.types import Detection
@@ -49,21 +50,19 @@ from services.vision.types import Detection
 __all__ = ["Vision", "main"]
 
 DETECTION, RESULT = "hook.ON_VIDEO_DETECTION", "hook.ON_VISION_RESULT"
-OUTPUT_SUFFIX = "-vision"
 
 
 PIPELINES_FILE = "pipelines.json"   # pipelines set or removed by command, over the config's
 
 
-def effective_pipelines(config, overlay) -> dict:
-    """The config's [pipelines], less the removed, plus the ones set by command."""
-    out = {name: p for name, p in config.pipelines.items() if name not in overlay.removed}
-    for name, table in overlay.added.items():
-        try:
-            out[name] = configuration.pipeline_from_dict(name, table, str(overlay.path))
-        except configuration.ConfigError as exc:
-            logging.getLogger("edgeroom.vision").warning("ignoring a pipeline set by command: %s", exc)
-    return dict(sorted(out.items()))
+def pipeline_from_dict(name: str, table: Any, origin: str = "command") -> Any:
+    """One [pipelines.NAME] table (what `edgeroom ctl pipeline set` sends), validated exactly as in the file."""
+    return configuration.entry_from_dict("pipelines", name, table, origin)
+
+
+def effective_pipelines(config, overlay: Overlay) -> dict:
+    """Every pipeline: the config's, less the removed, plus the ones set by command."""
+    return overlay.apply(config.pipelines, lambda name, table: pipeline_from_dict(name, table, str(overlay.path)))
 
 
 class _Metrics:
@@ -106,9 +105,11 @@ class Vision(Service):
         from services.vision.views import RoomViews
         self.views = RoomViews()
         self.int8 = None
-        self.overlay_path = sources.state_dir(self.config) / PIPELINES_FILE
-        self.pipelines = effective_pipelines(self.config, sources.Overlay.read(self.overlay_path))
+        self.on_stop(self._close_int8)
+        self.overlay_path = state_dir(self.config) / PIPELINES_FILE
+        self.pipelines = effective_pipelines(self.config, Overlay.read(self.overlay_path))
         self.detector, detector_problem = self._open_detector()
+        self.on_stop(lambda: self.detector and self.detector.close(), "the detector")
         self.lanes = self._lanes()
         self.rooms = {lane.name: self._room_of(lane.name) for lane in self.lanes}
         self.engine = Engine(self.config.bus.prefix, self.lanes, self.detector, self.m,
@@ -116,29 +117,36 @@ class Vision(Service):
                              detector_problem=detector_problem, upgrade=self.int8,
                              open_upgraded=self._open_int8, on_upgraded=self._upgraded)
         self.provider = self._open_provider()
+        if self.provider is not None:
+            self.own(self.provider)
         self.schema = self._schema()
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-describe")
+        self.pool = self.own(ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-describe"),
+                             lambda pool: pool.shutdown(wait=False, cancel_futures=True))
         self.caller = None
         if self.provider is not None:
             from services.vision.interval import IntervalCaller
-            self.caller = IntervalCaller(self.provider, on_result=self._interval_result,
-                                         on_error=self._interval_error, registry=self.registry)
+            self.caller = self.own(IntervalCaller(self.provider, on_result=self._interval_result,
+                                                  on_error=self._interval_error, registry=self.registry))
             for name, p in sorted(self.pipelines.items()):
                 if p.enabled and p.describe_interval > 0:
                     self.caller.add(name, lambda n=name: self._jpeg_for(n), interval=p.describe_interval,
                                     prompt=cfg.prompt, schema=self.schema)
         self.engine.start()
-        self.rate, self._counted = 0.0, (time.monotonic(), 0)
+        self.on_stop(self.engine.stop, "the engine")
+        self.meter = RateMeter()
         self.loop.every(1.0, self._each_second)
         deadline = min(600.0, cfg.timeout * (cfg.retries + 1) + 10)
         self.offer("vision.describe", self._cmd_describe, "ask the vision provider about the newest picture of a "
-                   "stream (args: stream, question)", deadline=deadline, later=True)
+                   "stream (args: stream, question)", args={"stream": str, "question": str}, required=("stream",),
+                   deadline=deadline, later=True)
         self.offer("vision.view", self._cmd_view, "what vision knows about a room now, as a note for an AI's "
-                   "context (args: room)")
+                   "context (args: room)", args={"room": str})
         self.offer("vision.pipelines", self._cmd_pipelines, "every pipeline: input, output, detector, counts")
         self.offer("vision.pipeline.set", self._cmd_pipeline_set, "add or replace the pipeline of a stream on the "
-                   "running service (args: name, pipeline: the keys of a [pipelines.NAME] table)")
-        self.offer("vision.pipeline.remove", self._cmd_pipeline_remove, "remove a stream's pipeline (args: name)")
+                   "running service (args: name, pipeline: the keys of a [pipelines.NAME] table)",
+                   args={"name": str, "pipeline": dict}, required=("name",))
+        self.offer("vision.pipeline.remove", self._cmd_pipeline_remove, "remove a stream's pipeline (args: name)",
+                   args={"name": str}, required=("name",))
         self.log.info("vision: %d pipeline(s), detector %s, provider %s", len(self.lanes),
                       self.detector.backend if self.detector else "none", cfg.provider)
 
@@ -227,8 +235,8 @@ class Vision(Service):
 
     def _lane(self, name: str, p) -> Lane:
         from services.vision.pipeline import Censor, Pipeline, Resizer, Watermark, make_transforms
-        src = sources.effective(self.config).get(name)
-        stream = p.input or (f"{name}-raw" if src is not None and src.wants_decode() else name)
+        src = book.effective(self.config).get(name)
+        stream = p.input or (raw_stream(name) if src is not None and src.wants_decode() else name)
         resizer = None
         if p.resize:
             w, h = (int(x) for x in p.resize.split("x"))
@@ -239,7 +247,7 @@ class Vision(Service):
                           background=p.watermark_background or None, scale=p.watermark_scale)
                 if p.watermark else None)
         pipeline = Pipeline(resizer, make_transforms(parse_list(p.transforms)), censor, mark)
-        lane = Lane(name, stream, f"{name}{OUTPUT_SUFFIX}" if p.publish else None, p.output_format,
+        lane = Lane(name, stream, vision_stream(name) if p.publish else None, p.output_format,
                     pipeline, p.detect, p.every_n_frames, p.draw_boxes, censor is not None)
         if p.detect and self.detector is None and not p.censor:
             lane.problem = "detect = true, but there is no detector ([vision] model)"
@@ -249,11 +257,7 @@ class Vision(Service):
         p = self.pipelines.get(name)
         if p is not None and p.room:
             return p.room
-        base = name
-        for suffix in ("-raw", "-audio", OUTPUT_SUFFIX):
-            if base.endswith(suffix):
-                base = base[: -len(suffix)]
-        src = sources.effective(self.config).get(base)
+        src = book.effective(self.config).get(source_of(name))
         return src.room if src is not None else "default"
 
     def _open_provider(self):
@@ -289,20 +293,21 @@ class Vision(Service):
         """The stream to describe when asked about `stream`: the censored output when a
         pipeline censors it; refused when that output is not published."""
         base, p = self._pipeline_reading(stream)
-        if p is not None and p.enabled and p.censor and not stream.endswith(OUTPUT_SUFFIX):
+        output = vision_stream(base)
+        if p is not None and p.enabled and p.censor and stream != output:
             if not p.publish:
                 raise ProtocolError("bad_args", f"stream {stream!r} is censored by [pipelines.{base}], whose output "
                                                 f"is not published: set publish = true to describe the censored "
-                                                f"pictures ({base}{OUTPUT_SUFFIX})")
-            return f"{base}{OUTPUT_SUFFIX}"
-        if p is not None and p.enabled and p.publish and not stream.endswith(OUTPUT_SUFFIX):
-            return f"{base}{OUTPUT_SUFFIX}"  # what the pipeline shows, watermark and transforms included
+                                                f"pictures ({output})")
+            return output
+        if p is not None and p.enabled and p.publish and stream != output:
+            return output  # what the pipeline shows, watermark and transforms included
         return stream
 
     def _pipeline_reading(self, stream: str):
         """(name, config) of the pipeline that reads `stream` (NAME, NAME-raw or its `input`), or (stream, None)."""
         for name, p in self.pipelines.items():
-            if stream in (name, f"{name}-raw", p.input):
+            if stream in (name, raw_stream(name), p.input):
                 return name, p
         return stream, None
 
@@ -377,9 +382,9 @@ class Vision(Service):
 
     # --- commands ------------------------------------------------------------------------
     def _cmd_describe(self, args: dict, done) -> None:
-        stream, question = args.get("stream"), args.get("question", "")
-        if not isinstance(stream, str) or not stream or not isinstance(question, str):
-            raise ProtocolError("bad_args", "vision.describe takes stream (a stream name) and question (text)")
+        stream, question = args["stream"], args.get("question", "")
+        if not stream:
+            raise ProtocolError("bad_args", "vision.describe needs a stream name")
         if self.provider is None:
             raise ProtocolError("unavailable", "no vision provider: set [vision] provider (mock, openai or gemini)")
         prompt = question or self.config.vision.prompt
@@ -406,25 +411,19 @@ class Vision(Service):
         self.pool.submit(work)
 
     def _cmd_view(self, args: dict) -> dict:
-        room = args.get("room", "default")
-        if not isinstance(room, str):
-            raise ProtocolError("bad_args", "vision.view takes room (a room name)")
-        return self.views.view(room)
+        return self.views.view(args.get("room", "default"))
 
     def _cmd_pipeline_set(self, args: dict) -> dict:
-        name, table = args.get("name"), args.get("pipeline", {})
-        if not isinstance(name, str) or not isinstance(table, dict):
-            raise ProtocolError("bad_args", "vision.pipeline.set takes name (a source name) and pipeline (an object)")
+        name, table = args["name"], args.get("pipeline", {})
         try:
-            p = configuration.pipeline_from_dict(name, table, "vision.pipeline.set")
+            p = pipeline_from_dict(name, table, "vision.pipeline.set")
         except configuration.ConfigError as exc:
             raise ProtocolError("bad_args", str(exc)) from None
         if p.detect and self.detector is None and not self.config.vision.model:
             raise ProtocolError("bad_args", f"pipelines.{name}.detect: there is no detector: set [vision] model "
                                             f"and restart the vision service")
-        overlay = sources.Overlay.read(self.overlay_path)
-        overlay.added[name] = table
-        overlay.removed = [n for n in overlay.removed if n != name]
+        overlay = Overlay.read(self.overlay_path)
+        overlay.add(name, table)
         self._save(overlay)
         self.pipelines = {**self.pipelines, name: p}
         self.rooms[name] = self._room_of(name)
@@ -434,13 +433,11 @@ class Vision(Service):
         return {"name": name, "pipeline": asdict(p), "overlay": str(self.overlay_path)}
 
     def _cmd_pipeline_remove(self, args: dict) -> dict:
-        name = args.get("name")
-        if not isinstance(name, str) or name not in self.pipelines:
+        name = args["name"]
+        if name not in self.pipelines:
             raise ProtocolError("not_found", f"no pipeline {name!r} (pipelines: {', '.join(self.pipelines) or 'none'})")
-        overlay = sources.Overlay.read(self.overlay_path)
-        overlay.added.pop(name, None)
-        if name in self.config.pipelines:
-            overlay.removed.append(name)  # the config file's: hidden until set again
+        overlay = Overlay.read(self.overlay_path)
+        overlay.remove(name, in_config=name in self.config.pipelines)
         self._save(overlay)
         self.pipelines = {n: p for n, p in self.pipelines.items() if n != name}
         self.engine.replace(name, None)
@@ -450,7 +447,7 @@ class Vision(Service):
         return {"name": name, "overlay": str(self.overlay_path)}
 
     def _added(self) -> set[str]:
-        return set(sources.Overlay.read(self.overlay_path).added)
+        return set(Overlay.read(self.overlay_path).added)
 
     def _save(self, overlay) -> None:
         try:
@@ -473,7 +470,7 @@ class Vision(Service):
         for name, p in self.pipelines.items():
             lane = lanes.get(name)
             rows.append({"name": name, "origin": "command" if name in added else "config", "enabled": p.enabled,
-                         "input": lane.input if lane else p.input, "output": f"{name}{OUTPUT_SUFFIX}" if p.publish
+                         "input": lane.input if lane else p.input, "output": vision_stream(name) if p.publish
                          else None, "room": self.rooms.get(name), "detect": p.detect,
                          "frames": lane.frames if lane else 0, "skipped": lane.skipped_seen if lane else 0,
                          "size": list(lane.last_size) if lane else [0, 0], "problem": lane.problem if lane else "",
@@ -488,7 +485,7 @@ class Vision(Service):
         if "vision.prompt" in live and self.caller is not None:
             for stream in self.caller.streams():
                 self.caller.update(stream, prompt=new.vision.prompt)
-        if live & {"vision.timeout", "vision.retries"} and hasattr(self.provider, "configure"):
+        if live & {"vision.timeout", "vision.retries"} and self.provider is not None:
             self.provider.configure(timeout=new.vision.timeout, retries=new.vision.retries)
         return [c.key for c in changes if not c.live]
 
@@ -496,9 +493,7 @@ class Vision(Service):
     def _each_second(self) -> None:
         self.m.busy.set(round(self.engine.busy, 3))
         self._int8_state()
-        now, frames = time.monotonic(), sum(lane.frames for lane in self.engine.lanes)
-        then, before = self._counted
-        self.rate, self._counted = max(0.0, frames - before) / max(1e-6, now - then), (now, frames)
+        self.meter.update(sum(lane.frames for lane in self.engine.lanes))
 
     def describe(self) -> dict:
         problems = self.problems + [f"{lane.name}: {lane.problem}" for lane in self.engine.lanes if lane.problem]
@@ -506,25 +501,15 @@ class Vision(Service):
         status = f"{len(self.engine.lanes)} pipeline(s), {det}, provider {self.config.vision.provider}, " \
                  f"busy {self.engine.busy:.0%}"
         out: dict[str, Any] = {"status": "; ".join(problems) if problems else status,
-                               "rate": round(self.rate, 2),
+                               "rate": round(self.meter.rate, 2),
                                "streams": [lane.output for lane in self.engine.lanes if lane.output]}
         if problems:
             out["state"] = "degraded"
         return out
 
-    def teardown(self) -> None:
-        if getattr(self, "int8", None) is not None:
+    def _close_int8(self) -> None:
+        if self.int8 is not None:
             self.int8.close()  # a build in progress is killed; its temp files go with it
-        if getattr(self, "caller", None) is not None:
-            self.caller.close()
-        if getattr(self, "engine", None) is not None:
-            self.engine.stop()
-        if getattr(self, "pool", None) is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        if getattr(self, "provider", None) is not None:
-            self.provider.close()
-        if getattr(self, "detector", None) is not None:
-            self.detector.close()
 
 
 if __name__ == "__main__":

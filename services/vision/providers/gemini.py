@@ -25,19 +25,14 @@ was blocked) or a candidate whose finishReason is a safety/recitation/blocklist 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import pydantic
-from google import genai
-from google.genai import errors, types
-
-try:                        # google-genai >= 3 sends through httpx2, older releases through httpx
-    import httpx2 as _http
-except ImportError:         # pragma: no cover (depends on the installed client)
-    import httpx as _http
-
-from services.vision.providers import (
-    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider)
+from services.vision.providers.base import (
+    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider, provider)
 from services.vision.types import VisionResult
+
+if TYPE_CHECKING:
+    from google.genai import errors, types
 
 __all__ = ["GeminiProvider"]
 
@@ -54,6 +49,7 @@ def _name(v) -> str | None:
     return None if v is None else getattr(v, "value", None) or str(v)
 
 
+@provider("gemini", "Google Gemini (the `google-genai` client)")
 class GeminiProvider(RetryingProvider):
     kind = "gemini"
 
@@ -63,6 +59,14 @@ class GeminiProvider(RetryingProvider):
                  max_tokens: int | None = None, temperature: float | None = None,
                  system_prompt: str | None = None, metrics: ProviderMetrics | None = None,
                  name: str | None = None):
+        import pydantic  # the ai extra: loaded when a provider opens, so the box's config loads without it
+        from google import genai
+        from google.genai import errors, types
+        try:                        # google-genai >= 3 sends through httpx2, older releases through httpx
+            import httpx2 as http
+        except ImportError:         # pragma: no cover (depends on the installed client)
+            import httpx as http
+        self._types, self._errors, self._http, self._invalid = types, errors, http, pydantic.ValidationError
         model, base_url, api_key_env = model or DEFAULT_MODEL, base_url or None, api_key_env or DEFAULT_KEY_ENV
         where = (base_url or DEFAULT_BASE_URL).rstrip("/")
         key = os.environ.get(api_key_env, "")
@@ -79,6 +83,7 @@ class GeminiProvider(RetryingProvider):
         self._client = genai.Client(api_key=key, http_options=opts)
 
     def _config(self, schema: dict | None) -> types.GenerateContentConfig:
+        types = self._types
         return types.GenerateContentConfig(
             system_instruction=self.system_prompt or (SCHEMA_SYSTEM_PROMPT if schema else SYSTEM_PROMPT),
             response_mime_type="application/json",
@@ -89,17 +94,18 @@ class GeminiProvider(RetryingProvider):
         )
 
     def _attempt(self, jpeg: bytes, prompt: str, schema: dict | None) -> tuple[VisionResult, int, int]:
+        http, errors = self._http, self._errors
         try:
             response = self._client.models.generate_content(
-                model=self.model, contents=[types.Part.from_bytes(data=jpeg, mime_type="image/jpeg"), prompt],
+                model=self.model, contents=[self._types.Part.from_bytes(data=jpeg, mime_type="image/jpeg"), prompt],
                 config=self._config(schema))
-        except _http.TimeoutException:
+        except http.TimeoutException:
             raise self._fail("timeout", f"no answer within {self.timeout:g}s") from None
-        except _http.TransportError as e:
+        except http.TransportError as e:
             raise self._fail("network", f"cannot reach the server ({type(e).__name__}: {e})") from None
         except errors.APIError as e:
             raise self._status_error(e) from None
-        except (ValueError, pydantic.ValidationError) as e:   # UnknownApiResponseError is a ValueError
+        except (ValueError, self._invalid) as e:   # UnknownApiResponseError is a ValueError
             raise self._fail("malformed", f"the server's answer is not valid JSON ({str(e)[:200]})") from None
         return self._result(response, schema)
 

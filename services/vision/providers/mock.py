@@ -25,10 +25,9 @@ from __future__ import annotations
 import threading
 import time
 
-import cv2
 import numpy as np
 
-from services.vision.providers import REASONS, ProviderError, ProviderMetrics
+from services.vision.providers.base import REASONS, ProviderError, ProviderMetrics, provider
 from services.vision.types import VisionResult
 
 __all__ = ["MockProvider", "jpeg_size"]
@@ -65,6 +64,7 @@ def jpeg_size(jpeg: bytes) -> tuple[int, int] | None:
 
 def _colour_counts(thumb: np.ndarray) -> np.ndarray:
     """How many pixels of a small BGR picture carry each of _NAMES (vectorised)."""
+    import cv2  # the media extra, used where needed
     hsv = cv2.cvtColor(thumb, cv2.COLOR_BGR2HSV).reshape(-1, 3).astype(np.int16)
     h, s, v = hsv[:, 0], hsv[:, 1], hsv[:, 2]
     by_hue = _HUE_NAMES[np.searchsorted(_HUE_EDGES, h, side="right")]
@@ -73,6 +73,7 @@ def _colour_counts(thumb: np.ndarray) -> np.ndarray:
     return np.bincount(names, minlength=len(_NAMES))
 
 
+@provider("mock", "offline: describes a picture from its pixels (for tests and demos)")
 class MockProvider:
     kind = "mock"
 
@@ -103,6 +104,9 @@ class MockProvider:
                                finish_reason="stop", image_bytes=len(jpeg))
         return result
 
+    def configure(self, *, timeout: float | None = None, retries: int | None = None) -> None:
+        """No network, nothing to wait for or retry: the reloadable settings do not apply."""
+
     def close(self) -> None:
         self._closed.set()
 
@@ -112,6 +116,7 @@ class MockProvider:
         if self.fail:
             raise ProviderError(self.fail, f"{self.name} model {self.model!r}: configured to fail ({self.fail})")
         size = jpeg_size(jpeg) if jpeg else None
+        import cv2  # the media extra, used where needed
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_REDUCED_COLOR_4) if jpeg else None
         if img is None or size is None:
             raise ProviderError("bad_request", f"{self.name}: the image is not a JPEG ({len(jpeg)} bytes)")

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import base64
 import os
+from typing import TYPE_CHECKING
 
-import openai
-import pydantic
-
-from services.vision.providers import (
-    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider)
+from services.vision.providers.base import (
+    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider, provider)
 from services.vision.types import VisionResult
+
+if TYPE_CHECKING:
+    import openai
 
 __all__ = ["OpenAIProvider"]
 
@@ -39,6 +40,7 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 LOCAL_PLACEHOLDER_KEY = "not-needed"
 
 
+@provider("openai", "any OpenAI-compatible server: OpenAI, Ollama, vLLM, LM Studio (the `openai` client)")
 class OpenAIProvider(RetryingProvider):
     kind = "openai"
 
@@ -50,6 +52,9 @@ class OpenAIProvider(RetryingProvider):
                  name: str | None = None):
         if detail not in ("low", "high", "auto"):
             raise ValueError(f"detail must be low, high or auto, got {detail!r}")
+        import openai  # the ai extra: loaded when a provider opens, so the box's config loads without it
+        import pydantic
+        self._openai, self._invalid = openai, pydantic.ValidationError
         model, base_url, api_key_env = model or DEFAULT_MODEL, base_url or None, api_key_env or DEFAULT_KEY_ENV
         where = (base_url or DEFAULT_BASE_URL).rstrip("/")
         key = os.environ.get(api_key_env, "")
@@ -88,6 +93,7 @@ class OpenAIProvider(RetryingProvider):
         return kw
 
     def _attempt(self, jpeg: bytes, prompt: str, schema: dict | None) -> tuple[VisionResult, int, int]:
+        openai = self._openai
         try:
             completion = self._client.chat.completions.create(**self._request(jpeg, prompt, schema))
         except openai.APITimeoutError:
@@ -96,7 +102,7 @@ class OpenAIProvider(RetryingProvider):
             raise self._fail("network", f"cannot reach the server ({e.__cause__ or e})") from None
         except openai.APIStatusError as e:
             raise self._status_error(e) from None
-        except (ValueError, pydantic.ValidationError, openai.APIResponseValidationError) as e:
+        except (ValueError, self._invalid, openai.APIResponseValidationError) as e:
             raise self._fail("malformed", f"the server's answer is not valid JSON ({e})") from None
         return self._result(completion, schema)
 

@@ -52,21 +52,76 @@ from __future__ import annotations
 import logging
 import threading
 import time
-
-import av
-import av.error
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from services.capture.sink import Sink
-from services.capture.source import Emit, SourceError
+from services.capture.sources.base import Emit, EncodedSourceConfig, SourceError, source_kind
 from services.capture.timeline import Timeline
-from services.runtime.config import SourceConfig
+from services.runtime.schema import RESTART, Problem, setting
 from services.runtime.scrub import scrub
 
-__all__ = ["MediaSource", "bus_codec", "classify"]
+__all__ = ["FileConfig", "MediaSource", "UrlConfig", "bus_codec", "classify"]
 
 log = logging.getLogger("edgeroom.capture")
 
 NS = 1_000_000_000
+URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "udp", "tcp")
+
+
+@dataclass(frozen=True)
+class FileConfig(EncodedSourceConfig):
+    kind: str = setting("file", "file: a media file played in real time.", RESTART)
+    path: str = setting("", "The media file (any container PyAV reads).", RESTART)
+    loop: bool = setting(False, "Start again from the beginning at the end.", RESTART)
+    audio: bool = setting(False, "Publish the first audio track on NAME-audio (s16 PCM).", RESTART)
+
+    session_kind = "file"
+
+    def has_audio(self) -> bool:
+        return self.audio
+
+    def target(self) -> str:
+        return self.path
+
+    def cross_check(self, key: Callable[[str], str]) -> Problem | None:
+        if not self.path:
+            return "path", f"required when {key('kind')} is 'file'", ("kind",)
+        return super().cross_check(key)
+
+
+@dataclass(frozen=True)
+class UrlConfig(EncodedSourceConfig):
+    kind: str = setting("url", "url: a camera or stream server.", RESTART)
+    url: str = setting("", "rtsp://, rtsps://, http(s)://, rtmp://, srt://, udp:// or tcp:// address.", RESTART)
+    transport: str = setting("tcp", "RTSP only: RTP over tcp (interleaved) or udp.", RESTART, choices=("tcp", "udp"))
+    connect_timeout: float = setting(5.0, "Seconds to connect and read the stream's header.", RESTART,
+                                     min=0.1, max=300)
+    read_timeout: float = setting(5.0, "Seconds without data before the source counts as lost.", RESTART,
+                                  min=0.1, max=300)
+    audio: bool = setting(False, "Publish the first audio track on NAME-audio (s16 PCM).", RESTART)
+
+    def has_audio(self) -> bool:
+        return self.audio
+
+    def target(self) -> str:
+        return scrub(self.url)
+
+    def shown(self) -> dict:
+        return {**super().shown(), "url": scrub(self.url)}
+
+    def stop_bound(self) -> float:
+        # a read blocked in FFmpeg ends within read_timeout, an open within 2 x connect_timeout
+        return max(self.read_timeout, 2 * self.connect_timeout) + 0.5
+
+    def cross_check(self, key: Callable[[str], str]) -> Problem | None:
+        scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
+        if scheme not in URL_SCHEMES:
+            return "url", (f"expected an address starting with one of {', '.join(s + '://' for s in URL_SCHEMES)}"
+                           f"; got {self.url!r}"), ("kind",)
+        return super().cross_check(key)
+
+
 _BUS_CODECS = {"h264": "h264", "hevc": "h265", "h265": "h265", "vp8": "vp8", "vp9": "vp9", "av1": "av1",
                "libdav1d": "av1", "libaom-av1": "av1", "libvpx": "vp8", "libvpx-vp9": "vp9"}
 _ANNEXB_FILTERS = {"h264": "h264_mp4toannexb", "h265": "hevc_mp4toannexb"}
@@ -79,6 +134,7 @@ def bus_codec(stream) -> str | None:
 
 def classify(exc: BaseException, opening: bool) -> str:
     """The metric reason for an FFmpeg/OS error."""
+    import av.error
     if isinstance(exc, FileNotFoundError) or isinstance(exc, av.error.HTTPNotFoundError):
         return "not_found"
     if isinstance(exc, (av.error.HTTPError, av.error.HTTPClientError)):  # 4xx/5xx, RTSP's too (401, 403, 454)
@@ -96,8 +152,12 @@ def _clock() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+@source_kind(FileConfig, "a media file, paced by its timestamps, optionally looped")
+@source_kind(UrlConfig, "RTSP (tcp or udp), HTTP(S), RTMP, SRT, UDP or TCP: whatever FFmpeg opens")
 class MediaSource:
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: FileConfig | UrlConfig) -> None:
+        import av  # the media extra: here, at setup, so a missing extra is a clear exit 78 and the config loads
+        self.av = av
         self.cfg = cfg
         self.live = cfg.kind == "url"
         self.target = cfg.url if self.live else cfg.path
@@ -120,10 +180,10 @@ class MediaSource:
         timeout = (cfg.connect_timeout, cfg.read_timeout) if self.live else None
         started = time.monotonic()
         try:
-            return av.open(self.target, options=options, timeout=timeout)
-        except (av.error.FFmpegError, OSError) as exc:
+            return self.av.open(self.target, options=options, timeout=timeout)
+        except (self.av.error.FFmpegError, OSError) as exc:
             took = time.monotonic() - started
-            if self.live and (isinstance(exc, av.error.ExitError) or took >= 0.95 * cfg.connect_timeout):
+            if self.live and (isinstance(exc, self.av.error.ExitError) or took >= 0.95 * cfg.connect_timeout):
                 # FFmpeg's interrupt ended the wait; what it reports then varies (an RTSP handshake
                 # cut short is "Invalid data found"), the cause does not: no answer in time
                 raise SourceError("timeout", f"cannot open {self._shown()}: no answer within {took:.1f} s "
@@ -181,13 +241,13 @@ class MediaSource:
         audio = container.streams.audio[0] if self.cfg.audio and container.streams.audio else None
         if audio is not None:
             streams.append(audio)
-            resampler = av.AudioResampler(format="s16", layout=audio.layout.name, rate=audio.rate)
+            resampler = self.av.AudioResampler(format="s16", layout=audio.layout.name, rate=audio.rate)
         self.codec = bus_codec(video)
         cc = video.codec_context
         self.info = f"{cc.name} {cc.width}x{cc.height}"
         bsf = None
         if self.codec in _ANNEXB_FILTERS and cc.extradata and cc.extradata[0] == 1:  # avcC/hvcC: length-prefixed
-            bsf = av.BitStreamFilterContext(_ANNEXB_FILTERS[self.codec], video)
+            bsf = self.av.BitStreamFilterContext(_ANNEXB_FILTERS[self.codec], video)
         elif self.codec is not None and cc.extradata:
             sink.set_extradata(cc.extradata, self.codec)
         if self.codec is None:
@@ -202,7 +262,7 @@ class MediaSource:
         # A live source reads every stream, so that a stop or a stall is seen even while only
         # packets of other streams (audio we do not want, data) arrive; a file only its own.
         demux = container.demux() if self.live else container.demux(streams)
-        limit = self.cfg.read_timeout
+        limit = self.cfg.read_timeout if isinstance(self.cfg, UrlConfig) else 0.0
         last_any = last_video = time.monotonic()
         try:
             for packet in demux:
@@ -234,7 +294,7 @@ class MediaSource:
                     self._video(packet, video, bsf, sink, capture_ns)
                 else:
                     self._audio(packet, audio, resampler, sink, capture_ns)
-        except (av.error.FFmpegError, OSError) as exc:
+        except (self.av.error.FFmpegError, OSError) as exc:
             raise SourceError(classify(exc, False), f"reading {self._shown()}: {self._why(exc)}") from None
         finally:
             demux.close()  # PyAV's read loop ends (and frees its packet) before the container closes
@@ -273,7 +333,7 @@ class MediaSource:
         from services.decode.decoder import copy_into
         try:
             frames = stream.codec_context.decode(packet)
-        except av.error.FFmpegError:
+        except self.av.error.FFmpegError:
             sink.m.dropped.labels("corrupt").inc()
             return
         for frame in frames:
@@ -292,7 +352,7 @@ class MediaSource:
     def _audio(self, packet, stream, resampler, sink: Sink, capture_ns: int) -> None:
         try:
             frames = stream.codec_context.decode(packet)
-        except av.error.FFmpegError:
+        except self.av.error.FFmpegError:
             sink.m.dropped.labels("corrupt_audio").inc()
             return
         for frame in frames:

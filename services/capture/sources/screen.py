@@ -43,16 +43,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
-import cv2
 import numpy as np
+
+from services.capture.sources.base import Emit, SourceConfig, SourceError, source_kind
+from services.runtime.schema import RESTART, setting
 
 __all__ = ["SHARE_STARTED", "SHARE_STOPPED", "Monitor", "ScreenGone", "ScreenSource", "changed_pixels", "out_size"]
 
 SHARE_STARTED, SHARE_STOPPED = "ON_SCREEN_SHARE_STARTED", "ON_SCREEN_SHARE_STOPPED"
-_CONVERT = {"rgb24": cv2.COLOR_BGRA2RGB, "bgr24": cv2.COLOR_BGRA2BGR}
+_CONVERT = {"rgb24": "COLOR_BGRA2RGB", "bgr24": "COLOR_BGRA2BGR"}  # OpenCV's codes, by name: cv2 loads on use
 
 log = logging.getLogger("edgeroom.capture.screen")
 
@@ -139,7 +145,9 @@ class ScreenSource:
         # at scale 1 the picture is the grab itself (cropped to even); otherwise a resize
         self._resize = (ow, oh) != (w & ~1, h & ~1)
         self._small = np.empty((oh, ow, 4), np.uint8) if self._resize else None
-        self._code = _CONVERT[fmt]
+        import cv2  # the media extra: here, not at import, so the config of a screen source loads without it
+        self._cv2 = cv2
+        self._code = getattr(cv2, _CONVERT[fmt])
         self._pixels = w * h
         # skip iff changed < limit; a positive threshold below one pixel means "identical only"
         self._limit = max(1.0, threshold * self._pixels) if threshold > 0 else 0.0
@@ -258,11 +266,11 @@ class ScreenSource:
         ow, oh = self.size
         src = np.frombuffer(raw, np.uint8).reshape(h, w, 4)
         if self._resize:
-            cv2.resize(src, (ow, oh), dst=self._small, interpolation=cv2.INTER_AREA)
+            self._cv2.resize(src, (ow, oh), dst=self._small, interpolation=self._cv2.INTER_AREA)
             src = self._small
         else:
             src = src[:oh, :ow]  # odd source: drop the last column/row
-        out = cv2.cvtColor(src, self._code, dst=dst)
+        out = self._cv2.cvtColor(src, self._code, dst=dst)
         if out is not dst:  # OpenCV could not write into dst as given (odd strides): one copy instead
             np.copyto(dst, out)
 
@@ -324,7 +332,6 @@ def _sampled_loop(cur: bytearray, last: bytearray, width: int, height: int, step
 
 def bench(width: int = 1920, height: int = 1080, repeat: int = 30) -> list[tuple[str, float, float]]:
     """Diff time per frame (ms) on synthetic BGRA frames: identical, and 1% of pixels changed."""
-    import time
     rng = np.random.default_rng(1)
     base = bytearray(rng.integers(0, 256, width * height * 4, np.uint8).tobytes())
     same = bytearray(base)
@@ -382,26 +389,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
+def parse_region(text: str) -> tuple[int, int, int, int]:
+    """"LEFT,TOP,WIDTH,HEIGHT" -> four ints; width and height at least 2."""
+    parts = text.split(",") if isinstance(text, str) else []
+    try:
+        left, top, width, height = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected LEFT,TOP,WIDTH,HEIGHT in pixels, like '0,0,1280,720'; got {text!r}") from None
+    if left < 0 or top < 0 or width < 2 or height < 2:
+        raise ValueError(f"left and top must be >= 0, width and height >= 2; got {text!r}")
+    return left, top, width, height
+
+
+def _check_positive(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"must be more than 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScreenConfig(SourceConfig):
+    kind: str = setting("screen", "screen: an X display, or part of it.", RESTART)
+    monitor: int = setting(1, "Monitor number, 0 is all monitors together.", RESTART, min=0, max=64)
+    region: str = setting("", "'LEFT,TOP,WIDTH,HEIGHT' inside the monitor; '' is the whole monitor.", RESTART,
+                          off="", check=parse_region)
+    scale: float = setting(1.0, "Downscale factor in (0, 1], exact (area averaging).", RESTART, max=1.0,
+                           check=_check_positive)
+    diff_threshold: float = setting(0.0, "Skip a frame when less than this fraction of its pixels differs from "
+                                    "the last one sent; 0 sends every frame.", RESTART, min=0.0, max=1.0)
+    fps: float = setting(30.0, "Frames per second grabbed.", RESTART, min=0.1, max=240)
+
+    session_kind = "screen"
+
+    def target(self) -> str:
+        return f"monitor {self.monitor}"
+
+    def frame_interval(self) -> float:
+        return 1.0 / self.fps
+
+
+@source_kind(ScreenConfig, "an X display (or a region of it) grabbed with mss, straight into the slot")
 class ScreenCapture:
-    """The screen as a capture source (services/capture/source.py): grabs at `fps` into
-    loaned slots, rgb24; frames skipped as unchanged are counted, not sent; share
-    started/stopped go out as hook events."""
+    """The screen as a capture source: grabs at `fps` into loaned slots, rgb24; frames skipped
+    as unchanged are counted, not sent; share started/stopped go out as hook events."""
 
-    def __init__(self, cfg) -> None:
-        from services.runtime.config import parse_region
+    def __init__(self, cfg: ScreenConfig) -> None:
         self.cfg = cfg
         self.region = parse_region(cfg.region) if cfg.region else None
         self.info = ""
 
-    def run(self, sink, stop, emit) -> bool:
-        import time
-        from fractions import Fraction
-
-        from services.capture.source import SourceError
+    def run(self, sink, stop: threading.Event, emit: Emit) -> bool:
         cfg = self.cfg
         try:
             src = ScreenSource(cfg.monitor, self.region, cfg.scale, cfg.diff_threshold)
@@ -440,3 +478,7 @@ class ScreenCapture:
 
     def describe(self) -> str:
         return self.info
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

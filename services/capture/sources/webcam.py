@@ -62,13 +62,15 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from services.capture.cameras import explain, list_cameras, querycap
 from services.capture.sink import Sink
-from services.capture.source import Emit, SourceError
+from services.capture.sources.base import Emit, SourceConfig, SourceError, source_kind
+from services.runtime.schema import RESTART, setting
 
 __all__ = ["WebcamSource", "device_path", "holders"]
 
@@ -110,6 +112,26 @@ def holders(path: str) -> list[str]:
     return found
 
 
+def _check_device(text: str) -> None:
+    if not (text.isdigit() or text.startswith("/dev/")):
+        raise ValueError(f"expected a device index like '0' or a path like '/dev/video0', got {text!r}")
+
+
+@dataclass(frozen=True)
+class WebcamConfig(SourceConfig):
+    kind: str = setting("webcam", "webcam: a V4L2 camera.", RESTART)
+    device: str = setting("0", "V4L2 device index ('0') or path ('/dev/video0').", RESTART, check=_check_device)
+    width: int = setting(1280, "Picture width asked for, in pixels (even).", RESTART, min=16, max=7680, even=True)
+    height: int = setting(720, "Picture height asked for, in pixels (even).", RESTART, min=16, max=4320, even=True)
+    fps: float = setting(30.0, "Frames per second asked for.", RESTART, min=0.1, max=240)
+
+    def target(self) -> str:
+        return self.device
+
+    def frame_interval(self) -> float:
+        return 1.0 / self.fps
+
+
 def _cv2():
     try:
         import cv2
@@ -133,8 +155,9 @@ def _capture_nodes(exclude: str) -> str:
     return "capture devices present: " + ", ".join(f"{r['device']} ({r['name']})" for r in rows)
 
 
+@source_kind(WebcamConfig, "a V4L2 camera through OpenCV, straight into the slot as bgr24")
 class WebcamSource:
-    def __init__(self, cfg, *, api: int | None = None, target: str | None = None) -> None:
+    def __init__(self, cfg: WebcamConfig, *, api: int | None = None, target: str | None = None) -> None:
         self.cfg = cfg
         self.api = api                       # None: V4L2
         self.target = target or device_path(cfg.device)

@@ -20,15 +20,16 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from services.capture.sink import Sink
-from services.capture.source import Emit, SourceError
-from services.runtime.config import SourceConfig
+from services.capture.sources.base import Emit, EncodedSourceConfig, SourceError, source_kind
+from services.runtime.schema import RESTART, setting
 
-__all__ = ["H264Encoder", "Pattern", "SyntheticSource", "frame_number"]
+__all__ = ["H264Encoder", "Pattern", "SyntheticConfig", "SyntheticSource", "frame_number"]
 
 NS = 1_000_000_000
 NS_BASE = Fraction(1, NS)
@@ -36,6 +37,34 @@ AUDIO_RATE = 48000
 AUDIO_CHUNK = 960          # 20 ms
 BEEP_SAMPLES = AUDIO_RATE // 10
 TONE_HZ = 1000
+
+
+@dataclass(frozen=True)
+class SyntheticConfig(EncodedSourceConfig):
+    kind: str = setting("synthetic", "synthetic: a test pattern (or a photograph) with a frame counter.", RESTART)
+    width: int = setting(1280, "Picture width in pixels (even).", RESTART, min=16, max=7680, even=True)
+    height: int = setting(720, "Picture height in pixels (even).", RESTART, min=16, max=4320, even=True)
+    fps: float = setting(30.0, "Frames per second drawn.", RESTART, min=0.1, max=240)
+    encode: str = setting("h264", "h264 (encoded in-process; decode makes NAME-raw) or raw pictures.", RESTART,
+                          choices=("h264", "raw"))
+    bitrate: int = setting(0, "h264: target bit rate in kbit/s; 0 is constant quality.", RESTART, min=0, max=200000)
+    gop: float = setting(2.0, "h264: seconds between keyframes.", RESTART, min=0.04, max=60)
+    audio: bool = setting(False, "Publish a 1 kHz beep each second on NAME-audio (s16 PCM), in step with a "
+                          "white flash.", RESTART)
+    image: str = setting("", "A picture file (JPEG, PNG) drawn as the scene instead of the gradient, so a "
+                         "detector has something to find; '' is the gradient.", RESTART)
+
+    def encoded(self) -> bool:
+        return self.encode == "h264"
+
+    def has_audio(self) -> bool:
+        return self.audio
+
+    def target(self) -> str:
+        return f"{self.width}x{self.height} {self.encode}"
+
+    def frame_interval(self) -> float:
+        return 1.0 / self.fps
 
 
 def load_scene(path: str, width: int, height: int) -> np.ndarray:
@@ -147,8 +176,9 @@ class H264Encoder:
         return self.ctx.encode(frame)
 
 
+@source_kind(SyntheticConfig, "a moving test pattern with a frame counter, raw or H.264, and a test tone")
 class SyntheticSource:
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SyntheticConfig) -> None:
         if cfg.encode == "h264":
             import av  # noqa: F401  (at setup, not on the reader thread: a missing extra is a clear exit 78)
         self.cfg = cfg
