@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from tests.appliance import wait_for
+
 HERE = Path(__file__).parent
 
 
@@ -31,11 +35,13 @@ def datagrams(sock: socket.socket, until: float) -> list[tuple[float, str]]:
     return out
 
 
-def test_watchdog_pings_come_from_the_main_loop_and_stop_while_it_is_stuck(box):
+@pytest.mark.parametrize("flavour", ["plain", "asyncio"])
+def test_watchdog_pings_come_from_the_main_loop_and_stop_while_it_is_stuck(box, flavour):
+    """The same for a service on asyncio (AsyncService): a coroutine that blocks stops the pings."""
     b = box()
     sock = notify_socket(b.dir / "notify.sock")
     env = {**os.environ, "NOTIFY_SOCKET": str(b.dir / "notify.sock"), "WATCHDOG_USEC": "200000"}
-    proc = subprocess.Popen([sys.executable, str(HERE / "stuckservice.py"), str(b.config), "1.0", "1.5"],
+    proc = subprocess.Popen([sys.executable, str(HERE / "stuckservice.py"), str(b.config), "1.0", "1.5", flavour],
                             env=env, stdout=subprocess.DEVNULL)
     try:
         ready_at = None
@@ -170,3 +176,42 @@ def test_a_childs_stderr_is_kept_bounded_and_scrubbed(tmp_path, capfd):
     assert len(child.tail.lines) == 200 and child.tail.dropped == 101  # 301 lines, the last 200 kept
     assert child.tail.lines[-1].startswith("open rtsp://admin:***@")
     child.close()
+
+
+def test_a_service_on_asyncio_heartbeats_answers_from_coroutines_reloads_and_stops(box):
+    """AsyncService keeps the base's semantics: ready, heartbeats the hub (its status shows), a
+    command answered by a coroutine while its own task keeps running, SIGHUP reloads, SIGTERM stops
+    cleanly with exit 0."""
+    b = box()
+    b.spawn("service", "hub")
+    b.wait_ready()
+    proc = subprocess.Popen([sys.executable, str(HERE / "asyncservice.py"), str(b.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        row = wait_for(lambda: next((s for s in b.call("status")["services"] if s["service"] == "probe"
+                                     and "ticks" in s["status"]), None), 10, "the asyncio service's heartbeat")
+        assert row["state"] == "ready" and row["pid"] == proc.pid
+        t0 = time.monotonic()
+        answer = b.call("probe.sleep", {"delay": 0.3})
+        assert answer["slept"] == 0.3 and 0.25 < time.monotonic() - t0 < 2.0
+        before = answer["ticks"]
+        assert b.call("probe.sleep", {"delay": 0.2})["ticks"] > before  # its task runs on
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        out = proc.stdout.read()
+        assert "reloaded" in out and "stopped in" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_failing_task_of_an_asyncio_service_ends_it_as_crashed(box):
+    """An exception in a task stops the loop and the service exits 1 with the traceback, as an exception
+    escaping the plain loop does (asyncio alone would log it and carry on)."""
+    b = box()
+    out = subprocess.run([sys.executable, str(HERE / "asyncservice.py"), str(b.config), "fail"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "probe: crashed" in out.stdout and "ZeroDivisionError" in out.stdout and "a bug in a task" in out.stdout
