@@ -38,7 +38,7 @@ Method
   Each flat-out measurement is repeated (3 times, --quick once) and the median taken.
 * edgeroom: for N streams, a private box (its own runtime dir under /tmp, bus prefix,
   metrics on 127.0.0.1:0) with N file sources s1..sN (the same file, loop = true,
-  decode = true, decode@'s defaults: hw_decode auto, decode_threads as SourceConfig has
+  decode = true, decode@'s defaults: hw_decode auto, decode_threads as a file source has
   it) run by `python -m services.cli run`: the hub, capture@sI and decode@sI. When every
   service is ready and every sI-raw delivers, it warms up (3 s; --quick 2 s; then up to
   10 s (3 s) more until every decode@ is at most 2 items behind what its threads hold: a
@@ -113,9 +113,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.append(_ROOT)
 
 import framebus  # noqa: E402
-from services.capture.sink import ENCODED_SLOTS, raw_stream  # noqa: E402
+from services.capture.sink import ENCODED_SLOTS  # noqa: E402
+from services.runtime.streams import raw_stream  # noqa: E402
 from benchmarks.benchbox import BenchBox, encode_testsrc  # noqa: E402
-from services.runtime.config import SourceConfig  # noqa: E402
+from services.capture.sources.media import FileConfig  # noqa: E402
 
 FPS = 30
 FRAME_MS = 1000.0 / FPS
@@ -409,7 +410,7 @@ def median_of(fn, reps: int) -> dict:
 
 def default_decode_threads() -> int:
     """decode_threads when a source does not set it: what decode@ runs with by default."""
-    return SourceConfig().decode_threads
+    return FileConfig(path="x").decode_threads
 
 
 def held_frames(threads: int) -> int:

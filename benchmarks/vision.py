@@ -363,7 +363,7 @@ def machine_busy() -> float:
 
 def window(ing, box, url: str, seconds: float) -> dict:
     streams = box.streams
-    from services.capture.sink import raw_stream
+    from services.runtime.streams import raw_stream
 
     m0, b0, busy0, t0 = ing.scrape(url), box.bus(), machine_busy(), time.monotonic()
     time.sleep(seconds)

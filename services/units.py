@@ -22,7 +22,7 @@ from pathlib import Path
 from services import catalog
 from services.runtime import config as configuration
 
-__all__ = ["Unit", "Checked", "render", "write", "check", "unit_name", "TARGET"]
+__all__ = ["Unit", "Checked", "render", "write", "check", "checked_names", "names", "unit_name", "TARGET"]
 
 TARGET = "edgeroom.target"
 USER = "edgeroom"
@@ -203,6 +203,18 @@ def render(cfg: configuration.Config, exe: str) -> list[Unit]:
     two units that follow the sources added or removed by command."""
     return ([_target(cfg)] + [_service_unit(spec, cfg, exe) for spec in catalog.specs().values()]
             + _sources_units(exe))
+
+
+def names() -> list[str]:
+    """The file names of every unit `render` makes: the target, one per service (a template for a
+    templated one), and the two that follow the sources added by command."""
+    return [TARGET, *(unit_name(kind, spec.templated) for kind, spec in catalog.specs().items()),
+            SOURCES_PATH, SOURCES_SYNC]
+
+
+def checked_names() -> set[str]:
+    """What `check` reports on: every unit but the path unit, templates as their `check` instance."""
+    return {name.replace("@.", "@check.") for name in names() if not name.endswith(".path")}
 
 
 def write(units: list[Unit], out: Path) -> list[Path]:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import framebus
-from services.capture.sink import raw_stream
+from services.runtime.streams import raw_stream
 from services.capture.sources.synthetic import Pattern
 from services.decode.decoder import nal_spans
 from tests.appliance import Box, metric_value, wait_for

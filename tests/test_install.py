@@ -27,8 +27,7 @@ SCRIPT = REPO / "scripts" / "install.sh"
 CORE = ["--extras", "none", "--platform", "cpu"]
 PREFIX = "/opt/edgeroom"
 EXE = f"{PREFIX}/venv/bin/edgeroom"
-UNITS = {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@.service", "edgeroom-decode@.service",
-         "edgeroom-vision.service", "edgeroom-recorder.service", "edgeroom-sources.path", "edgeroom-sources.service"}
+UNITS = set(units.names())  # derived from the catalog: a new service's unit is expected at once
 WANTS = "etc/systemd/system/multi-user.target.wants/edgeroom.target"
 # systemd-sysusers and userdel write these into a fresh root: its account database
 ACCOUNT_DB = {"passwd", "group", "shadow", "gshadow", ".pwd.lock", "passwd-", "group-", "shadow-", "gshadow-"}
@@ -259,9 +258,7 @@ def test_the_units_pass_the_check_against_the_root(installed):
                               capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     exposures = {line.split()[0]: float(line.split()[2]) for line in proc.stdout.splitlines()}
-    assert set(exposures) == {"edgeroom.target", "edgeroom-hub.service", "edgeroom-capture@check.service",
-                              "edgeroom-decode@check.service", "edgeroom-vision.service",
-                              "edgeroom-recorder.service", "edgeroom-sources.service"}
+    assert set(exposures) == units.checked_names()
     assert all(e <= 2.0 for e in exposures.values()), exposures
 
 

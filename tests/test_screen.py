@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import framebus
-from services.capture import screen
+from services.capture.sources import screen
 from services.capture.sources.screen import (
     SHARE_STARTED,
     SHARE_STOPPED,

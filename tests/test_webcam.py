@@ -35,13 +35,14 @@ import numpy as np
 import pytest
 
 import framebus
-from services.capture import cameras, webcam
+from services.capture import cameras
+from services.capture.sources import webcam
 from services.capture.cameras import CAP_META_CAPTURE, CAP_VIDEO_CAPTURE, VIDIOC_QUERYCAP, list_cameras
 from services.capture.sink import Sink, SinkMetrics
 from services.capture.sources import SourceError
 from services.capture.sources.synthetic import Pattern, frame_number
 from services.capture.sources.webcam import WebcamSource
-from services.runtime.config import SourceConfig
+from services.capture.sources.webcam import WebcamConfig
 from tests.appliance import Box, metric_value, wait_for
 
 cv2 = pytest.importorskip("cv2")
@@ -52,8 +53,8 @@ NO_V4L2 = not os.path.isdir("/sys/class/video4linux") and not any(n.startswith("
 CAP_STREAMING, CAP_DEVICE_CAPS = 0x04000000, 0x80000000
 
 
-def webcam_cfg(**kw) -> SourceConfig:
-    return SourceConfig(**{"kind": "webcam", "device": "/dev/video99", "width": 320, "height": 240, "fps": 30.0,
+def webcam_cfg(**kw) -> WebcamConfig:
+    return WebcamConfig(**{"kind": "webcam", "device": "/dev/video99", "width": 320, "height": 240, "fps": 30.0,
                            **kw})
 
 

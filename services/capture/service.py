@@ -140,7 +140,7 @@ class Capture(Service):
 
     def _status(self) -> str:
         cfg = self.source_cfg
-        what = getattr(self.source, "describe", lambda: "")() or cfg.kind
+        what = self.source.describe() or cfg.kind
         fmt = self.sink.codec or self.sink.format or "-"
         if self.phase == "waiting":
             return f"{cfg.kind}: retrying in {max(0.0, self.retry_at - time.monotonic()):.1f} s: {self.last_error}"

@@ -9,6 +9,7 @@ A source kind is one module of this package. It declares, beside its code:
 
       class Source(Protocol):
           def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool: ...
+          def describe(self) -> str: ...      # what it reads now, for the status line
 
 `run` opens the source, puts its items into the sink until `stop` is set or the input
 ends, and closes what it opened. It returns True when the input ended and should not be
@@ -48,6 +49,10 @@ class SourceError(RuntimeError):
 
 class Source(Protocol):
     def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool: ...
+
+    def describe(self) -> str:
+        """What it is reading now, for the status line ("h264 1280x720 from rtsp://cam/1"); '' when closed."""
+        ...
 
 
 @dataclass(frozen=True)

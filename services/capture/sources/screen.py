@@ -373,7 +373,7 @@ def bench(width: int = 1920, height: int = 1080, repeat: int = 30) -> list[tuple
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m services.capture.screen", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m services.capture.sources.screen", description=__doc__.split("\n")[0])
     ap.add_argument("--bench", action="store_true", help="time the frame diff at 1920x1080 against the naive ways")
     ap.add_argument("--size", default="1920x1080", help="frame size for --bench (WxH)")
     args = ap.parse_args(argv)

@@ -39,7 +39,7 @@ picture into the loaned bus slot: OpenCV's V4L2 backend converts into its own fr
 copies that into the destination it is given (cap_v4l.cpp, retrieveFrame), so passing
 the slot saves the second copy (and an allocation) that `read()` + `np.copyto` would
 cost. Measured through OpenCV's read path on MJPEG files (the FFmpeg backend, not V4L2:
-no camera here; `python -m services.capture.webcam --bench FILE_OR_DEVICE`), median per
+no camera here; `python -m services.capture.sources.webcam --bench FILE_OR_DEVICE`), median per
 frame over two runs on the 2-core build machine: 640x480 0.36-0.45 ms into the slot vs
 0.45-0.57 ms for retrieve + copyto (the copyto alone 0.09-0.10 ms); 1280x720 1.05-1.34 ms
 vs 1.32-1.78 ms (copyto 0.30-0.42 ms): about a fifth of the retrieve. When OpenCV hands
@@ -365,7 +365,7 @@ def _bench(target: str, frames: int) -> None:
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m services.capture.webcam")
+    ap = argparse.ArgumentParser(prog="python -m services.capture.sources.webcam")
     ap.add_argument("--bench", metavar="DEVICE_OR_FILE", required=True,
                     help="measure grab and the copy into a bus slot on a device (/dev/video0, 0) or a video file")
     ap.add_argument("--frames", type=int, default=300)
