@@ -20,7 +20,7 @@ import time
 from dataclasses import fields
 
 from services.cli import hubcall
-from services.cli.tables import table
+from services.cli.tables import fmt_bytes, table
 from services.control.client import Client, Subscriber
 from services.runtime.config import PipelineConfig
 
@@ -92,11 +92,24 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return hubcall.show(args, result, lambda r: f"pipeline {r['name']} removed")
 
 
-def _recordings_table(rows: list) -> str:
+def _recordings_table(result: dict) -> str:
+    """record.list's reply: {dir, recordings: [one row per target]} (services/recorder)."""
+    rows = result["recordings"]
     if not rows:
-        return "nothing is recording"
-    keys = ["target", "state", "path", "encoder", "duration", "bytes"]
-    return table([[r.get(k, "") for k in keys] for r in rows], [k.upper() for k in keys])
+        return f"nothing is recording (recordings in {result['dir']})"
+    body = [[r["target"], r["state"], r["encoder"] + (" (hardware)" if r["hardware"] else ""), r["segments"],
+             r["frames"], fmt_bytes(r["bytes"]), r["path"] or "-", r["error"]] for r in rows]
+    return f"recordings in {result['dir']}\n" + table(body, ["TARGET", "STATE", "ENCODER", "SEGMENTS", "FRAMES",
+                                                           "BYTES", "PATH", "PROBLEM"])
+
+
+def _started_text(r: dict) -> str:
+    return f"recording {r['target']} ({r['state']}), into {r['dir']}"
+
+
+def _stopped_text(r: dict) -> str:
+    return (f"stopped recording {r['target']}: {r['segments']} segment(s), {r['frames']} frames; "
+            f"last file {r['path'] or '(none written)'}")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -104,7 +117,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         if args.action == "list":
             return hubcall.show(args, client.call("record.list", {}), _recordings_table)
         result = client.call(f"record.{args.action}", {"target": args.target})
-        return hubcall.show(args, result, lambda r: json.dumps(r, indent=2))
+        return hubcall.show(args, result, _started_text if args.action == "start" else _stopped_text)
 
 
 def add_parsers(ctl_sub) -> None:
