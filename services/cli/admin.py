@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from services import catalog
-from services.cli import boxconfig
+from services.cli import boxconfig, demo
 
 __all__ = ["add_parsers"]
 
@@ -147,7 +147,5 @@ def add_parsers(sub) -> None:
     boxconfig.add_config_option(sync)
     sync.add_argument("--dry-run", action="store_true", help="say what would be started and stopped")
     sync.set_defaults(func=cmd_sources_sync)
-
-    from services.cli import demo  # `edgeroom demo`: the embedded default, live
-    demo.add_parser(sub)
+    demo.add_parser(sub)  # `edgeroom demo`: the embedded default, live
 
