@@ -53,6 +53,29 @@ def test_sigkilled_service_is_restarted_and_its_session_restarts(box):
     assert "capture@cam: exited (signal SIGKILL); restarting" in b.log()
 
 
+
+def test_a_service_killed_every_5_s_restarts_after_restart_sec_each_time(box):
+    """The supervisor's defaults for healthy_sec and the start limit (5 starts in 30 s): capture,
+    ready within a second or two and killed every 5 s, five times (six starts in about 25 s),
+    restarts after its restart_sec (0.2 s) every time and is never given up."""
+    b = box()
+    b.run()
+    pid = b.wait_ready(*ALL)[CAPTURE]["pid"]
+    back = []
+    for _ in range(5):
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        row = wait_for(lambda: (r := b.services()[CAPTURE])["pid"] != pid and r["state"] == "ready" and r, 5,
+                       f"capture back before the next kill; log:\n{b.log()[-2000:]}")
+        back.append(time.monotonic() - killed)
+        pid = row["pid"]
+        time.sleep(max(0.0, killed + 5.0 - time.monotonic()))
+    log = b.log()
+    assert log.count("capture@cam: exited (signal SIGKILL); restarting in 0.20 s\n") == 5, log[-3000:]
+    assert "in a row" not in log and "start limit hit" not in log
+    assert b.services()[CAPTURE]["restarts"] == 5 and b.services()[CAPTURE]["state"] == "ready"
+    print(f"capture ready again after {', '.join(f'{t:.1f}' for t in back)} s")
+
 def test_a_service_that_stops_pinging_is_killed_and_restarted(box):
     b = box()
     b.run()

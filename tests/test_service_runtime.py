@@ -95,7 +95,7 @@ sys.exit(int(sys.argv[1]))
 
 def _settings(**over):
     from types import SimpleNamespace
-    base = dict(restart="on-failure", restart_sec=0.05, restart_max_sec=1.0, start_limit_burst=3,
+    base = dict(restart="on-failure", restart_sec=0.05, restart_max_sec=1.0, healthy_sec=2.0, start_limit_burst=3,
                 start_limit_interval=30.0, start_timeout=5.0, stop_timeout=1.0, watchdog_sec=0.0, nice=0)
     return SimpleNamespace(**{**base, **over})
 
@@ -215,3 +215,101 @@ def test_a_failing_task_of_an_asyncio_service_ends_it_as_crashed(box):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "probe: crashed" in out.stdout and "ZeroDivisionError" in out.stdout and "a bug in a task" in out.stdout
+# --- backoff: reset by a healthy run, kept for a crash loop ----------------------------------------
+def _service_child(tmp_path, script: str, *args: str, **settings):
+    """A Child running a real service (tests/SCRIPT CONFIG ARGS...), supervised with these settings."""
+    from services.supervisor.child import Child
+
+    config = tmp_path / "service.toml"
+    config.write_text(f'[box]\nruntime_dir = "{tmp_path}/run"\n[bus]\nprefix = "t{os.getpid()}bk"\n')
+
+    class Real(Child):
+        def command(self):
+            return [sys.executable, str(HERE / script), str(config), *args]
+
+    return Real("capture", "x", _settings(**settings), tmp_path, dict(os.environ))
+
+
+def _supervise(child, until, timeout: float, exits: list, on_turn=None):
+    """The supervisor's steps for one child, until `until(child)`; each exit appends (how long
+    that run had been ready, None if never; the restart delay chosen)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(child):
+        now = time.monotonic()
+        child.read_notify(now)
+        ready_at = child.ready_at
+        if child.reap(now, shutting_down=False):
+            ready = child.ready_until - ready_at if ready_at else None
+            exits.append((ready, child.next_start - now))
+        else:
+            child.check(now)
+        if child.state == "waiting" and now >= child.next_start:
+            child.start(now)
+        if on_turn is not None:
+            on_turn(child, now)
+        time.sleep(0.01)
+    assert until(child), f"timed out; exits so far {exits}, state {child.state}, stderr:\n{child.tail.text()}"
+
+
+def test_a_ready_service_killed_again_and_again_restarts_after_restart_sec_each_time(tmp_path):
+    """Killed once it has been ready for healthy_sec, five times: each restart waits restart_sec, and
+    the start limit (3 starts) never stops it: the healthy runs are no crash loop."""
+    child = _service_child(tmp_path, "stuckservice.py", "3600", "0", restart_sec=0.1, restart_max_sec=5.0,
+                           healthy_sec=0.5, start_limit_burst=3, start_limit_interval=600.0, start_timeout=15.0)
+    exits: list = []
+    kills = []
+
+    def kill_when_healthy(c, now):
+        if c.state == "ready" and now - c.ready_at > 0.7 and len(kills) < 5 and c.pid not in kills:
+            kills.append(c.pid)
+            os.kill(c.pid, signal.SIGKILL)
+
+    child.start(time.monotonic())
+    try:
+        _supervise(child, lambda c: len(exits) == 5 and c.state == "ready", 90, exits, kill_when_healthy)
+    finally:
+        if child.popen is not None:
+            child.popen.kill()
+            child.popen.wait()
+        child.close()
+    assert [delay for _, delay in exits] == [pytest.approx(0.1)] * 5, exits
+    assert all(ready >= 0.7 for ready, _ in exits), exits
+    assert child.restarts == 5 and child.failures_in_row == 1 and len(child.starts) == 1
+
+
+@pytest.mark.parametrize("after", ["-1", "0.2"], ids=["dies-before-ready", "dies-0.2s-after-ready"])
+def test_a_service_that_dies_young_keeps_doubling_and_fails_after_the_burst(tmp_path, after):
+    """Never ready, or ready and dead before healthy_sec (1 s): a crash loop. The delay doubles
+    (0.1, 0.2, 0.4 s) and the fifth start is refused: start_limit_burst = 4."""
+    child = _service_child(tmp_path, "crashservice.py", after, restart_sec=0.1, restart_max_sec=5.0, healthy_sec=1.0,
+                           start_limit_burst=4, start_limit_interval=600.0, start_timeout=15.0)
+    exits: list = []
+    child.start(time.monotonic())
+    try:
+        _supervise(child, lambda c: c.state == "failed", 90, exits)
+    finally:
+        child.close()
+    assert [delay for _, delay in exits[:3]] == [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.4)], exits
+    assert len(exits) == 4 and child.restarts == 3 and len(child.starts) == 4
+    readiness = [ready for ready, _ in exits]
+    if after == "-1":
+        assert readiness == [None] * 4
+    else:
+        assert all(r is not None and r < 1.0 for r in readiness), readiness
+
+
+def test_a_watchdog_kill_ends_the_healthy_time_at_the_last_ping(tmp_path):
+    """Ready, then stuck 0.1 s later: the watchdog (0.5 s) kills it after healthy_sec (0.4 s) has
+    passed since READY, but its last ping came before: not healthy, the delay doubles."""
+    child = _service_child(tmp_path, "stuckservice.py", "0.1", "30", restart_sec=0.1, restart_max_sec=5.0,
+                           healthy_sec=0.4, watchdog_sec=0.5, start_limit_burst=3, start_limit_interval=600.0,
+                           start_timeout=15.0, stop_timeout=0.5)
+    exits: list = []
+    child.start(time.monotonic())
+    try:
+        _supervise(child, lambda c: c.state == "failed", 90, exits)
+    finally:
+        child.close()
+    assert child.watchdog_kills == 3
+    assert [delay for _, delay in exits] == [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.4)], exits
+    assert all(ready < 0.4 for ready, _ in exits), exits

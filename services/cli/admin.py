@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from services import catalog
-from services.runtime import config as configuration
+from services.cli import boxconfig, demo
 
 __all__ = ["add_parsers"]
 
@@ -15,8 +15,8 @@ __all__ = ["add_parsers"]
 def cmd_run(args: argparse.Namespace) -> int:
     from services.supervisor.supervisor import Supervisor
 
-    cfg = configuration.load(args.config)
-    return Supervisor(cfg, args.config or configuration.config_path(), args.seconds).run()
+    box = boxconfig.of(args)
+    return Supervisor(box.config, box.path, args.seconds).run()
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -31,12 +31,12 @@ def cmd_service(args: argparse.Namespace) -> int:
     if catalog.spec(args.kind).templated and not args.instance:
         raise ValueError(f"service {args.kind} runs one process per instance: give its name "
                          f"(edgeroom service {args.kind} NAME)")
-    return main(cls, args.instance, args.config)
+    return main(cls, args.instance, boxconfig.of(args).path)  # the service reads it: a bad one exits 78
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = args.file or configuration.config_path()
-    cfg = configuration.load(path)
+    box = boxconfig.Box(args.file)
+    path, cfg = box.path, box.config
     if args.json:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -48,7 +48,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from services.control import keys
 
-    curve_dir = Path(args.dir)
+    where = args.dir or boxconfig.of(args).config.control.curve_dir
+    if not where:
+        raise ValueError("no key directory: give --dir, or set control.curve_dir in the box's config")
+    curve_dir = Path(where)
     if args.keys_command == "init":
         public = keys.init_server(curve_dir, force=args.force)
         print(f"hub key pair in {curve_dir}; give clients {public} (its public key)")
@@ -61,8 +64,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_units_render(args: argparse.Namespace) -> int:
     from services import units
 
-    cfg = configuration.load(args.config)
-    rendered = units.render(cfg, args.exec)
+    rendered = units.render(boxconfig.of(args).config, args.exec)
     if args.out is None:
         for unit in rendered:
             print(f"# --- {unit.name}\n{unit.text}")
@@ -85,8 +87,7 @@ def cmd_sources_sync(args: argparse.Namespace) -> int:
     from services.supervisor import systemd_sync
     from services.runtime import logs
     logs.setup("sources", "info", "text")
-    cfg = configuration.load(args.config)
-    start, stop = systemd_sync.sync(cfg, dry_run=args.dry_run)
+    start, stop = systemd_sync.sync(boxconfig.of(args).config, dry_run=args.dry_run)
     print(f"sources: started {', '.join(start) or 'nothing'}; stopped {', '.join(stop) or 'nothing'}"
           + (" (dry run)" if args.dry_run else ""))
     return 0
@@ -94,38 +95,41 @@ def cmd_sources_sync(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     run = sub.add_parser("run", help="run the box's services as child processes (development, demo)")
-    run.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    boxconfig.add_config_option(run)
     run.add_argument("--seconds", type=float, help="stop everything after this many seconds")
     run.set_defaults(func=cmd_run)
 
     svc = sub.add_parser("service", help="run one service in the foreground (what systemd units start)")
     svc.add_argument("kind", choices=sorted(catalog.specs()))
     svc.add_argument("instance", nargs="?", help="instance name for templated services (capture NAME)")
-    svc.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    boxconfig.add_config_option(svc)
     svc.set_defaults(func=cmd_service)
 
     cfg = sub.add_parser("config", help="the box's configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a config file; errors name the key and the reason")
-    check.add_argument("file", nargs="?", help="default $EDGEROOM_CONFIG, else the embedded default")
+    check.add_argument("file", nargs="?", help="default $EDGEROOM_CONFIG, else /etc/edgeroom/edgeroom.toml when it "
+                                               "exists, else the embedded default")
     check.add_argument("--json", action="store_true", help="print the effective config as JSON")
     check.set_defaults(func=cmd_config_check)
 
     keys = sub.add_parser("keys", help="CURVE keys for TCP control endpoints")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="make the hub's key pair")
-    init.add_argument("--dir", required=True, help="the control.curve_dir of the box")
+    init.add_argument("--dir", help="where the keys are (default: control.curve_dir of the box's config)")
+    boxconfig.add_config_option(init)
     init.add_argument("--force", action="store_true", help="replace an existing hub key (clients must update)")
     init.set_defaults(func=cmd_keys)
     add = keys_sub.add_parser("add", help="make a client key pair and authorize it")
     add.add_argument("name")
-    add.add_argument("--dir", required=True, help="the control.curve_dir of the box")
+    add.add_argument("--dir", help="where the keys are (default: control.curve_dir of the box's config)")
+    boxconfig.add_config_option(add)
     add.set_defaults(func=cmd_keys)
 
     units = sub.add_parser("units", help="systemd units for the box, from the catalog and the config")
     units_sub = units.add_subparsers(dest="units_command", required=True)
     render = units_sub.add_parser("render", help="write edgeroom.target and one unit per service")
-    render.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    boxconfig.add_config_option(render)
     render.add_argument("--exec", default="/opt/edgeroom/venv/bin/edgeroom",
                         help="the edgeroom executable the units start (default /opt/edgeroom/venv/bin/edgeroom)")
     render.add_argument("--out", help="directory to write into (default: print them)")
@@ -140,10 +144,8 @@ def add_parsers(sub) -> None:
     srcs_sub = srcs.add_subparsers(dest="sources_command", required=True)
     sync = srcs_sub.add_parser("sync", help="start the capture/decode units of added sources, stop removed ones "
                                             "(edgeroom-sources.service runs it)")
-    sync.add_argument("--config", help="config file (default $EDGEROOM_CONFIG, else the embedded default)")
+    boxconfig.add_config_option(sync)
     sync.add_argument("--dry-run", action="store_true", help="say what would be started and stopped")
     sync.set_defaults(func=cmd_sources_sync)
-
-    from services.cli import demo  # `edgeroom demo`: the embedded default, live
-    demo.add_parser(sub)
+    demo.add_parser(sub)  # `edgeroom demo`: the embedded default, live
 

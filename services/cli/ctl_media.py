@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import tomllib
 from dataclasses import fields
 
-from services.cli import ctl
+from services.cli import hubcall
 from services.cli.tables import table
 from services.capture.sources import config_classes
 
@@ -27,23 +26,6 @@ __all__ = ["add_parsers"]
 
 
 _TEXT_KEYS = {f.name for cls in config_classes().values() for f in fields(cls) if f.type in (str, "str")}
-
-
-def parse_pairs(pairs: list[str], text_keys: set[str] = _TEXT_KEYS) -> dict:
-    """KEY=VALUE pairs -> a config table: text keys (url, path, device, ...) keep the text as
-    typed (device=0 is the string "0"); other values are read as TOML (640, 2.5, true)."""
-    out = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value
-        out[key] = parsed if key not in text_keys or isinstance(parsed, str) else value
-    return out
 
 
 def _sources_table(rows: list) -> str:
@@ -62,19 +44,19 @@ def _cameras_table(rows: list) -> str:
 
 
 def cmd_source(args: argparse.Namespace) -> int:
-    with ctl._client(args) as client:
+    with hubcall.client(args) as client:
         if args.action == "list":
-            return ctl._print(args, client.call("source.list", {}), _sources_table)
+            return hubcall.show(args, client.call("source.list", {}), _sources_table)
         if args.action == "add":
-            result = client.call("source.add", {"name": args.name, "source": parse_pairs(args.keys)})
-            return ctl._print(args, result, lambda r: f"source {r['name']} added ({r['source']['kind']}); "
-                                                      f"its capture starts now")
+            result = client.call("source.add", {"name": args.name, "source": hubcall.parse_pairs(args.keys, _TEXT_KEYS)})
+            return hubcall.show(args, result, lambda r: f"source {r['name']} added ({r['source']['kind']}); "
+                                                          f"its capture starts now")
         result = client.call("source.remove", {"name": args.name})
-        return ctl._print(args, result, lambda r: f"source {r['name']} removed; its capture stops now")
+        return hubcall.show(args, result, lambda r: f"source {r['name']} removed; its capture stops now")
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with ctl._client(args) as client:
+    with hubcall.client(args) as client:
         result = client.call("snapshot", {"stream": args.stream, "max_width": args.max_width,
                                           "quality": args.quality})
     jpeg = base64.b64decode(result.pop("jpeg"))
@@ -83,36 +65,36 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         f.write(jpeg)
     os.replace(tmp, args.file)
     result["file"], result["bytes"] = args.file, len(jpeg)
-    return ctl._print(args, result, lambda r: f"{r['file']}: {r['width']}x{r['height']} JPEG ({r['bytes']} bytes) "
-                                              f"of {r['stream']} item {r['seq']}")
+    return hubcall.show(args, result, lambda r: f"{r['file']}: {r['width']}x{r['height']} JPEG ({r['bytes']} bytes) "
+                                                f"of {r['stream']} item {r['seq']}")
 
 
 def cmd_cameras(args: argparse.Namespace) -> int:
-    with ctl._client(args) as client:
-        return ctl._print(args, client.call("cameras", {}), _cameras_table)
+    with hubcall.client(args) as client:
+        return hubcall.show(args, client.call("cameras", {}), _cameras_table)
 
 
-def add_parsers(ctl_sub, common) -> None:
+def add_parsers(ctl_sub) -> None:
     src = ctl_sub.add_parser("source", help="add, remove or list the box's sources")
     src_sub = src.add_subparsers(dest="action", required=True)
     p = src_sub.add_parser("list", help="every source, where it came from, its capture's state")
-    common(p)
+    hubcall.add_common(p)
     p = src_sub.add_parser("add", help="add a source: NAME KEY=VALUE... (the keys of [sources.NAME])")
-    common(p)
+    hubcall.add_common(p)
     p.add_argument("name")
     p.add_argument("keys", nargs="+", metavar="KEY=VALUE", help="e.g. kind=url url=rtsp://cam/1 room=lobby")
     p = src_sub.add_parser("remove", help="remove a source; its capture and decode stop")
-    common(p)
+    hubcall.add_common(p)
     p.add_argument("name")
     for p in src_sub.choices.values():
         p.set_defaults(ctl_func=cmd_source)
     snap = ctl_sub.add_parser("snapshot", help="a JPEG of the newest picture of a stream: STREAM FILE.jpg")
-    common(snap)
+    hubcall.add_common(snap)
     snap.add_argument("stream", help="a raw stream, or an encoded one (its NAME-raw twin is used)")
     snap.add_argument("file")
     snap.add_argument("--max-width", type=int, default=1920, help="scale down to at most this width (default 1920)")
     snap.add_argument("--quality", type=int, default=85, help="JPEG quality 10..100 (default 85)")
     snap.set_defaults(ctl_func=cmd_snapshot)
     cams = ctl_sub.add_parser("list-cameras", help="the box's V4L2 cameras (never hangs when there are none)")
-    common(cams)
+    hubcall.add_common(cams)
     cams.set_defaults(ctl_func=cmd_cameras)

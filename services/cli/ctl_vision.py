@@ -19,9 +19,8 @@ import json
 import time
 from dataclasses import fields
 
-from services.cli import ctl
-from services.cli.ctl_media import parse_pairs
-from services.cli.tables import table
+from services.cli import hubcall
+from services.cli.tables import fmt_bytes, table
 from services.control.client import Client, Subscriber
 from services.vision.spec import PipelineConfig
 
@@ -44,17 +43,17 @@ def _describe_text(r: dict) -> str:
 def cmd_describe(args: argparse.Namespace) -> int:
     if args.timeout is None:
         args.timeout = 120.0  # a model can take a while; the service bounds it with [vision] timeout
-    with ctl._client(args) as client:
-        return ctl._print(args, client.call("vision.describe", {"stream": args.stream, "question": args.question}),
-                          _describe_text)
+    with hubcall.client(args) as client:
+        return hubcall.show(args, client.call("vision.describe", {"stream": args.stream, "question": args.question}),
+                            _describe_text)
 
 
 def cmd_view(args: argparse.Namespace) -> int:
     if not args.follow:
-        with ctl._client(args) as client:
-            return ctl._print(args, client.call("vision.view", {"room": args.room}), lambda r: r["note"])
-    control, events_ep = ctl._endpoints(args)
-    curve = ctl._curve(args)
+        with hubcall.client(args) as client:
+            return hubcall.show(args, client.call("vision.view", {"room": args.room}), lambda r: r["note"])
+    control, events_ep = hubcall.endpoints(args)
+    curve = hubcall.curve(args)
     with Client(control, timeout=args.timeout, curve=curve) as client, \
             Subscriber(events_ep, ["vision.view"], curve=curve) as sub:
         sub.wait_ready(client, timeout=max(args.timeout, 1.0))
@@ -81,41 +80,54 @@ def _pipelines_table(rows: list) -> str:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    with ctl._client(args) as client:
+    with hubcall.client(args) as client:
         if args.action == "list":
-            return ctl._print(args, client.call("vision.pipelines", {}), _pipelines_table)
+            return hubcall.show(args, client.call("vision.pipelines", {}), _pipelines_table)
         if args.action == "set":
             result = client.call("vision.pipeline.set", {"name": args.name,
-                                                         "pipeline": parse_pairs(args.keys, _PIPELINE_TEXT)})
-            return ctl._print(args, result, lambda r: f"pipeline {r['name']} set; it runs now "
-                                                      f"(kept in {r['overlay']})")
+                                                         "pipeline": hubcall.parse_pairs(args.keys, _PIPELINE_TEXT)})
+            return hubcall.show(args, result, lambda r: f"pipeline {r['name']} set; it runs now "
+                                                          f"(kept in {r['overlay']})")
         result = client.call("vision.pipeline.remove", {"name": args.name})
-        return ctl._print(args, result, lambda r: f"pipeline {r['name']} removed")
+        return hubcall.show(args, result, lambda r: f"pipeline {r['name']} removed")
 
 
-def _recordings_table(rows: list) -> str:
+def _recordings_table(result: dict) -> str:
+    """record.list's reply: {dir, recordings: [one row per target]} (services/recorder)."""
+    rows = result["recordings"]
     if not rows:
-        return "nothing is recording"
-    keys = ["target", "state", "path", "encoder", "duration", "bytes"]
-    return table([[r.get(k, "") for k in keys] for r in rows], [k.upper() for k in keys])
+        return f"nothing is recording (recordings in {result['dir']})"
+    body = [[r["target"], r["state"], r["encoder"] + (" (hardware)" if r["hardware"] else ""), r["segments"],
+             r["frames"], fmt_bytes(r["bytes"]), r["path"] or "-", r["error"]] for r in rows]
+    return f"recordings in {result['dir']}\n" + table(body, ["TARGET", "STATE", "ENCODER", "SEGMENTS", "FRAMES",
+                                                           "BYTES", "PATH", "PROBLEM"])
+
+
+def _started_text(r: dict) -> str:
+    return f"recording {r['target']} ({r['state']}), into {r['dir']}"
+
+
+def _stopped_text(r: dict) -> str:
+    return (f"stopped recording {r['target']}: {r['segments']} segment(s), {r['frames']} frames; "
+            f"last file {r['path'] or '(none written)'}")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    with ctl._client(args) as client:
+    with hubcall.client(args) as client:
         if args.action == "list":
-            return ctl._print(args, client.call("record.list", {}), _recordings_table)
+            return hubcall.show(args, client.call("record.list", {}), _recordings_table)
         result = client.call(f"record.{args.action}", {"target": args.target})
-        return ctl._print(args, result, lambda r: json.dumps(r, indent=2))
+        return hubcall.show(args, result, _started_text if args.action == "start" else _stopped_text)
 
 
-def add_parsers(ctl_sub, common) -> None:
+def add_parsers(ctl_sub) -> None:
     d = ctl_sub.add_parser("describe", help="ask the vision provider about the newest picture of a stream")
-    common(d)
+    hubcall.add_common(d)
     d.add_argument("stream")
     d.add_argument("question", nargs="?", default="", help="what to ask (default: [vision] prompt)")
     d.set_defaults(ctl_func=cmd_describe)
     v = ctl_sub.add_parser("view", help="what vision knows about a room, as a note for an AI's context")
-    common(v)
+    hubcall.add_common(v)
     v.add_argument("room")
     v.add_argument("--follow", action="store_true", help="print each change as it happens (no duplicates)")
     v.add_argument("--seconds", type=float, help="with --follow: stop after this many seconds")
@@ -123,14 +135,14 @@ def add_parsers(ctl_sub, common) -> None:
     pipe = ctl_sub.add_parser("pipeline", help="set, remove or list the vision pipelines of the running box")
     pipe_sub = pipe.add_subparsers(dest="action", required=True)
     p = pipe_sub.add_parser("list", help="every pipeline: input, output, counts, problems")
-    common(p)
+    hubcall.add_common(p)
     p = pipe_sub.add_parser("set", help="add or replace a pipeline: NAME KEY=VALUE... (the keys of [pipelines.NAME])")
-    common(p)
+    hubcall.add_common(p)
     p.add_argument("name")
     p.add_argument("keys", nargs="*", metavar="KEY=VALUE", help="e.g. transforms=grayscale watermark='{stream}' "
                                                                "publish=true")
     p = pipe_sub.add_parser("remove", help="remove a pipeline")
-    common(p)
+    hubcall.add_common(p)
     p.add_argument("name")
     for p in pipe_sub.choices.values():
         p.set_defaults(ctl_func=cmd_pipeline)
@@ -138,10 +150,10 @@ def add_parsers(ctl_sub, common) -> None:
     rec_sub = rec.add_subparsers(dest="action", required=True)
     for action, what in (("start", "start recording TARGET"), ("stop", "stop recording TARGET")):
         p = rec_sub.add_parser(action, help=what)
-        common(p)
+        hubcall.add_common(p)
         p.add_argument("target", help="a stream name, or room:NAME")
     p = rec_sub.add_parser("list", help="what is recording, and where")
-    common(p)
+    hubcall.add_common(p)
     for p in rec_sub.choices.values():
         p.set_defaults(ctl_func=cmd_record)
 

@@ -72,7 +72,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _watch(run: subprocess.Popen, ep, seconds: float) -> int:
     """Wait for the hub, then print its status every 3 s and every event; the sessions that
     started before the subscription took hold are listed once."""
-    from services.cli.ctl import _event_line, _sessions_table, _status_table, _streams_table
+    from services.cli.tables import (event_line as _event_line, sessions_table as _sessions_table,
+                                     status_table as _status_table, streams_table as _streams_table)
     from services.control.client import Client, HubUnreachable, Subscriber
 
     end = time.monotonic() + seconds

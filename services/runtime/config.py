@@ -176,6 +176,8 @@ class ServiceConfig:
     restart_sec: float = setting(0.5, "First delay before a restart; doubles on each failure in a row.", LIVE,
                                  min=0, max=600)
     restart_max_sec: float = setting(10.0, "Largest restart delay; must be >= restart_sec.", LIVE, min=0, max=3600)
+    healthy_sec: float = setting(2.0, "Seconds a run must stay ready to end a crash loop: the next restart waits "
+                                 "restart_sec again and the start limit counts afresh.", LIVE, min=0, max=3600)
     start_limit_burst: int = setting(5, "Starts allowed within start_limit_interval before giving up.", LIVE,
                                      min=1, max=1000)
     start_limit_interval: float = setting(30.0, "Window, in seconds, of start_limit_burst.", LIVE, min=1, max=86400)

@@ -4,6 +4,12 @@ The same semantics systemd gives a `Type=notify` unit with `WatchdogSec=`, `Rest
 `RestartSec=` (doubling up to `restart_max_sec`, like RestartSteps=), `StartLimitBurst=`,
 `TimeoutStartSec=` and `TimeoutStopSec=`, and `RestartPreventExitStatus=78` (a bad config
 is not fixed by restarting).
+
+Backoff and start limit are crash-loop protection, so both count the runs that die young:
+a run that stayed ready for `healthy_sec` (until its last watchdog ping, when the watchdog
+killed it) ends the series. Its failure is the first of a new one: the next restart waits
+`restart_sec` again, and the start limit counts from that start. A service that dies
+before it is ready, or before `healthy_sec`, doubles its delay and meets the start limit.
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ class Child:
         self.watchdog_kills = 0
         self.next_start = 0.0
         self.started_at = self.ready_at = self.last_ping = self.kill_at = 0.0
+        self.ready_until = 0.0          # when this run stopped being ready (0 while it is, or never was)
         self.watchdog_sec = settings.watchdog_sec
         self.exit_reason = ""
 
@@ -108,6 +115,7 @@ class Child:
                                       start_new_session=True, preexec_fn=lambda: _child_setup(parent, nice))
         os.set_blocking(self.popen.stderr.fileno(), False)
         self.state, self.started_at, self.kill_at, self.exit_reason = "starting", now, 0.0, ""
+        self.ready_at = self.ready_until = 0.0
         log.info("%s: started (pid %d)", self.id, self.popen.pid)
         return True
 
@@ -124,14 +132,16 @@ class Child:
     def _notify_line(self, line: str, now: float) -> None:
         key, _, value = line.partition("=")
         if key == "READY" and value == "1" and self.state in ("starting", "ready"):
-            if self.state == "starting":
+            if self.state == "starting":  # a READY=1 after a reload leaves the run's ready time as it is
                 log.info("%s: ready after %.2f s", self.id, now - self.started_at)
-            self.state, self.ready_at, self.last_ping = "ready", now, now
+                self.ready_at = now
+            self.state, self.last_ping = "ready", now
         elif key == "WATCHDOG" and value == "1":
             self.last_ping = now
         elif key == "STATUS":
             self.status = value
         elif key == "STOPPING" and self.state != "stopping":
+            self._unready(now)
             self.state = "stopping"
             self.kill_at = now + self.settings.stop_timeout
 
@@ -162,12 +172,22 @@ class Child:
 
     def _kill(self, now: float, reason: str, sig: int) -> None:
         log.error("%s: %s; sending %s", self.id, reason, signal.Signals(sig).name)
+        self._unready(self.last_ping)  # a watchdog kill: the run was healthy until its last ping, not until now
         self.exit_reason = reason
         self.popen.send_signal(sig)
         self.state, self.kill_at = "stopping", now + self.settings.stop_timeout
 
+    def _unready(self, when: float) -> None:
+        if self.state == "ready":
+            self.ready_until = when
+
+    def healthy(self) -> bool:
+        """Whether the run that ended stayed ready for healthy_sec: then it was no crash loop."""
+        return self.ready_at > 0 and self.ready_until - self.ready_at >= self.settings.healthy_sec
+
     def stop(self, now: float) -> None:
         if self.popen is not None and self.popen.poll() is None and self.state != "stopping":
+            self._unready(now)
             self.popen.send_signal(signal.SIGTERM)
             self.state, self.kill_at = "stopping", now + self.settings.stop_timeout
 
@@ -181,6 +201,7 @@ class Child:
         # like systemd: a non-zero status, a signal, a kill of ours or an exit before READY=1 is a
         # failure, whatever the service said on its way out (a crashing service still sends STOPPING=1)
         failed = rc != 0 or bool(self.exit_reason) or self.state == "starting"
+        self._unready(now)
         self.popen.stderr.close()
         self.popen = None
         if shutting_down:
@@ -200,16 +221,16 @@ class Child:
             self.state = "inactive"
             log.info("%s: exited (%s); restart=%s, not restarting", self.id, how, policy)
             return
+        if self.healthy():  # a run that stayed ready for healthy_sec ends the series of young deaths
+            self.failures_in_row = 0
+            self.starts.clear()
         self.failures_in_row = self.failures_in_row + 1 if failed else 0
         delay = min(self.settings.restart_max_sec, self.settings.restart_sec * 2 ** max(0, self.failures_in_row - 1))
         self.state, self.next_start = "waiting", now + delay
-        log.warning("%s: exited (%s)%s; restarting in %.2f s", self.id, how,
-                    f" — {self.exit_reason}" if self.exit_reason else "", delay)
-
-    def settle(self, now: float) -> None:
-        """A child that has stayed ready a while is healthy again: its backoff resets."""
-        if self.state == "ready" and self.failures_in_row and now - self.ready_at > 10.0:
-            self.failures_in_row = 0
+        young = f" (failure {self.failures_in_row} in a row, none ready for healthy_sec {self.settings.healthy_sec:g} s)"
+        log.warning("%s: exited (%s)%s; restarting in %.2f s%s", self.id, how,
+                    f" — {self.exit_reason}" if self.exit_reason else "", delay,
+                    young if self.failures_in_row > 1 else "")
 
     def close(self) -> None:
         self.notify.close()

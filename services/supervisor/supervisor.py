@@ -136,7 +136,6 @@ class Supervisor:
             if child.reap(now, self.shutting_down or child.retired):
                 continue
             child.check(now)
-            child.settle(now)
         self._drop_retired()
         if self.hub is not None and self.hub.state == "failed" and not self.shutting_down:
             self.shutdown("the hub failed; nothing works without it")
