@@ -152,7 +152,7 @@ class Schema:
 
     def __init__(self) -> None:
         self.parts: dict[str, Part] = {}
-        self.sync_hooks: dict[str, dict[str, Any]] = {}  # hook name -> its default [hooks.NAME] keys
+        self._hooks: dict[str, dict[str, Any]] = {}      # hook name -> its default [hooks.NAME] keys
         self._services: dict[str, int] = {}              # service kind -> its start order
 
     def add(self, *parts: Part) -> None:
@@ -163,7 +163,12 @@ class Schema:
             self.parts[part.name] = part
 
     def add_sync_hook(self, name: str, **defaults: Any) -> None:
-        self.sync_hooks[name] = defaults
+        self._hooks[name] = defaults
+
+    @property
+    def sync_hooks(self) -> dict[str, dict[str, Any]]:
+        """Sync hooks by name, sorted (whatever order their specs were imported in)."""
+        return dict(sorted(self._hooks.items()))
 
     def add_service(self, kind: str, order: int) -> None:
         self._services[kind] = order
