@@ -251,7 +251,7 @@ def test_batch_equals_singles_on_a_static_batch_model(person):
 
 @pytest.mark.slow
 def test_int8_copy_finds_the_same_people(person_model, person, tmp_path):
-    from services.vision.models import quantize_int8
+    from services.vision.quantize import quantize_int8
 
     import cv2
 

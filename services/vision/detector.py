@@ -12,7 +12,7 @@ Choosing the runtime
 torch, less CPU per frame than ultralytics + torch, and the same file runs on CUDA/TensorRT
 with `onnxruntime-gpu` (the `vision-gpu` extra). Speed against ultralytics depends on the
 file: on a YOLOv8s-sized float32 640x640 model about even; the same weights exported with
-dynamic height/width (rect letterbox, below) and/or quantized (models.quantize_int8) 2.5-4.7x
+dynamic height/width (rect letterbox, below) and/or quantized (quantize.quantize_int8) 2.5-4.7x
 faster (benchmarks/vision.py, docs/detector.md).
 `.pt` needs ultralytics + torch (the `ultralytics` extra; AGPL, optional): opening one
 without it raises MissingExtra, an ImportError that names the extra. runtime= forces one
@@ -467,6 +467,14 @@ class OnnxDetector(Detector):
         except Exception as exc:
             raise DetectorError("runtime_failed", f"{self.path.name}: inference failed on {self.backend}: "
                                 f"{_first_line(exc)}") from exc
+
+    def input_blob(self, pic: np.ndarray) -> np.ndarray:
+        """The model's input for this one picture (letterboxed, scaled to 0..1, NCHW), a copy: what
+        the int8 copy is calibrated on (services/vision/quantize.py)."""
+        self._reserve(1)
+        blob = self._blob(1, self._target((pic,)))
+        self._letterbox(0, pic, blob)
+        return blob.copy()
 
     def _reserve(self, n: int) -> None:
         """Canvases and blob rows for n pictures (grown, never shrunk)."""

@@ -37,7 +37,7 @@ engine's picture buffer is reused.
 
 The build
 ---------
-build_int8() runs models.quantize_int8 in a child process, not in the service:
+build_int8() runs quantize_int8 (below) in a child process, not in the service:
   * CPU: quantizing the bundled person model takes both cores for 8 s (4 frames) to 11 s
     (16 frames) on the build machine under its usual load (7-15 s seen); the child runs
     at nice +10 (NICE) below the vision service itself, so the float detector keeps
@@ -74,9 +74,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import DetectorError
+from .detector import Detector, DetectorError
 
-__all__ = ["Calibrator", "Int8Cache", "Int8Upgrade", "build_int8", "default_cache_dir",
+__all__ = ["Calibrator", "Int8Cache", "Int8Upgrade", "build_int8", "default_cache_dir", "quantize_int8",
            "RECIPE", "NICE", "TIMEOUT", "MAX_WIDTH"]
 
 log = logging.getLogger("edgeroom.vision.quantize")
@@ -285,6 +285,57 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# --- the int8 copy itself: the same weights, ~2x faster on CPUs with VNNI/AMX ------------------
+
+
+def quantize_int8(model: str | Path, out: str | Path, pictures: list, *, channels: str = "rgb") -> Path:
+    """Write an int8 (QDQ, per-channel weights) copy of a YOLOv8 ONNX model, calibrated on
+    `pictures` (BGR frames like the ones it will see: a few dozen from the room's cameras
+    are better than the two test photos). The detection head after its last convolutions
+    (box decoding, DFL, the final concat of pixel boxes with 0..1 scores) stays float:
+    quantized together, one scale cannot hold both and every score rounds to zero.
+    Needs onnxruntime (its quantization tools) and the onnx package. On this project's
+    build machine (Xeon with AMX/VNNI) the result runs ~2.2x faster than float32 and finds
+    the same people with boxes a few pixels apart (tests/test_detector.py)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    det = Detector.open(model, runtime="onnxruntime", device="cpu", channels=channels, aliases={})
+    feeds = [{det.input_name: det.input_blob(pic)} for pic in pictures]
+
+    class Frames(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="edgeroom-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # ONNX's own shape inference only: onnxruntime's symbolic one fails on dynamic height/width
+        # and then saves sym_shape_infer_temp.onnx and a <uuid>.data into the *current directory*
+        # (onnxruntime 1.32, tools/symbolic_shape_infer.py) before raising; on a static YOLO export
+        # both give the same graph (checked: 233 nodes, same ops).
+        quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(pre)).graph
+        head = _head_prefix(graph)
+        exclude = [n.name for n in graph.node if head and n.name.startswith(head)
+                   and (n.op_type != "Conv" or "/dfl/" in n.name)]
+        quantize_static(str(pre), str(out), Frames(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    return out
+
+
+def _head_prefix(graph) -> str:
+    """'/model.22/' for ultralytics' YOLOv8 export: the module that holds the DFL."""
+    for node in graph.node:
+        if "/dfl/" in node.name:
+            return node.name.split("/dfl/")[0] + "/"
+    return ""
+
+
 def _child(argv: list[str]) -> int:
     """python -m services.vision.quantize MODEL OUT FRAMES.npz [--channels rgb] [--nice N],
     run by build_int8 in a private working directory: quantize_int8, or error.json there."""
@@ -300,8 +351,6 @@ def _child(argv: list[str]) -> int:
     if args.nice:
         os.nice(args.nice)
     try:
-        from .models import quantize_int8
-
         with np.load(args.frames) as z:
             pictures = [z[k] for k in z.files]
         quantize_int8(args.model, args.out, pictures, channels=args.channels)
