@@ -393,7 +393,7 @@ def test_env_may_add_a_source_but_no_service():
     assert cfg.sources == {"synthetic": SourceConfig(), "cam2": SourceConfig(width=640)}
     e = env_error({"EDGEROOM_SERVICES__BRIDGE__ENABLED": "true"})
     assert str(e) == ("env EDGEROOM_SERVICES__BRIDGE__ENABLED: services.bridge: "
-                      "no such entry (present: hub, capture, decode, vision, recorder); add it to the file")
+                      "unknown key (known: hub, capture, decode, vision, recorder)")
     # every service has its table: the environment can switch one off without the file
     assert loads("", env={"EDGEROOM_SERVICES__VISION__ENABLED": "false"}).services["vision"].enabled is False
     assert loads("[services.vision]", env={"EDGEROOM_SERVICES__VISION__NICE": "5"}).services["vision"].nice == 5

@@ -479,7 +479,9 @@ def _env_entry(var: str, table: Table, name: str, tree: dict[str, Any]) -> str:
     if found:
         return found[0]
     pattern = table.allowed()
-    if table.env_adds and isinstance(pattern, str):
+    if isinstance(pattern, tuple):  # a fixed set of names (services, hooks): every one has its entry
+        raise _env_error(var, (table.name, name), f"unknown key (known: {', '.join(pattern)})")
+    if table.env_adds:
         if name and re.fullmatch(pattern, name):
             return name
         raise _env_error(var, (table.name, name), f"a name here must match {pattern}")
