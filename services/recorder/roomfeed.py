@@ -51,6 +51,7 @@ class RoomFeed:
         if encoder_options is not None:
             self.cfg.encoder_options = dict(encoder_options)
         self.consumers: dict[str, tuple[framebus.Consumer, str]] = {}  # track id -> (consumer, kind)
+        self.infos: dict[str, dict] = {}  # track id -> what the hub said of it (width, height)
         self.rec: RoomRecorder | None = None
         self.path: Path | None = None
         self.opened_ns = 0
@@ -79,9 +80,12 @@ class RoomFeed:
                 if tid in self.consumers:
                     continue
                 kind = "audio" if t.get("kind") == "audio" else "video" if fmt in CODECS else "picture"
+                info = {k: t[k] for k in ("width", "height") if t.get(k)}
+                rec = self._recorder()  # a new file declares the tracks already known; this one is new to it
                 consumer = framebus.Consumer.attach(stream, prefix=self.prefix, missing_ok=True, start="oldest")
                 self.consumers[tid] = (consumer, kind)
-                self._recorder().declare(tid, kind, {k: t[k] for k in ("width", "height") if t.get(k)})
+                self.infos[tid] = info
+                rec.declare(tid, kind, info)
                 log.info("%s: recording track %s (%s, stream %s)", self.target, tid, kind, stream)
         tracks = sorted(seen)
         if tracks and tracks == self._last_tracks:
@@ -89,6 +93,7 @@ class RoomFeed:
         self._last_tracks = tracks
         for tid in [t for t in self.consumers if t not in seen]:
             consumer, _ = self.consumers.pop(tid)
+            self.infos.pop(tid, None)
             consumer.close()
             if self.rec is not None:
                 self.rec.remove(tid)
@@ -99,9 +104,8 @@ class RoomFeed:
             self.path = segments.new_path(self.root, self.target)
             self.rec = RoomRecorder(str(self.path), self.cfg)
             self.opened_ns = time.monotonic_ns()
-            for tid, (_, kind) in self.consumers.items():
-                if tid not in self.rec.tracks:
-                    self.rec.declare(tid, kind)
+            for tid, (_, kind) in self.consumers.items():  # the next segment: the tracks go on
+                self.rec.declare(tid, kind, self.infos.get(tid))
         return self.rec
 
     # ------------------------------------------------------------ items
