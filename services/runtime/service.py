@@ -245,7 +245,8 @@ class Service:
         finally:
             if self.link is not None:
                 # its own reply, not just any (a heartbeat's may be waiting): the hub answers an open socket
-                self.link.goodbye("service.bye", {"service": self.id, "pid": os.getpid()}, BYE_WAIT)
+                self.link.goodbye("service.bye", {"service": self.id, "pid": os.getpid()},
+                                  BYE_WAIT if self.link.connected else 0.0)  # no hub: no wait
                 self.link.close()
             self.loop.close()
             self.notifier.close()
