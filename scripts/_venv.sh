@@ -46,7 +46,10 @@ stamp=".venv/.edgeroom-installed-${EDGEROOM_EXTRAS:-core}"
 want="$(cat pyproject.toml setup.py framebus/_atomic.c | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -e .venv/bin/edgeroom ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".${EDGEROOM_EXTRAS:+[$EDGEROOM_EXTRAS]}"
+    # setuptools tells every editable install, as a warning, that a folder named like a
+    # package in the working directory would shadow it: nothing anyone here can act on.
+    PYTHONWARNINGS="ignore:Editable installation" \
+        .venv/bin/python -m pip install -q -e ".${EDGEROOM_EXTRAS:+[$EDGEROOM_EXTRAS]}"
     echo "$want" > "$stamp"
     echo "$want" > .venv/.edgeroom-installed-core  # any extras include the core
 fi

@@ -219,7 +219,7 @@ pick_extras() {
     if [ "$PLATFORM" = jetson ]; then
         say "Jetson: PyPI has no onnxruntime-gpu for JetPack; take it from NVIDIA's wheel index for your"
         say "  JetPack (JetPack 6: $JETSON_INDEX_JP6; others: $JETSON_ZOO), after this install:"
-        say "  $PREFIX/venv/bin/pip install --extra-index-url $JETSON_INDEX_JP6 onnxruntime-gpu"
+        say "  $PREFIX/venv/bin/pip install --extra-index-url $JETSON_INDEX_JP6 onnxruntime-gpu onnx   # onnx: the int8 copy on a CPU fallback"
     fi
 }
 

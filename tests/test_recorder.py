@@ -306,3 +306,23 @@ def test_a_recording_started_by_command_goes_on_after_the_recorder_restarts(box,
     wait_for(lambda: b.services()["recorder"]["pid"] != pid and b.services()["recorder"]["state"] == "ready", 30,
              "the recorder restarted")
     assert b.call("record.list")["recordings"] == []   # stopped stays stopped
+
+
+def test_no_reader_of_a_recorded_camera_drops_an_item(box, tmp_path):
+    """The demo's box in small: a camera with its tone, its decoder, the recorder on the stream
+    and on its room. Every reader of the encoded stream and of the audio keeps up: after the
+    rings have wrapped several times, no drops on either (`ctl streams`)."""
+    b, rec = recorder_box(box, tmp_path, '[sources.syn]\nwidth = 320\nheight = 240\nfps = 30.0\naudio = true\n'
+                          'room = "lobby"\n', record="syn, room:lobby")
+    b.run()
+    b.wait_ready("recorder", "capture@syn", "decode@syn")
+    with b.subscriber("record.started") as sub:
+        wait_for(lambda: (e := sub.recv(timeout=0.5)) is not None and e.data["target"] == "room:lobby", 15,
+                 f"the room recording started; log:\n{b.log()[-3000:]}")
+    def wrapped():   # 64 slots each: both rings went round three times since the readers attached
+        streams = {s["stream"]: s for s in b.call("streams")}
+        return streams if min(streams["syn"]["items"], streams["syn-audio"]["items"]) > 3 * 64 else None
+    streams = wait_for(wrapped, 20, "200 items on syn and syn-audio")
+    video, audio = streams["syn"], streams["syn-audio"]
+    assert len(video["consumers"]) == 3 and len(audio["consumers"]) == 1, streams  # decode, recorder, its room
+    assert (video["drops"], audio["drops"]) == (0, 0), (video["consumers"], audio["consumers"])

@@ -15,6 +15,7 @@ import pytest
 
 from services.capture.sources.synthetic import H264Encoder, Pattern
 from services.recorder.room import RoomConfig, RoomInputError, RoomRecorder
+from services.recorder.roomfeed import RoomFeed
 
 NS = 1_000_000_000
 RATE = 48000
@@ -394,3 +395,28 @@ def test_mixer_sums_with_clipping_and_counts_silence():
     assert m.late == 50
     out, start, _ = m.take(500)
     assert start == 400 and out[:50, 0].tolist() == [1] * 50
+
+
+def test_a_room_feed_declares_each_track_of_the_hub_s_sessions_once(tmp_path, prefix):
+    """The recorder's room:NAME feed (services/recorder/roomfeed.py) on the hub's session list:
+    each track declared once, with what the hub said of it, in the first file and the next
+    segment's; a session joining later joins the open file."""
+    events = []
+    feed = RoomFeed("room:lobby", tmp_path, prefix, lambda topic, data: events.append(topic), fsync=False)
+    video = {"id": "video", "kind": "video", "stream": "cam", "format": "h264", "width": W, "height": H}
+    audio = {"id": "audio", "kind": "audio", "stream": "cam-audio", "format": "s16", "rate": RATE}
+    cam = {"session": "cam", "room": "lobby", "tracks": [video, audio]}
+    try:
+        feed.sessions([cam])      # the first track opened the file and was then declared again: ValueError
+        feed.sessions([cam])
+        assert feed.settled and sorted(feed.rec.tracks) == ["cam/audio", "cam/video"]
+        assert feed.rec.tracks["cam/video"].info == {"width": W, "height": H}
+        feed.sessions([cam, {"session": "door", "room": "lobby", "tracks": [dict(video, stream="door")]}])
+        assert sorted(feed.rec.tracks) == ["cam/audio", "cam/video", "door/video"]
+        feed._finish()            # a segment ends; the next file has the same tracks
+        rec = feed._recorder()
+        assert sorted(rec.tracks) == ["cam/audio", "cam/video", "door/video"]
+        assert rec.tracks["door/video"].info == {"width": W, "height": H}
+    finally:
+        feed.stop()
+    assert events == ["record.stopped"]

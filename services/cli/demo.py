@@ -96,8 +96,10 @@ def _watch(run: subprocess.Popen, ep, seconds: float) -> int:
         while time.monotonic() < end and run.poll() is None:
             if time.monotonic() >= next_status:
                 print(_status_table(client.call("status")), flush=True)
-                print(_streams_table(client.call("streams")), flush=True)
-                shot = shot or _snapshot(client)
+                streams = client.call("streams")
+                print(_streams_table(streams), flush=True)
+                if not shot and any(s["stream"] == "synthetic-raw" and s["items"] for s in streams):
+                    shot = _snapshot(client)  # not before: asking for a stream that is not there yet is an error
                 next_status = time.monotonic() + 3.0
             event = sub.recv(timeout=0.25)
             if event is not None:
@@ -112,8 +114,9 @@ def _snapshot(client) -> str | None:
     from services.control.client import CommandFailed
     try:
         shot = client.call("snapshot", {"stream": "synthetic", "max_width": 640})
-    except CommandFailed:
-        return None  # no decoded picture yet (the first keyframe is on its way)
+    except CommandFailed as exc:
+        print(f"no snapshot: {exc}", flush=True)
+        return None
     path = Path(tempfile.gettempdir()) / "edgeroom-demo-snapshot.jpg"
     path.write_bytes(base64.b64decode(shot["jpeg"]))
     print(f"snapshot of {shot['stream']} (item {shot['seq']}, {shot['source_width']}x{shot['source_height']} "

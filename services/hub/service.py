@@ -192,7 +192,10 @@ class Hub(Service):
             router.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the peer is gone or its queue is full: the reply is lost, say so
             self.m_replies_lost.inc()
-            self.throttled.warning("reply", f"a reply could not be delivered: {exc}")
+            if exc.errno == zmq.EHOSTUNREACH:  # it left: a client that gave up waiting, a service that stopped
+                self.throttled.info("reply-gone", f"a reply could not be delivered: its peer has left ({exc})")
+            else:  # its queue is full: a peer that does not read
+                self.throttled.warning("reply", f"a reply could not be delivered: {exc}")
 
     # --- events --------------------------------------------------------------------------
     def _on_event_in(self) -> None:

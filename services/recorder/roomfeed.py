@@ -10,8 +10,9 @@ until two answers in a row list the same tracks: a session's audio track appears
 first chunk, a moment after its video, and could not join a file already begun.
 
 `pump(now_ns)` (every 100 ms from the service loop) drains every consumer into the
-recorder and lets it write what is older than its reorder window. Rings hold about two
-seconds, so a 100 ms pump misses nothing; an item a consumer missed is counted.
+recorder (from its first answer on, settled or not) and, once settled, lets it write what
+is older than its reorder window. Rings hold 1.3 s (audio) to two seconds, so a 100 ms
+pump misses nothing; an item a consumer missed is counted.
 
 One recording = one file (`DIR/room-NAME/room-NAME-TIME.mp4.partial`, renamed at the end);
 after `segment_seconds` the file is closed and the next one starts with the following
@@ -51,6 +52,7 @@ class RoomFeed:
         if encoder_options is not None:
             self.cfg.encoder_options = dict(encoder_options)
         self.consumers: dict[str, tuple[framebus.Consumer, str]] = {}  # track id -> (consumer, kind)
+        self.infos: dict[str, dict] = {}  # track id -> what the hub said of it (width, height)
         self.rec: RoomRecorder | None = None
         self.path: Path | None = None
         self.opened_ns = 0
@@ -79,9 +81,14 @@ class RoomFeed:
                 if tid in self.consumers:
                     continue
                 kind = "audio" if t.get("kind") == "audio" else "video" if fmt in CODECS else "picture"
+                info = {k: t[k] for k in ("width", "height") if t.get(k)}
+                rec = self._recorder()  # a new file declares the tracks already known; this one is new to it
                 consumer = framebus.Consumer.attach(stream, prefix=self.prefix, missing_ok=True, start="oldest")
                 self.consumers[tid] = (consumer, kind)
-                self._recorder().declare(tid, kind, {k: t[k] for k in ("width", "height") if t.get(k)})
+                self.infos[tid] = info
+                rec.declare(tid, kind, info)
+                if self.state != "disk_full":
+                    self._drain(rec, tid)  # at once: a full ring's oldest items go with the producer's next sends
                 log.info("%s: recording track %s (%s, stream %s)", self.target, tid, kind, stream)
         tracks = sorted(seen)
         if tracks and tracks == self._last_tracks:
@@ -89,6 +96,7 @@ class RoomFeed:
         self._last_tracks = tracks
         for tid in [t for t in self.consumers if t not in seen]:
             consumer, _ = self.consumers.pop(tid)
+            self.infos.pop(tid, None)
             consumer.close()
             if self.rec is not None:
                 self.rec.remove(tid)
@@ -99,23 +107,25 @@ class RoomFeed:
             self.path = segments.new_path(self.root, self.target)
             self.rec = RoomRecorder(str(self.path), self.cfg)
             self.opened_ns = time.monotonic_ns()
-            for tid, (_, kind) in self.consumers.items():
-                if tid not in self.rec.tracks:
-                    self.rec.declare(tid, kind)
+            for tid, (_, kind) in self.consumers.items():  # the next segment: the tracks go on
+                self.rec.declare(tid, kind, self.infos.get(tid))
         return self.rec
 
     # ------------------------------------------------------------ items
     def pump(self, now_ns: int) -> None:
-        """Drain the streams into the recorder and let it write. Not before the session list settled:
-        a session's tracks appear one by one (audio with its first chunk), and a track declared after
-        the file's header cannot join; the rings hold what arrives meanwhile (read from the oldest)."""
-        if not self.consumers or not self.settled or self.state == "disk_full":
+        """Drain the streams into the recorder and let it write. The writing waits until the session
+        list settled: a session's tracks appear one by one (audio with its first chunk), and a track
+        declared after the file's header cannot join. The reading does not wait: what arrives
+        meanwhile goes into the recorder's bounded buffers, not left in the rings (an audio ring
+        holds 1.3 s; a settled list takes a second or two), so no item is lost to the wait."""
+        if not self.consumers or self.state == "disk_full":
             return
         rec = self._recorder()
         try:
-            for tid, (consumer, kind) in self.consumers.items():
-                while (item := consumer.poll()) is not None:
-                    self._push(rec, tid, kind, item)
+            for tid in self.consumers:
+                self._drain(rec, tid)
+            if not self.settled:
+                return
             rec.poll(now_ns)
             if rec.started and not self.started:
                 self.started = True
@@ -126,6 +136,11 @@ class RoomFeed:
             return
         if rec.started and now_ns - self.opened_ns >= self.segment_seconds * 1e9:
             self._finish()
+
+    def _drain(self, rec: RoomRecorder, tid: str) -> None:
+        consumer, kind = self.consumers[tid]
+        while (item := consumer.poll()) is not None:
+            self._push(rec, tid, kind, item)
 
     def _push(self, rec: RoomRecorder, tid: str, kind: str, item) -> None:
         try:

@@ -69,6 +69,27 @@ class HubLink:
         self.pending[rid] = (time.monotonic() + self.timeout, callback)
         return True
 
+    def goodbye(self, cmd: str, args: dict | None, wait: float) -> bool:
+        """Send a last request and wait up to `wait` s for its own reply, so that the hub does
+        not answer a socket that is already closed. Replies to earlier requests that come first
+        are read and dropped (the service is stopping: their callbacks do not run). True when
+        the reply came."""
+        rid = f"{self.service_id}-{next(self._ids)}"
+        try:
+            self.sock.send_multipart([b"", protocol.encode_request(rid, cmd, args)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0 and self.sock.poll(max(1, int(left * 1000))):
+            frames = self.sock.recv_multipart()
+            try:
+                msg = protocol.parse_reply(frames[-1], self.max_bytes * 2)
+            except protocol.ProtocolError:
+                continue
+            if msg.get("id") == rid:
+                return True
+        return False
+
     def readable(self) -> None:
         """Drain replies; call when the DEALER polls readable."""
         while self.sock.poll(0):

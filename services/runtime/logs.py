@@ -57,9 +57,15 @@ class Throttled:
         self._count: dict[str, int] = {}
 
     def warning(self, key: str, message: str) -> None:
+        self.log(logging.WARNING, key, message)
+
+    def info(self, key: str, message: str) -> None:
+        self.log(logging.INFO, key, message)
+
+    def log(self, level: int, key: str, message: str) -> None:
         now = time.monotonic()
         self._count[key] = self._count.get(key, 0) + 1
         if now - self._last.get(key, -1e9) >= self.every:
             n = self._count.pop(key)
             self._last[key] = now
-            self.logger.warning("%s%s", message, f" ({n} since last report)" if n > 1 else "")
+            self.logger.log(level, "%s%s", message, f" ({n} since last report)" if n > 1 else "")

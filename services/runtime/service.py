@@ -56,6 +56,8 @@ T = TypeVar("T")
 
 log = logging.getLogger("edgeroom.service")
 
+BYE_WAIT = 0.5  # seconds a stopping service waits for the hub's answer to its goodbye (service.bye)
+
 
 def identity(kind: str, instance: str | None) -> str:
     return f"{kind}@{instance}" if instance else kind
@@ -298,8 +300,9 @@ class Service:
             self.resources.release()
         finally:
             if self.link is not None:
-                self.link.request("service.bye", {"service": self.id, "pid": os.getpid()})
-                self.link.sock.poll(200)  # give the goodbye a moment to leave; the hub copes if it does not
+                # its own reply, not just any (a heartbeat's may be waiting): the hub answers an open socket
+                self.link.goodbye("service.bye", {"service": self.id, "pid": os.getpid()},
+                                  BYE_WAIT if self.link.connected else 0.0)  # no hub: no wait
                 self.link.close()
             self.loop.close()
             self.notifier.close()

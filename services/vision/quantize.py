@@ -457,7 +457,10 @@ class Int8Upgrade:
     def _fail(self, exc: DetectorError) -> None:
         self.error = exc
         self.state = "failed"
-        log.warning("no int8 copy of %s: %s", self.model.name, exc)
+        if self._stop.is_set():  # close(): the service is stopping, nothing went wrong
+            log.info("int8 copy of %s: the build was stopped with the service", self.model.name)
+        else:
+            log.warning("no int8 copy of %s: %s", self.model.name, exc)
 
 
 if __name__ == "__main__":
