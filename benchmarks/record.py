@@ -30,7 +30,7 @@ Method
     bytes at all: nothing that records can spend less.
   - encode: ffmpeg `-f rawvideo -pix_fmt rgb24 -s 1280x720 -r 30 -i - -c:v libx264 -preset
     veryfast -crf 23 -bf 0 -g 60 -pix_fmt yuv420p` + the recorder's movflags, fed through a
-    pipe with the synthetic source's own pictures (services/capture/synthetic.Pattern,
+    pipe with the synthetic source's own pictures (services/capture/sources/synthetic.Pattern,
     the same moving bar, frame counter and flash once a second), drawn by this process
     (not counted).
 * edgeroom: a private box (runtime dir under /tmp, bus prefix, metrics on 127.0.0.1:0)
