@@ -17,9 +17,11 @@ import platform
 
 import numpy as np
 
-__all__ = ["NATIVE", "Words", "fence_acquire", "fence_release", "fence_seq_cst"]
+__all__ = ["NATIVE", "TSO", "Words", "fence_acquire", "fence_release", "fence_seq_cst"]
 
-_TSO_MACHINES = {"x86_64", "amd64", "AMD64", "i386", "i686"}
+# setup.py keeps the same set: there the C helper is optional, everywhere else required.
+TSO_MACHINES = frozenset({"x86_64", "amd64", "AMD64", "i386", "i686"})
+TSO = platform.machine() in TSO_MACHINES  # the pure-Python fallback exists only here
 
 
 class _PureWords:
@@ -63,7 +65,7 @@ def _load():
             return True, _atomic.Words, _atomic.fence_acquire, _atomic.fence_release, _atomic.fence_seq_cst
         except ImportError:
             pass
-    if platform.machine() not in _TSO_MACHINES:
+    if not TSO:
         raise ImportError(
             f"framebus needs its compiled memory fences on {platform.machine()} "
             "(weak memory ordering); install a C compiler and the Python headers "

@@ -116,9 +116,37 @@ def consumer(args) -> None:
     c.close()
 
 
+def skew_own_start_time(ticks: int) -> None:
+    """Make this process see its own start time `ticks` off, as it does under qemu-user.
+
+    qemu's user-mode emulation answers a process's reads of its own /proc/self/stat and
+    /proc/<own pid>/stat itself, with a start time from its own clock; every other process
+    (and any other path) gets the kernel's. Exactly those two paths are faked here.
+    """
+    import builtins
+    import io
+
+    real_open = builtins.open
+    own = {"/proc/self/stat", f"/proc/{os.getpid()}/stat"}
+
+    def open_(file, mode="r", *args, **kwargs):
+        if file not in own:
+            return real_open(file, mode, *args, **kwargs)
+        with real_open(file, "rb") as f:
+            stat = f.read()
+        head, tail = stat[: stat.rfind(b")") + 2], stat[stat.rfind(b")") + 2 :].split(b" ")
+        tail[19] = str(int(tail[19]) + ticks).encode()
+        fake = head + b" ".join(tail)
+        return io.BytesIO(fake) if "b" in mode else io.StringIO(fake.decode())
+
+    builtins.open = open_
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     ap = argparse.ArgumentParser()
+    ap.add_argument("--skew-own-start", type=int, default=0, metavar="TICKS",
+                    help="see our own start time this far off in /proc/self/stat (as under qemu-user)")
     sub = ap.add_subparsers(dest="role", required=True)
     p = sub.add_parser("producer")
     p.add_argument("prefix")
@@ -143,6 +171,8 @@ def main() -> None:
     c.add_argument("--until-end", action="store_true")
     c.add_argument("--linger", type=float, default=0.0)
     args = ap.parse_args()
+    if args.skew_own_start:
+        skew_own_start_time(args.skew_own_start)
     {"producer": producer, "consumer": consumer}[args.role](args)
 
 

@@ -6,6 +6,7 @@ payload is checked byte for byte against its sequence number.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import struct
 import time
@@ -14,12 +15,18 @@ import numpy as np
 import pytest
 
 import framebus
+from framebus import atomics
 from framebus import layout as L
 from tests.busproc import check, fill
 
 # Every cross-process test runs twice: with the compiled fences and with the pure-Python
-# fallback (x86_64 only), so neither path can rot.
-MODES = [pytest.param({}, id="native"), pytest.param({"EDGEROOM_FRAMEBUS_PURE": "1"}, id="pure")]
+# fallback, so neither path can rot. The fallback exists only on TSO machines (x86): on
+# aarch64 asking for it is an ImportError by design, so there those cases are skipped.
+MODES = [
+    pytest.param({}, id="native"),
+    pytest.param({"EDGEROOM_FRAMEBUS_PURE": "1"}, id="pure", marks=pytest.mark.skipif(
+        not atomics.TSO, reason=f"no pure-Python atomics on {platform.machine()} (weak memory ordering)")),
+]
 
 
 def stream_info(prefix: str, stream: str) -> framebus.StreamInfo:
@@ -243,6 +250,61 @@ def test_stale_ring_is_listed_then_collected(prefix, spawn):
     assert f"/dev/shm/{prefix}.cam" in removed
     assert any(r.endswith(".wake") for r in removed)
     assert framebus.list_streams(prefix) == []
+
+
+def test_identity_holds_when_a_process_sees_its_own_start_time_skewed(prefix, spawn):
+    """Under qemu-user a process reading its own /proc/self/stat (or /proc/<own pid>/stat)
+    gets a start time qemu makes up, while every other process reads the kernel's. Here a
+    producer and a reliable consumer each see their own start time 5000 ticks off (only
+    those two paths, as qemu does): others must still see both alive, the producer must
+    still hold back for the consumer (not reap it), and nobody may take over the ring."""
+    skew = ("--skew-own-start", "5000")
+    consumer = spawn(*skew, "consumer", prefix, "cam", "--reliable", "--sleep", "0.01",
+                     "--until-end", "--timeout", "30", "--linger", "30")
+    consumer.expect("ready")
+    producer = spawn(*skew, "producer", prefix, "cam", "--slots", "4", "--count", "300",
+                     "--hold-back", "-1", "--wait-consumers", "1", "--end", "--linger", "30")
+    producer.expect("ready")
+    # Mid-run (300 items at >= 10 ms each take > 3 s; the producer checks its readers' pids
+    # once a second), from a third process that sees the true start times:
+    time.sleep(1.5)
+    info = stream_info(prefix, "cam")
+    assert (info.status, info.producer_pid) == ("alive", producer.pid), info
+    assert [(c.pid, c.reliable, c.alive) for c in info.consumers] == [(consumer.pid, True, True)], info
+    with pytest.raises(framebus.StreamBusy, match=f"live producer, pid {producer.pid}"):
+        framebus.Producer.create("cam", payload=1024, prefix=prefix)
+    # A consumer joining takes a free entry; it must not reclaim the live one.
+    with framebus.Consumer.attach("cam", prefix=prefix) as joined:
+        assert joined.producer_alive()
+        assert [c.pid for c in stream_info(prefix, "cam").consumers if c.alive] == [consumer.pid, os.getpid()]
+    done = producer.expect("done", timeout=30)
+    s = consumer.expect("summary", timeout=30)
+    # Held back for a live reliable reader: nothing it read was overwritten, nothing missed.
+    assert done["overruns"] == 0, done
+    assert (s["received"], s["missed"], s["torn"], s["errors"], s["order_errors"]) == (300, 0, 0, 0, 0), s
+    info = stream_info(prefix, "cam")
+    assert info.status == "alive" and [c.alive for c in info.consumers] == [True], info
+    producer.kill(signal.SIGTERM)
+    consumer.kill(signal.SIGTERM)
+
+
+def test_a_dead_predecessor_with_our_pid_is_not_taken_for_us(prefix):
+    """In a pid namespace a restarted service often gets its predecessor's pid. A ring that
+    names our pid with another start time is a dead process's: stale, and ours to take over."""
+    import mmap
+
+    old = framebus.Producer.create("cam", payload=1024, prefix=prefix)
+    try:
+        with open(f"/dev/shm/{prefix}.cam", "r+b") as f, mmap.mmap(f.fileno(), L.HEADER_SIZE) as head:
+            pid, ticks = L.read_pid(head, L.HEADER_SIZE)
+            assert pid == os.getpid()
+            struct.pack_into("<Q", head, L.OFF_TICKS, ticks - 1)  # an earlier process, same pid
+        assert stream_info(prefix, "cam").status == "stale"
+        with framebus.Producer.create("cam", payload=1024, prefix=prefix) as new:
+            assert new.generation > old.generation
+            assert stream_info(prefix, "cam").status == "alive"
+    finally:
+        old.close()
 
 
 def test_new_producer_replaces_a_stale_ring_and_bumps_the_generation(prefix, spawn):
