@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,11 @@ class Box:
         self.log_path = self.dir / "out.log"
         self.procs: list[subprocess.Popen] = []
         self._client: Client | None = None
+
+    def set_source(self, name: str, body: str) -> None:
+        """Replace the config's [sources.NAME] table (whatever keys it had: they are its kind's) with `body`."""
+        text = re.sub(rf"(?ms)^\[sources\.{re.escape(name)}\]\n.*?(?=^\[|\Z)", "", self.config.read_text())
+        self.config.write_text(f"{text.rstrip()}\n\n[sources.{name}]\n{body.strip()}\n")
 
     # --- processes ---------------------------------------------------------------------
     def spawn(self, *args: str) -> subprocess.Popen:

@@ -330,9 +330,8 @@ def test_capture_service_with_a_missing_webcam_stays_up_and_backs_off(prefix):
     throttled warning and no OpenCV output. SIGTERM stops it at once."""
     b = Box(prefix)
     try:
-        b.config.write_text(b.config.read_text().replace(
-            "[sources.cam]\n",
-            '[sources.cam]\nkind = "webcam"\ndevice = "/dev/video99"\nreconnect_min = 0.1\nreconnect_max = 0.4\n'))
+        b.set_source("cam", 'kind = "webcam"\ndevice = "/dev/video99"\nroom = "lobby"\nreconnect_min = 0.1\n'
+                            'reconnect_max = 0.4')
         b.spawn("service", "hub")
         b.wait_ready("hub")
         proc = b.spawn("service", "capture", "cam")
