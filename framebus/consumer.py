@@ -130,7 +130,8 @@ class Consumer:
         )
         where = ring_path(self.prefix, self.stream)
         present = ", ".join(others) if others else "none"
-        return f"no stream {self.stream!r} under prefix {self.prefix!r} (looked for {where}); streams present: {present}"
+        return (f"no stream {self.stream!r} under prefix {self.prefix!r} (looked for {where}); "
+                f"streams present: {present}")
 
     def _attach(self, start: str) -> _Ring | None:
         """Map the ring now under the stream's name and register; None if there is none."""

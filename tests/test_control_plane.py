@@ -295,8 +295,9 @@ def test_ctl_as_a_user_outside_the_group_is_told_so(tmp_path):
     try:
         rundir.chmod(0o750)
         (rundir / "control.sock").touch(mode=0o660)
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{Path(__file__).parent.parent}:{sysconfig.get_paths()['purelib']}"
-               f":{sysconfig.get_paths()['platlib']}"}
+        paths = sysconfig.get_paths()
+        env = {"PATH": "/usr/bin:/bin",
+               "PYTHONPATH": f"{Path(__file__).parent.parent}:{paths['purelib']}:{paths['platlib']}"}
         runuser, python = shutil.which("runuser"), "/usr/bin/python3"
         probe = subprocess.run([runuser, "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python,
                                 "-c", "import zmq, services.cli"], capture_output=True, text=True) if runuser else None

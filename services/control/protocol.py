@@ -123,8 +123,8 @@ def _readable_id(body: bytes) -> Any:
 def _check_version(obj: JsonObject, request_id: Any) -> None:
     v = obj.get("v")
     if type(v) is not int or v != VERSION:  # not true, not 1.0: an integer
-        raise ProtocolError("unsupported_version", f"protocol version {v!r} is not supported (this hub speaks {VERSION})",
-                            request_id)
+        raise ProtocolError("unsupported_version",
+                            f"protocol version {v!r} is not supported (this hub speaks {VERSION})", request_id)
 
 
 def _request_id(obj: JsonObject) -> str | int:
@@ -164,7 +164,8 @@ def encode_reply(rid: Any, result: Any) -> bytes:
 
 
 def encode_error(rid: Any, code: str, message: str) -> bytes:
-    return json_bytes({"v": VERSION, "type": "reply", "id": rid, "ok": False, "error": {"code": code, "message": message}})
+    return json_bytes({"v": VERSION, "type": "reply", "id": rid, "ok": False,
+                       "error": {"code": code, "message": message}})
 
 
 def parse_reply(body: bytes, limit: int) -> JsonObject:

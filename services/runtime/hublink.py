@@ -17,9 +17,9 @@ from typing import Any
 import zmq
 
 from services.control import protocol
-from services.control.protocol import JsonObject
 from services.control.client import CommandFailed, CurveKeys, HubUnreachable, context
 from services.control.endpoints import Endpoints
+from services.control.protocol import JsonObject
 
 __all__ = ["HubLink"]
 

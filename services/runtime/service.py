@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypedDict, TypeVar, overload
 
 import zmq
-
 from prometheus_client import Counter
 
 import framebus
