@@ -261,7 +261,7 @@ class Config:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and self._parts == other._parts
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable on purpose; typeshed types __hash__ as a method
 
     def __repr__(self) -> str:
         return f"Config({', '.join(f'{k}={v!r}' for k, v in self._parts.items())})"
