@@ -113,10 +113,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.append(_ROOT)
 
 import framebus  # noqa: E402
-from services.capture.sink import ENCODED_SLOTS  # noqa: E402
-from services.runtime.streams import raw_stream  # noqa: E402
 from benchmarks.benchbox import BenchBox, encode_testsrc  # noqa: E402
+from services.capture.sink import ENCODED_SLOTS  # noqa: E402
 from services.capture.sources.media import FileConfig  # noqa: E402
+from services.runtime.streams import raw_stream  # noqa: E402
 
 FPS = 30
 FRAME_MS = 1000.0 / FPS

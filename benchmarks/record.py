@@ -82,9 +82,18 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.append(_ROOT)
 
 import framebus  # noqa: E402
-from benchmarks.ingest import (_on_sigterm, cache_dir, code_version, log, machine_busy_s, proc_cpu_s,  # noqa: E402
-                               run_child, self_cpu_s, tool_version)
 from benchmarks.benchbox import BenchBox, encode_testsrc  # noqa: E402
+from benchmarks.ingest import (  # noqa: E402
+    _on_sigterm,
+    cache_dir,
+    code_version,
+    log,
+    machine_busy_s,
+    proc_cpu_s,
+    run_child,
+    self_cpu_s,
+    tool_version,
+)
 from services.control.client import ControlError  # noqa: E402
 
 FPS = 30
@@ -177,7 +186,8 @@ def peer_copy(clip: Path, tmp: Path, passes: int, frag: bool, paced_s: float = 0
                                   for _ in range(3)) / CLIP_S
     out.unlink(missing_ok=True)
     name = "ffmpeg -c copy" + (" fragmented" if frag else " plain mp4") + (" paced (-re)" if paced_s else "")
-    return {"with_start_per_stream_s": whole, "kind": "peer", "what": "remux", "name": name, "cpu_s": r["child_cpu_s"] - start, "start_cpu_s": start,
+    return {"with_start_per_stream_s": whole, "kind": "peer", "what": "remux", "name": name,
+            "cpu_s": r["child_cpu_s"] - start, "start_cpu_s": start,
             "stream_s": video_s, "cpu_per_stream_s": (r["child_cpu_s"] - start) / video_s, "wall_s": r["wall_s"],
             "bytes": size, "other_load_pct": r["other_load_pct"], "cmd": " ".join(cmd)}
 

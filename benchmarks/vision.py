@@ -321,7 +321,8 @@ def row_limit(model: Path, peak: float) -> dict:
                 "(pip install onnx): it reads the graph"}
     ms = 1000 * f["flops"] / peak
     return {"row": "limit", "what": f"{f['flops'] / 1e9:.1f} GFLOP / {peak / 1e9:.0f} GFLOP/s (numpy matmul peak)",
-            "fps": 1000 / ms, "p50_ms": ms, "p99_ms": ms, "cpu_ms": None, "gflops": f["flops"] / 1e9, "peak_gflops": peak / 1e9,
+            "fps": 1000 / ms, "p50_ms": ms, "p99_ms": ms, "cpu_ms": None, "gflops": f["flops"] / 1e9,
+            "peak_gflops": peak / 1e9,
             "nodes": f["nodes"], "nodes_without_shape": f["nodes_without_shape"]}
 
 

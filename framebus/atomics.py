@@ -12,16 +12,34 @@ both paths honest).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import platform
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["NATIVE", "TSO", "Words", "fence_acquire", "fence_release", "fence_seq_cst"]
+__all__ = ["NATIVE", "TSO", "SharedWords", "Words", "fence_acquire", "fence_release", "fence_seq_cst"]
 
 # setup.py keeps the same set: there the C helper is optional, everywhere else required.
 TSO_MACHINES = frozenset({"x86_64", "amd64", "AMD64", "i386", "i686"})
 TSO = platform.machine() in TSO_MACHINES  # the pure-Python fallback exists only here
+
+
+class SharedWords(Protocol):
+    """What both implementations of Words offer: u64 words addressed by byte offset."""
+
+    def load_acquire(self, off: int, /) -> int: ...
+    def load(self, off: int, /) -> int: ...
+    def store_release(self, off: int, value: int, /) -> None: ...
+    def store(self, off: int, value: int, /) -> None: ...
+    def add(self, off: int, delta: int, /) -> int: ...
+    def release(self) -> None: ...
+
+
+_RELEASED: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)  # any access raises IndexError
 
 
 class _PureWords:
@@ -29,34 +47,38 @@ class _PureWords:
 
     __slots__ = ("_w",)
 
-    def __init__(self, buffer) -> None:
-        self._w = np.frombuffer(buffer, dtype=np.uint64)
+    def __init__(self, buffer: mmap.mmap, /) -> None:
+        self._w: npt.NDArray[np.uint64] = np.frombuffer(buffer, dtype=np.uint64)
 
-    def load_acquire(self, off: int) -> int:
+    def load_acquire(self, off: int, /) -> int:
         return int(self._w[off >> 3])
 
     load = load_acquire
 
-    def store_release(self, off: int, value: int) -> None:
+    def store_release(self, off: int, value: int, /) -> None:
         self._w[off >> 3] = value
 
     store = store_release
 
-    def add(self, off: int, delta: int) -> int:
+    def add(self, off: int, delta: int, /) -> int:
         # Not atomic: callers only use add() under the segment's flock.
         value = (int(self._w[off >> 3]) + delta) & 0xFFFFFFFFFFFFFFFF
         self._w[off >> 3] = value
         return value
 
     def release(self) -> None:
-        self._w = None
+        # Drop the buffer export so the mapping can close; a later access is a bug and fails.
+        self._w = _RELEASED
 
 
 def _noop() -> None:
     return None
 
 
-def _load():
+_Fence = Callable[[], None]
+
+
+def _load() -> tuple[bool, Callable[[mmap.mmap], SharedWords], _Fence, _Fence, _Fence]:
     pure = os.environ.get("EDGEROOM_FRAMEBUS_PURE") == "1"
     if not pure:
         try:

@@ -15,11 +15,13 @@ so it can sit in a selector, an asyncio loop or a ZeroMQ poller for its whole li
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import mmap
 import os
 import time
 import weakref
+from collections.abc import Callable
 
 from framebus import layout as L
 from framebus import procinfo, segment, wake
@@ -27,6 +29,7 @@ from framebus.atomics import Words, fence_acquire, fence_seq_cst
 from framebus.errors import BusError, LayoutMismatch, NotAStream, StreamNotFound
 from framebus.formats import CODEC_NAMES
 from framebus.item import Item
+from framebus.layout import Meta
 from framebus.names import SHM_DIR, check_name, default_prefix, ring_path, wake_path
 from framebus.producer import next_serial, reap_consumer
 from framebus.views import SlotViews
@@ -44,6 +47,7 @@ class _Ring:
 
     __slots__ = ("map", "ident", "geo", "ro", "ctl", "views", "entry", "producer_fd", "generation", "n",
                  "capacity", "index_off", "slots_off", "meta")
+    meta: Callable[[int], Meta]  # the metadata of the slot descriptor at a byte offset
 
     def __init__(self, mapping: segment.Mapping, ident: L.Identity) -> None:
         self.map = mapping
@@ -59,8 +63,7 @@ class _Ring:
         self.producer_fd: int | None = None
         self.index_off = self.geo.index_off
         self.slots_off = self.geo.slots_off
-        ro = mapping.ro
-        self.meta = lambda off, _unpack=L.META.unpack_from: _unpack(ro, off)  # hot: bound once
+        self.meta = functools.partial(L.META.unpack_from, mapping.ro)  # hot: bound once, no Python frame
 
 
 def _cleanup(waiter: wake.Waiter) -> None:
@@ -109,8 +112,9 @@ class Consumer:
         self = cls(stream, prefix, reliable)
         self._expect_payload = expect_payload
         try:
-            if self._attach(start):
-                self._seen = (self._ring.map.ino, self._ring.generation)
+            ring = self._attach(start)
+            if ring is not None:
+                self._seen = (ring.map.ino, ring.generation)
             elif not missing_ok:
                 raise StreamNotFound(self._not_found_message())
         except BaseException:
@@ -126,15 +130,16 @@ class Consumer:
         )
         where = ring_path(self.prefix, self.stream)
         present = ", ".join(others) if others else "none"
-        return f"no stream {self.stream!r} under prefix {self.prefix!r} (looked for {where}); streams present: {present}"
+        return (f"no stream {self.stream!r} under prefix {self.prefix!r} (looked for {where}); "
+                f"streams present: {present}")
 
-    def _attach(self, start: str) -> bool:
-        """Map the ring now under the stream's name and register; False if there is none."""
+    def _attach(self, start: str) -> _Ring | None:
+        """Map the ring now under the stream's name and register; None if there is none."""
         path = ring_path(self.prefix, self.stream)
         try:
             fd, size = segment.open_existing(path)
         except FileNotFoundError:
-            return False
+            return None
         try:
             probe = mmap.mmap(fd, min(size, L.HEADER_SIZE), mmap.MAP_SHARED, mmap.PROT_READ)
             try:
@@ -152,7 +157,7 @@ class Consumer:
             raise
         if ring.ro.load_acquire(L.OFF_STATE) != L.STATE_OPEN:
             ring.map.close()
-            return False  # its producer is closing; the next one will wake us
+            return None  # its producer is closing; the next one will wake us
         write_seq = ring.ro.load_acquire(L.OFF_WRITE_SEQ)
         self._next = write_seq if start == "next" else max(0, write_seq - ring.n)
         self._register(ring)
@@ -161,7 +166,7 @@ class Consumer:
         ring.producer_fd = wake.open_notifier(
             wake_path(self.prefix, self.stream, ident.producer_pid, ident.producer_wake_serial))
         self._ring = ring
-        return True
+        return ring
 
     def _register(self, ring: _Ring) -> None:
         geo = ring.geo
@@ -214,29 +219,29 @@ class Consumer:
             ring.map.close()
         # The mappings stay until the last Item viewing them is gone (refcounting).
 
-    def _resync(self) -> bool:
-        """The producer closed or was superseded: follow the stream to its new ring."""
+    def _resync(self) -> _Ring | None:
+        """The producer closed or was superseded: follow the stream to its new ring (None: none yet)."""
         self._detach()
         try:
-            attached = self._attach("oldest")
+            ring = self._attach("oldest")
         except (NotAStream, LayoutMismatch) as exc:
             if str(exc) != self._last_error:  # say it once, not on every poll
                 self._last_error = str(exc)
                 log.warning("stream %s: cannot re-attach: %s", self.stream, exc)
-            return False
+            return None
         self._last_error = ""
-        ring = self._ring
-        if attached and self._next:
+        if ring is None:
+            return None
+        if self._next:
             # We were following the stream: items of this ring that are already gone
             # passed us by, and say so.
             self._count_missed(ring, self._next)
-        if attached and self._seen is not None and self._seen != (ring.map.ino, ring.generation):
+        if self._seen is not None and self._seen != (ring.map.ino, ring.generation):
             self.resyncs += 1
             log.info("stream %s: producer generation %d -> %d, resynchronised",
                      self.stream, self._seen[1], ring.generation)
-        if attached:
-            self._seen = (ring.map.ino, ring.generation)
-        return attached
+        self._seen = (ring.map.ino, ring.generation)
+        return ring
 
     # ---------------------------------------------------------------- reading
     def _read(self, ring: _Ring, seq: int) -> Item | None:
@@ -324,13 +329,14 @@ class Consumer:
     def _look(self, newest: bool) -> Item | None:
         ring = self._ring
         if ring is None:
-            if not self._resync():
+            ring = self._resync()
+            if ring is None:
                 return None
-            ring = self._ring
         item = self._take(ring, newest)
         if item is None and ring.ro.load_acquire(L.OFF_STATE) != L.STATE_OPEN:
-            if self._resync():
-                item = self._take(self._ring, newest)
+            ring = self._resync()
+            if ring is not None:
+                item = self._take(ring, newest)
         return item
 
     def poll(self) -> Item | None:
@@ -465,5 +471,5 @@ class Consumer:
     def __enter__(self) -> Consumer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

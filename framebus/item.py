@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from framebus.atomics import fence_acquire
 from framebus.errors import BusError
@@ -16,7 +15,11 @@ from framebus.formats import (
     KIND_VIDEO,
     PIXEL_FORMAT_NAMES,
 )
-from framebus.views import picture_planes
+from framebus.layout import Meta
+from framebus.views import Bytes, ItemArray, picture_planes
+
+if TYPE_CHECKING:
+    from framebus.consumer import _Ring
 
 __all__ = ["Item", "Overwritten"]
 
@@ -34,7 +37,7 @@ class Item:
 
     __slots__ = ("_ring", "_slot", "_stamp", "_m", "seq", "array")
 
-    def __init__(self, ring, slot: int, stamp: int, seq: int, meta: tuple, array: np.ndarray) -> None:
+    def __init__(self, ring: _Ring, slot: int, stamp: int, seq: int, meta: Meta, array: ItemArray) -> None:
         self._ring = ring
         self._slot = slot
         self._stamp = stamp
@@ -48,7 +51,7 @@ class Item:
         fence_acquire()
         return self._ring.ro.load(self._ring.geo.stamp_off(self._slot)) == self._stamp
 
-    def copy(self) -> np.ndarray:
+    def copy(self) -> ItemArray:
         """A private copy of the payload; raises Overwritten if it was torn by a reuse."""
         out = self.array.copy()
         if not self.valid():
@@ -137,7 +140,7 @@ class Item:
         """Which Consumer.extradata() applies to this item (0: none set yet)."""
         return self._m[13]
 
-    def planes(self) -> tuple[np.ndarray, ...]:
+    def planes(self) -> tuple[Bytes, ...]:
         """Picture planes: (Y, U, V) for yuv420p, (Y, UV) for nv12, (picture,) else."""
         if self._m[0] != KIND_VIDEO:
             raise BusError(f"item {self.seq} is {self.kind}, not a picture")

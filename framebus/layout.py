@@ -14,10 +14,15 @@ place in every layout version, so any version can tell whether a segment's produ
 """
 from __future__ import annotations
 
+import mmap
 import struct
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 from framebus.errors import LayoutMismatch, NotAStream
+
+if TYPE_CHECKING:
+    from framebus.atomics import SharedWords
 
 __all__ = ["MAGIC", "LAYOUT_VERSION", "Geometry", "Identity", "read_identity", "read_pid"]
 
@@ -81,6 +86,7 @@ META = struct.Struct("<HHIQIIIIqIIQQQ")
 #  +8 kind u16, format/codec u16, flags u32, size u64, width|rate u32, height|channels u32,
 #  stride0|samples u32, stride1 u32, pts i64, tb_num u32, tb_den u32, capture_ns u64,
 #  publish_ns u64, extradata_version u64
+Meta = tuple[int, ...]  # META unpacked: the 14 integers above, in that order
 META_OFF = 8
 assert META_OFF + META.size <= SLOT_DESC_SIZE
 
@@ -121,7 +127,7 @@ class Geometry:
     def consumer_off(self, index: int) -> int:
         return self.consumers_off + index * CONSUMER_SIZE
 
-    def taken_entries(self, words):
+    def taken_entries(self, words: SharedWords) -> Iterator[tuple[int, int]]:
         """(offset, pid) of every occupied consumer entry, read through `words`."""
         for i in range(self.max_consumers):
             off = self.consumers_off + i * CONSUMER_SIZE
@@ -155,7 +161,7 @@ class Identity(NamedTuple):
         return Geometry(self.slot_count, self.payload_capacity, self.max_consumers)
 
 
-def read_identity(buf, name: str, file_size: int) -> Identity:
+def read_identity(buf: mmap.mmap, name: str, file_size: int) -> Identity:
     """Parse and check a segment's identity; raise NotAStream or LayoutMismatch naming why."""
     if file_size < 32:
         raise NotAStream(f"stream {name!r}: segment is {file_size} bytes, too small for a framebus header")
@@ -183,7 +189,7 @@ def read_identity(buf, name: str, file_size: int) -> Identity:
     return ident
 
 
-def read_pid(buf, file_size: int) -> tuple[int, int] | None:
+def read_pid(buf: mmap.mmap, file_size: int) -> tuple[int, int] | None:
     """(producer pid, start ticks) of any layout version, or None if there is no header."""
     if file_size < 32 or bytes(buf[0:8]) != MAGIC:
         return None

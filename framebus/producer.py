@@ -18,12 +18,15 @@ import os
 import struct
 import time
 from fractions import Fraction
+from types import TracebackType
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import numpy as np
+import numpy.typing as npt
 
 from framebus import layout as L
 from framebus import procinfo, segment, wake
-from framebus.atomics import Words, fence_release, fence_seq_cst
+from framebus.atomics import SharedWords, Words, fence_release, fence_seq_cst
 from framebus.errors import BusError, PayloadTooLarge, StreamBusy
 from framebus.formats import (
     CODECS,
@@ -39,13 +42,32 @@ from framebus.formats import (
 )
 from framebus.names import check_name, default_prefix, ring_path, tmp_path, wake_glob, wake_path
 from framebus.registry import gc
-from framebus.views import SlotViews, picture_planes
+from framebus.views import Bytes, ItemArray, SlotViews, picture_planes
 
-__all__ = ["Loan", "Producer"]
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+__all__ = ["Loan", "Producer", "SendMeta", "TimeBase"]
 
 log = logging.getLogger("framebus")
 
-_NS_BASE = (1, 1_000_000_000)
+TimeBase = Fraction | tuple[int, int]
+_NS_BASE: tuple[int, int] = (1, 1_000_000_000)
+
+
+class StampMeta(TypedDict, total=False):
+    """The keywords publish_encoded() passes on to Loan.send()."""
+
+    pts: int | None
+    time_base: TimeBase
+    capture_ns: int | None
+    flags: int
+
+
+class SendMeta(StampMeta, total=False):
+    """The keywords publish_picture() and publish_audio() pass on to Loan.send()."""
+
+    keyframe: bool
 _serial = 0  # wake FIFO serials handed out in this process
 
 
@@ -55,7 +77,7 @@ def next_serial() -> int:
     return _serial
 
 
-def _time_base(tb) -> tuple[int, int]:
+def _time_base(tb: TimeBase) -> tuple[int, int]:
     if isinstance(tb, Fraction):
         return tb.numerator, tb.denominator
     num, den = tb
@@ -70,7 +92,7 @@ class Loan:
     __slots__ = ("_producer", "_index", "_kind", "_fmt", "_size", "_w", "_h", "_s0", "_s1", "array", "_done")
 
     def __init__(self, producer: Producer, index: int, kind: int, fmt: int, size: int,
-                 w: int, h: int, s0: int, s1: int, array: np.ndarray) -> None:
+                 w: int, h: int, s0: int, s1: int, array: ItemArray) -> None:
         self._producer = producer
         self._index = index
         self._kind, self._fmt, self._size = kind, fmt, size
@@ -84,12 +106,12 @@ class Loan:
         return self._index
 
     @property
-    def planes(self) -> tuple[np.ndarray, ...]:
+    def planes(self) -> tuple[Bytes, ...]:
         """Writable plane views: (Y, U, V) for yuv420p, (Y, UV) for nv12, (picture,) else."""
         base = self._producer._views.base(self._index)
         return picture_planes(base, self._fmt, self._w, self._h, self._s0, self._s1)
 
-    def send(self, *, pts: int | None = None, time_base=_NS_BASE, capture_ns: int | None = None,
+    def send(self, *, pts: int | None = None, time_base: TimeBase = _NS_BASE, capture_ns: int | None = None,
              flags: int = 0, keyframe: bool = False, size: int | None = None) -> int:
         """Publish the slot; returns the item's sequence number.
 
@@ -119,7 +141,8 @@ class Loan:
     def __enter__(self) -> Loan:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
         elif not self._done:
@@ -128,6 +151,36 @@ class Loan:
 
 class Producer:
     """Owner of one ring. Create with Producer.create(); not thread-safe (one owner)."""
+
+    # Set by create() (a bare Producer() is closed and holds nothing).
+    prefix: str
+    stream: str
+    kind: int
+    geometry: L.Geometry
+    generation: int
+    overruns: int  # times a reliable consumer's hold-back bound ran out
+    _hold_ns: int
+    _history: bool
+    _wake_serial: int
+    _fd: int
+    _path: str
+    _ino: int
+    _mm: mmap.mmap
+    _words: SharedWords
+    _views: SlotViews
+    _waiter: wake.Waiter
+    _seq: int
+    _loaned: bool
+    _extra_version: int
+    _cgen: int
+    _consumers: dict[tuple[int, int], tuple[int | None, int, int]]  # (pid, serial) -> (notify fd, entry, flags)
+    _notify_fds: list[int]
+    _holders: list[tuple[int, bool]]  # (entry offset, reliable) per consumer
+    _slot_seq: list[int]  # the item each slot holds (-1: none)
+    _slot_of: dict[int, int]  # item -> slot, for items still in the index
+    _rate_t0: int
+    _rate_n: int
+    _last_maint: int
 
     def __init__(self) -> None:  # use Producer.create()
         self._closed = True
@@ -201,11 +254,11 @@ class Producer:
         self._loaned = False
         self._extra_version = 0
         self._cgen = -1
-        self._consumers: dict[tuple[int, int], tuple[int | None, int, int]] = {}
-        self._notify_fds: list[int] = []
-        self._holders: list[tuple[int, bool]] = []  # (entry offset, reliable) per consumer
-        self._slot_seq = [-1] * slots  # the item each slot holds (-1: none)
-        self._slot_of: dict[int, int] = {}  # item -> slot, for items still in the index
+        self._consumers = {}
+        self._notify_fds = []
+        self._holders = []
+        self._slot_seq = [-1] * slots
+        self._slot_of = {}
         self._rate_t0 = time.monotonic_ns()
         self._rate_n = 0
         self._last_maint = self._rate_t0
@@ -220,7 +273,7 @@ class Producer:
                  self.prefix, self.stream, slots, payload, self.generation)
         return self
 
-    def _publish(self, tmp: str, mm) -> int:
+    def _publish(self, tmp: str, mm: mmap.mmap) -> int:
         """Make the built ring visible under its name; return its generation.
 
         A generation is the ring's creation time in µs since the epoch, moved past its
@@ -281,7 +334,7 @@ class Producer:
             old.close()
 
     @staticmethod
-    def _set_generation(mm, generation: int) -> None:
+    def _set_generation(mm: mmap.mmap, generation: int) -> None:
         struct.pack_into("<Q", mm, L.OFF_GENERATION, generation)
 
     # ---------------------------------------------------------------- loans
@@ -455,7 +508,7 @@ class Producer:
         return Loan(self, index, KIND_AUDIO, s16, size, rate, channels, samples, 0, view)
 
     # ---------------------------------------------------------------- one-copy publish
-    def publish_picture(self, picture: np.ndarray, fmt: str = "rgb24", **meta) -> int:
+    def publish_picture(self, picture: npt.NDArray[np.uint8], fmt: str = "rgb24", **meta: Unpack[SendMeta]) -> int:
         """Copy an existing picture into the next slot and send it.
 
         Packed formats take an (h, w, 3) or (h, w) array; yuv420p/nv12 take the tight
@@ -479,14 +532,15 @@ class Producer:
             raise
         return loan.send(**meta)
 
-    def publish_encoded(self, data, codec: str, *, keyframe: bool = False, **meta) -> int:
+    def publish_encoded(self, data: ReadableBuffer, codec: str, *, keyframe: bool = False,
+                        **meta: Unpack[StampMeta]) -> int:
         """Copy one access unit (bytes-like) into the next slot and send it."""
         view = memoryview(data).cast("B")
         loan = self.loan_encoded(codec, view.nbytes)
         loan.array[:] = view
         return loan.send(keyframe=keyframe, **meta)
 
-    def publish_audio(self, pcm: np.ndarray, rate: int, **meta) -> int:
+    def publish_audio(self, pcm: npt.NDArray[np.int16], rate: int, **meta: Unpack[SendMeta]) -> int:
         """Copy a (samples, channels) int16 chunk into the next slot and send it."""
         if pcm.dtype != np.int16 or pcm.ndim != 2:
             raise ValueError(f"audio must be a (samples, channels) int16 array, got {pcm.dtype} {pcm.shape}")
@@ -516,7 +570,7 @@ class Producer:
 
     # ---------------------------------------------------------------- commit
     def _commit(self, index: int, kind: int, fmt: int, flags: int, size: int, w: int, h: int,
-                s0: int, s1: int, pts: int | None, time_base, capture_ns: int | None) -> int:
+                s0: int, s1: int, pts: int | None, time_base: TimeBase, capture_ns: int | None) -> int:
         now = time.monotonic_ns()
         if capture_ns is None:
             capture_ns = now
@@ -615,9 +669,9 @@ class Producer:
         self._words.store_release(L.OFF_STATE, L.STATE_CLOSED)
         for fd in self._notify_fds:
             wake.notify(fd)
-        for fd, _, _ in self._consumers.values():
-            if fd is not None:
-                os.close(fd)
+        for entry_fd, _, _ in self._consumers.values():
+            if entry_fd is not None:
+                os.close(entry_fd)
         self._consumers.clear()
         self._notify_fds = []
         self._waiter.close()
@@ -628,7 +682,7 @@ class Producer:
     def __enter__(self) -> Producer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -639,7 +693,7 @@ class Producer:
                 pass
 
 
-def reap_consumer(words, off: int, prefix: str, stream: str) -> None:
+def reap_consumer(words: SharedWords, off: int, prefix: str, stream: str) -> None:
     """Free a dead consumer's entry and remove its wake FIFO (call under the segment flock)."""
     pid = words.load(off + L.C_PID)
     if not pid or procinfo.is_alive(pid, words.load(off + L.C_TICKS)):

@@ -11,6 +11,7 @@ import mmap
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from framebus import layout as L
 from framebus import procinfo, segment, wake
@@ -61,7 +62,7 @@ class StreamInfo:
         """Items lost by consumers because the ring overran them."""
         return sum(c.missed for c in self.consumers)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["drops"] = self.drops
         return d
@@ -177,7 +178,7 @@ def _remove_stale_ring(prefix: str, stream: str, path: str) -> bool:
                 owner = L.read_pid(head, size) if head is not None else None
                 if owner is not None and procinfo.is_alive(*owner):
                     return False
-                if owner is not None and size >= L.HEADER_SIZE:
+                if head is not None and owner is not None and size >= L.HEADER_SIZE:
                     w = Words(head)
                     w.store_release(L.OFF_STATE, L.STATE_CLOSED)  # its consumers detach
                     w.release()

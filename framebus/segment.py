@@ -21,6 +21,7 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from framebus.errors import BusFull
@@ -118,7 +119,7 @@ def open_existing(path: str) -> tuple[int, int]:
 
 
 @contextmanager
-def flock(fd: int):
+def flock(fd: int) -> Iterator[None]:
     """Exclusive lock on a segment for the rare table updates; the kernel drops it if we die."""
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:

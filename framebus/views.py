@@ -7,11 +7,18 @@ small Item object.
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
+import numpy.typing as npt
 
 from framebus.formats import KIND_AUDIO, KIND_ENCODED, PIXEL_FORMAT_NAMES
 
-__all__ = ["SlotViews", "picture_planes"]
+__all__ = ["Bytes", "ItemArray", "SlotViews", "picture_planes"]
+
+Bytes = npt.NDArray[np.uint8]
+# What an item's array is: bytes (pictures, encoded units) or int16 samples (audio).
+ItemArray = npt.NDArray[np.uint8 | np.int16]
 
 _PACKED = {1: 3, 2: 3, 3: 1}  # rgb24, bgr24, gray -> bytes per pixel
 _YUV420P, _NV12 = 4, 5
@@ -27,19 +34,19 @@ class SlotViews:
 
     __slots__ = ("_bases", "_cache")
 
-    def __init__(self, buffer, payloads_off: int, slot_stride: int, slot_count: int, capacity: int) -> None:
+    def __init__(self, buffer: mmap.mmap, payloads_off: int, slot_stride: int, slot_count: int, capacity: int) -> None:
         whole = np.frombuffer(buffer, dtype=np.uint8)
         self._bases = [
             whole[payloads_off + i * slot_stride : payloads_off + i * slot_stride + capacity]
             for i in range(slot_count)
         ]
-        self._cache: list[dict] = [{} for _ in range(slot_count)]
+        self._cache: list[dict[tuple[int, int, int, int, int], Bytes]] = [{} for _ in range(slot_count)]
 
-    def base(self, index: int) -> np.ndarray:
+    def base(self, index: int) -> Bytes:
         """The whole payload of slot `index` as a 1-D uint8 array."""
         return self._bases[index]
 
-    def get(self, index: int, kind: int, fmt: int, size: int, w: int, h: int, s0: int, s1: int) -> np.ndarray:
+    def get(self, index: int, kind: int, fmt: int, size: int, w: int, h: int, s0: int, s1: int) -> ItemArray:
         """The natural array view of an item in slot `index` (see Item.array)."""
         base = self._bases[index]
         if kind == KIND_ENCODED:
@@ -57,7 +64,7 @@ class SlotViews:
         return view
 
 
-def _picture_view(base: np.ndarray, fmt: int, w: int, h: int, s0: int, s1: int, size: int) -> np.ndarray:
+def _picture_view(base: Bytes, fmt: int, w: int, h: int, s0: int, s1: int, size: int) -> Bytes:
     bpp = _PACKED.get(fmt)
     if bpp is not None:
         shape = (h, w, bpp) if bpp > 1 else (h, w)
@@ -69,13 +76,13 @@ def _picture_view(base: np.ndarray, fmt: int, w: int, h: int, s0: int, s1: int, 
     return base[:size]
 
 
-def _strided(base: np.ndarray, offset: int, shape: tuple, strides: tuple) -> np.ndarray:
+def _strided(base: Bytes, offset: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> Bytes:
     # np.ndarray checks that shape and strides stay inside `base`, so even a corrupt
     # descriptor can never produce a view past the slot.
     return np.ndarray(shape, np.uint8, buffer=base, offset=offset, strides=strides)
 
 
-def picture_planes(base: np.ndarray, fmt: int, w: int, h: int, s0: int, s1: int) -> tuple[np.ndarray, ...]:
+def picture_planes(base: Bytes, fmt: int, w: int, h: int, s0: int, s1: int) -> tuple[Bytes, ...]:
     """The planes of a picture: (Y, U, V) for yuv420p, (Y, UV) for nv12, (picture,) else."""
     if fmt in _PACKED:
         return (_picture_view(base, fmt, w, h, s0, s1, s0 * h),)

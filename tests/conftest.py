@@ -86,7 +86,8 @@ class Proc:
             if ev is None:
                 self.popen.wait(timeout=5)
                 raise AssertionError(
-                    f"{self.args[1]} {self.pid} exited ({self.popen.returncode}) before {event!r}; stderr:\n{self.stderr}"
+                    f"{self.args[1]} {self.pid} exited ({self.popen.returncode}) before {event!r}; "
+                    f"stderr:\n{self.stderr}"
                 )
             if ev.get("event") == event:
                 return ev

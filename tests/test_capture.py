@@ -312,7 +312,7 @@ def picture_number_bgr(picture: np.ndarray) -> int:
 
 # ----------------------------------------------------------------------------- screen
 def test_screen_source_sends_changes_skips_a_still_screen_and_fires_share_events(box, prefix, monkeypatch):
-    from tests.test_screen import H, W, Painter, Xvfb
+    from tests.test_screen import H, Painter, W, Xvfb
     x = Xvfb()
     try:
         monkeypatch.setenv("DISPLAY", x.display)

@@ -473,7 +473,7 @@ def test_refused_and_silent_servers_fail_clearly_and_back_off(box, prefix):
         mute.wait_metric("edgeroom_capture_source_errors_total", 1, reason="timeout")
         mute.wait_status(r"retrying in .*: cannot open rtsp://127\.0\.0\.1:\d+/test: no answer within 1\.\d s")
         for cap in (nobody, mute):  # (while a reopen is under way it reports ready: see the service)
-            wait_for(lambda: cap.row().get("state") == "degraded", 5, f"{cap.id} degraded")
+            wait_for(lambda c=cap: c.row().get("state") == "degraded", 5, f"{cap.id} degraded")
 
         window = 3.0
         time.sleep(max(0.0, since + window - time.monotonic()))  # a measured interval, not a poll

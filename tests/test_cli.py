@@ -51,7 +51,8 @@ def test_bus_gc_removes_only_what_is_stale(prefix, spawn):
     live = spawn("producer", prefix, "live", "--count", "3", "--linger", "30")
     live.expect("done")
     dead.kill(signal.SIGKILL)
-    statuses = {r["stream"]: r["status"] for r in json.loads(edgeroom("bus", "ls", "--prefix", prefix, "--json").stdout)}
+    listed = json.loads(edgeroom("bus", "ls", "--prefix", prefix, "--json").stdout)
+    statuses = {r["stream"]: r["status"] for r in listed}
     assert statuses == {"dead": "stale", "live": "alive"}
     out = edgeroom("bus", "gc", "--prefix", prefix).stdout
     assert f"removed /dev/shm/{prefix}.dead\n" in out

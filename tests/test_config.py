@@ -13,15 +13,11 @@ import pytest
 from services.capture.sources import config_classes
 from services.capture.sources.synthetic import SyntheticConfig as SourceConfig
 from services.runtime.config import (
-    BoxConfig,
-    BusConfig,
     Change,
     Config,
     ConfigError,
-    ControlConfig,
     HookConfig,
     HubConfig,
-    LogConfig,
     ServiceConfig,
     defaults,
     diff,
@@ -204,7 +200,8 @@ def test_unknown_keys_are_rejected_with_the_known_ones(text, key, known):
 
 def test_unknown_top_level_key_message_is_exact():
     assert str(error("colour = 1")) == (
-        "<string>: colour: unknown key (known: box, log, bus, control, hub, hooks, services, sources, vision, pipelines, recorder)")
+        "<string>: colour: unknown key (known: box, log, bus, control, hub, hooks, services, sources, vision, "
+        "pipelines, recorder)")
 
 
 def test_every_service_name_is_accepted_with_field_defaults():

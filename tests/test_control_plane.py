@@ -218,6 +218,17 @@ def test_tcp_needs_an_authorized_curve_key(box):
     assert json.loads(out.stdout)["services"][0]["service"] == "hub"
 
 
+def test_a_hub_key_file_without_its_secret_is_named_not_a_type_error(tmp_path):
+    from services.control.keys import init_server, load_server
+
+    init_server(tmp_path)
+    assert load_server(tmp_path)[1]  # the pair as made: public and secret
+    # the public half copied over the secret file (an easy slip when handing keys out)
+    (tmp_path / "server.key_secret").write_bytes((tmp_path / "server.key").read_bytes())
+    with pytest.raises(ValueError, match=r"server\.key_secret holds no secret key.*keys init --force"):
+        load_server(tmp_path)
+
+
 def test_ctl_without_a_hub_says_where_it_looked_and_exits_3(tmp_path):
     t0 = time.monotonic()
     out = edgeroom("ctl", "status", "--runtime-dir", str(tmp_path))
@@ -284,8 +295,9 @@ def test_ctl_as_a_user_outside_the_group_is_told_so(tmp_path):
     try:
         rundir.chmod(0o750)
         (rundir / "control.sock").touch(mode=0o660)
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{Path(__file__).parent.parent}:{sysconfig.get_paths()['purelib']}"
-               f":{sysconfig.get_paths()['platlib']}"}
+        paths = sysconfig.get_paths()
+        env = {"PATH": "/usr/bin:/bin",
+               "PYTHONPATH": f"{Path(__file__).parent.parent}:{paths['purelib']}:{paths['platlib']}"}
         runuser, python = shutil.which("runuser"), "/usr/bin/python3"
         probe = subprocess.run([runuser, "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python,
                                 "-c", "import zmq, services.cli"], capture_output=True, text=True) if runuser else None

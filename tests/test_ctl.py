@@ -207,8 +207,8 @@ def _events(b: Box, ctl, as_json: bool) -> None:
     assert tail.returncode == 0, err
     if as_json:
         event = json.loads(out)
-        assert (event["topic"], event["source"], event["data"]) == ("source.added", "hub",
-                                                                   {"name": "door", "kind": "synthetic", "room": "hall"})
+        assert (event["topic"], event["source"], event["data"]) == (
+            "source.added", "hub", {"name": "door", "kind": "synthetic", "room": "hall"})
         assert event["seq"] > 0 and event["time"] > 0
         return
     assert re.fullmatch(r'\d\d:\d\d:\d\d\.\d{3} source\.added hub \{"name":"door","kind":"synthetic","room":"hall"\}\n',
@@ -431,7 +431,8 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
 }
 
 
-def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+def leaves(parser: argparse.ArgumentParser,
+           path: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
     """Every runnable command under `parser`, by its words: {("ctl", "record", "list"): its parser, ...}."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:

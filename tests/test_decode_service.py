@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 
 import framebus
-from services.runtime.streams import raw_stream
 from services.capture.sources.synthetic import Pattern
 from services.decode.decoder import nal_spans
+from services.runtime.streams import raw_stream
 from tests.appliance import Box, metric_value, wait_for
 from tests.conftest import shm_leftovers
 

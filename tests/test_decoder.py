@@ -18,8 +18,7 @@ import pytest
 
 import framebus
 from services.capture.sources.synthetic import Pattern, frame_number
-from services.decode.decoder import Decoder, DecoderUnavailable, copy_into, probe_hw, publish_frame
-from services.decode.decoder import nal_spans
+from services.decode.decoder import Decoder, DecoderUnavailable, copy_into, nal_spans, probe_hw, publish_frame
 
 W, H, N, GOP = 320, 240, 60, 30
 

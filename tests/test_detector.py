@@ -82,7 +82,8 @@ def grid_model(path: Path, *, dtype: str = "float32", dynamic_batch: bool = True
     batch = "batch" if dynamic_batch else 1
     centers = (np.arange(4) * 16 + 8).astype(np.float32)
     cy, cx = np.meshgrid(centers, centers, indexing="ij")
-    boxes = np.stack([cx.ravel(), cy.ravel(), np.full(16, float(box)), np.full(16, float(box))])[None].astype(np.float32)
+    side = np.full(16, float(box))
+    boxes = np.stack([cx.ravel(), cy.ravel(), side, side])[None].astype(np.float32)
     init = [
         helper.make_tensor("boxes", TensorProto.FLOAT, boxes.shape, boxes.ravel()),
         helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3, -1]),
@@ -251,9 +252,9 @@ def test_batch_equals_singles_on_a_static_batch_model(person):
 
 @pytest.mark.slow
 def test_int8_copy_finds_the_same_people(person_model, person, tmp_path):
-    from services.vision.quantize import quantize_int8
-
     import cv2
+
+    from services.vision.quantize import quantize_int8
 
     calib = [photo("bus.jpg"), photo("zidane.jpg")]
     calib += [cv2.flip(p, 1) for p in calib]

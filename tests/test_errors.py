@@ -43,7 +43,8 @@ def test_slots_too_small_for_the_consumer(prefix):
     with framebus.Producer.create("cam", payload=640 * 480 * 3, prefix=prefix) as p:
         with pytest.raises(framebus.LayoutMismatch, match="slots of 921600 bytes, this consumer needs 6220800"):
             framebus.Consumer.attach("cam", prefix=prefix, expect_payload=1920 * 1080 * 3)
-        with pytest.raises(framebus.PayloadTooLarge, match="a 1920x1080 rgb24 picture needs 6220800 bytes, slots hold 921600"):
+        with pytest.raises(framebus.PayloadTooLarge,
+                           match="a 1920x1080 rgb24 picture needs 6220800 bytes, slots hold 921600"):
             p.loan_picture(1920, 1080, "rgb24")
         with pytest.raises(framebus.PayloadTooLarge):
             p.publish_picture(np.zeros((1080, 1920, 3), np.uint8))
@@ -62,7 +63,8 @@ def test_garbage_and_truncated_segments(prefix):
         short = f"/dev/shm/{prefix}.short"
         with open(f"/dev/shm/{prefix}.cam", "rb") as src, open(short, "wb") as dst:
             dst.write(src.read(L.PAGE * 2))
-        with pytest.raises(framebus.NotAStream, match=r"segment is 8192 bytes but its header describes \d+ \(truncated\)"):
+        with pytest.raises(framebus.NotAStream,
+                           match=r"segment is 8192 bytes but its header describes \d+ \(truncated\)"):
             framebus.Consumer.attach("short", prefix=prefix)
     statuses = {s.stream: s.status for s in framebus.list_streams(prefix)}
     assert statuses == {"junk": "invalid", "short": "alive"}  # short's header names our live pid
@@ -133,7 +135,8 @@ def test_corrupt_descriptor_is_dropped_counted_and_logged(prefix, caplog):
         with caplog.at_level("WARNING", logger="framebus"):
             assert c.poll() is None
         assert (c.corrupt, c.missed, c.received) == (1, 1, 0)
-        assert "item 0 has a bad descriptor, dropped (1 so far): size 1099511627776 exceeds the slot's 9216 bytes" in caplog.text
+        assert ("item 0 has a bad descriptor, dropped (1 so far): size 1099511627776 exceeds the slot's 9216 bytes"
+                in caplog.text)
         p.publish_picture(np.full((48, 64, 3), 2, np.uint8))
         item = c.poll()
         assert item is not None and item.seq == 1 and (item.array == 2).all()

@@ -412,7 +412,8 @@ def test_answer_unknown_or_twice_is_not_found(broker):
     with pytest.raises(ProtocolError) as info:
         broker.answer("h999", "allow", None)
     assert info.value.code == "not_found"
-    assert info.value.message == "no pending hook call 'h999' for this handler (answered already, too late, or sent to another handler)"
+    assert info.value.message == ("no pending hook call 'h999' for this handler "
+                                  "(answered already, too late, or sent to another handler)")
     p = broker.open_call(BRIDGE, "c", 0.0)
     broker.answer(p.call, "block", None)
     with pytest.raises(ProtocolError) as info:

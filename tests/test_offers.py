@@ -77,9 +77,9 @@ def test_a_silent_service_costs_the_client_a_timeout_not_the_hub(offering):
     assert b.call("ping")["pong"]
     time.sleep(0.5)  # the late answer arrives and is refused by the hub; nothing breaks
     assert b.call("probe.echo", {"x": 1})["echo"] == {"x": 1}
-    line = next(l for l in b.scrape().splitlines()
-                if l.startswith("edgeroom_hub_forwarded_calls_total{") and 'command="probe.later"' in l
-                and 'outcome="timeout"' in l)
+    line = next(row for row in b.scrape().splitlines()
+                if row.startswith("edgeroom_hub_forwarded_calls_total{") and 'command="probe.later"' in row
+                and 'outcome="timeout"' in row)
     assert line.endswith(" 1.0"), line
 
 

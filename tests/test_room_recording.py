@@ -236,8 +236,8 @@ def test_buffers_stay_bounded_when_a_track_floods(tmp_path):
     rec.declare("mic", "audio")                 # stalls: never sends, while cam floods before the start
     frames = list(encoded_frames(2.0, fps=25, gop_s=0.4))
     pushed = 0
-    for rep in range(20):                       # the same 2 s of video again and again, 1 ms apart
-        for i, (_, au, key) in enumerate(frames):
+    for _ in range(20):                         # the same 2 s of video again and again, 1 ms apart
+        for _, au, key in frames:
             rec.push_video("cam", au, BASE + pushed * 1_000_000, key)
             pushed += 1
             track = rec.tracks["cam"]

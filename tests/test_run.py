@@ -65,7 +65,7 @@ def test_a_service_killed_every_5_s_restarts_after_restart_sec_each_time(box):
     for _ in range(5):
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        row = wait_for(lambda: (r := b.services()[CAPTURE])["pid"] != pid and r["state"] == "ready" and r, 5,
+        row = wait_for(lambda old=pid: (r := b.services()[CAPTURE])["pid"] != old and r["state"] == "ready" and r, 5,
                        f"capture back before the next kill; log:\n{b.log()[-2000:]}")
         back.append(time.monotonic() - killed)
         pid = row["pid"]

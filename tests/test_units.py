@@ -36,7 +36,8 @@ def test_the_committed_units_are_what_the_catalog_and_default_config_render():
 def test_every_unit_verifies_and_scores_at_most_2(tmp_path):
     results = units.check(rendered(tmp_path))
     assert {r.name for r in results} == units.checked_names()
-    assert {"edgeroom-hub.service", "edgeroom-capture@check.service", "edgeroom-recorder.service"} <= units.checked_names()
+    wanted = {"edgeroom-hub.service", "edgeroom-capture@check.service", "edgeroom-recorder.service"}
+    assert wanted <= units.checked_names()
     for r in results:
         assert r.ok, f"{r.name}: {r.problem}"
         assert r.exposure <= 2.0

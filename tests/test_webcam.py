@@ -36,13 +36,11 @@ import pytest
 
 import framebus
 from services.capture import cameras
-from services.capture.sources import webcam
 from services.capture.cameras import CAP_META_CAPTURE, CAP_VIDEO_CAPTURE, VIDIOC_QUERYCAP, list_cameras
 from services.capture.sink import Sink, SinkMetrics
-from services.capture.sources import SourceError
+from services.capture.sources import SourceError, webcam
 from services.capture.sources.synthetic import Pattern, frame_number
-from services.capture.sources.webcam import WebcamSource
-from services.capture.sources.webcam import WebcamConfig
+from services.capture.sources.webcam import WebcamConfig, WebcamSource
 from tests.appliance import Box, metric_value, wait_for
 
 cv2 = pytest.importorskip("cv2")

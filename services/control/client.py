@@ -10,13 +10,15 @@ import itertools
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
 from services.control import protocol
+from services.control.protocol import JsonObject
 
 __all__ = ["ControlError", "HubUnreachable", "CommandFailed", "CurveKeys", "Client", "Subscriber",
            "HookHandler", "context"]
@@ -24,7 +26,7 @@ __all__ = ["ControlError", "HubUnreachable", "CommandFailed", "CurveKeys", "Clie
 _ids = itertools.count(1)
 
 
-def context() -> zmq.Context:
+def context() -> zmq.SyncContext:
     """One ZeroMQ context per process (never one per object)."""
     return zmq.Context.instance()
 
@@ -52,7 +54,7 @@ class CurveKeys:
     secret: bytes
 
     @classmethod
-    def from_files(cls, server_key: str | os.PathLike, client_secret: str | os.PathLike) -> CurveKeys:
+    def from_files(cls, server_key: str | os.PathLike[str], client_secret: str | os.PathLike[str]) -> CurveKeys:
         import zmq.auth
 
         server_public, _ = zmq.auth.load_certificate(str(server_key))
@@ -61,7 +63,7 @@ class CurveKeys:
             raise ControlError(f"{client_secret} holds no secret key (use the .key_secret file)")
         return cls(server_public, public, secret)
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def apply(self, sock: zmq.SyncSocket) -> None:
         sock.curve_serverkey = self.server_public
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
@@ -84,7 +86,7 @@ def _hint(endpoint: str) -> str:
             f"and that your CURVE keys are authorized (refused clients get no reply)")
 
 
-def _socket(kind: int, endpoint: str, curve: CurveKeys | None, max_bytes: int) -> zmq.Socket:
+def _socket(kind: int, endpoint: str, curve: CurveKeys | None, max_bytes: int) -> zmq.SyncSocket:
     sock = context().socket(kind)
     sock.linger = 0
     sock.maxmsgsize = max_bytes * 2
@@ -101,8 +103,8 @@ class Client:
     def __init__(self, endpoint: str, timeout: float = 2.0, curve: CurveKeys | None = None,
                  max_bytes: int = 262144) -> None:
         self.endpoint, self.timeout, self.curve, self.max_bytes = endpoint, timeout, curve, max_bytes
-        self._sock: zmq.Socket | None = None
-        self.on_push: Callable[[dict], None] | None = None  # hook calls arriving between replies
+        self._sock: zmq.SyncSocket | None = None
+        self.on_push: Callable[[JsonObject], None] | None = None  # hook calls arriving between replies
 
     def __enter__(self) -> Client:
         return self
@@ -111,7 +113,7 @@ class Client:
         self.close()
 
     @property
-    def socket(self) -> zmq.Socket:
+    def socket(self) -> zmq.SyncSocket:
         if self._sock is None:
             self._sock = _socket(zmq.DEALER, self.endpoint, self.curve, self.max_bytes)
         return self._sock
@@ -121,7 +123,7 @@ class Client:
             self._sock.close(linger=0)
             self._sock = None
 
-    def send(self, cmd: str, args: dict | None = None) -> str:
+    def send(self, cmd: str, args: JsonObject | None = None) -> str:
         """Send a request without waiting; returns its id."""
         rid = f"{os.getpid()}-{next(_ids)}"
         body = protocol.encode_request(rid, cmd, args)
@@ -130,7 +132,7 @@ class Client:
         self.socket.send_multipart([b"", body], flags=zmq.NOBLOCK)
         return rid
 
-    def call(self, cmd: str, args: dict | None = None, timeout: float | None = None) -> Any:
+    def call(self, cmd: str, args: JsonObject | None = None, timeout: float | None = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
         if self.endpoint.startswith("ipc://") and not os.access(self.endpoint[6:], os.R_OK | os.W_OK):
             raise HubUnreachable(f"hub not reachable at {self.endpoint}: {_hint(self.endpoint)}")
@@ -157,7 +159,7 @@ class Client:
         raise HubUnreachable(f"no reply to {cmd!r} from the hub at {self.endpoint} within "
                              f"{timeout:g} s: {_hint(self.endpoint)}")
 
-    def _read(self) -> dict | None:
+    def _read(self) -> JsonObject | None:
         frames = self.socket.recv_multipart()
         try:
             msg = protocol.parse_reply(frames[-1], self.max_bytes * 2)
@@ -229,7 +231,7 @@ class Subscriber:
                 return event
 
 
-Decision = tuple  # ("allow" | "block" | "replace", replacement data or None)
+Decision = tuple[str, JsonObject | None]  # ("allow" | "block" | "replace", replacement data or None)
 
 
 class HookHandler:
@@ -239,7 +241,7 @@ class HookHandler:
     dies stops being asked within `ttl`; until then the hub applies the hook's timeout policy.
     """
 
-    def __init__(self, endpoint: str, hook: str, handler: Callable[[dict], Decision], ttl: float = 3.0,
+    def __init__(self, endpoint: str, hook: str, handler: Callable[[JsonObject], Decision], ttl: float = 3.0,
                  curve: CurveKeys | None = None) -> None:
         self.hook, self.handler, self.ttl = hook, handler, ttl
         self.client = Client(endpoint, curve=curve)
@@ -250,7 +252,7 @@ class HookHandler:
     def close(self) -> None:
         self.client.close()
 
-    def _answer(self, msg: dict) -> None:
+    def _answer(self, msg: JsonObject) -> None:
         decision, data = self.handler(dict(msg.get("data") or {}))
         self.client.send("hook.answer", {"call": msg.get("call"), "decision": decision, "data": data})
         self.answered += 1

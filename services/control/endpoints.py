@@ -10,8 +10,10 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 __all__ = ["Endpoints", "runtime_dir", "endpoints_for", "prepare_runtime_dir", "secure_socket_file",
            "CONTROL_SOCK", "EVENTS_IN_SOCK", "EVENTS_SOCK", "hold_lock"]
@@ -31,8 +33,9 @@ class Endpoints:
     tcp_events: str = ""
 
 
-def runtime_dir(configured: str = "", env: dict | None = None) -> Path:
-    env = os.environ if env is None else env
+def runtime_dir(configured: str = "", env: Mapping[str, str] | None = None) -> Path:
+    if env is None:
+        env = os.environ
     if configured:
         return Path(configured)
     if env.get("RUNTIME_DIRECTORY"):
@@ -71,7 +74,7 @@ def secure_socket_file(endpoint: str) -> None:
         os.chmod(endpoint[len("ipc://"):], 0o660)
 
 
-def hold_lock(rundir: Path, name: str):
+def hold_lock(rundir: Path, name: str) -> TextIO:
     """An exclusive lock on RUNDIR/NAME.lock for the life of the process (one hub, one `run`
     per runtime directory). Raises RuntimeError naming the holder's pid if it is taken."""
     f = open(rundir / f"{name}.lock", "a+")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -52,6 +53,9 @@ def load_server(curve_dir: Path) -> tuple[bytes, bytes]:
     if not path.exists():
         raise FileNotFoundError(f"no hub key at {path}: run `edgeroom keys init --dir {curve_dir}`")
     public, secret = zmq.auth.load_certificate(str(path))
+    if secret is None:  # a public key file under the secret one's name: say so, not a TypeError at bind
+        raise ValueError(f"{path} holds no secret key: restore the hub's key pair, or make a new one with "
+                         f"`edgeroom keys init --force --dir {curve_dir}` (clients then need the new server.key)")
     return public, secret
 
 
@@ -71,7 +75,8 @@ class ZapAuthenticator:
     logged by the owner of the hub's state, and so the key list reloads on SIGHUP.
     """
 
-    def __init__(self, ctx: zmq.Context, curve_dir: Path, on_refused) -> None:
+    def __init__(self, ctx: zmq.SyncContext, curve_dir: Path,
+                 on_refused: Callable[[str, str, str], None]) -> None:
         self.curve_dir, self.on_refused = curve_dir, on_refused
         self.keys = authorized_keys(curve_dir)
         self.sock = ctx.socket(zmq.REP)

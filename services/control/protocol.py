@@ -23,7 +23,12 @@ __all__ = [
     "VERSION", "ProtocolError", "Request", "Event", "ERROR_CODES", "TOPIC_END",
     "parse_request", "encode_request", "encode_reply", "encode_error", "parse_reply",
     "topic_frame", "subscription", "json_bytes", "check_topic", "parse_event", "encode_event", "split_envelope",
+    "JsonObject",
 ]
+
+# A decoded JSON object. Its values are whatever the peer sent (checked where they are used),
+# so Any is the honest type for them.
+JsonObject = dict[str, Any]
 
 VERSION = 1
 TOPIC_END = b"\0"  # ends every topic frame, so a subscription can match exactly
@@ -61,13 +66,13 @@ class ProtocolError(ValueError):
 class Request:
     id: str | int
     cmd: str
-    args: dict = field(default_factory=dict)
+    args: JsonObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Event:
     topic: str
-    data: dict
+    data: JsonObject
     source: str = ""
     seq: int = 0
     time: float = 0.0
@@ -90,7 +95,7 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _load_object(body: bytes, limit: int | None) -> dict:
+def _load_object(body: bytes, limit: int | None) -> JsonObject:
     if limit is not None and len(body) > limit:
         rid = _readable_id(body)
         raise ProtocolError("too_large", f"message of {len(body)} bytes is over the limit of {limit} bytes", rid)
@@ -115,14 +120,14 @@ def _readable_id(body: bytes) -> Any:
     return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
 
 
-def _check_version(obj: dict, request_id: Any) -> None:
+def _check_version(obj: JsonObject, request_id: Any) -> None:
     v = obj.get("v")
     if type(v) is not int or v != VERSION:  # not true, not 1.0: an integer
-        raise ProtocolError("unsupported_version", f"protocol version {v!r} is not supported (this hub speaks {VERSION})",
-                            request_id)
+        raise ProtocolError("unsupported_version",
+                            f"protocol version {v!r} is not supported (this hub speaks {VERSION})", request_id)
 
 
-def _request_id(obj: dict) -> str | int:
+def _request_id(obj: JsonObject) -> str | int:
     rid = obj.get("id")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and len(rid) > _MAX_ID):
         raise ProtocolError("bad_request", f"'id' must be a string of at most {_MAX_ID} chars or an integer")
@@ -145,12 +150,12 @@ def parse_request(body: bytes, limit: int) -> Request:
     return Request(rid, cmd, args)
 
 
-def json_bytes(obj: dict) -> bytes:
+def json_bytes(obj: JsonObject) -> bytes:
     """Compact JSON, NaN refused (it is not JSON)."""
     return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str).encode()
 
 
-def encode_request(rid: str | int, cmd: str, args: dict | None = None) -> bytes:
+def encode_request(rid: str | int, cmd: str, args: JsonObject | None = None) -> bytes:
     return json_bytes({"v": VERSION, "id": rid, "cmd": cmd, "args": args or {}})
 
 
@@ -159,10 +164,11 @@ def encode_reply(rid: Any, result: Any) -> bytes:
 
 
 def encode_error(rid: Any, code: str, message: str) -> bytes:
-    return json_bytes({"v": VERSION, "type": "reply", "id": rid, "ok": False, "error": {"code": code, "message": message}})
+    return json_bytes({"v": VERSION, "type": "reply", "id": rid, "ok": False,
+                       "error": {"code": code, "message": message}})
 
 
-def parse_reply(body: bytes, limit: int) -> dict:
+def parse_reply(body: bytes, limit: int) -> JsonObject:
     """A message a client receives: a reply, or a hook call or service call pushed by the hub."""
     obj = _load_object(body, limit)
     _check_version(obj, obj.get("id"))
@@ -217,5 +223,5 @@ def parse_event(frames: list[bytes], limit: int) -> Event:
                  obj.get("mono_ns", 0))
 
 
-_EVENT_FIELDS = {"source": str, "seq": int, "time": (int, float), "mono_ns": int}
+_EVENT_FIELDS: dict[str, type | tuple[type, ...]] = {"source": str, "seq": int, "time": (int, float), "mono_ns": int}
 _EVENT_WHAT = {"source": "a string", "seq": "an integer", "time": "a number", "mono_ns": "an integer"}

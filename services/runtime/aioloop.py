@@ -27,7 +27,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -44,7 +44,7 @@ class AsyncLoop:
         self.aio = asyncio.new_event_loop()
         self.turn_hooks: list[Callable[[float], None]] = []
         self.signal_handlers: dict[int, Callable[[int], None]] = {}
-        self._zmq: dict[zmq.Socket, Callable[[], None]] = {}
+        self._zmq: dict[zmq.SyncSocket, Callable[[], None]] = {}
         self._fds: dict[Any, int] = {}
         self._handed: collections.deque[Callable[[], None]] = collections.deque()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -58,7 +58,7 @@ class AsyncLoop:
         """`source`: a zmq socket or anything with a file descriptor (or an fd)."""
         if isinstance(source, zmq.Socket):
             self._zmq[source] = callback
-            fd = source.getsockopt(zmq.FD)
+            fd = source.fileno()  # ZMQ_FD
             self.aio.add_reader(fd, self._zmq_ready)
         else:
             fd = source if isinstance(source, int) else source.fileno()
@@ -75,7 +75,8 @@ class AsyncLoop:
 
     def _zmq_ready(self) -> None:
         for sock, callback in list(self._zmq.items()):
-            if sock in self._zmq and not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # pyzmq types every option's value as int | bytes; ZMQ_EVENTS is an int
+            if sock in self._zmq and not sock.closed and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 callback()
 
     def _call(self, callback: Callable[[], None]) -> None:

@@ -261,7 +261,7 @@ class Config:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and self._parts == other._parts
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable on purpose; typeshed types __hash__ as a method
 
     def __repr__(self) -> str:
         return f"Config({', '.join(f'{k}={v!r}' for k, v in self._parts.items())})"
@@ -313,9 +313,11 @@ def _check_type(kind: type, value: Any) -> Any:
     """`value` as `kind`; strict: only an int may stand in for a float."""
     if not (type(value) is kind or (kind is float and type(value) is int)):
         raise ValueError(f"{_EXPECTED[kind]}, got {_show(value)}")
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {_show(value)}")
-    return float(value) if kind is float else value
+    if kind is float and isinstance(value, (int, float)):  # it is, after the check above
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {_show(value)}")
+        return float(value)
+    return value
 
 
 def _parse_env(kind: type, text: str) -> Any:
@@ -474,7 +476,7 @@ def _env_error(var: str, path: _KeyPath, reason: str) -> ConfigError:
 
 def _env_entry(var: str, table: Table, name: str, tree: dict[str, Any]) -> str:
     """The entry of `table` that `name` (lower-cased) names: a present one, or a new one where allowed."""
-    present = list(tree.get(table.name) or {}) if isinstance(tree.get(table.name), dict) else []
+    present: list[str] = list(tree.get(table.name) or {}) if isinstance(tree.get(table.name), dict) else []
     found = [n for n in present if n.lower() == name]
     if found:
         return found[0]
@@ -497,6 +499,7 @@ def _env_path(var: str, tree: dict[str, Any], schema: dict[str, Part]) -> _KeyPa
     part = schema.get(top)
     if part is None:
         raise _env_error(var, (top,), f"unknown key (known: {', '.join(schema)})")
+    prefix: _KeyPath
     if isinstance(part, Section):
         known, prefix = [f.name for f in fields(part.cls)], (top,)
     else:
@@ -511,9 +514,10 @@ def _env_path(var: str, tree: dict[str, Any], schema: dict[str, Part]) -> _KeyPa
 
 def _set(tree: dict[str, Any], path: _KeyPath, value: str) -> None:
     for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-        if not isinstance(tree, dict):  # the file has a value where a table belongs: validation says so
+        child = tree.setdefault(key, {})
+        if not isinstance(child, dict):  # the file has a value where a table belongs: validation says so
             return
+        tree = child
     tree[path[-1]] = value
 
 
@@ -538,7 +542,7 @@ def _from_document(doc: dict[str, Any], env: Mapping[str, str] | None, source: s
     schema = _schema()
     origins: dict[_KeyPath, str | None] = {}
     _note(doc, source, origins)
-    replaced = {(name,) for name, part in schema.items() if isinstance(part, Table) and part.replaced}
+    replaced: set[_KeyPath] = {(name,) for name, part in schema.items() if isinstance(part, Table) and part.replaced}
     tree = _merge(doc, _base_tree(schema), replaced)
     _apply_env(tree, os.environ if env is None else env, origins, schema)
     return _Builder(origins, schema).config(tree)

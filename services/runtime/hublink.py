@@ -11,13 +11,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
 from services.control import protocol
 from services.control.client import CommandFailed, CurveKeys, HubUnreachable, context
 from services.control.endpoints import Endpoints
+from services.control.protocol import JsonObject
 
 __all__ = ["HubLink"]
 
@@ -30,7 +32,6 @@ class HubLink:
                  curve: CurveKeys | None = None, max_bytes: int = 262144) -> None:
         self.endpoints, self.service_id, self.timeout = endpoints, service_id, timeout
         self.curve, self.max_bytes = curve, max_bytes
-        self.sock: zmq.Socket | None = None
         self.pub = context().socket(zmq.PUB)
         self.pub.linger = 0
         self.pub.sndhwm = 1000
@@ -40,24 +41,28 @@ class HubLink:
         self.last_reply = 0.0
         self._ids = itertools.count(1)
         self._event_seq = itertools.count(1)
-        self.on_socket_change: Callable[[zmq.Socket | None, zmq.Socket], None] | None = None
-        self.on_call: Callable[[dict], None] | None = None
-        self._open()
+        self.on_socket_change: Callable[[zmq.SyncSocket, zmq.SyncSocket], None] | None = None  # (old, new)
+        self.on_call: Callable[[JsonObject], None] | None = None
+        self.sock = self._dealer()
+
+    def _dealer(self) -> zmq.SyncSocket:
+        sock = context().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.maxmsgsize = self.max_bytes * 2
+        sock.sndhwm = 100
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(self.endpoints.control)
+        return sock
 
     def _open(self) -> None:
-        old, self.sock = self.sock, context().socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.maxmsgsize = self.max_bytes * 2
-        self.sock.sndhwm = 100
-        if self.curve is not None:
-            self.curve.apply(self.sock)
-        self.sock.connect(self.endpoints.control)
+        """Throw the DEALER away (with any stale requests queued in it) for a fresh one."""
+        old, self.sock = self.sock, self._dealer()
         if self.on_socket_change is not None:
             self.on_socket_change(old, self.sock)
-        if old is not None:
-            old.close(linger=0)
+        old.close(linger=0)
 
-    def request(self, cmd: str, args: dict | None = None, callback: Callback | None = None) -> bool:
+    def request(self, cmd: str, args: JsonObject | None = None, callback: Callback | None = None) -> bool:
         """Send without waiting; `callback(result, error)` runs on the loop when the reply comes."""
         rid = f"{self.service_id}-{next(self._ids)}"
         try:
@@ -69,7 +74,7 @@ class HubLink:
         self.pending[rid] = (time.monotonic() + self.timeout, callback)
         return True
 
-    def goodbye(self, cmd: str, args: dict | None, wait: float) -> bool:
+    def goodbye(self, cmd: str, args: JsonObject | None, wait: float) -> bool:
         """Send a last request and wait up to `wait` s for its own reply, so that the hub does
         not answer a socket that is already closed. Replies to earlier requests that come first
         are read and dropped (the service is stopping: their callbacks do not run). True when
@@ -105,7 +110,7 @@ class HubLink:
                 continue
             self._on_reply(msg)
 
-    def _on_reply(self, msg: dict) -> None:
+    def _on_reply(self, msg: JsonObject) -> None:
         if not self.connected:
             log.info("connected to the hub at %s", self.endpoints.control)
         self.connected, self.last_reply = True, time.monotonic()
@@ -133,7 +138,7 @@ class HubLink:
             self.connected = False
             self._open()  # the service counts it (edgeroom_service_hub_reconnects_total) in on_socket_change
 
-    def publish(self, topic: str, data: dict) -> None:
+    def publish(self, topic: str, data: JsonObject) -> None:
         """An event through the hub's fan-out; dropped (and counted by ZeroMQ's HWM) if the hub is away."""
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         event = protocol.Event(topic, data, self.service_id, next(self._event_seq), time.time(), now_ns)
@@ -141,7 +146,5 @@ class HubLink:
 
     def close(self) -> None:
         for sock in (self.sock, self.pub):
-            if sock is not None:
-                sock.close(linger=0)
-        self.sock = None
+            sock.close(linger=0)  # a second close does nothing
 

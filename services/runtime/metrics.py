@@ -14,25 +14,41 @@ import math
 import os
 import re
 import resource
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict, TypeGuard
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["snapshot", "clean_families", "BoxCollector", "new_registry", "process_sample", "Derived", "process_collector"]
+__all__ = ["snapshot", "clean_families", "BoxCollector", "new_registry", "process_sample", "Derived",
+           "process_collector", "Family", "Sample"]
+
+# One sample: [name, labels, value], a JSON array (a list before it is sent, too).
+Sample = list[Any]
+
+
+class Family(TypedDict):
+    """One metric family as a heartbeat carries it and the hub keeps it."""
+
+    name: str
+    type: str
+    help: str
+    samples: list[Sample]
+
 
 _TYPES = {"counter", "gauge", "histogram", "summary", "info", "stateset", "gaugehistogram", "unknown"}
 
 
 def new_registry() -> CollectorRegistry:
-    prometheus_client.disable_created_metrics()  # *_created series double the output for nothing here
+    # *_created series double the output for nothing here
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     return CollectorRegistry(auto_describe=True)
 
 
-def snapshot(registry: CollectorRegistry) -> list[dict]:
+def snapshot(registry: CollectorRegistry) -> list[Family]:
     """The registry as JSON-able families: name, type, help, samples [name, labels, value]."""
-    families = []
+    families: list[Family] = []
     for fam in registry.collect():
         samples = [[s.name, s.labels, s.value] for s in fam.samples if math.isfinite(s.value)]
         families.append({"name": fam.name, "type": fam.type, "help": fam.documentation, "samples": samples})
@@ -54,24 +70,25 @@ def process_sample() -> tuple[float, int]:
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
-def _valid_family(fam: object) -> bool:
+def _valid_family(fam: object) -> TypeGuard[dict[str, Any]]:
     return (isinstance(fam, dict) and isinstance(fam.get("name"), str) and fam["name"].startswith("edgeroom_")
             and bool(_NAME.match(fam["name"])) and isinstance(fam.get("help", ""), str)
             and fam.get("type") in _TYPES and isinstance(fam.get("samples"), list))
 
 
-def _valid_sample(sample: object) -> bool:
+def _valid_sample(sample: object) -> TypeGuard[Sample]:
     return (isinstance(sample, list) and len(sample) == 3 and isinstance(sample[0], str)
             and bool(_NAME.match(sample[0])) and isinstance(sample[1], dict)
             and all(isinstance(k, str) and _NAME.match(k) and isinstance(v, str) for k, v in sample[1].items())
             and isinstance(sample[2], (int, float)) and not isinstance(sample[2], bool))
 
 
-def clean_families(families: object) -> tuple[list[dict], int]:
+def clean_families(families: object) -> tuple[list[Family], int]:
     """Only well-formed families and samples survive; returns (kept, how many things were dropped)."""
     if not isinstance(families, list):
         return [], 1
-    kept, dropped = [], 0
+    kept: list[Family] = []
+    dropped = 0
     for fam in families:
         if not _valid_family(fam):
             dropped += 1
@@ -90,7 +107,7 @@ class BoxCollector:
     """
 
     def __init__(self) -> None:
-        self.snapshots: dict[str, list[dict]] = {}
+        self.snapshots: dict[str, list[Family]] = {}
         self.live: dict[str, CollectorRegistry] = {}  # registries of this process, read at scrape time
 
     def collect(self) -> Iterable[Metric]:

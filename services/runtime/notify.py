@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 __all__ = ["Notifier"]
 
 
 class Notifier:
-    def __init__(self, env: dict | None = None) -> None:
-        env = os.environ if env is None else env
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        if env is None:
+            env = os.environ
         path = env.get("NOTIFY_SOCKET", "")
         self.address = "\0" + path[1:] if path.startswith("@") else path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if path else None
@@ -27,7 +29,7 @@ class Notifier:
         self.failures = 0
 
     @staticmethod
-    def _watchdog_interval(env: dict) -> float:
+    def _watchdog_interval(env: Mapping[str, str]) -> float:
         """Half of $WATCHDOG_USEC, as systemd recommends; 0 when no watchdog is asked for."""
         usec, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
         if not usec.isdigit() or (pid and pid != str(os.getpid())):

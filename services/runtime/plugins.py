@@ -38,8 +38,7 @@ def discover() -> None:
     if _done:
         return
     with _lock:
-        if _done:
-            return
-        for name in spec_modules():
-            importlib.import_module(name)
-        _done = True
+        if not _done:  # another thread may have finished while we waited for the lock
+            for name in spec_modules():
+                importlib.import_module(name)
+            _done = True

@@ -38,6 +38,7 @@ class StderrTail:
 
     def __init__(self, max_lines: int = 200, max_line: int = 500) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self.max_lines = max_lines
         self.max_line = max_line
         self.dropped = 0
         self._partial = ""
@@ -57,7 +58,7 @@ class StderrTail:
             self._skipping = True
         if self._skipping:
             self._partial = ""
-        self.dropped += max(0, len(self.lines) + len(done) - self.lines.maxlen)
+        self.dropped += max(0, len(self.lines) + len(done) - self.max_lines)
         self.lines.extend(done)
         return done
 

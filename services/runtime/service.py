@@ -32,15 +32,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypedDict, TypeVar, overload
 
+import zmq
 from prometheus_client import Counter
 
 import framebus
 from services.control.args import ArgTypes, check_args
 from services.control.client import CommandFailed
 from services.control.endpoints import Endpoints, endpoints_for, runtime_dir
-from services.control.protocol import ProtocolError
+from services.control.protocol import JsonObject, ProtocolError
 from services.runtime import config as configuration
 from services.runtime import logs
 from services.runtime.aioloop import AsyncLoop
@@ -53,6 +54,23 @@ from services.runtime.notify import Notifier
 __all__ = ["AsyncService", "Resources", "Service", "identity", "main"]
 
 T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    def close(self) -> object: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+class Description(TypedDict, total=False):
+    """What describe() tells the hub with every heartbeat (each key optional)."""
+
+    state: str | None  # overrides the base's state ("degraded" while a source reopens)
+    status: str  # one line for `edgeroom ctl status` and sd_notify's STATUS=
+    rate: float  # items a second
+    sessions: list[JsonObject]  # checked by the hub (services/hub/registry.py)
+    streams: list[JsonObject]
 
 log = logging.getLogger("edgeroom.service")
 
@@ -120,17 +138,22 @@ class Service:
     def setup(self) -> None:
         pass
 
-    def apply(self, new: configuration.Config, changes: list) -> list[str]:
+    def apply(self, new: configuration.Config, changes: list[configuration.Change]) -> list[str]:
         return [c.key for c in changes if not c.live]
 
-    def describe(self) -> dict:
+    def describe(self) -> Description:
         return {}
 
     # --- what it holds ---------------------------------------------------------------
-    def own(self, thing: T, close: Callable[[T], object] | None = None, what: str = "") -> T:
+    @overload
+    def own(self, thing: C, close: None = None, what: str = "") -> C: ...
+    @overload
+    def own(self, thing: T, close: Callable[[T], object], what: str = "") -> T: ...
+
+    def own(self, thing: Any, close: Callable[[Any], object] | None = None, what: str = "") -> Any:
         """Register `thing`, just acquired, to be released when the service stops: `close(thing)`,
         else `thing.close()`. Returns `thing`."""
-        release = (lambda: close(thing)) if close is not None else thing.close  # type: ignore[attr-defined]
+        release = (lambda: close(thing)) if close is not None else thing.close
         self.resources.add(what or type(thing).__name__, release)
         return thing
 
@@ -150,7 +173,7 @@ class Service:
         """
         self._offers[name] = _Offer(handler, summary, deadline, later, args or {}, required)
 
-    def _on_call(self, msg: dict) -> None:
+    def _on_call(self, msg: JsonObject) -> None:
         call, name, args = str(msg.get("call")), str(msg.get("cmd")), msg.get("args") or {}
         entry = self._offers.get(name)
         answered = False
@@ -160,7 +183,7 @@ class Service:
             if answered or self.link is None:
                 return
             answered = True
-            body: dict = {"service": self.id, "call": call}
+            body: JsonObject = {"service": self.id, "call": call}
             if isinstance(error, ProtocolError):
                 body["error"] = {"code": error.code, "message": error.message}
             elif error is not None:
@@ -194,8 +217,8 @@ class Service:
         r.register(process_collector(self.started_at))
 
     # --- the heartbeat ------------------------------------------------------------
-    def heartbeat_body(self) -> dict:
-        info = self.describe() if self.ready else {"status": "starting"}
+    def heartbeat_body(self) -> JsonObject:
+        info: Description = self.describe() if self.ready else {"status": "starting"}
         return {"service": self.id, "kind": self.kind, "instance": self.instance, "pid": os.getpid(),
                 "started": self.started_at, "state": info.get("state") or self.state, "status": info.get("status", ""),
                 "rate": info.get("rate", 0.0), "sessions": info.get("sessions", []),
@@ -207,7 +230,7 @@ class Service:
                                                        self._heartbeat_answered):
             self.m_heartbeats.inc()
 
-    def _heartbeat_answered(self, _result, error: Exception | None) -> None:
+    def _heartbeat_answered(self, _result: object, error: Exception | None) -> None:
         if isinstance(error, CommandFailed):  # the hub is there but refuses us: say why, once a second at most
             self.throttled.warning("heartbeat", f"the hub rejected a heartbeat: {error}")
 
@@ -220,10 +243,9 @@ class Service:
         self.link.on_call = self._on_call
         self.loop.add_reader(self.link.sock, self.link.readable)
 
-    def _swap_link_socket(self, old, new) -> None:
-        if old is not None:
-            self.loop.remove_reader(old)
-            self.m_hub_reconnects.inc()
+    def _swap_link_socket(self, old: zmq.SyncSocket, new: zmq.SyncSocket) -> None:
+        self.loop.remove_reader(old)
+        self.m_hub_reconnects.inc()
         self.loop.add_reader(new, self.link.readable if self.link else lambda: None)
 
     def _turn(self, now: float) -> None:

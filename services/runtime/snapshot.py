@@ -9,10 +9,14 @@ made small enough for the control plane's message limit (lower quality, then sma
 from __future__ import annotations
 
 import base64
+from typing import TYPE_CHECKING, TypedDict
 
 import framebus
 
-__all__ = ["SnapshotError", "take"]
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
+
+__all__ = ["Snapshot", "SnapshotError", "take"]
 
 TRIES = 3
 
@@ -23,6 +27,22 @@ class SnapshotError(Exception):
         self.code = code
 
 
+class Snapshot(TypedDict):
+    """What `take` returns (the `snapshot` command's result): the JPEG and where it came from."""
+
+    stream: str
+    format: str | None
+    seq: int
+    pts: int
+    capture_ns: int
+    source_width: int
+    source_height: int
+    width: int
+    height: int
+    quality: int
+    jpeg: str  # base64
+
+
 def _attach(prefix: str, stream: str) -> framebus.Consumer:
     try:
         return framebus.Consumer.attach(stream, prefix=prefix, start="oldest")
@@ -30,7 +50,7 @@ def _attach(prefix: str, stream: str) -> framebus.Consumer:
         raise SnapshotError("not_found", str(exc)) from None
 
 
-def _newest(prefix: str, stream: str):
+def _newest(prefix: str, stream: str) -> tuple[framebus.Consumer, framebus.Item]:
     """(consumer, item) for the newest picture; an encoded stream is answered from NAME-raw."""
     consumer = _attach(prefix, stream)
     item = consumer.latest()
@@ -50,7 +70,10 @@ def _newest(prefix: str, stream: str):
     return consumer, item
 
 
-def _bgr(item, cv2, np):
+def _bgr(item: framebus.Item) -> MatLike:
+    import cv2  # take() has checked that the media extra is there
+    import numpy as np
+
     fmt, w, h = item.format, item.width, item.height
     if fmt == "bgr24":
         return item.array.copy()
@@ -67,11 +90,10 @@ def _bgr(item, cv2, np):
     return cv2.cvtColor(tight.reshape(h * 3 // 2, w), cv2.COLOR_YUV2BGR_NV12)
 
 
-def take(prefix: str, stream: str, *, max_width: int = 1920, quality: int = 85, limit: int = 196608) -> dict:
+def take(prefix: str, stream: str, *, max_width: int = 1920, quality: int = 85, limit: int = 196608) -> Snapshot:
     """The newest picture of `stream` as {"jpeg": base64, width, height, ...}; raises SnapshotError."""
     try:
         import cv2
-        import numpy as np
     except ImportError:
         raise SnapshotError("unavailable", "snapshots need OpenCV: install edgeroom with the media extra") from None
     if not 16 <= max_width <= 7680 or not 10 <= quality <= 100:
@@ -79,15 +101,13 @@ def take(prefix: str, stream: str, *, max_width: int = 1920, quality: int = 85, 
     consumer, item = _newest(prefix, stream)
     try:
         for _ in range(TRIES):
-            picture = _bgr(item, cv2, np)
+            picture = _bgr(item)
             if item.valid():
                 break
             item = consumer.latest() or item  # overwritten while we read it: take a newer one
         else:
             raise SnapshotError("unavailable", f"stream {consumer.stream!r} overwrote every picture before it "
                                                "could be read")
-        meta = {"stream": consumer.stream, "format": item.format, "seq": item.seq, "pts": item.pts,
-                "capture_ns": item.capture_ns, "source_width": item.width, "source_height": item.height}
     finally:
         consumer.close()
     width = min(max_width, picture.shape[1])
@@ -107,4 +127,6 @@ def take(prefix: str, stream: str, *, max_width: int = 1920, quality: int = 85, 
             quality -= 15
         else:
             width = width * 3 // 4
-    return {**meta, "width": shown.shape[1], "height": shown.shape[0], "quality": quality, "jpeg": body}
+    return Snapshot(stream=consumer.stream, format=item.format, seq=item.seq, pts=item.pts, capture_ns=item.capture_ns,
+                    source_width=item.width, source_height=item.height, width=shown.shape[1], height=shown.shape[0],
+                    quality=quality, jpeg=body)
