@@ -159,7 +159,8 @@ def run(seconds: float = 6.0, prefix: str | None = None) -> int:
                 p.kill()
         framebus.gc(prefix)
     bad = sum(f.get("bad", 0) for f in finals.values())
-    print("summary: " + ", ".join(f"{n} received {f['received']} missed {f['missed']}" for n, f in sorted(finals.items())))
+    print("summary: " + ", ".join(f"{n} received {f['received']} missed {f['missed']}"
+                                  for n, f in sorted(finals.items())))
     print(f"frames whose picture did not match their number: {bad}")
     return 0 if cam.exitcode == 0 and bad == 0 else 1
 

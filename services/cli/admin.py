@@ -84,8 +84,8 @@ def cmd_units_check(args: argparse.Namespace) -> int:
 
 
 def cmd_sources_sync(args: argparse.Namespace) -> int:
-    from services.supervisor import systemd_sync
     from services.runtime import logs
+    from services.supervisor import systemd_sync
     logs.setup("sources", "info", "text")
     start, stop = systemd_sync.sync(boxconfig.of(args).config, dry_run=args.dry_run)
     print(f"sources: started {', '.join(start) or 'nothing'}; stopped {', '.join(stop) or 'nothing'}"

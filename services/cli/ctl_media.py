@@ -18,9 +18,9 @@ import base64
 import os
 from dataclasses import fields
 
+from services.capture.sources import config_classes
 from services.cli import hubcall
 from services.cli.tables import table
-from services.capture.sources import config_classes
 
 __all__ = ["add_parsers"]
 
@@ -48,7 +48,8 @@ def cmd_source(args: argparse.Namespace) -> int:
         if args.action == "list":
             return hubcall.show(args, client.call("source.list", {}), _sources_table)
         if args.action == "add":
-            result = client.call("source.add", {"name": args.name, "source": hubcall.parse_pairs(args.keys, _TEXT_KEYS)})
+            table = hubcall.parse_pairs(args.keys, _TEXT_KEYS)
+            result = client.call("source.add", {"name": args.name, "source": table})
             return hubcall.show(args, result, lambda r: f"source {r['name']} added ({r['source']['kind']}); "
                                                           f"its capture starts now")
         result = client.call("source.remove", {"name": args.name})

@@ -72,8 +72,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _watch(run: subprocess.Popen, ep, seconds: float) -> int:
     """Wait for the hub, then print its status every 3 s and every event; the sessions that
     started before the subscription took hold are listed once."""
-    from services.cli.tables import (event_line as _event_line, sessions_table as _sessions_table,
-                                     status_table as _status_table, streams_table as _streams_table)
+    from services.cli.tables import event_line as _event_line
+    from services.cli.tables import sessions_table as _sessions_table
+    from services.cli.tables import status_table as _status_table
+    from services.cli.tables import streams_table as _streams_table
     from services.control.client import Client, HubUnreachable, Subscriber
 
     end = time.monotonic() + seconds

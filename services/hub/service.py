@@ -33,9 +33,9 @@ from services.hub.hooks import HookBroker
 from services.hub.offers import OfferBook
 from services.hub.registry import STATES, Registry
 from services.hub.sessions import SessionBook
-from services.runtime.schema import parse_host_port
 from services.runtime.logs import Throttled
 from services.runtime.metrics import BoxCollector, Derived, clean_families
+from services.runtime.schema import parse_host_port
 from services.runtime.service import Service
 
 __all__ = ["Hub"]

@@ -39,8 +39,9 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 import av
 import numpy as np
@@ -391,7 +392,7 @@ class Mp4Writer:
                 self._sink.chunks.clear()
             os.close(self._fd)
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -28,8 +28,8 @@ from services.control.protocol import ProtocolError
 from services.recorder import encoder as encoders
 from services.recorder import segments
 from services.recorder.roomfeed import RoomFeed
-from services.recorder.stream import Settings, StreamRecorder
 from services.recorder.spec import TARGET
+from services.recorder.stream import Settings, StreamRecorder
 from services.runtime.schema import parse_list
 from services.runtime.service import Service
 from services.runtime.state import Overlay, state_dir

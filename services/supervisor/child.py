@@ -215,7 +215,8 @@ class Child:
         policy = self.settings.restart
         if rc == EX_CONFIG:
             self.state = "failed"
-            log.error("%s: exited with %s (bad config); not restarting. Last stderr:\n%s", self.id, how, self.tail.text())
+            log.error("%s: exited with %s (bad config); not restarting. Last stderr:\n%s", self.id, how,
+                      self.tail.text())
             return
         if policy == "no" or (policy == "on-failure" and not failed):
             self.state = "inactive"
@@ -227,7 +228,8 @@ class Child:
         self.failures_in_row = self.failures_in_row + 1 if failed else 0
         delay = min(self.settings.restart_max_sec, self.settings.restart_sec * 2 ** max(0, self.failures_in_row - 1))
         self.state, self.next_start = "waiting", now + delay
-        young = f" (failure {self.failures_in_row} in a row, none ready for healthy_sec {self.settings.healthy_sec:g} s)"
+        young = (f" (failure {self.failures_in_row} in a row, none ready for healthy_sec "
+                 f"{self.settings.healthy_sec:g} s)")
         log.warning("%s: exited (%s)%s; restarting in %.2f s%s", self.id, how,
                     f" — {self.exit_reason}" if self.exit_reason else "", delay,
                     young if self.failures_in_row > 1 else "")

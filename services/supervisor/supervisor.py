@@ -24,10 +24,10 @@ from services import catalog
 from services.control.endpoints import endpoints_for, hold_lock, prepare_runtime_dir, runtime_dir
 from services.runtime import config as configuration
 from services.runtime import logs
-from services.runtime.state import state_dir
 from services.runtime.hublink import HubLink
 from services.runtime.loop import Loop
 from services.runtime.metrics import Derived, new_registry, process_collector, snapshot
+from services.runtime.state import state_dir
 from services.supervisor.child import Child
 
 __all__ = ["Supervisor"]
