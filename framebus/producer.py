@@ -197,8 +197,10 @@ class Producer:
         history: keep the last `slots` items whoever reads, like a plain ring (the oldest
         goes first), so a reader that attaches with start='oldest' finds them: for encoded
         streams, where a decoder that joins late needs the last keyframe. Without it the
-        most recently freed slot is reused (cache-friendly for big pictures), and a ring
-        nobody reads keeps only its newest item.
+        most recently freed slot is reused while readers keep up (cache-friendly for big
+        pictures); a ring nobody reads is a plain ring all the same (there is no reader to
+        keep in cache), so the reader that comes first, start='oldest', finds the items
+        sent before it could register (a stream's first pictures), up to `slots` of them.
         Raises StreamBusy if a live producer owns the stream, BusFull if /dev/shm is full.
         """
         self = cls()
@@ -363,8 +365,10 @@ class Producer:
         caches when consumers keep up (at 1080p, 2 slots of 6 MB instead of all of them).
         A slot is free when its item is older than every in-order consumer's position,
         not the item a latest() consumer holds, and older than every reliable consumer's
-        position. While a latest() consumer is attached, or none at all, the newest item
-        is kept too, so latest() never starves behind a fast producer.
+        position. While a latest() consumer is attached the newest item is kept too, so
+        latest() never starves behind a fast producer. While no consumer is attached (and
+        in a history ring) only items out of the index window are free: a plain ring, so a
+        reader that joins with start='oldest' finds the last `slot_count` items.
         When consumers lag, the oldest item goes, as in a plain ring; when that item is
         still wanted by a reliable consumer, the producer waits for it within hold_back.
         """
@@ -391,11 +395,15 @@ class Producer:
                     reliable = min(reliable, hold)
                 else:
                     live = min(live, hold)
-            if self._history:  # a plain ring: nothing in the window is free, whatever readers did
+            if self._history or not self._holders:
+                # A plain ring: nothing in the window is free. With history whatever readers
+                # did; with no reader at all because the first one to come (a reader that was
+                # waiting for the stream to appear, woken at its creation) has not registered
+                # yet and must find what was sent meanwhile, not only the newest item.
                 live = min(live, seq - n + 1)
-            if newest or not self._holders:
-                # Keep the newest item: a latest() reader (or one that joins) must be able
-                # to get it while the next is written, or a fast producer starves it.
+            if newest:
+                # Keep the newest item: a latest() reader must be able to get it while the
+                # next is written, or a fast producer starves it.
                 live, reliable = min(live, seq - 1), min(reliable, seq - 1)
             # Items that fell out of the index window are free for live consumers anyway.
             limit = min(max(live, seq - n + 1), reliable)
@@ -649,6 +657,15 @@ class Producer:
     def seq(self) -> int:
         """The sequence number the next item will get (= items sent so far)."""
         return self._seq
+
+    @property
+    def readers(self) -> int:
+        """Consumers registered on the ring now (live or not yet reaped)."""
+        if self._closed:
+            return 0
+        if self._words.load(L.OFF_CONSUMER_GEN) != self._cgen:
+            self._rescan()
+        return len(self._consumers)
 
     def heartbeat(self) -> None:
         """Tell readers the producer lives although it has nothing to send; reap dead readers."""

@@ -7,6 +7,7 @@ frame number, so "every frame, in order, intact" is checked on the decoded pixel
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -122,6 +123,13 @@ def test_an_encoded_ring_nobody_reads_keeps_its_history_for_a_late_decoder(prefi
 
 
 # ----------------------------------------------------------------------------- helpers
+def _row(item: framebus.Item) -> tuple | None:
+    """(number or None, pts, capture_ns, flags) of an item, None if it was overwritten while read."""
+    number = picture_number(item) if item.kind == "video" else None
+    row = (number, item.pts, item.capture_ns, item.flags)
+    return row if item.valid() else None
+
+
 def collect(consumer: framebus.Consumer, want: int, timeout: float, keep=lambda item: True) -> list:
     """(number or None, pts, capture_ns, flags) of items until `want` were kept or `timeout` passed."""
     out, deadline = [], time.monotonic() + timeout
@@ -129,20 +137,25 @@ def collect(consumer: framebus.Consumer, want: int, timeout: float, keep=lambda 
         item = consumer.receive(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
         if item is None or not keep(item):
             continue
-        number = picture_number(item) if item.kind == "video" else None
-        row = (number, item.pts, item.capture_ns, item.flags)
-        if item.valid():
+        if (row := _row(item)) is not None:
             out.append(row)
     return out
 
 
 def collect_both(a: framebus.Consumer, b: framebus.Consumer, want: int, timeout: float) -> tuple[list, list]:
-    """collect() from two streams at once (a file's encoded ring closes when the file ends)."""
-    out_a, out_b, deadline = [], [], time.monotonic() + timeout
-    while (len(out_a) < want or len(out_b) < want) and time.monotonic() < deadline:
-        out_a += collect(a, want - len(out_a), 0.05) if len(out_a) < want else []
-        out_b += collect(b, want - len(out_b), 0.05) if len(out_b) < want else []
-    return out_a, out_b
+    """collect() from two streams at once (a file's encoded ring closes when the file ends).
+
+    It waits on both wake-up fds together and reads whichever has news: a reader that sat in
+    one stream's wait while the other's pictures piled up would lose pictures of a ring nobody
+    else reads (8 slots: 160 ms at 50 fps), or attach to a new one late."""
+    outs, deadline = ([], []), time.monotonic() + timeout
+    while any(len(out) < want for out in outs) and (left := deadline - time.monotonic()) > 0:
+        select.select([a.fileno(), b.fileno()], [], [], min(0.05, left))  # detached: looked at every 50 ms
+        for consumer, out in zip((a, b), outs):
+            while len(out) < want and (item := consumer.poll()) is not None:
+                if (row := _row(item)) is not None:
+                    out.append(row)
+    return outs
 
 
 def ctl(b, *args: str) -> subprocess.CompletedProcess:
@@ -180,6 +193,30 @@ def test_a_file_reaches_the_bus_decoded_every_frame_in_order_at_its_pace(box, pr
     assert metric_value(scrape, "edgeroom_capture_frames_total", stream="clip") == 50
     assert metric_value(scrape, "edgeroom_capture_keyframes_total", stream="clip") == 5
     assert metric_value(scrape, "edgeroom_decode_frames_out_total", stream="clip") == 50
+
+
+def test_a_file_waits_for_its_decoder_then_plays_from_its_first_picture(box, prefix, tmp_path):
+    """A file started before its decoder read it was decoded in one burst from the ring's history,
+    faster than any reader of NAME-raw could follow, and those readers lost its first pictures.
+    Capture makes NAME at open and starts the file's clock when NAME has its reader."""
+    path = numbered_file(tmp_path / "wait.mp4", 20, fps=25, gop=10)
+    b = box(f'[sources.wait]\nkind = "file"\npath = "{path}"\n')
+    b.spawn("service", "hub")
+    b.wait_ready("hub")
+    b.spawn("service", "capture", "wait")  # and no decode@wait: nobody reads the stream
+    wait_for(lambda: "waiting for decode@wait" in b.services().get("capture@wait", {}).get("status", ""), 20,
+             f"capture waiting for its decoder; log:\n{b.log()[-2000:]}")
+    (ring,) = [s for s in framebus.list_streams(prefix) if s.stream == "wait"]
+    assert ring.items == 0, "made, and nothing sent"
+    came = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    with framebus.Consumer.attach("wait", prefix=prefix, start="oldest") as reader:  # stands in for decode
+        items = collect(reader, 20, 10)
+    assert len(items) == 20 and [p for _, p, _, _ in items] == sorted(p for _, p, _, _ in items)
+    capture = [c for *_, c, _ in items]
+    assert capture[0] >= came, "the file's clock started when its reader came"
+    gaps = np.diff(capture) / 1e6
+    assert abs(gaps - 40).max() < 1, f"paced at 25 fps from the first picture: {gaps}"
+    assert "reads wait after" in b.log()
 
 
 def test_a_looping_file_keeps_time_moving_forward(box, prefix, tmp_path):

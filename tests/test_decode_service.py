@@ -286,8 +286,8 @@ class Feed:
 
     def _prime(self) -> None:
         """Until the test's reader is on NAME-raw, one item at a time: decode makes NAME-raw at its
-        first picture, and a ring nobody reads keeps only its newest item, so the reader must be
-        attached before the second picture comes."""
+        first picture, and a ring nobody reads keeps only its last 8 items, so the reader must be
+        attached before more come."""
         self.wait_lag(0)
         out = raw_stream(self.name)
         if any(s.stream == out for s in framebus.list_streams(self.prefix)):

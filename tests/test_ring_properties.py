@@ -883,6 +883,27 @@ def test_start_oldest_delivers_everything_still_in_the_ring(slots: int, sent: in
 
 
 @settings(max_examples=30, deadline=None)
+@given(slots=st.integers(2, 6), sent=st.integers(0, 14), waiting=st.booleans())
+def test_a_ring_nobody_reads_keeps_its_last_items_for_its_first_reader(slots: int, sent: int,
+                                                                         waiting: bool) -> None:
+    """A reader that waits for a stream (missing_ok) is woken when the ring appears, but the
+    producer may send several items before that reader runs and registers. With no reader the
+    ring (made without history) is a plain ring: the first reader, start='oldest', gets the
+    last `slots` items, the stream's first ones when no more were sent; one that was waiting
+    counts the items before those as missed (it wanted them), one that just came does not."""
+    with Bus() as bus:
+        waiter = bus.consumer(missing_ok=True, start="oldest") if waiting else None
+        p = bus.producer("encoded", payload=64, slots=slots)
+        for seq in range(sent):
+            assert p.publish_encoded(bytes([seq]) * 4, "h264") == seq
+        first = waiter or bus.consumer(start="oldest")
+        got = [item.seq for item in _drain(first)]
+        assert got == list(range(max(0, sent - slots), sent)), got
+        assert (first.missed, first.resyncs) == (max(0, sent - slots) if waiting else 0, 0)
+        assert p.readers == 1
+
+
+@settings(max_examples=30, deadline=None)
 @given(slots=st.integers(2, 6), sent=st.integers(0, 20))
 def test_reliable_consumer_without_hold_back_is_live(slots: int, sent: int) -> None:
     """reliable=True on a producer with hold_back=0: the producer never waits, counts one

@@ -98,6 +98,11 @@ class Sink:
                 self.video.set_extradata(self._extradata, codec)
         return self.video
 
+    def open_encoded(self, codec: str, width: int, height: int) -> framebus.Producer:
+        """The encoded ring, made now (before the first access unit) if it is not there yet, so
+        that readers waiting for the stream attach before anything is sent."""
+        return self._encoded_ring(codec, 1, width, height)
+
     # ------------------------------------------------------------ video
     def set_extradata(self, data: bytes | None, codec: str) -> None:
         """The codec's parameter sets (avcC/hvcC or Annex B), for consumers that join late."""

@@ -66,6 +66,18 @@ itself uses `threads` intra-op threads (default: its own choice, one per core), 
 do not spin-wait between operators unless spin=True: on an edge box the detector shares
 its cores with capture and decode, and spinning threads take CPU they need.
 
+int8 on CPUs without VNNI
+-------------------------
+onnxruntime's fast u8s8 kernels on x86-64 CPUs without VNNI (AVX2, or AVX-512 without
+VNNI) add pairs of uint8 x int8 products in 16 bits, which saturate: on an int8 copy
+(models.quantize_int8) that is not noise but wrong answers (on bus.jpg, an AVX2 CPU
+finds a fourth "person" at 0.44 between two real ones, and moves a box; the float model
+is bit-identical there). On such CPUs every session is opened with onnxruntime's
+"session.x64quantprecision" = 1: exact u8u8 kernels, which give the same results as a
+VNNI/AMX CPU (checked under emulation). Slower than the saturating kernels, still faster
+than float32; float models are not affected. `exact_int8` (and describe()) says whether
+it is on; u8s8_saturates() decides it from /proc/cpuinfo.
+
 Errors
 ------
 DetectorError(reason, message) with reason one of: model_missing, not_a_model,
@@ -77,8 +89,10 @@ edgeroom_vision_... counters); a bad picture never breaks the Detector.
 from __future__ import annotations
 
 import ast
+import functools
 import logging
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +104,7 @@ from .models import aliases_for, bundled_person_model
 from .types import Detection
 
 __all__ = ["Detector", "DetectorError", "MissingExtra", "OnnxDetector", "UltralyticsDetector",
-           "bundled_person_model"]
+           "bundled_person_model", "u8s8_saturates"]
 
 log = logging.getLogger("edgeroom.vision.detector")
 
@@ -266,6 +280,25 @@ def _size_pair(size) -> tuple[int, int] | None:
     return (int(w), int(h))
 
 
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # /proc/cpuinfo's names
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_saturates(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True where onnxruntime's u8s8 kernels saturate: an x86-64 CPU without VNNI (or AMX).
+    A CPU whose flags cannot be read counts as one (exact kernels: slower, never wrong)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return not _VNNI_FLAGS & set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return True
+
+
 def check_picture(pic) -> None:
     if not isinstance(pic, np.ndarray) or pic.dtype != np.uint8 or pic.ndim != 3 or pic.shape[2] != 3:
         what = (f"{pic.dtype} array of shape {pic.shape}" if isinstance(pic, np.ndarray)
@@ -317,6 +350,10 @@ class OnnxDetector(Detector):
         # onnxruntime's pool threads spin between operators by default: fast on idle cores, CPU
         # taken from capture/decode on a shared box (and slower when the cores are oversubscribed)
         self._opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # exact int8 where the fast kernels saturate (module docstring, "int8 on CPUs without VNNI")
+        self.exact_int8 = u8s8_saturates()
+        if self.exact_int8:
+            self._opts.add_session_config_entry("session.x64quantprecision", "1")
         cpu = self._session(["CPUExecutionProvider"])
         meta = cpu.get_modelmeta().custom_metadata_map or {}
         self._read_input(cpu, meta, input_size)
@@ -549,7 +586,8 @@ class OnnxDetector(Detector):
 
     def describe(self) -> dict:
         return {**super().describe(), "dtype": str(self.dtype), "channels": "rgb" if self.rgb else "bgr",
-                "batch_dynamic": self.batch_dynamic, "rect": self.rect, "head": self.head}
+                "batch_dynamic": self.batch_dynamic, "rect": self.rect, "head": self.head,
+                "exact_int8": self.exact_int8}
 
     def close(self) -> None:
         self.session = None

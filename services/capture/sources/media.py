@@ -15,7 +15,11 @@ as PCM) on NAME-audio.
 
 Timing: a file is paced by its timestamps against CLOCK_MONOTONIC, each packet's
 capture_ns being the instant it is due; a looped file carries on from where the last pass
-ended. A URL's packets are stamped when they arrive. Either way pts go through a
+ended. A file whose pictures decode@NAME publishes starts playing when decode reads NAME
+(the ring is made at open, decode attaches, then the clock starts; at most
+DECODER_WAIT_S): a file that started before its decoder was there would be decoded in one
+burst from the ring's history, faster than any reader of NAME-raw, and those readers
+would lose its first pictures. A URL's packets are stamped when they arrive. Either way pts go through a
 `Timeline`, so a camera's clock that wraps or restarts never reaches the bus as a step
 backwards.
 
@@ -66,6 +70,7 @@ __all__ = ["FileConfig", "MediaSource", "UrlConfig", "bus_codec", "classify"]
 log = logging.getLogger("edgeroom.capture")
 
 NS = 1_000_000_000
+DECODER_WAIT_S = 10.0  # a file waits at most this long for decode@NAME before it plays anyway
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "srt", "udp", "tcp")
 
 
@@ -253,6 +258,10 @@ class MediaSource:
         if self.codec is None:
             log.info("%s: %s cannot travel encoded on the bus; capture decodes it to yuv420p", self._shown(),
                      cc.name)
+        if not self.live and not self._next_origin and self.codec is not None and self.cfg.wants_decode():
+            if not self._wait_for_decoder(sink, cc, stop):
+                return False
+            self.info = f"{cc.name} {cc.width}x{cc.height}"
         origin = self._next_origin or _clock()  # capture-clock instant of the pass's first timestamp
         first: dict[int, int] = {}
         frame_ns = int(NS / float(video.average_rate)) if video.average_rate else NS // 30
@@ -298,6 +307,31 @@ class MediaSource:
             raise SourceError(classify(exc, False), f"reading {self._shown()}: {self._why(exc)}") from None
         finally:
             demux.close()  # PyAV's read loop ends (and frees its packet) before the container closes
+        return True
+
+    def _wait_for_decoder(self, sink: Sink, cc, stop: threading.Event) -> bool:
+        """Make NAME now and wait until it has a reader (decode@NAME, woken by its creation), at
+        most DECODER_WAIT_S; False if stopped meanwhile. Then the file plays at its pace from its
+        first packet: decode turns each access unit into a picture as it comes, instead of
+        catching up on a backlog in one burst that overruns NAME-raw before its readers read."""
+        ring = sink.open_encoded(self.codec, cc.width, cc.height)
+        if ring.readers:
+            return True
+        decoder = f"decode@{sink.stream}"
+        self.info = f"{cc.name} {cc.width}x{cc.height}, waiting for {decoder}"
+        log.info("%s: waiting for %s to read %s before playing (at most %.0f s)", self._shown(), decoder,
+                 sink.stream, DECODER_WAIT_S)
+        started = time.monotonic()
+        while not ring.readers:
+            if stop.wait(0.005):
+                return False
+            ring.heartbeat()
+            if time.monotonic() - started >= DECODER_WAIT_S:
+                log.warning("%s: %s did not read %s within %.0f s; playing without it (its first pictures may "
+                            "be decoded late or lost)", self._shown(), decoder, sink.stream, DECODER_WAIT_S)
+                return True
+        log.info("%s: %s reads %s after %.0f ms: playing", self._shown(), decoder, sink.stream,
+                 (time.monotonic() - started) * 1000)
         return True
 
     def _timeline(self, stream) -> Timeline:
