@@ -21,7 +21,8 @@ def _instances(config: Any, with_overlay: bool) -> list[str]:
 
 register(ServiceSpec(
     "capture", "services.capture.service:Capture", "brings one source's frames onto the bus",
-    order=1, instances=_instances, instances_file=book.FILE, network="any", devices=("video",), nice=-5, cpu_weight=200, docs="capture.md"))
+    order=1, instances=_instances, instances_file=book.FILE, network="any", devices=("video",), nice=-5,
+    cpu_weight=200, docs="capture.md"))
 
 SCHEMA.add(Table(
     "sources", Variants("kind", "synthetic", sources.config_classes, "source"),

@@ -18,4 +18,5 @@ def _instances(config: Any, with_overlay: bool) -> list[str]:
 
 register(ServiceSpec(
     "decode", "services.decode.service:Decode", "decodes one encoded source's stream into pictures on NAME-raw",
-    order=2, instances=_instances, instances_file=book.FILE, network="none", devices=("gpu",), nice=-2, cpu_weight=150, docs="decode.md"))
+    order=2, instances=_instances, instances_file=book.FILE, network="none", devices=("gpu",), nice=-2,
+    cpu_weight=150, docs="decode.md"))

@@ -23,8 +23,9 @@ The flow, driven by the owner's `poll(now_ns)` (one thread owns a recorder):
   item of any track (a track that never sends does not hold the others back). `t0` is
   the earliest first picture (a keyframe), or the earliest first item when no picture has
   come: audio from before it is trimmed, so the file starts on a picture. Tracks that
-  have not sent then: audio joins whenever it comes (it is mixed); a video session joins later if its declaration says enough to create
-  its track (width, height and, for H.264, the parameter sets), else it is `missing`.
+  have not sent then: audio joins whenever it comes (it is mixed); a video session joins
+  later if its declaration says enough to create its track (width, height and, for H.264,
+  the parameter sets), else it is `missing`.
 * Each poll writes what is older than `now - reorder_ms` (later items of other tracks
   can no longer come before it), in steps of at most half a second, so audio and video
   reach the muxer interleaved.

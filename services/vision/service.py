@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -399,7 +398,8 @@ class Vision(Service):
             except ProtocolError as exc:
                 self.loop.call_soon_threadsafe(lambda err=exc: done(error=err))
             except SnapshotError as exc:
-                self.loop.call_soon_threadsafe(lambda err=ProtocolError(exc.code, str(exc)): done(error=err))
+                refused = ProtocolError(exc.code, str(exc))
+                self.loop.call_soon_threadsafe(lambda: done(error=refused))
             except Exception as exc:
                 reason = getattr(exc, "reason", "internal")
                 err = ProtocolError("unavailable", f"the vision provider failed ({reason}): {exc}")

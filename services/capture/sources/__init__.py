@@ -12,8 +12,8 @@ from typing import Any
 
 from services.capture.sources.base import (
     KINDS,
-    EncodedSourceConfig,
     Emit,
+    EncodedSourceConfig,
     Source,
     SourceConfig,
     SourceError,

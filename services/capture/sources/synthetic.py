@@ -241,6 +241,7 @@ class SyntheticSource:
         """Publish 20 ms chunks until the audio clock reaches `until_ns`; the next sample index."""
         while t0 + samples * NS // AUDIO_RATE < until_ns:
             at = samples % AUDIO_RATE
-            sink.audio(self.tone[at: at + AUDIO_CHUNK], AUDIO_RATE, pts=samples, capture_ns=t0 + samples * NS // AUDIO_RATE)
+            sink.audio(self.tone[at: at + AUDIO_CHUNK], AUDIO_RATE, pts=samples,
+                       capture_ns=t0 + samples * NS // AUDIO_RATE)
             samples += AUDIO_CHUNK
         return samples

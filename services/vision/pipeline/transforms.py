@@ -21,7 +21,7 @@ size (default 16), edges Canny low threshold (default 100, high = 2x), sketch bl
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np

@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import string
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import cv2
 import numpy as np
@@ -81,7 +81,7 @@ def _check_text(text: str) -> None:
     for f in fields:
         if f not in PLACEHOLDERS:
             raise PictureError(f"watermark text {text!r}: unknown placeholder {{{f}}}; known: "
-                               + ", ".join("{%s}" % p for p in PLACEHOLDERS), "bad_config")
+                               + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS), "bad_config")
     try:
         text.format(timestamp="2024-01-01 00:00:00", frame=1, stream="cam")
     except (ValueError, TypeError) as e:
@@ -109,7 +109,7 @@ class Watermark:
         self.thickness = int(thickness) or max(1, round(2 * self.scale))
         self.pad = max(2, round(6 * self.scale)) if self.background is not None else 0
         self.timestamp_format = timestamp_format
-        self.tz = timezone.utc if utc else None
+        self.tz = UTC if utc else None
         self._uses_ts = "timestamp" in {f for _, f, _, _ in string.Formatter().parse(text)}
         self._static = not any(f for _, f, _, _ in string.Formatter().parse(text))
         self._cache: collections.OrderedDict[str, _Patch] = collections.OrderedDict()

@@ -26,7 +26,13 @@ import os
 from typing import TYPE_CHECKING
 
 from services.vision.providers.base import (
-    SCHEMA_SYSTEM_PROMPT, SYSTEM_PROMPT, ProviderError, ProviderMetrics, RetryingProvider, provider)
+    SCHEMA_SYSTEM_PROMPT,
+    SYSTEM_PROMPT,
+    ProviderError,
+    ProviderMetrics,
+    RetryingProvider,
+    provider,
+)
 from services.vision.types import VisionResult
 
 if TYPE_CHECKING:
