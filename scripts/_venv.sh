@@ -45,7 +45,8 @@ fi
 stamp=".venv/.edgeroom-installed-${EDGEROOM_EXTRAS:-core}"
 want="$(cat pyproject.toml setup.py framebus/_atomic.c | sha1sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -e .venv/bin/edgeroom ]; then
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    # pip, and the setuptools pyproject.toml asks for (build-system requires), so setup.py runs the same here
+    .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" >/dev/null
     # setuptools tells every editable install, as a warning, that a folder named like a
     # package in the working directory would shadow it: nothing anyone here can act on.
     PYTHONWARNINGS="ignore:Editable installation" \
