@@ -277,6 +277,16 @@ def _snapshot(b: Box, ctl, as_json: bool) -> None:
     assert m and int(m.group(1)) == len(jpeg), out
 
 
+def _keyframe(b: Box, ctl, as_json: bool) -> None:
+    """The box's camera sends raw pictures: the producer answers that it needs no keyframe."""
+    out = ctl("keyframe", "cam", *(["--json"] if as_json else []))
+    if as_json:
+        got = json.loads(out)
+        assert got["made"] is False and got["reason"] == "cam carries raw pictures: each stands alone"
+        return
+    assert out == "cannot: cam carries raw pictures: each stands alone\n"
+
+
 def _list_cameras(b: Box, ctl, as_json: bool) -> None:
     here = list_cameras()   # the hub runs on this machine: the same devices, or none
     if as_json:
@@ -425,7 +435,7 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("status",): _status, ("streams",): _streams, ("rooms",): _rooms, ("sessions",): _sessions,
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
     ("source", "list"): _source_list, ("source", "add"): _source_add, ("source", "remove"): _source_remove,
-    ("snapshot",): _snapshot, ("list-cameras",): _list_cameras, ("describe",): _describe, ("view",): _view,
+    ("snapshot",): _snapshot, ("keyframe",): _keyframe, ("list-cameras",): _list_cameras, ("describe",): _describe, ("view",): _view,
     ("pipeline", "list"): _pipeline_list, ("pipeline", "set"): _pipeline_set, ("pipeline", "remove"): _pipeline_remove,
     ("record", "start"): _record_start, ("record", "stop"): _record_stop, ("record", "list"): _record_list,
 }

@@ -27,6 +27,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.capture import book
 from services.capture.sink import Sink, SinkMetrics
 from services.capture.sources import Source, SourceError, open_source
+from services.control.protocol import ProtocolError
+from services.runtime.keyframes import KeyframeRequests, cannot
 from services.runtime.rate import RateMeter
 from services.runtime.service import Service
 from services.runtime.streams import audio_stream
@@ -55,6 +57,9 @@ class Capture(Service):
         self._thread = threading.Thread(target=self._reader, name=f"capture-{self.instance}", daemon=True)
         self.sink = self.own(Sink(self.stream, self.config.bus.prefix, self.sink_metrics), self._close_sink)
         self.source: Source = open_source(self.instance, self.source_cfg)
+        self.keyframes = KeyframeRequests(self.registry, self.loop, self._make_keyframe)
+        self.sink.on_keyframe = lambda: self.loop.call_soon_threadsafe(lambda: self.keyframes.keyframe(self.stream))
+        self.offer_keyframes(self._keyframe_request)
         self._thread.start()
         self.on_stop(self._stop_reader)
         self.loop.every(1.0, self._measure)
@@ -177,6 +182,20 @@ class Capture(Service):
         """Failed and not delivering again yet: waiting to retry, or reopening after a failure."""
         return self.phase == "waiting" or (self.phase == "running" and bool(self.last_error)
                                             and self.sink.frames == self._frames_at_open)
+
+    # ------------------------------------------------------------ keyframe requests
+    def _keyframe_request(self, stream: str, reason: str) -> dict:
+        if stream != self.stream:
+            raise ProtocolError("not_found", f"{self.id} produces {self.stream}, not {stream!r}")
+        if not self.source_cfg.encoded():
+            return cannot(f"{stream} carries raw pictures: each stands alone")
+        if not self.source_cfg.makes_keyframes():
+            return cannot(f"a {self.source_cfg.kind} source passes on the keyframes it gets and cannot make one",
+                          self.sink.next_keyframe_in())
+        return self.keyframes.request(stream, reason)
+
+    def _make_keyframe(self, stream: str) -> str:
+        return self.source.force_keyframe() or "none"
 
     def _stop_reader(self) -> None:
         self._halt.set()

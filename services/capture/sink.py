@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -69,6 +70,18 @@ class Sink:
         self.audio_rate = 0
         self._extradata: bytes | None = None
         self._payload = 0
+        # keyframes: when the last went out and the gap before it (when the next is due, for a keyframe
+        # request a source cannot answer); on_keyframe() is called from the writing thread
+        self.last_keyframe_ns = 0
+        self.keyframe_gap_ns = 0
+        self.on_keyframe: Callable[[], None] | None = None
+
+    def next_keyframe_in(self) -> float | None:
+        """Seconds until the next keyframe is due at the gap seen between the last two; None before two."""
+        if not self.keyframe_gap_ns:
+            return None
+        since = _now_ns() - self.last_keyframe_ns
+        return max(0.0, (self.keyframe_gap_ns - since) / 1e9)
 
     # ------------------------------------------------------------ rings
     def _replace_video(self, kind: str, payload: int, slots: int) -> framebus.Producer:
@@ -160,6 +173,11 @@ class Sink:
         self.m.bytes.inc(size)
         if keyframe:
             self.m.keyframes.inc()
+            if self.last_keyframe_ns:
+                self.keyframe_gap_ns = capture_ns - self.last_keyframe_ns
+            self.last_keyframe_ns = capture_ns
+            if self.on_keyframe is not None:
+                self.on_keyframe()
         self.m.latency.observe((_now_ns() - capture_ns) / 1e9)
 
     # ------------------------------------------------------------ audio

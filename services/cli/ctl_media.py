@@ -70,6 +70,20 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                                                 f"of {r['stream']} item {r['seq']}")
 
 
+def _keyframe_text(r: dict) -> str:
+    if r.get("made"):
+        how = "throttled: one is on its way" if r.get("throttled") else f"asked for ({r.get('how')})"
+        return f"keyframe {how}; waiting {r.get('waiting', 0):.2f} s"
+    due = r.get("next_keyframe_in")
+    return f"cannot: {r.get('reason')}" + (f"; its next keyframe is due in {due:.2f} s" if due is not None else "")
+
+
+def cmd_keyframe(args: argparse.Namespace) -> int:
+    with hubcall.client(args) as client:
+        result = client.call("keyframe", {"stream": args.stream, "reason": args.reason})
+    return hubcall.show(args, result, _keyframe_text)
+
+
 def cmd_cameras(args: argparse.Namespace) -> int:
     with hubcall.client(args) as client:
         return hubcall.show(args, client.call("cameras", {}), _cameras_table)
@@ -96,6 +110,11 @@ def add_parsers(ctl_sub) -> None:
     snap.add_argument("--max-width", type=int, default=1920, help="scale down to at most this width (default 1920)")
     snap.add_argument("--quality", type=int, default=85, help="JPEG quality 10..100 (default 85)")
     snap.set_defaults(ctl_func=cmd_snapshot)
+    key = ctl_sub.add_parser("keyframe", help="ask the producer of an encoded stream for a keyframe: STREAM")
+    hubcall.add_common(key)
+    key.add_argument("stream")
+    key.add_argument("--reason", default="asked by ctl", help="said in the producer's log and metrics")
+    key.set_defaults(ctl_func=cmd_keyframe)
     cams = ctl_sub.add_parser("list-cameras", help="the box's V4L2 cameras (never hangs when there are none)")
     hubcall.add_common(cams)
     cams.set_defaults(ctl_func=cmd_cameras)

@@ -249,6 +249,10 @@ class Decode(Service):
                                    f"stream {self.stream}: {why}; waiting for the next keyframe")
         else:
             self.log.info("stream %s: %s; waiting for the next keyframe", self.stream, why)
+        if self.consumer.attached and self.consumer.producer_alive():
+            # the producer may make one sooner than its next is due (its own encoder, a call's peer);
+            # it throttles many requests into one (services/runtime/keyframes.py)
+            self.request_keyframe(self.stream, why)
 
     # ------------------------------------------------------------ decoder
     def _open_decoder(self, codec: str) -> None:

@@ -249,6 +249,26 @@ def service_answer(hub: Hub, args: dict, ctx: Ctx) -> dict:
     return {"relayed": True}
 
 
+# --- keyframe requests ------------------------------------------------------------------------
+KEYFRAME = "stream.keyframe"  # what a producer offers (Service.offer_keyframes)
+
+
+@command("keyframe", "ask the producer of an encoded stream for a keyframe: an encoder forces one, a call "
+                     "transport asks its peer, a file or camera says when its next is due (args: stream, reason)",
+         args={"stream": str, "reason": str}, required=("stream",))
+def keyframe(hub: Hub, args: dict, ctx: Ctx) -> Any:
+    stream = args["stream"]
+    producer = next((rec for rec in hub.service_registry.services.values() if stream in rec.streams), None)
+    if producer is None:
+        raise ProtocolError("not_found", f"no service produces a stream {stream!r} (`edgeroom ctl streams`)")
+    offer = hub.offer_book.at(producer.id, KEYFRAME)
+    if offer is None:
+        raise ProtocolError("unavailable", f"{producer.id}, which produces {stream!r}, does not make keyframes on "
+                                           "request")
+    hub.m_keyframes.labels(stream).inc()
+    return forward(hub, KEYFRAME, offer, args, ctx)
+
+
 # --- sources -------------------------------------------------------------------------------
 def _source_row(hub: Hub, name: str, src: Any, origin: str, now: float, wall: float) -> dict:
     services = {r["service"]: r for r in hub.service_registry.rows(now, wall)}

@@ -63,27 +63,40 @@ def check_offers(offers: object) -> dict[str, dict]:
 
 
 class OfferBook:
+    """Offers by command, and by service: most commands have one service that answers them
+    (record.start); a per-stream command (stream.keyframe) is offered by every service that
+    produces streams, and the hub picks the producer of the stream (`at`)."""
+
     def __init__(self, reserved: set[str]) -> None:
         self.reserved = reserved           # the hub's own command names: a service cannot take them
-        self.offers: dict[str, Offer] = {}
+        self.offers: dict[str, Offer] = {}              # command -> the latest service that offered it
+        self.by_service: dict[str, dict[str, Offer]] = {}
         self.pending: dict[str, Forward] = {}
         self.gone: dict[str, str] = {}     # command -> the service that offered it until it stopped
         self._ids = itertools.count(1)
 
     def update(self, service: str, offers: dict[str, dict], where: Any) -> None:
         """The offers of one heartbeat replace that service's earlier ones."""
-        for name in [n for n, o in self.offers.items() if o.service == service and n not in offers]:
-            del self.offers[name]
-        for name, spec in offers.items():
+        for name in offers:
             if name in self.reserved:
                 raise ProtocolError("bad_args", f"{service} offers {name!r}, which is a hub command")
-            self.offers[name] = Offer(service, spec.get("summary", ""), float(spec.get("deadline", 5.0)), where)
+        for name in [n for n, o in self.offers.items() if o.service == service and n not in offers]:
+            del self.offers[name]
+        mine = self.by_service[service] = {}
+        for name, spec in offers.items():
+            mine[name] = self.offers[name] = Offer(service, spec.get("summary", ""),
+                                                   float(spec.get("deadline", 5.0)), where)
             self.gone.pop(name, None)
 
     def drop(self, service: str) -> None:
         for name in [n for n, o in self.offers.items() if o.service == service]:
             del self.offers[name]
             self.gone[name] = service
+        self.by_service.pop(service, None)
+
+    def at(self, service: str, cmd: str) -> Offer | None:
+        """`service`'s offer of `cmd`, if it makes one."""
+        return self.by_service.get(service, {}).get(cmd)
 
     def find(self, cmd: str, state_of) -> Offer:
         """The live offer of `cmd`; raises ProtocolError naming what is missing."""
@@ -119,4 +132,8 @@ class OfferBook:
         return late
 
     def summaries(self) -> dict[str, str]:
-        return {name: f"{o.summary} (answered by {o.service})" for name, o in self.offers.items()}
+        out = {}
+        for name, o in self.offers.items():
+            by = sorted(s for s, offers in self.by_service.items() if name in offers)
+            out[name] = f"{o.summary} (answered by {', '.join(by) if len(by) <= 3 else f'{len(by)} services'})"
+        return out

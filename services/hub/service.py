@@ -314,6 +314,8 @@ class Hub(Service):
         self.m_hook_latency = Histogram("edgeroom_hook_latency_seconds", "Time from hook call to answer.",
                                         ["hook"], registry=r,
                                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.m_keyframes = Counter("edgeroom_hub_keyframe_requests", "Keyframe requests routed to a stream's "
+                                   "producer, by stream.", ["stream"], registry=r)
         self.m_forwards = Counter("edgeroom_hub_forwarded_calls", "Commands forwarded to the service that offers "
                                   "them, by command and outcome (ok, error, timeout).", ["command", "outcome"],
                                   registry=r)

@@ -51,7 +51,9 @@ from services.runtime.loop import Loop
 from services.runtime.metrics import new_registry, process_collector, snapshot
 from services.runtime.notify import Notifier
 
-__all__ = ["AsyncService", "Resources", "Service", "identity", "main"]
+__all__ = ["KEYFRAME_OFFER", "AsyncService", "Resources", "Service", "identity", "main"]
+
+KEYFRAME_OFFER = "stream.keyframe"  # the offer the hub's `keyframe` command routes to a stream's producer
 
 T = TypeVar("T")
 
@@ -172,6 +174,24 @@ class Service:
         done(result) or done(error=ProtocolError(...)) once, from the loop, within `deadline` seconds.
         """
         self._offers[name] = _Offer(handler, summary, deadline, later, args or {}, required)
+
+    def offer_keyframes(self, answer: Callable[[str, str], dict[str, Any]]) -> None:
+        """Answer keyframe requests for the streams this service produces: the hub routes `keyframe
+        {stream}` to the stream's producer. `answer(stream, reason)` makes one (services/runtime/
+        keyframes.py throttles and repeats) or says why it cannot (`keyframes.cannot`)."""
+        self.offer(KEYFRAME_OFFER, lambda args: answer(args["stream"], args.get("reason", "")),
+                   "make a keyframe of a stream this service produces (args: stream, reason)",
+                   args={"stream": str, "reason": str}, required=("stream",))
+
+    def request_keyframe(self, stream: str, reason: str) -> None:
+        """Ask the producer of `stream` for a keyframe, through the hub; the answer is logged (debug), a
+        refusal too (a producer that cannot make one says when its next one is due)."""
+        if self.link is not None:
+            self.link.request("keyframe", {"stream": stream, "reason": reason},
+                              lambda result, error: self._keyframe_answer(stream, result, error))
+
+    def _keyframe_answer(self, stream: str, result: object, error: Exception | None) -> None:
+        self.log.debug("keyframe request for %s: %s", stream, error if error is not None else result)
 
     def _on_call(self, msg: JsonObject) -> None:
         call, name, args = str(msg.get("call")), str(msg.get("cmd")), msg.get("args") or {}

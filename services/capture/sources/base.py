@@ -10,6 +10,7 @@ A source kind is one module of this package. It declares, beside its code:
       class Source(Protocol):
           def run(self, sink: Sink, stop: threading.Event, emit: Emit) -> bool: ...
           def describe(self) -> str: ...      # what it reads now, for the status line
+          def force_keyframe(self) -> str | None: ...   # "idr" if it can make one now, else None
 
 `run` opens the source, puts its items into the sink until `stop` is set or the input
 ends, and closes what it opened. It returns True when the input ended and should not be
@@ -54,6 +55,11 @@ class Source(Protocol):
         """What it is reading now, for the status line ("h264 1280x720 from rtsp://cam/1"); '' when closed."""
         ...
 
+    def force_keyframe(self) -> str | None:
+        """Make its next access unit a keyframe (called from any thread): how ("idr"), or None when it
+        cannot (it passes on the keyframes it gets, or sends raw pictures)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SourceConfig:
@@ -79,6 +85,11 @@ class SourceConfig:
 
     def has_audio(self) -> bool:
         """Does the source publish NAME-audio?"""
+        return False
+
+    def makes_keyframes(self) -> bool:
+        """Can it make a keyframe on request (its Source's force_keyframe)? An encoder in the source can; a
+        file or a camera passes on the keyframes it gets."""
         return False
 
     def target(self) -> str:

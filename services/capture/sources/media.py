@@ -395,5 +395,8 @@ class MediaSource:
                 sink.audio(pcm, out.sample_rate, pts=self._audio_samples, capture_ns=capture_ns)
                 self._audio_samples += pcm.shape[0]
 
+    def force_keyframe(self) -> str | None:
+        return None  # it passes on what the file or camera holds
+
     def describe(self) -> str:
         return self.info

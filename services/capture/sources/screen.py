@@ -476,6 +476,9 @@ class ScreenCapture:
             src.close()
         return False
 
+    def force_keyframe(self) -> str | None:
+        return None  # raw pictures: each stands alone
+
     def describe(self) -> str:
         return self.info
 

@@ -60,6 +60,9 @@ class SyntheticConfig(EncodedSourceConfig):
     def has_audio(self) -> bool:
         return self.audio
 
+    def makes_keyframes(self) -> bool:
+        return self.encode == "h264"  # its own encoder forces an IDR
+
     def target(self) -> str:
         return f"{self.width}x{self.height} {self.encode}"
 
@@ -153,7 +156,9 @@ class H264Encoder:
         self.ctx.framerate = rate
         self.ctx.time_base = 1 / rate
         self.ctx.gop_size = max(1, round(gop * fps))
-        opts = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "repeat-headers=1:scenecut=0"}
+        # forced-idr: a picture asked to be a keyframe (a keyframe request) is an IDR, not a plain I
+        opts = {"preset": "veryfast", "tune": "zerolatency",
+                "x264-params": "repeat-headers=1:scenecut=0:forced-idr=1"}
         if bitrate_kbps:
             self.ctx.bit_rate = bitrate_kbps * 1000
         else:
@@ -161,6 +166,7 @@ class H264Encoder:
         self.ctx.options = opts
         self.ctx.open()
         self.frame_type = av.VideoFrame
+        self.intra = av.video.frame.PictureType.I
         self.width, self.height = width, height
 
     def frame(self):
@@ -171,8 +177,10 @@ class H264Encoder:
             planes.append(np.frombuffer(p, np.uint8).reshape(-1, p.line_size))
         return f, planes
 
-    def encode(self, frame, n: int) -> list:
+    def encode(self, frame, n: int, keyframe: bool = False) -> list:
         frame.pts = n
+        if keyframe:
+            frame.pict_type = self.intra
         return self.ctx.encode(frame)
 
 
@@ -183,6 +191,7 @@ class SyntheticSource:
             import av  # noqa: F401  (at setup, not on the reader thread: a missing extra is a clear exit 78)
         self.cfg = cfg
         self.pattern: Pattern | None = None  # built on the reader thread: a bad image is a source error
+        self._want_keyframe = False          # set by force_keyframe (any thread), taken by the next frame
         self.encoder: H264Encoder | None = None
         self.late = 0
         # one second of the audio, built once: 50 chunks of 20 ms, the first five beeping
@@ -220,6 +229,12 @@ class SyntheticSource:
             n += 1
         return False
 
+    def force_keyframe(self) -> str | None:
+        if self.cfg.encode != "h264":
+            return None
+        self._want_keyframe = True  # one attribute write: the reader thread takes it with its next frame
+        return "idr"
+
     def describe(self) -> str:
         cfg = self.cfg
         return f"{cfg.width}x{cfg.height} test pattern" + (" with a 1 kHz beep" if cfg.audio else "")
@@ -233,7 +248,8 @@ class SyntheticSource:
             return
         frame, (y, u, v) = self.encoder.frame()
         self.pattern.draw_yuv(y, u, v, n, flash)
-        for packet in self.encoder.encode(frame, n):
+        forced, self._want_keyframe = self._want_keyframe, False
+        for packet in self.encoder.encode(frame, n, forced):
             sink.encoded(packet, "h264", keyframe=packet.is_keyframe, pts=pts, time_base=NS_BASE,
                          capture_ns=capture_ns, width=self.cfg.width, height=self.cfg.height)
 

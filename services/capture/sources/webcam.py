@@ -310,6 +310,9 @@ class WebcamSource:
         return (f"{path} stopped delivering frames after {self.frames} (the driver reported an error, or no "
                 f"frame came within {wait} s)")
 
+    def force_keyframe(self) -> str | None:
+        return None  # raw pictures: each stands alone
+
     def describe(self) -> str:
         """What the device gives, and what was asked when that differs: for the status line."""
         cfg = self.cfg
