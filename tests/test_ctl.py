@@ -435,7 +435,8 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("status",): _status, ("streams",): _streams, ("rooms",): _rooms, ("sessions",): _sessions,
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
     ("source", "list"): _source_list, ("source", "add"): _source_add, ("source", "remove"): _source_remove,
-    ("snapshot",): _snapshot, ("keyframe",): _keyframe, ("list-cameras",): _list_cameras, ("describe",): _describe, ("view",): _view,
+    ("snapshot",): _snapshot, ("keyframe",): _keyframe, ("list-cameras",): _list_cameras, ("describe",): _describe,
+    ("view",): _view,
     ("pipeline", "list"): _pipeline_list, ("pipeline", "set"): _pipeline_set, ("pipeline", "remove"): _pipeline_remove,
     ("record", "start"): _record_start, ("record", "stop"): _record_stop, ("record", "list"): _record_list,
 }
