@@ -1,4 +1,4 @@
-"""One target's recording: items in, segments of fragmented MP4 out. Knows nothing of the bus.
+"""One target's recording: items in, segments of fragmented MP4 (or WAV) out. Knows nothing of the bus.
 
 `StreamRecorder.feed(item)` takes what a framebus consumer returns (anything with the
 same attributes: kind, codec, keyframe, capture_ns, generation, array, planes(), format,
@@ -11,7 +11,8 @@ width, height, rate, channels, valid()) and turns it into segments:
   keyframe. VP8, which FFmpeg's MP4 muxer cannot carry, is decoded here and encoded as
   raw pictures are;
 * raw pictures are encoded with the encoder services/recorder/encoder.py chooses;
-* s16 audio chunks (a NAME-audio target) are encoded to AAC.
+* s16 audio chunks (a NAME-audio target) are written as they came into a WAV
+  (services/recorder/wav.py), each chunk at the sample its capture time says.
 
 Timestamps come from capture_ns (the box's one monotonic clock) at 90 kHz from the
 segment's first item, so variable frame rate is kept as it was captured; Mp4Writer makes
@@ -43,11 +44,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 
 from services.recorder import encoder as encoders
 from services.recorder import segments
 from services.recorder.mp4 import DiskFull, Mp4Error, Mp4Writer, Track
+from services.recorder.room_audio import AudioPlacer
+from services.recorder.wav import WavWriter
 
 __all__ = ["Settings", "StreamRecorder", "VIDEO_TB", "sps_of"]
 
@@ -55,6 +57,7 @@ log = logging.getLogger("edgeroom.recorder")
 
 VIDEO_TB = Fraction(1, 90000)
 WINDOW = 8                  # remuxed access units held before writing: deeper than streams reorder (1 to 4)
+AUDIO_GAP_MAX_S = 10.0      # audio that pauses longer than this begins a new WAV instead of writing silence
 NOMINAL_FPS = 30            # the encoder's rate-control hint and gop unit; timestamps stay the captured ones
 
 
@@ -85,7 +88,7 @@ class StreamRecorder:
         self._m_flush = metrics.flush.labels(target) if metrics is not None else None
         self._m_bytes = metrics.bytes.labels(target) if metrics is not None else None
         self.on_segment = on_segment
-        self.writer: Mp4Writer | None = None
+        self.writer: Mp4Writer | WavWriter | None = None
         self.track: Track | None = None
         self.state = "waiting"          # waiting (for a keyframe / first item), recording, disk_full, stopped
         self.generation: int | None = None
@@ -107,6 +110,7 @@ class StreamRecorder:
         self.lead = 0                   # ticks added to the source's pts so that no pts is before its dts
         self.decoder = None             # VP8: its decoder (see _transcoded), for (generation, codec) decoder_key
         self.decoder_key: tuple | None = None
+        self.placer: AudioPlacer | None = None  # audio: where each chunk goes in the WAV
 
     # ------------------------------------------------------------ input
     def feed(self, item) -> None:
@@ -243,17 +247,23 @@ class StreamRecorder:
         self._wrote()
 
     def _audio(self, item) -> None:
+        """s16 chunks -> a WAV segment (services/recorder/wav.py), each placed by its capture time."""
         shape = (item.rate, item.channels)
-        if self.writer is not None and (shape != self.shape or self._due()):
+        if self.writer is not None and (shape != self.shape or self._due() or self.writer.full):
             self._finish("the audio format changed" if shape != self.shape else None)
-        if self.writer is None:
-            self._open_audio(shape)
-        pcm = item.array.view(np.int16).reshape(-1, item.channels).copy()
+        pcm = item.array.copy()  # the one copy out of the ring: the writer keeps it until its flush
         if not item.valid():
             self._drop("overwritten")
             return
-        rate = item.rate
-        self.writer.write_audio(self.track, pcm, self._since(item.capture_ns) * rate // 1_000_000_000)
+        if self.writer is None:
+            self._open_wav(shape, item.capture_ns)
+        place = self.placer.place(item.capture_ns, len(pcm))
+        if place.gap > AUDIO_GAP_MAX_S * item.rate:  # a long pause: a new file, not minutes of silence
+            self._finish(f"no audio for {place.gap / item.rate:.1f} s")
+            self._open_wav(shape, item.capture_ns)
+            place = self.placer.place(item.capture_ns, len(pcm))
+        if place.skip < len(pcm):
+            self.writer.write(pcm[place.skip:], place.pos)
         self._wrote()
 
     def _since(self, capture_ns: int) -> int:
@@ -312,12 +322,16 @@ class StreamRecorder:
         self._opened(choice.name, choice.hardware, choice.note,
                      f"{fmt} {width}x{height}, encoded with {choice.name} ({how})")
 
-    def _open_audio(self, shape: tuple) -> None:
+    def _open_wav(self, shape: tuple, capture_ns: int) -> None:
         rate, channels = shape
-        self.writer = self._writer()
-        self.track = self.writer.add_audio(rate, channels, "aac")
+        path = segments.new_path(self.root, self.target, ext="wav")
+        self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
+                                fsync=self.settings.fsync, on_flush=self._flushed if self.m is not None else None)
+        self.track = None
         self.shape = shape
-        self._opened("aac", False, "", f"audio {rate} Hz x{channels}, encoded with aac")
+        self._opened("pcm_s16le", False, "", f"audio {rate} Hz x{channels} into WAV")
+        self.t0_ns = capture_ns  # sample 0 of the file; sample n was captured at t0 + n / rate
+        self.placer = AudioPlacer(capture_ns, rate)
 
     def _opened(self, name: str, hardware: bool, note: str, what: str) -> None:
         self.state = "recording"
@@ -367,7 +381,7 @@ class StreamRecorder:
         if self.m is not None:
             self.m.segments.labels(self.target).inc()
         self.emit("record.segment", {"target": self.target, "path": str(path), "duration": round(w.duration, 3),
-                                     "frames": w.frames, "bytes": os.path.getsize(path)})
+                                     "frames": w.frames, "bytes": os.path.getsize(path), "start_ns": self.t0_ns})
         if self.on_segment is not None:
             self.on_segment(path)
         return path
