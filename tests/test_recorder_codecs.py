@@ -113,3 +113,52 @@ def test_every_codec_the_bus_carries_is_recorded_at_its_size_with_increasing_tim
     vfr = probe(paths["vfr"])["frames"]
     steps = {round((b2 - a) / 90) for a, b2 in zip(vfr, vfr[1:])}
     assert {33, 67} <= steps, steps
+
+
+class _Item:
+    """What StreamRecorder reads of a framebus item, for feeding it without a box."""
+    kind, generation = "encoded", 1
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+    def valid(self) -> bool:
+        return True
+
+
+def _feed(rec, path: Path, codec: str, t0_ns: int, *, sized: bool) -> int:
+    """Feed a file's packets as capture would put them on the bus; returns the capture time after the last."""
+    import av
+    import numpy as np
+    with av.open(str(path)) as f:
+        v = f.streams.video[0]
+        bsf = av.BitStreamFilterContext("hevc_mp4toannexb", v) if codec == "h265" else None
+        cap = t0_ns
+        for p in f.demux(v):
+            for q in (bsf.filter(p) if bsf else [p]) if p.size else []:
+                cap = t0_ns + int((q.dts - v.start_time) * q.time_base * 1e9)
+                rec.feed(_Item(codec=codec, keyframe=q.is_keyframe, capture_ns=cap, pts=q.pts, time_base=q.time_base,
+                               array=np.frombuffer(bytes(q), np.uint8), width=v.codec_context.width if sized else 0,
+                               height=v.codec_context.height if sized else 0))
+    return cap + 100_000_000
+
+
+def test_a_size_the_items_do_not_carry_is_read_and_a_new_size_starts_a_new_segment(tmp_path):
+    from services.recorder.stream import Settings, StreamRecorder
+    events: list = []
+    small = make_clip(tmp_path, ["-f", "lavfi", "-i", "testsrc=size=128x96:rate=15", "-t", "0.6", "-c:v",
+                                 "libx265", "-x265-params", "log-level=error"], "small.mp4")
+    vp9 = make_clip(tmp_path, CLIPS["vpx9"][0], "vp9.webm")
+    hevc = make_clip(tmp_path, CLIPS["hevc"][0], "hevc.mp4")
+    rec = StreamRecorder("t", tmp_path / "rec", Settings(fsync=False), lambda topic, data: events.append(data))
+    t = _feed(rec, hevc, "h265", 10**9, sized=True)
+    _feed(rec, small, "h265", t, sized=True)       # a new SPS and size: a new segment
+    rec.stop()
+    rec2 = StreamRecorder("u", tmp_path / "rec", Settings(fsync=False), lambda topic, data: events.append(data))
+    _feed(rec2, vp9, "vp9", 10**9, sized=False)    # no size in the items: read from the keyframe
+    rec2.stop()
+    files = sorted((tmp_path / "rec" / "t").glob("*.mp4")) + sorted((tmp_path / "rec" / "u").glob("*.mp4"))
+    streams = [probe(f)["streams"][0] for f in files]
+    sizes = [(s["codec_name"], s["width"], s["height"]) for s in streams]
+    assert sorted(sizes) == sorted([("hevc", 176, 144), ("hevc", 128, 96), ("vp9", 208, 120)]), sizes
+    assert all(decode_errors(f) == "" for f in files)
