@@ -124,15 +124,18 @@ class StreamRecorder:
             self.generation = item.generation
         kind = item.kind
         try:
-            if kind == "encoded":
-                self._encoded(item) if item.codec in MUXER_CODECS else self._transcoded(item)
+            if kind == "encoded" and item.codec in MUXER_CODECS:
+                self._encoded(item)
+            elif kind == "encoded" and item.codec in TRANSCODED:
+                self._transcoded(item)
             elif kind == "video":
                 self._picture(item)
             elif kind == "audio":
                 self._audio(item)
             else:
                 self._drop("bad_input")
-                log.debug("%s: item of kind %r ignored", self.target, kind)
+                log.debug("%s: item of kind %r%s ignored", self.target, kind,
+                          f" (codec {item.codec!r})" if kind == "encoded" else "")
         except DiskFull as exc:
             self._disk_full(exc)
         except Mp4Error as exc:
@@ -190,7 +193,8 @@ class StreamRecorder:
             self.decoder = None
             return
         for frame in frames:
-            self._write_picture((frame.width, frame.height, frame.format.name), frame, frame.pts, None)
+            self._write_picture((frame.width, frame.height, frame.format.name), frame,
+                                item.capture_ns if frame.pts is None else frame.pts, None)
 
     # ------------------------------------------------------------ remux timestamps
     def _hold(self, data, key: bool, item) -> None:
@@ -459,6 +463,7 @@ def finished_name(path: str) -> str:
 # The bus's codec names (framebus/formats.py) -> FFmpeg's, for the MP4 muxer. Not here: VP8,
 # which FFmpeg's MP4 muxer refuses ("does not support"): StreamRecorder._transcoded encodes it.
 MUXER_CODECS = {"h264": "h264", "h265": "hevc", "vp9": "vp9", "av1": "av1"}
+TRANSCODED = ("vp8",)
 NS_TB = Fraction(1, 1_000_000_000)
 
 
