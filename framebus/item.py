@@ -93,11 +93,12 @@ class Item:
 
     @property
     def width(self) -> int:
-        return self._m[4] if self._m[0] == KIND_VIDEO else 0
+        """Picture width; for an encoded item the stream's, when its producer said it (else 0)."""
+        return self._m[4] if self._m[0] in (KIND_VIDEO, KIND_ENCODED) else 0
 
     @property
     def height(self) -> int:
-        return self._m[5] if self._m[0] == KIND_VIDEO else 0
+        return self._m[5] if self._m[0] in (KIND_VIDEO, KIND_ENCODED) else 0
 
     @property
     def stride(self) -> int:

@@ -489,9 +489,11 @@ class Producer:
         view = self._views.get(index, KIND_VIDEO, f, geo.size, width, height, geo.stride0, geo.stride1)
         return Loan(self, index, KIND_VIDEO, f, geo.size, width, height, geo.stride0, geo.stride1, view)
 
-    def loan_encoded(self, codec: str, size: int | None = None) -> Loan:
+    def loan_encoded(self, codec: str, size: int | None = None, width: int = 0, height: int = 0) -> Loan:
         """Lend the next slot for an access unit of at most `size` bytes (default: the slot).
 
+        `width` and `height` are the stream's picture size when the producer knows it (0: not
+        said); a consumer that does not decode (a recorder) learns the size from them.
         Write into loan.array, then send(size=bytes_written, keyframe=...).
         """
         self._check_kind(KIND_ENCODED)
@@ -500,7 +502,7 @@ class Producer:
         size = self.geometry.payload_capacity if size is None else size
         self._check_size(size, "the access unit")
         index = self._begin()
-        return Loan(self, index, KIND_ENCODED, CODECS[codec], size, 0, 0, 0, 0,
+        return Loan(self, index, KIND_ENCODED, CODECS[codec], size, max(0, width), max(0, height), 0, 0,
                     self._views.base(index)[:size])
 
     def loan_audio(self, samples: int, channels: int, rate: int) -> Loan:
@@ -540,11 +542,12 @@ class Producer:
             raise
         return loan.send(**meta)
 
-    def publish_encoded(self, data: ReadableBuffer, codec: str, *, keyframe: bool = False,
-                        **meta: Unpack[StampMeta]) -> int:
-        """Copy one access unit (bytes-like) into the next slot and send it."""
+    def publish_encoded(self, data: ReadableBuffer, codec: str, *, keyframe: bool = False, width: int = 0,
+                        height: int = 0, **meta: Unpack[StampMeta]) -> int:
+        """Copy one access unit (bytes-like) into the next slot and send it (`width`, `height`:
+        the stream's picture size, when known)."""
         view = memoryview(data).cast("B")
-        loan = self.loan_encoded(codec, view.nbytes)
+        loan = self.loan_encoded(codec, view.nbytes, width, height)
         loan.array[:] = view
         return loan.send(keyframe=keyframe, **meta)
 

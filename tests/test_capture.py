@@ -88,6 +88,7 @@ def test_sink_grows_the_encoded_ring_and_remakes_the_raw_ring_on_a_size_change(p
                          time_base=Fraction(1, 90000), capture_ns=1, width=320, height=240)
             first = c.receive(timeout=2)
             assert first.kind == "encoded" and first.keyframe and first.size == 1005
+            assert (first.width, first.height) == (320, 240)  # the stream's size travels with its access units
             big = b"\x00\x00\x00\x01\x41" + bytes(600_000)  # outgrows the 256 KiB slots
             assert sink.encoded(big, "h264", keyframe=False, pts=3000, time_base=Fraction(1, 90000),
                                 capture_ns=2, width=320, height=240)

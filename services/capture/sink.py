@@ -139,7 +139,7 @@ class Sink:
             self.m.dropped.labels("too_large").inc()
             log.warning("%s: dropped %s", self.stream, exc)
             return False
-        loan = ring.loan_encoded(codec, size)
+        loan = ring.loan_encoded(codec, size, width, height)
         loan.array[:] = view
         flags = self._flags(discontinuity) | (framebus.FLAG_CORRUPT if corrupt else 0)
         loan.send(pts=pts, time_base=time_base, capture_ns=capture_ns, keyframe=keyframe, flags=flags)

@@ -25,8 +25,9 @@ media plus one frame (FFmpeg cuts when the first packet past the limit arrives).
 
 Timestamps are the caller's (in the track's time base; the recorder derives them from
 capture_ns, so variable frame rate survives). The writer makes them strictly increasing
-(a repeated or backwards timestamp is moved one tick past the last and counted in
-`adjusted`), because the mov muxer refuses non-monotonic dts.
+(a repeated or backwards dts is moved one tick past the last and counted in `adjusted`;
+a pts is moved only where it would fall before its dts), because the mov muxer refuses
+non-monotonic dts.
 
 Remux (`add_video_copy` + `write_packet`) never decodes or encodes: the Annex B access
 units go to the muxer as they are (it rewrites start codes as length prefixes, the NAL
@@ -107,9 +108,7 @@ class Track:
         pts = int(pts)
         dts = pts if dts is None else int(dts)
         if self.last_dts is not None and dts <= self.last_dts:
-            shift = self.last_dts + 1 - dts
-            dts += shift
-            pts += shift
+            dts = self.last_dts + 1  # pts stays (a reordered picture's pts is the source's), unless now before dts
             self.adjusted += 1
         if pts < dts:
             pts = dts
@@ -224,9 +223,10 @@ class Mp4Writer:
         return track
 
     # ------------------------------------------------------------ writing
-    def write_packet(self, track: Track, data: bytes | memoryview | np.ndarray, pts: int, dts: int | None = None,
-                     keyframe: bool = False, check: Callable[[], bool] | None = None) -> bool:
-        """One encoded access unit (Annex B for H.264/H.265), timestamps in the track's time base.
+    def write_packet(self, track: Track, data: bytes | memoryview | np.ndarray | av.Packet, pts: int,
+                     dts: int | None = None, keyframe: bool = False, check: Callable[[], bool] | None = None) -> bool:
+        """One encoded access unit (Annex B for H.264/H.265; an av.Packet is taken as it is, no
+        copy), timestamps in the track's time base.
 
         `check`, when given, is called after the data was copied into the packet (a framebus
         item's `valid`): False means the source was overwritten meanwhile, and nothing is
@@ -234,7 +234,7 @@ class Mp4Writer:
         self._check()
         if track.frames == 0 and track.extradata and keyframe and not _has_parameter_sets(data):
             data = track.extradata + bytes(data)  # the muxer takes its avcC from the first packet
-        packet = av.Packet(data)
+        packet = data if isinstance(data, av.Packet) else av.Packet(data)
         if check is not None and not check():
             return False
         packet.pts, packet.dts = track.stamp(pts, dts)
@@ -244,12 +244,12 @@ class Mp4Writer:
         self._mux([packet])
         return True
 
-    def write_picture(self, track: Track, picture: np.ndarray | tuple[np.ndarray, ...], fmt: str, pts: int,
-                      check: Callable[[], bool] | None = None) -> bool:
-        """One picture (an ndarray, or a tuple of planes such as framebus `item.planes()`), encoded.
-        `check` as in write_packet (called after the picture was copied)."""
+    def write_picture(self, track: Track, picture: np.ndarray | tuple[np.ndarray, ...] | av.VideoFrame, fmt: str,
+                      pts: int, check: Callable[[], bool] | None = None) -> bool:
+        """One picture (an ndarray, a tuple of planes such as framebus `item.planes()`, or a
+        decoded av.VideoFrame), encoded. `check` as in write_packet (called after the copy)."""
         self._check()
-        frame = _frame_from(picture, fmt)
+        frame = picture if isinstance(picture, av.VideoFrame) else _frame_from(picture, fmt)
         if check is not None and not check():
             return False
         cc = track.stream.codec_context

@@ -1,15 +1,17 @@
 """Where recordings go on disk: names, the rule for files being written, leftovers, retention.
 
-Layout: `DIR/TARGET/TARGET-YYYYmmddTHHMMSSZ.mp4`, one folder per target (a stream name,
-or `room-NAME` for the target `room:NAME`), the time the segment began in UTC, with
-`-1`, `-2`, ... when two segments begin in the same second (a resolution change).
+Layout: `DIR/TARGET/TARGET-YYYYmmddTHHMMSSZ.mp4` (`.wav` for an audio target), one folder
+per target (a stream name, or `room-NAME` for the target `room:NAME`), the time the
+segment began in UTC, with `-1`, `-2`, ... when two segments begin in the same second
+(a resolution change).
 
 The rule for files being written: a segment is written as `NAME.mp4.partial` and renamed
-to `NAME.mp4` when it is complete (closed cleanly, or cut by a full disk). So `*.mp4` is
-always finished, and anything that copies or uploads recordings can ignore `*.partial`.
-A `.partial` left by a crash (SIGKILL, power cut) is handled at start by `recover()`: cut
-after its last whole fragment (mp4.repair), renamed to `.mp4` when it holds media,
-deleted when it does not.
+to `NAME.mp4` when it is complete (closed cleanly, or cut by a full disk); the same for
+`.wav`. So `*.mp4` and `*.wav` are always finished, and anything that copies or uploads
+recordings can ignore `*.partial`. A `.partial` left by a crash (SIGKILL, power cut) is
+handled at start by `recover()`: cut after its last whole fragment (mp4.repair; a WAV:
+its header's sizes set to its last whole sample frame, wav.repair), renamed when it
+holds media, deleted when it does not.
 
 Retention (`sweep()`), run at start, once a minute and after each segment: delete
 finished segments older than `retention_hours`, then the oldest finished segments while
@@ -24,7 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.recorder.mp4 import repair
+from services.recorder import mp4, wav
+
+REPAIR = {"mp4": mp4.repair, "wav": wav.repair}  # the kinds of segment, and how a crash's leftover is made whole
 
 __all__ = ["PARTIAL", "Recovered", "finish", "folder", "free_bytes", "new_path", "recover", "sweep"]
 
@@ -38,16 +42,17 @@ def folder(root: Path, target: str) -> Path:
     return root / target.replace(":", "-").replace("/", "_")
 
 
-def new_path(root: Path, target: str, wall: float | None = None) -> Path:
-    """A fresh `.partial` path for a segment of `target` beginning now (or at `wall`)."""
+def new_path(root: Path, target: str, wall: float | None = None, ext: str = "mp4") -> Path:
+    """A fresh `.partial` path for a segment of `target` beginning now (or at `wall`); `ext`:
+    mp4, or wav for an audio target."""
     d = folder(root, target)
     d.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if wall is None else wall))
     base = f"{d.name}-{stamp}"
     for n in range(1000):
         name = base if n == 0 else f"{base}-{n}"
-        path = d / f"{name}.mp4{PARTIAL}"
-        if not path.exists() and not (d / f"{name}.mp4").exists():
+        path = d / f"{name}.{ext}{PARTIAL}"
+        if not path.exists() and not (d / f"{name}.{ext}").exists():
             return path
     raise FileExistsError(f"no free segment name for {base} in {d}")
 
@@ -84,9 +89,9 @@ def recover(root: Path) -> Recovered:
     out = Recovered([], [])
     if not root.is_dir():
         return out
-    for partial in sorted(root.rglob(f"*.mp4{PARTIAL}")):
+    for partial in sorted(p for ext in REPAIR for p in root.rglob(f"*.{ext}{PARTIAL}")):
         try:
-            size = repair(partial)
+            size = REPAIR[partial.name[: -len(PARTIAL)].rpartition(".")[2]](partial)
             if size == 0:
                 partial.unlink()
                 out.removed.append(partial)
@@ -105,7 +110,7 @@ def sweep(root: Path, *, max_age_s: float = 0.0, max_share: float = 0.0, now: fl
         return []
     now = time.time() if now is None else now
     files = []
-    for p in root.rglob("*.mp4"):
+    for p in (p for ext in REPAIR for p in root.rglob(f"*.{ext}")):
         try:
             st = p.stat()
         except OSError:

@@ -28,8 +28,10 @@ class RecorderConfig:
                           off="", check=_check_targets)
     segment_seconds: float = setting(300.0, "Length of a segment file; a new one begins at the next keyframe "
                                      "after this many seconds.", LIVE, min=1, max=86400)
-    fragment_seconds: float = setting(0.5, "Longest MP4 fragment, in seconds: at most this much (plus one frame) "
-                                      "is lost when the recorder or the box dies.", LIVE, min=0.1, max=1.0)
+    fragment_seconds: float = setting(0.5, "Longest MP4 fragment, and how often a WAV is written and fsynced, in "
+                                      "seconds: at most this much (plus a few frames: a remuxed stream's last 8 "
+                                      "access units wait to be put in order) is lost when the box dies.", LIVE,
+                                      min=0.1, max=1.0)
     encoder: str = setting("auto", "Encoder for raw streams: auto (NVENC or the Jetson encoder when a probe encode "
                            "works, else libx264) or an encoder name like h264_nvenc or libx264.", LIVE,
                            pattern=r"^[a-z0-9_]{2,32}$")

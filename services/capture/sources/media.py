@@ -273,6 +273,7 @@ class MediaSource:
         demux = container.demux() if self.live else container.demux(streams)
         limit = self.cfg.read_timeout if isinstance(self.cfg, UrlConfig) else 0.0
         last_any = last_video = time.monotonic()
+        shown_end = lead = None  # file: when the pass's last picture is shown; how long its first waits after decode
         try:
             for packet in demux:
                 if stop.is_set():
@@ -299,6 +300,10 @@ class MediaSource:
                     if wait > 0 and stop.wait(wait / NS):
                         return False
                     self._next_origin = capture_ns + frame_ns
+                    if packet.stream is video and packet.pts is not None:
+                        shown = capture_ns + int((packet.pts - ts) * packet.time_base * NS)
+                        shown_end = shown if shown_end is None else max(shown_end, shown)
+                        lead = shown - capture_ns if lead is None else lead
                 if packet.stream is video:
                     self._video(packet, video, bsf, sink, capture_ns)
                 else:
@@ -307,6 +312,8 @@ class MediaSource:
             raise SourceError(classify(exc, False), f"reading {self._shown()}: {self._why(exc)}") from None
         finally:
             demux.close()  # PyAV's read loop ends (and frees its packet) before the container closes
+        if shown_end is not None:  # the next pass's first picture is shown one frame after this pass's last
+            self._next_origin = max(self._next_origin, shown_end + frame_ns - lead)
         return True
 
     def _wait_for_decoder(self, sink: Sink, cc, stop: threading.Event) -> bool:

@@ -1,0 +1,176 @@
+"""An audio target recorded as WAV: the writer (placing, flushing, its header always whole),
+crash repair, and on a real box the synthetic camera's beeps at their capture times and a
+WAV cut by SIGKILL made whole at the recorder's next start."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+import framebus
+from services.recorder import segments
+from services.recorder.wav import HEADER_BYTES, WavWriter, repair
+from tests.appliance import wait_for
+
+RATE = 48000
+
+
+def header_sizes(path: Path) -> tuple[int, int]:
+    """(RIFF size, data size) as the file's header says them."""
+    head = path.read_bytes()[:HEADER_BYTES]
+    return struct.unpack_from("<I", head, 4)[0], struct.unpack_from("<I", head, 40)[0]
+
+
+def ffprobe_duration(path: Path) -> float:
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=duration", "-of", "csv=p=0", str(path)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
+def decode_errors(path: Path) -> str:
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"], capture_output=True, text=True)
+    return out.stderr.strip() + ("" if out.returncode == 0 else f" (exit {out.returncode})")
+
+
+def test_chunks_land_at_their_sample_and_the_header_is_whole_after_every_flush(tmp_path):
+    path = tmp_path / "a.wav"
+    flushes = []
+    w = WavWriter(path, RATE, 2, fragment_seconds=0.1, on_flush=lambda s, n: flushes.append(n))
+    ramp = np.arange(2 * 4800, dtype=np.int16).reshape(-1, 2)          # 100 ms, stereo
+    w.write(ramp, 0)
+    assert header_sizes(path) == (36 + ramp.nbytes, ramp.nbytes) and path.stat().st_size == 44 + ramp.nbytes
+    w.write(np.ones((480, 2), np.int16), 4800 + 960)                   # 20 ms late: a hole of silence
+    w.write(np.full((960, 2), 7, np.int16), 4800 + 960 + 240)          # overlaps by 240 samples: its head goes
+    assert (w.silence, w.dropped) == (960, 240)
+    w.close()
+    with wave.open(str(path)) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (RATE, 2, 2)
+        pcm = np.frombuffer(f.readframes(f.getnframes()), np.int16).reshape(-1, 2)
+    assert len(pcm) == 4800 + 960 + 480 + 720 == w.samples
+    assert (pcm[:4800] == ramp).all() and not pcm[4800:5760].any()
+    assert (pcm[5760:6240] == 1).all() and (pcm[6240:] == 7).all()
+    assert sum(flushes) == pcm.nbytes and len(flushes) == 2                # one flush per 100 ms of audio
+    assert abs(ffprobe_duration(path) - len(pcm) / RATE) < 1e-4 and decode_errors(path) == ""
+
+
+def test_a_torn_wav_is_repaired_to_its_last_whole_sample(tmp_path):
+    path = tmp_path / "torn.wav.partial"
+    with WavWriter(path, RATE, 2, fragment_seconds=0.5) as w:
+        w.write(np.full((RATE, 2), 1000, np.int16), 0)                   # 1 s, flushed twice
+    # a crash after more samples reached the disk but not the header, the last frame torn
+    with open(path, "ab") as f:
+        f.write(np.full((RATE // 2, 2), -1000, np.int16).tobytes() + b"\x01\x02\x03")
+    stale = header_sizes(path)
+    assert stale[1] == RATE * 4
+    kept = repair(path)
+    data = RATE * 4 + RATE // 2 * 4
+    assert kept == HEADER_BYTES + data == path.stat().st_size
+    assert header_sizes(path) == (36 + data, data)
+    final = segments.finish(path)
+    assert abs(ffprobe_duration(final) - 1.5) < 1e-4 and decode_errors(final) == ""
+
+    empty = tmp_path / "cam-audio" / "cam-audio-x.wav.partial"            # only a header: no media, removed
+    empty.parent.mkdir()
+    WavWriter(empty, RATE, 1).close()
+    other = tmp_path / "cam-audio" / "cam-audio-y.wav.partial"            # not a WAV at all
+    other.write_bytes(b"RIFX" + bytes(100))
+    torn = tmp_path / "cam-audio" / "cam-audio-z.wav.partial"
+    with WavWriter(torn, RATE, 1) as w:
+        w.write(np.ones(4800, np.int16), 0)
+    with open(torn, "ab") as f:
+        f.write(b"\x05")                                                   # half a sample
+    got = segments.recover(tmp_path)
+    assert sorted(got.removed) == [empty, other]
+    assert got.kept == [torn.with_name("cam-audio-z.wav")] and header_sizes(got.kept[0])[1] == 9600
+
+
+def test_retention_counts_wav_segments(tmp_path):
+    old = tmp_path / "cam-audio" / "cam-audio-old.wav"
+    old.parent.mkdir()
+    old.write_bytes(b"o" * 100)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    live = tmp_path / "cam-audio" / "cam-audio-live.wav.partial"
+    live.write_bytes(b"l" * 100)
+    assert segments.new_path(tmp_path, "cam-audio", wall=0, ext="wav").name == \
+        "cam-audio-19700101T000000Z.wav.partial"
+    assert segments.sweep(tmp_path, max_age_s=3600) == [old] and live.exists()
+
+
+RECORDER = """
+[services.recorder]
+restart_sec = 0.2
+watchdog_sec = 5.0
+stop_timeout = 5.0
+[recorder]
+dir = "{rec}"
+record = "cam-audio"
+fragment_seconds = 0.5
+max_disk_share = 0.0
+"""
+
+
+def onsets(pcm: np.ndarray) -> list[int]:
+    """Sample indexes where a beep begins (loud after at least 10 ms of quiet)."""
+    loud = np.abs(pcm.astype(np.int32)) > 1000
+    quiet_before = np.convolve(loud, np.ones(480, int), "full")[:len(loud)] - loud == 0
+    return [int(i) for i in np.flatnonzero(loud & quiet_before)]
+
+
+def test_the_beeps_are_at_their_capture_times_and_a_killed_wav_is_made_whole(box, tmp_path, prefix):
+    rec = tmp_path / "rec"
+    b = box(RECORDER.format(rec=rec))
+    b.set_source("cam", 'width = 160\nheight = 120\nfps = 10.0\nencode = "raw"\naudio = true\n')
+    beeps: list[int] = []   # capture times of the chunks a beep begins with (the tone's sample 0 of a second)
+    with framebus.Consumer.attach("cam-audio", prefix=prefix, missing_ok=True, start="oldest") as bus:
+        b.run()
+        b.wait_ready("recorder", "capture@cam")
+        sub = b.subscriber("record.segment")
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            item = bus.receive(timeout=0.2)
+            if item is not None and item.pts % RATE == 0:
+                beeps.append(item.capture_ns)
+        done = b.call("record.stop", {"target": "cam-audio"})
+    path = Path(done["path"])
+    seg = wait_for(lambda: sub.recv(timeout=0.2), 5, "record.segment").data
+    assert path.suffix == ".wav" and seg["path"] == str(path) and seg["bytes"] == path.stat().st_size
+    assert decode_errors(path) == ""
+    with wave.open(str(path)) as f:
+        assert (f.getframerate(), f.getnchannels()) == (RATE, 1)
+        pcm = np.frombuffer(f.readframes(f.getnframes()), np.int16)
+    # the tone's first loud sample is its second: sin(0) = 0
+    found = [seg["start_ns"] + (i - 1) * 1_000_000_000 // RATE for i in onsets(pcm)]
+    assert len(found) >= 2, (found, beeps)
+    print("beep in the WAV - on the bus (us):", [round(min((t - c for c in beeps), key=abs) / 1000) for t in found])
+    for t in found:   # each beep in the file at the capture time its chunk had on the bus, within 1 ms
+        assert min(abs(t - c) for c in beeps) <= 1_000_000, (t, beeps)
+    spanned = [c for c in beeps if seg["start_ns"] < c < seg["start_ns"] + seg["duration"] * 1e9 - 0.1e9]
+    for c in spanned:  # and every beep the file spans is in it
+        assert min(abs(t - c) for t in found) <= 1_000_000, (c, found)
+    loud = np.abs(pcm.astype(np.int32)) > 1000
+    first = onsets(pcm)[0]
+    assert abs(int(np.flatnonzero(loud[first:first + 9600])[-1]) - 4800) < 48, "100 ms long"
+
+    # SIGKILL while writing: at the next start the leftover is made whole, renamed, and plays
+    b.call("record.start", {"target": "cam-audio"})
+    wait_for(lambda: [p for p in rec.rglob("*.wav.partial") if p.stat().st_size > HEADER_BYTES + 2 * RATE], 10,
+             "a second of audio in a new WAV")
+    partial = next(rec.rglob("*.wav.partial"))
+    pid = b.services()["recorder"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    cut = tmp_path / "cut.wav"
+    shutil.copyfile(partial, cut)   # as the kill left it
+    finished = partial.with_name(partial.name.removesuffix(".partial"))
+    wait_for(finished.exists, 20, f"the leftover recovered; log:\n{b.log()[-2000:]}")
+    assert "left by a crash" in b.log()
+    samples = (cut.stat().st_size - HEADER_BYTES) // 2
+    assert header_sizes(finished) == (36 + 2 * samples, 2 * samples) == (finished.stat().st_size - 8,
+                                                                         finished.stat().st_size - HEADER_BYTES)
+    assert abs(ffprobe_duration(finished) - samples / RATE) < 1e-4 and decode_errors(finished) == ""
