@@ -628,7 +628,7 @@ def run_row(resume: bool, plan: Plan, sched: list[dict], tag: str, keep: bool) -
             files = sorted((box.rec_dir / target.replace(":", "-")).glob("*.mp4"))
             rec["targets"][target] = analyse_target(files, runs, (w0_ns, w1_ns), kills, witness.beeps,
                                                     target.startswith("room:"), wall_minus_mono)
-        rec["warnings"] = box.warning_lines()[:8]
+        rec["warnings"] = warnings_seen(box.warning_lines())
         return rec
     except (RuntimeError, ControlError, OSError) as exc:
         rec["failure"] = f"{type(exc).__name__}: {exc}"
@@ -637,6 +637,19 @@ def run_row(resume: bool, plan: Plan, sched: list[dict], tag: str, keep: bool) -
     finally:
         witness.stop()
         box.close(keep_dir=keep)
+
+
+def warnings_seen(lines: list[str]) -> list[str]:
+    """The box's warnings and errors, alike ones counted once (times, numbers and paths masked),
+    without the supervisor's lines about our own SIGKILLs."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        if "exited (signal SIGKILL)" in line:
+            continue
+        key = re.sub(r"/[^\s,]+", "PATH", re.sub(r"^\S+ ", "", line))
+        key = re.sub(r"\d+(\.\d+)?", "N", key)
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{n} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])][:10]
 
 
 def ready_summary(kills: list[dict]) -> dict:
@@ -741,7 +754,8 @@ def report(rows: list[dict], plan_name: str, seed: int, sched: list[dict], elaps
             if x["decode_error_lines"]:
                 text.append(f"- {r['name']} {t}: decode errors: {' | '.join(x['decode_error_lines'][:3])}")
         if r["warnings"]:
-            text.append(f"- {r['name']}: the box logged: " + " | ".join(w[:160] for w in r["warnings"][:5]))
+            text.append(f"- {r['name']}: the box logged (besides our kills): "
+                        + " | ".join(w[:200] for w in r["warnings"][:6]))
     return "\n".join(text)
 
 
