@@ -46,7 +46,7 @@ Method
   capture clock by the run that explains the most of its pictures; each picture is then
   the produced frame with that N nearest its place. Recorded s = distinct produced
   frames found / fps, against produced s. Lost frames are grouped into spans and each
-  span is put down to the last kill before it.
+  span is put down to the kill nearest its start (within 5 s before it, or inside it).
 * Inside files: a gap = produced frames missing between two consecutive pictures of one
   file; an outage = a hole of more than 0.25 s where the camera produced nothing (capture
   was dead; shorter holes are frames the source skipped when late); spliced = a gap or
@@ -501,7 +501,7 @@ def analyse_target(files: list[Path], runs: list[Run], window: tuple[int, int], 
     got = recorded & in_window
     res.update(produced_s=len(in_window) / FPS, recorded_s=len(got) / FPS, twice_s=len(twice & in_window) / FPS,
                recall=len(got) / len(in_window) if in_window else None)
-    res.update(_losses(produced, in_window - got, kills))
+    res.update(_losses(produced, in_window - got, kills, window[0]))
     if room:
         want = [b for b in beeps if window[0] <= b <= window[1]]
         res.update(beeps_produced=len(want), beeps_recorded=len(set(found_beeps) & set(want)),
@@ -535,8 +535,9 @@ def _inside(res: dict, frames: list, ids: list, c: int | None, times: list[int])
             prev = (cap, pts)
 
 
-def _losses(produced: list, lost: set, kills: list[dict]) -> dict:
-    """Lost frames in spans, each put down to the last kill before its start."""
+def _losses(produced: list, lost: set, kills: list[dict], w0_ns: int) -> dict:
+    """Lost frames in spans, each put down to the kill nearest its start (a recorder kill loses
+    what it held, so it falls just after the span's start; a capture kill, just before it)."""
     spans: list[list[int]] = []
     last = None  # the run of the frame before, if it was lost
     for t, ident in produced:
@@ -544,16 +545,19 @@ def _losses(produced: list, lost: set, kills: list[dict]) -> dict:
             last = None
             continue
         if last != ident[0]:
-            spans.append([t, 0])
-        spans[-1][1] += 1
+            spans.append([t, t, 0])
+        spans[-1][1] = t
+        spans[-1][2] += 1
         last = ident[0]
     by_victim: dict[str, float] = {}
-    for start, count in spans:
-        before = [k for k in kills if not k.get("skipped") and k["mono_ns"] <= start]
-        who = before[-1]["victim"] if before else "before any kill"
+    detail = []
+    for start, end, count in spans:
+        near = [k for k in kills if not k.get("skipped") and start - 5e9 <= k["mono_ns"] <= end]
+        who = min(near, key=lambda k: abs(k["mono_ns"] - start))["victim"] if near else "no kill"
         by_victim[who] = round(by_victim.get(who, 0.0) + count / FPS, 3)
-    return {"lost_spans": len(spans), "max_lost_s": round(max((c for _, c in spans), default=0) / FPS, 3),
-            "lost_s_by_victim": by_victim}
+        detail.append({"at_s": round((start - w0_ns) / 1e9, 2), "s": round(count / FPS, 3), "kill": who})
+    return {"lost_spans": len(spans), "max_lost_s": round(max((c for _, _, c in spans), default=0) / FPS, 3),
+            "lost_s_by_victim": by_victim, "lost": detail[:30]}
 
 
 # --------------------------------------------------------------------------------------
@@ -646,7 +650,7 @@ def warnings_seen(lines: list[str]) -> list[str]:
     for line in lines:
         if "exited (signal SIGKILL)" in line:
             continue
-        key = re.sub(r"/[^\s,]+", "PATH", re.sub(r"^\S+ ", "", line))
+        key = re.sub(r"(?<![\w@])/[^\s,]+", "PATH", re.sub(r"^\S+ ", "", line))  # absolute paths, not cam/video
         key = re.sub(r"\d+(\.\d+)?", "N", key)
         counts[key] = counts.get(key, 0) + 1
     return [f"{n} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])][:10]
@@ -732,8 +736,8 @@ def report(rows: list[dict], plan_name: str, seed: int, sched: list[dict], elaps
             f"- camera: synthetic {WIDTH}x{HEIGHT} {FPS} fps H.264 with a beep each second; recorded: "
             f"{', '.join(TARGETS)}. produced = frames the camera put on the bus inside the window (a witness "
             "reads the ring); recorded = those found in the finished files (frame numbers drawn in the pictures).",
-            "- twice s: frames in more than one file. lost s by kill of: lost spans put down to the last kill "
-            "before them. gaps in files: produced frames missing between two pictures of one file; outages shown: "
+            "- twice s: frames in more than one file. lost s by kill of: lost spans put down to the kill nearest "
+            "their start. gaps in files: produced frames missing between two pictures of one file; outages shown: "
             "holes > 0.25 s where the camera produced nothing (capture dead); spliced: gaps or outages the file's "
             "timestamps hide. timeline err: largest |pts - capture time| in a file. A/V: a found beep's place "
             "against its capture time.",
@@ -751,6 +755,9 @@ def report(rows: list[dict], plan_name: str, seed: int, sched: list[dict], elaps
         if r["collateral"]["exits"]:
             text.append(f"- {r['name']}: exits not ours: {r['collateral']['exits']}")
         for t, x in r["targets"].items():
+            if x["lost"]:
+                text.append(f"- {r['name']} {t}: lost (s into the window: length, the kill nearest): "
+                            + ", ".join(f"{d['at_s']:.1f}: {d['s']:.2f} s, {d['kill']}" for d in x["lost"][:12]))
             if x["decode_error_lines"]:
                 text.append(f"- {r['name']} {t}: decode errors: {' | '.join(x['decode_error_lines'][:3])}")
         if r["warnings"]:
