@@ -72,7 +72,8 @@ def test_lost_frames_are_put_down_to_the_kill_nearest_their_start(chaos):
     lost = {(1, 3), (1, 4), (1, 9), (2, 0), (2, 1)}  # 3-4 one span; 9 and the next run's 0-1 are two
     kills = [{"victim": "capture@cam", "mono_ns": 1 * s},  # 2 s before the first span
              {"victim": "recorder", "mono_ns": 4 * s},     # inside it, nearer its start: the recorder lost it
-             {"victim": "capture@cam", "mono_ns": 19 * s},  # 1 s before the new run's lost start
+             {"victim": "capture@cam", "mono_ns": 18 * s},  # 2 s before the new run's lost start
+             {"victim": "hub", "mono_ns": 21 * s},  # nearer it, but the loss began with the camera's restart
              {"victim": "hub", "mono_ns": 28 * s, "skipped": "not ready"}]
     got = chaos._losses(produced, lost, kills, 0)
     assert got["lost_spans"] == 3
