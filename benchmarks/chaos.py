@@ -46,8 +46,8 @@ Method
   capture clock by the run that explains the most of its pictures; each picture is then
   the produced frame with that N nearest its place. Recorded s = distinct produced
   frames found / fps, against produced s. Lost frames are grouped into spans, each put
-  down to a kill: a span that begins with a capture run's first frame to the capture kill
-  before it, any other to the kill nearest its start (within 5 s before it, or inside it).
+  down to a kill: the recorder's when it was killed up to 1.2 s after the span began (it
+  loses what it held), else the last kill up to 5 s before the span began.
 * Inside files: a gap = produced frames missing between two consecutive pictures of one
   file; an outage = a hole of more than 0.25 s where the camera produced nothing (capture
   was dead; shorter holes are frames the source skipped when late); spliced = a gap or
@@ -106,6 +106,7 @@ TOL_NS = 60_000_000   # a picture placed within this of a produced frame's time 
 SPLICE_NS = 5_000_000  # a hole whose pts step differs from the capture step by more is "spliced"
 OUTAGE_NS = 250_000_000  # a hole in a file where the camera sent nothing for longer: its outage
 BEEP_TOL_NS = 100_000_000
+HELD_NS = 1_200_000_000  # a killed recorder loses what it held: up to this much before its kill
 
 
 @dataclass
@@ -537,33 +538,29 @@ def _inside(res: dict, frames: list, ids: list, c: int | None, times: list[int])
 
 
 def _losses(produced: list, lost: set, kills: list[dict], w0_ns: int) -> dict:
-    """Lost frames in spans, each put down to a kill: one that begins with a capture run's first
-    frame to the capture kill before it (the loss began with the restarted camera), any other
-    to the kill nearest its start (a recorder kill loses what it held: it falls just after it)."""
-    spans: list[list] = []
+    """Lost frames in spans, each put down to a kill: a recorder's killed up to 1.2 s after the
+    span began (it loses what it held: its last fragment's worth, and what the room held back
+    to reorder), else the last kill up to 5 s before the span began (the effect follows it)."""
+    spans: list[list[int]] = []
     last = None  # the run of the frame before, if it was lost
     for t, ident in produced:
         if ident not in lost:
             last = None
             continue
         if last != ident[0]:
-            spans.append([t, t, 0, ident[1] == 0])
-        spans[-1][1] = t
-        spans[-1][2] += 1
+            spans.append([t, 0])
+        spans[-1][1] += 1
         last = ident[0]
     by_victim: dict[str, float] = {}
     detail = []
     made = [k for k in kills if not k.get("skipped")]
-    for start, end, count, from_first in spans:
-        near = [k for k in made if start - 5e9 <= k["mono_ns"] <= end]
-        camera = [k for k in near if k["victim"].startswith("capture@") and k["mono_ns"] <= start]
-        if from_first and camera:
-            who = camera[-1]["victim"]
-        else:
-            who = min(near, key=lambda k: abs(k["mono_ns"] - start))["victim"] if near else "no kill"
+    for start, count in spans:
+        held = [k for k in made if k["victim"] == "recorder" and start <= k["mono_ns"] <= start + HELD_NS]
+        before = [k for k in made if start - 5e9 <= k["mono_ns"] <= start]
+        who = held[0]["victim"] if held else before[-1]["victim"] if before else "no kill"
         by_victim[who] = round(by_victim.get(who, 0.0) + count / FPS, 3)
         detail.append({"at_s": round((start - w0_ns) / 1e9, 2), "s": round(count / FPS, 3), "kill": who})
-    return {"lost_spans": len(spans), "max_lost_s": round(max((x[2] for x in spans), default=0) / FPS, 3),
+    return {"lost_spans": len(spans), "max_lost_s": round(max((c for _, c in spans), default=0) / FPS, 3),
             "lost_s_by_victim": by_victim, "lost": detail[:30]}
 
 
@@ -743,9 +740,9 @@ def report(rows: list[dict], plan_name: str, seed: int, sched: list[dict], elaps
             f"- camera: synthetic {WIDTH}x{HEIGHT} {FPS} fps H.264 with a beep each second; recorded: "
             f"{', '.join(TARGETS)}. produced = frames the camera put on the bus inside the window (a witness "
             "reads the ring); recorded = those found in the finished files (frame numbers drawn in the pictures).",
-            "- twice s: frames in more than one file. lost s by kill of: lost spans put down to the capture kill "
-            "before them when they begin with the restarted camera's first frame, else to the kill nearest their "
-            "start. gaps in files: produced frames missing between two pictures of one file; outages shown: "
+            "- twice s: frames in more than one file. lost s by kill of: lost spans put down to the recorder's kill "
+            "when it came up to 1.2 s after they began (it loses what it held), else to the last kill before them. "
+            "gaps in files: produced frames missing between two pictures of one file; outages shown: "
             "holes > 0.25 s where the camera produced nothing (capture dead); spliced: gaps or outages the file's "
             "timestamps hide. timeline err: largest |pts - capture time| in a file. A/V: a found beep's place "
             "against its capture time.",
@@ -764,7 +761,7 @@ def report(rows: list[dict], plan_name: str, seed: int, sched: list[dict], elaps
             text.append(f"- {r['name']}: exits not ours: {r['collateral']['exits']}")
         for t, x in r["targets"].items():
             if x["lost"]:
-                text.append(f"- {r['name']} {t}: lost (s into the window: length, the kill nearest): "
+                text.append(f"- {r['name']} {t}: lost (s into the window: length, after the kill of): "
                             + ", ".join(f"{d['at_s']:.1f}: {d['s']:.2f} s, {d['kill']}" for d in x["lost"][:12]))
             if x["decode_error_lines"]:
                 text.append(f"- {r['name']} {t}: decode errors: {' | '.join(x['decode_error_lines'][:3])}")
