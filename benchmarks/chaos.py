@@ -46,7 +46,7 @@ Method
   capture clock by the run that explains the most of its pictures; each picture is then
   the produced frame with that N nearest its place. Recorded s = distinct produced
   frames found / fps, against produced s. Lost frames are grouped into spans, each put
-  down to a kill: the recorder's when it was killed up to 1.2 s after the span began (it
+  down to a kill: the recorder's when it was killed up to 1 s after the span began (it
   loses what it held), else the last kill up to 5 s before the span began.
 * Inside files: a gap = produced frames missing between two consecutive pictures of one
   file; an outage = a hole of more than 0.25 s where the camera produced nothing (capture
@@ -106,7 +106,7 @@ TOL_NS = 60_000_000   # a picture placed within this of a produced frame's time 
 SPLICE_NS = 5_000_000  # a hole whose pts step differs from the capture step by more is "spliced"
 OUTAGE_NS = 250_000_000  # a hole in a file where the camera sent nothing for longer: its outage
 BEEP_TOL_NS = 100_000_000
-HELD_NS = 1_200_000_000  # a killed recorder loses what it held: up to this much before its kill
+HELD_NS = 1_000_000_000  # a killed recorder loses what it held: its last fragment, at most 1 s (fragment_seconds)
 
 
 @dataclass
@@ -538,7 +538,7 @@ def _inside(res: dict, frames: list, ids: list, c: int | None, times: list[int])
 
 
 def _losses(produced: list, lost: set, kills: list[dict], w0_ns: int) -> dict:
-    """Lost frames in spans, each put down to a kill: a recorder's killed up to 1.2 s after the
+    """Lost frames in spans, each put down to a kill: a recorder's killed up to 1 s after the
     span began (it loses what it held: its last fragment's worth, and what the room held back
     to reorder), else the last kill up to 5 s before the span began (the effect follows it)."""
     spans: list[list[int]] = []
@@ -741,7 +741,7 @@ def report(rows: list[dict], plan_name: str, seed: int, sched: list[dict], elaps
             f"{', '.join(TARGETS)}. produced = frames the camera put on the bus inside the window (a witness "
             "reads the ring); recorded = those found in the finished files (frame numbers drawn in the pictures).",
             "- twice s: frames in more than one file. lost s by kill of: lost spans put down to the recorder's kill "
-            "when it came up to 1.2 s after they began (it loses what it held), else to the last kill before them. "
+            "when it came up to 1 s after they began (it loses what it held), else to the last kill before them. "
             "gaps in files: produced frames missing between two pictures of one file; outages shown: "
             "holes > 0.25 s where the camera produced nothing (capture dead); spliced: gaps or outages the file's "
             "timestamps hide. timeline err: largest |pts - capture time| in a file. A/V: a found beep's place "
