@@ -48,6 +48,9 @@ class RecorderConfig:
                                     "oldest go first; 0 is no limit.", LIVE, min=0.0, max=0.99)
     fsync: bool = setting(True, "fsync each fragment, so a power cut loses at most the fragment being written.",
                           LIVE)
+    resume: bool = setting(True, "A restarted recorder picks up each target from the ring's history after "
+                           "what its last fragment holds; false starts at the live edge. (A stub until the "
+                           "resume work lands: both values start at the live edge.)", LIVE)
 
 
 def _writes(config) -> str:
