@@ -6,6 +6,8 @@ restart; bad input is refused with its reason and the transport keeps sending.""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -168,3 +170,31 @@ def test_bad_routes_are_refused_with_their_reason_and_the_transport_keeps_sendin
     assert t.proc.poll() is None and t.proc.pid == pid
     scrape = b.scrape()
     assert metric_value(scrape, "edgeroom_hub_forwarded_calls_total", command="session.route", outcome="error") == 4.0
+
+
+def test_a_loss_on_the_bus_closes_the_gate_and_the_next_thing_sent_is_a_keyframe_asked_for(box):
+    """The transport stopped (SIGSTOP) longer than the camera's ring holds misses access units: on waking
+    its route closes the keyframe gate and asks for a keyframe; what it sends next is that keyframe, within
+    a second, where the camera's own is a minute away. Never a delta after the gap."""
+    b = _box(box)
+    t = Transport(b, "a", send_video="cam")
+    pid = t.start()
+    wait_for(lambda: len(t.video()) >= 15, 10, "the transport sending cam")
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(3.0)                      # 64 slots at 30 fps is 2.1 s: the ring wraps past what it read
+    woke = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: [x for x in t.video() if x["at"] > woke][3:], 5, f"sending again; log:\n{b.log()[-2000:]}")
+    after = [x for x in t.video() if x["at"] > woke]
+    assert after[0]["key"] and not after[0]["switched"], after[0]
+    assert (after[0]["at"] - woke) / 1e9 < 1.0
+    assert after[0]["capture_ns"] > woke                 # made after the request, not a keyframe from before
+
+    def counted() -> str | None:
+        text = b.scrape()
+        return text if metric_value(text, "edgeroom_route_keyframe_asks_total", session="a", track="video",
+                                    reason="loss") else None
+
+    scrape = wait_for(counted, 5, "the loss counted (the transport's metrics come with its heartbeat)")
+    assert metric_value(scrape, "edgeroom_route_dropped_items_total", session="a", track="video",
+                        reason="missed") > 0

@@ -56,7 +56,7 @@ class RouteKeys:
                               "of the bus, a camera's NAME or an encoder's output; '' sends none. `edgeroom ctl "
                               "route` changes it during a call. Applies on reload.", LIVE, pattern=STREAM_OR_NONE)
     send_audio: str = setting("", "The stream this session sends as audio (its audio route): s16 audio of the "
-                              "bus, such as NAME-audio; '' sends none. Applies on reload.", LIVE,
+                              "bus, such as NAME-audio; '' sends none.", LIVE,
                               pattern=STREAM_OR_NONE)
 
     def route(self) -> Route:
