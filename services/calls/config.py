@@ -54,10 +54,9 @@ class RouteKeys:
 
     send_video: str = setting("", "The stream this session sends as video (its video route): an encoded stream "
                               "of the bus, a camera's NAME or an encoder's output; '' sends none. `edgeroom ctl "
-                              "route` changes it during a call. Applies on reload.", LIVE, pattern=STREAM_OR_NONE)
+                              "route` changes it during a call.", LIVE, pattern=STREAM_OR_NONE)
     send_audio: str = setting("", "The stream this session sends as audio (its audio route): s16 audio of the "
-                              "bus, such as NAME-audio; '' sends none.", LIVE,
-                              pattern=STREAM_OR_NONE)
+                              "bus, such as NAME-audio; '' sends none.", LIVE, pattern=STREAM_OR_NONE)
 
     def route(self) -> Route:
         return Route(self.send_video, self.send_audio)
