@@ -170,14 +170,15 @@ class Transport:
             old.unlink(missing_ok=True)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> int:
+    def start(self, wait: bool = True) -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROOM_")}
         with open(self.box.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "sendingservice.py"),
                                           str(self.config), self.name], stdout=log, stderr=subprocess.STDOUT,
                                          env=env, start_new_session=True)
         self.box.procs.append(self.proc)
-        wait_for(self.session, 15, f"the transport's session; log:\n{self.box.log()[-3000:]}")
+        if wait:
+            wait_for(self.session, 15, f"the transport's session; log:\n{self.box.log()[-3000:]}")
         return self.proc.pid
 
     def stop(self) -> None:

@@ -21,7 +21,7 @@ from services.calls.book import RouteBook
 from services.calls.config import RouteKeys
 from services.runtime import config as configuration
 from services.runtime.schema import RESTART, SCHEMA, Table, setting
-from services.runtime.service import AsyncService
+from services.runtime.service import AsyncService, main
 
 BATCH = 32  # items per loop turn at most, then the loop's timers (heartbeat, watchdog) run
 
@@ -82,4 +82,4 @@ class Sending(AsyncService):
 
 
 if __name__ == "__main__":
-    sys.exit(Sending(configuration.load(sys.argv[1]), sys.argv[2], sys.argv[1]).run())
+    sys.exit(main(Sending, sys.argv[2], sys.argv[1]))   # a bad config: exit 78, the reason on stderr

@@ -171,6 +171,13 @@ def test_bad_routes_are_refused_with_their_reason_and_the_transport_keeps_sendin
     scrape = b.scrape()
     assert metric_value(scrape, "edgeroom_hub_forwarded_calls_total", command="session.route", outcome="error") == 4.0
 
+    # the config's routes go through the one validator: an audio stream as the video route is refused there
+    bad = Transport(b, "b", send_video="cam-audio")
+    bad.start(wait=False)
+    assert bad.proc.wait(timeout=15) == 78                       # a bad config: systemd does not restart it
+    assert ("sendtest.b.send_video: 'cam-audio' is an audio stream (NAME-audio): route it with send_audio"
+            in b.log())
+
 
 def test_a_loss_on_the_bus_closes_the_gate_and_the_next_thing_sent_is_a_keyframe_asked_for(box):
     """The transport stopped (SIGSTOP) longer than the camera's ring holds misses access units: on waking
