@@ -3,6 +3,7 @@ a real box): the keyframe gate, a switch that waits for the new stream's keyfram
 at once, loss that closes the gate, the wrong kind refused, one fd for the loop."""
 from __future__ import annotations
 
+import json
 import select
 
 import numpy as np
@@ -180,15 +181,69 @@ def test_a_stream_of_the_wrong_kind_is_refused(prefix, bus):
 
 
 def test_an_item_of_the_wrong_codec_is_dropped_and_said(prefix, bus):
-    vp8 = bus("vp8cam")
+    vp8, cam1 = bus("vp8cam"), bus("cam1")
     r, _, reg = reader(prefix, Route(video="vp8cam"), video_codecs=("h264",))
     try:
         vp8.publish_encoded(b"x", "vp8", keyframe=True)
         assert r.poll() is None
-        assert r.status()["video"] | {"items": 0} == {
-            "route": "vp8cam", "sending": "", "state": "refused", "note": "vp8cam carries vp8; this transport sends "
-            "h264", "items": 0, "gated": 0, "switches": 0}
+        assert r.status()["video"] == {"route": "vp8cam", "sending": "", "state": "refused", "note": "vp8cam "
+                                       "carries vp8; this transport sends h264", "items": 0, "gated": 0, "switches": 0}
         assert reg.get_sample_value("edgeroom_route_dropped_items_total",
                                     {"session": "call1", "track": "video", "reason": "wrong_codec"}) == 1
+        r.set(video="cam1")                                  # nothing flowed: straight to cam1
+        send(cam1, "a", 0, key=True)
+        assert drain(r) == [("cam1", b"a:0", True, True)]
+        r.set(video="vp8cam")                                # a switch that cannot happen: cam1 goes on
+        vp8.publish_encoded(b"y", "vp8", keyframe=True)
+        send(cam1, "a", 1)
+        assert drain(r) == [("cam1", b"a:1", False, False)]
+        assert (r.status()["video"]["state"], r.status()["video"]["note"]) == (
+            "switching", "sending cam1; cannot switch: vp8cam carries vp8; this transport sends h264")
+    finally:
+        r.close()
+
+
+class FakeService:
+    """What RouteBook uses of a Service: its config, registry, offers, keyframe requests and logs."""
+
+    def __init__(self, rundir, prefix: str) -> None:
+        import logging
+
+        from services.runtime import config as configuration
+        from services.runtime.logs import Throttled
+        self.id, self.config = "sendtest@a", configuration.loads(
+            f'[box]\nruntime_dir = "{rundir}"\n[bus]\nprefix = "{prefix}"', env={})
+        self.registry, self.offers, self.asked = CollectorRegistry(), {}, Asked()
+        self.log = logging.getLogger("test")
+        self.throttled = Throttled(self.log)
+
+    def offer(self, name, handler, summary, **kw) -> None:
+        self.offers[name] = handler
+
+    def request_keyframe(self, stream: str, reason: str) -> None:
+        self.asked(stream, reason)
+
+
+def test_a_route_that_cannot_be_kept_is_undone_and_the_command_says_why(prefix, bus, tmp_path, monkeypatch):
+    from services.calls.book import RouteBook
+    from services.control.protocol import ProtocolError
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    bus("cam1"), bus("cam2")
+    service = FakeService(tmp_path, prefix)
+    book = RouteBook(service)
+    r = book.reader("a", Route(video="cam1"))
+    try:
+        route = service.offers["session.route"]
+        assert route({"session": "a", "video": "cam2"})["video"]["origin"] == "command"
+        assert json.loads((tmp_path / "routes.json").read_text())["added"] == {"a": {"video": "cam2"}}
+        (tmp_path / "routes.json").unlink()
+        (tmp_path / "routes.json").mkdir()                   # the file cannot be replaced now
+        with pytest.raises(ProtocolError) as info:
+            route({"session": "a", "video": "cam1"})
+        assert info.value.code == "unavailable" and "cannot keep the route in" in info.value.message
+        assert r.route == Route(video="cam2")                # undone: what is in effect is what was kept
+        with pytest.raises(ProtocolError) as info:
+            route({"session": "b"})
+        assert (info.value.code, info.value.message) == ("not_found", "sendtest@a has no session 'b' (its sessions: a)")
     finally:
         r.close()

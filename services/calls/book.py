@@ -13,8 +13,8 @@ A route set by command is kept in `routes.json` in the state directory (an overl
 sources.json: services/runtime/state.py), by session id, so it outlives the transport's
 restart; it wins over the config's route of that track until `reset` puts the config's
 back. Each command is checked before anything changes (a stream of the wrong kind is
-refused with bad_args, naming the stream and what it carries); the overlay is written
-before the reader switches, so a route in effect is always a route that is kept.
+refused with bad_args, naming the stream and what it carries); a route that cannot be kept
+in the overlay is undone, so a route in effect is always a route that is kept.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import framebus
 from services.calls.config import ROUTE_OFFER, STREAM_OR_NONE, TRACKS, Route
-from services.calls.route import RouteMetrics, RouteReader, check
+from services.calls.route import RouteMetrics, RouteReader
 from services.control.protocol import ProtocolError
 from services.runtime.state import Overlay, state_dir
 
@@ -77,7 +78,7 @@ class RouteBook:
         route = self._effective(session, configured)
         try:
             reader.set(video=route.video, audio=route.audio)
-        except ValueError as exc:
+        except (ValueError, framebus.BusError) as exc:
             self.service.log.warning("session %s: the config's route is refused: %s", session, exc)
 
     def close(self, session: str, forget: bool = False) -> None:
@@ -108,13 +109,18 @@ class RouteBook:
             configured = self.configured[session]
             reader.set(video=configured.video, audio=configured.audio)
         elif changes:
+            before = reader.route
             try:
-                for track, stream in changes.items():
-                    check(track, stream, self.prefix, raw_video=self.raw_video)
+                reader.set(**changes)   # checked first: a refusal changes nothing
             except ValueError as exc:
                 raise ProtocolError("bad_args", f"route of session {session!r}: {exc}") from None
-            self._keep(session, {**self.commanded.get(session, {}), **changes})
-            reader.set(**changes)
+            except framebus.BusError as exc:
+                raise ProtocolError("unavailable", f"route of session {session!r}: {exc}") from None
+            try:
+                self._keep(session, {**self.commanded.get(session, {}), **changes})
+            except ProtocolError:
+                reader.set(video=before.video, audio=before.audio)   # a route in effect is a route kept
+                raise
             self.service.log.info("session %s: route set by command: %s", session,
                                   ", ".join(f"{k}={v or '(none)'}" for k, v in changes.items()))
         return self.show(session)

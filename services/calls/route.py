@@ -182,7 +182,7 @@ class _Track:
         self.encoded = False             # the stream sent carries access units (the gate applies)
         self.generation: int | None = None
         self.missed_seen = 0
-        self.problem = ""                # why items of the route are refused (wrong kind), for the status
+        self.problem = ("", "")          # (stream, why) its items are refused (wrong kind), for the status
         m, labels = reader.metrics, (reader.session, name)
         self.m_items, self.m_gated = m.items.labels(*labels), m.gated.labels(*labels)
         self.m_switches = m.switches.labels(*labels)
@@ -191,24 +191,26 @@ class _Track:
 
     # --- routing -------------------------------------------------------------------------------
     def set(self, stream: str, change: bool) -> None:
+        """Route the track to `stream` ("" none). framebus.BusError if the stream cannot be read (the
+        track is unchanged then)."""
         if stream == self.route:
             return
-        self.route = stream
-        self.changed_at = _now() if change else None
         if stream == self.cur_stream:    # back to what is being sent: the switch is off
             self._drop_next()
-            self.changed_at = None
+            self.route, self.changed_at = stream, None
             return
+        consumer = self.reader.attach(stream) if stream else None   # first: a failure changes nothing
+        self.route, self.changed_at = stream, _now() if change else None
         self._drop_next()
-        if stream == "":
+        if consumer is None:
             self._drop_current()
             return
         if self.cur is None or not self.gate_open:   # nothing flows now: nothing to keep sending meanwhile
             self._drop_current()
-            self.cur, self.cur_stream = self.reader.attach(stream), stream
-            self.fresh, self.gate_open, self.generation, self.missed_seen = True, False, None, 0
+            self.cur, self.cur_stream = consumer, stream
+            self.fresh, self.generation, self.missed_seen = True, None, 0
         else:
-            self.nxt, self.nxt_stream = self.reader.attach(stream), stream
+            self.nxt, self.nxt_stream = consumer, stream
         if self.name == VIDEO_TRACK:
             self.ask(stream, "route switch" if change else "route start")
 
@@ -268,6 +270,7 @@ class _Track:
             self._drop_current()
             self.cur, self.cur_stream, self.nxt, self.nxt_stream = nxt, self.nxt_stream, None, ""
             self.gate_open, self.fresh, self.generation, self.missed_seen = True, False, item.generation, nxt.missed
+            self.encoded = item.kind == "encoded"
             self._took_effect()
             return media
         return None
@@ -275,6 +278,7 @@ class _Track:
     def _from_current(self, cur: framebus.Consumer, item: framebus.Item) -> Media | None:
         if not self._fits(item, self.cur_stream):
             return None
+        self.encoded = item.kind == "encoded"
         if item.generation != self.generation:
             if self.generation is not None:
                 self._close_gate("a new producer of the stream")
@@ -333,14 +337,14 @@ class _Track:
             self._refuse(stream, "wrong_codec", f"{stream} carries {item.codec}; this transport sends "
                                                 f"{', '.join(codecs)}")
             return False
-        self.problem = ""
-        self.encoded = kind == "encoded"
+        if self.problem[0] == stream:
+            self.problem = ("", "")
         return True
 
     def _refuse(self, stream: str, reason: str, why: str) -> None:
         self.reader.metrics.dropped.labels(self.reader.session, self.name, reason).inc()
-        if why != self.problem:
-            self.problem = why
+        if (stream, why) != self.problem:
+            self.problem = (stream, why)
             log.warning("%s %s route: %s: nothing of it is sent", self.reader.session, self.name, why)
 
     def _media(self, item: framebus.Item, stream: str, switched: bool) -> Media | None:
@@ -362,12 +366,15 @@ class _Track:
         if not self.route:
             return "off", f"no {self.name} route"
         ago = f"asked {_now() - self.asked_at:.2f} s ago" if self.asked_at else "not asked yet"
+        refused, why = self.problem
         if self.nxt is not None:
+            if refused == self.nxt_stream:
+                return "switching", f"sending {self.cur_stream}; cannot switch: {why}"
             if not self.nxt.attached:
                 return "switching", f"sending {self.cur_stream} until {self.nxt_stream} exists"
             return "switching", f"sending {self.cur_stream} until {self.nxt_stream}'s next keyframe ({ago})"
-        if self.problem:
-            return "refused", self.problem
+        if refused and refused == self.cur_stream:
+            return "refused", why
         if self.cur is None or not self.cur.attached:
             return "waiting", f"waiting for stream {self.route} (no producer yet)"
         if not self.gate_open:
@@ -435,7 +442,9 @@ class RouteReader:
         return Route(self._tracks[VIDEO_TRACK].route, self._tracks[AUDIO_TRACK].route)
 
     def set(self, video: str | None = None, audio: str | None = None) -> None:
-        """Change the route of a track (None leaves it; "" sends nothing). Checked first: ValueError."""
+        """Change the route of a track (None leaves it; "" sends nothing). Both are checked first (ValueError:
+        a bad name, a stream of the wrong kind); framebus.BusError if a stream cannot be read (its track is
+        left as it was)."""
         for name, stream in ((VIDEO_TRACK, video), (AUDIO_TRACK, audio)):
             if stream is not None:
                 check(name, stream, self.prefix, raw_video=self.raw_video)
