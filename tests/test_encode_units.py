@@ -15,7 +15,7 @@ import pytest
 from services.capture.sources.synthetic import Pattern, frame_number
 from services.decode.decoder import nal_spans
 from services.encode.encoder import TIME_BASE, Encoder, ParameterSets
-from services.encode.pictures import FramePool, Filler, output_size
+from services.encode.pictures import Filler, FramePool, output_size
 from services.recorder import encoder as encoders
 
 GPU = os.path.exists("/dev/nvidiactl")

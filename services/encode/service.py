@@ -343,14 +343,14 @@ class Encode(Service):
         fps = cfg.fps or NOMINAL_FPS
         try:
             enc = Encoder(choice.name, self.codec, out_w, out_h, pix, kbps=cfg.bitrate, fps=fps, gop=cfg.gop,
-                          hardware=choice.hardware)
+                          hardware=choice.hardware, threads=cfg.threads)
         except Exception as exc:  # noqa: BLE001 - a hardware engine that probed fine may refuse the call settings
             if not choice.hardware:
                 raise
             self.log.error("encoder %s would not open with the call settings (%s): using software", choice.name, exc)
             choice = encoders.Choice(encoders.SOFTWARE_FOR[self.codec], False, f"{choice.name} failed to open: {exc}")
             enc = Encoder(choice.name, self.codec, out_w, out_h, pix, kbps=cfg.bitrate, fps=fps, gop=cfg.gop,
-                          hardware=False)
+                          hardware=False, threads=cfg.threads)
         self.encoder, self.choice = enc, choice
         self.params = ParameterSets() if self.codec == "h264" else None
         self.pool = pictures.FramePool(pix, out_w, out_h, enc.ctx.time_base)

@@ -37,6 +37,10 @@ class EncoderConfig:
                          "picture at the input's pace.", RESTART, off=0.0, min=1.0, max=240)
     gop: float = setting(2.0, "Seconds between periodic keyframes (keyframe requests force more).", RESTART,
                          min=0.1, max=3600)
+    threads: int = setting(1, "Software encoder threads: 1 costs the least CPU per stream (many streams use the "
+                           "cores through their own processes); N encodes N slices (x264) or partitions (VP8) of a "
+                           "picture at once, for one heavy stream; 0 lets FFmpeg pick (one per core).", RESTART, min=0,
+                           max=16)
     hw_encode: str = setting("auto", "auto (NVENC or the Jetson encoder when a real probe encode works, else "
                              "libx264 / libvpx), off (software), or an encoder name like h264_nvenc.", RESTART,
                              pattern=r"^[a-z0-9_]{2,32}$")
