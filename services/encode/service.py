@@ -202,7 +202,7 @@ class Encode(Service):
     def _keyframe_asked(self, stream: str, reason: str) -> dict[str, Any]:
         if stream != self.stream:
             return cannot(f"{self.id} produces {self.stream}, not {stream}")
-        self.log.info("keyframe of %s asked for%s", stream, f" ({reason})" if reason else "")
+        self.throttled.info("keyframe", f"keyframe of {stream} asked for{f' ({reason})' if reason else ''}")
         return self.requests.request(stream, reason)
 
     def _make_keyframe(self, _stream: str) -> str:
@@ -292,7 +292,7 @@ class Encode(Service):
             self._count("error", 1)
             self.throttled.warning("encode", f"{self.encoder.name} failed on a picture of {self.input}: {exc}; "
                                              "reopening it")
-            self.geometry = None  # the next picture reopens the encoder (a new IDR)
+            self._drop_encoder()  # the next picture opens a new one (an IDR)
             return
         self.m_in.inc()
         if key:
@@ -335,9 +335,7 @@ class Encode(Service):
             return True
         if old is not None:
             self._drain(old.flush())
-            old.close()
-            self.encoder = None
-            self.m_hardware.remove(self.stream, old.name)
+            self._drop_encoder()
         choice = self._choose(out_w, out_h, pix)
         cfg = self.cfg
         fps = cfg.fps or NOMINAL_FPS
@@ -366,6 +364,13 @@ class Encode(Service):
         self.log.info("encoding %s into %s in %s with %s%s: %s, %s at %d kbit/s", self.input, self.stream, how,
                       choice.name, why, pictures.describe_fill(self.filler, self.pool), self.codec, cfg.bitrate)
         return True
+
+    def _drop_encoder(self) -> None:
+        """Close the encoder; the next picture opens a new one (_configure)."""
+        old, self.encoder, self.geometry = self.encoder, None, None
+        if old is not None:
+            old.close()
+            self.m_hardware.remove(self.stream, old.name)
 
     def _choose(self, width: int, height: int, pix: str = "yuv420p") -> encoders.Choice:
         return encoders.choose(self.cfg.hw_encode, width, height, pix, codec=self.codec)
