@@ -61,10 +61,6 @@ GOP_SLACK_NS = 5_000_000  # a periodic keyframe is due this early (capture times
 NOMINAL_FPS = 30.0      # the rate the encoder is told when fps = 0 (its pts carry the real pace)
 
 
-def _now_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
 class _Meta(NamedTuple):
     """What a picture hands on to its access unit."""
     pts90: int          # the encoder's pts (1/90000)
@@ -103,7 +99,7 @@ class Encode(Service):
         self.geometry: tuple[str, int, int] | None = None   # the input's (format, width, height)
         self.params: Any = None             # ParameterSets (H.264)
         self._metas: collections.deque[_Meta] = collections.deque(maxlen=64)
-        self._pts_origin = 0
+        self._pts_origin = -1               # capture time of the encoder's first picture
         self._last_pts90 = -1
         self._last_key_ns = 0               # capture time of the last keyframe out
         self._want_key = False              # a request: the next picture is an IDR
@@ -280,6 +276,8 @@ class Encode(Service):
         if not item.valid():  # overwritten while it was copied: as good as missed
             self._count("missed", 1)
             return
+        if self._pts_origin < 0:  # the encoder's first picture: its timeline starts at 0
+            self._pts_origin = capture_ns
         pts90 = max((capture_ns - self._pts_origin) * 9 // 100_000, self._last_pts90 + 1)
         self._last_pts90 = pts90
         key = self._want_key or capture_ns - self._last_key_ns >= self.gop_ns - GOP_SLACK_NS
@@ -354,7 +352,7 @@ class Encode(Service):
         self.pool = pictures.FramePool(pix, out_w, out_h, enc.ctx.time_base)
         self.filler = pictures.Filler(fmt, width, height, self.pool)
         self.geometry = (fmt, width, height)
-        self._pts_origin, self._last_pts90 = _now_ns(), -1
+        self._pts_origin, self._last_pts90 = -1, -1
         self._metas.clear()
         self._want_key = True  # an encoder's first picture is a keyframe anyway; say so
         self.m_reopens.inc()
