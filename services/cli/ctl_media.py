@@ -84,6 +84,17 @@ def cmd_keyframe(args: argparse.Namespace) -> int:
     return hubcall.show(args, result, _keyframe_text)
 
 
+def cmd_sdp(args: argparse.Namespace) -> int:
+    with hubcall.client(args) as client:
+        result = client.call("sdp", {"session": args.session, "for": args.side})
+    if args.out and not args.json:
+        with open(args.out, "w") as f:
+            f.write(result["sdp"])
+        print(f"{args.out}: the SDP of {result['session']} for a {result['for']}")
+        return 0
+    return hubcall.show(args, result, lambda r: r["sdp"].replace("\r\n", "\n").rstrip("\n"))
+
+
 def cmd_cameras(args: argparse.Namespace) -> int:
     with hubcall.client(args) as client:
         return hubcall.show(args, client.call("cameras", {}), _cameras_table)
@@ -115,6 +126,15 @@ def add_parsers(ctl_sub) -> None:
     key.add_argument("stream")
     key.add_argument("--reason", default="asked by ctl", help="said in the producer's log and metrics")
     key.set_defaults(ctl_func=cmd_keyframe)
+    sdp = ctl_sub.add_parser("sdp", help="the SDP of a call (an [rtp.NAME] session): what a peer sends to; "
+                             "--for receiver: what the box sends, for ffmpeg -i or GStreamer")
+    hubcall.add_common(sdp)
+    sdp.add_argument("session")
+    sdp.add_argument("--for", dest="side", choices=("sender", "receiver"), default="sender",
+                     help="sender (default): the box's address, ports and codecs, for a peer that sends to it; "
+                          "receiver: what the box sends, at the peer's address, for a peer that takes it")
+    sdp.add_argument("--out", default="", help="write the SDP to this file (as it is, CRLF lines)")
+    sdp.set_defaults(ctl_func=cmd_sdp)
     cams = ctl_sub.add_parser("list-cameras", help="the box's V4L2 cameras (never hangs when there are none)")
     hubcall.add_common(cams)
     cams.set_defaults(ctl_func=cmd_cameras)
