@@ -2,9 +2,11 @@
 sends; every picture is checked by the frame number drawn in it (tests/media_files.py)."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -110,11 +112,77 @@ def ffmpeg_send(clip: Path, port: int, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE)
 
 
+def gst(pipeline: str) -> subprocess.Popen:
+    """gst-launch-1.0 (Debian's GStreamer) running `pipeline`."""
+    return subprocess.Popen(["gst-launch-1.0", "-q", *pipeline.split()], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+class Relay:
+    """A UDP relay on loopback: what comes to `port` goes to `to`, except the datagrams `drop(n, data)` picks
+    (n counts from 0); when each was dropped is kept (monotonic ns)."""
+
+    def __init__(self, to: tuple[str, int], drop) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.to, self.drop = to, drop
+        self.dropped: list[int] = []
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            n, self.count = self.count, self.count + 1
+            if self.drop(n, data):
+                self.dropped.append(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+                continue
+            self.sock.sendto(data, self.to)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def blast_bad_input(rtp_port: int, rtcp_port: int) -> None:
+    """Garbage, a stranger's packets, RTCP garbage: none of it may reach the bus or stop the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for size in (1, 7, 40, 1400):
+            s.sendto(os.urandom(size), ("127.0.0.1", rtp_port))
+        s.sendto(b"\x81\xc9\x00\x09" + os.urandom(10), ("127.0.0.1", rtcp_port))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.bind(("127.0.0.2", 0))                  # another address of loopback: not the peer
+        good = bytes([0x80, 0xE0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0x65]) + b"\x11" * 100
+        for _ in range(5):
+            stranger.sendto(good, ("127.0.0.1", rtp_port))
+        stranger.sendto(bytes([0x80, 0xC8, 0, 1]) + os.urandom(4), ("127.0.0.1", rtcp_port))
+
+
+def dropped(b, reason: str, media: str = "video") -> float:
+    return metric_value(b.scrape(), "edgeroom_rtp_dropped_packets_total", call="call", media=media,
+                        reason=reason) or 0.0
+
+
 def test_ffmpeg_sends_h264_and_every_picture_is_decoded_in_order(box, clip):
+    """Bad input first (garbage, a stranger's packets, RTCP garbage): dropped and counted; then ffmpeg's
+    60 pictures all come out of decode@call, in order."""
     b = rtp_box(box, rtp_table("call", h264_sdp(mode=1)))
     b.run()
     b.wait_ready("rtp@call", "decode@call")
-    port = ports(b, "call")["video"]["rtp"]
+    p = ports(b, "call")["video"]
+    port = p["rtp"]
+    blast_bad_input(port, p["rtcp"])
+    wait_for(lambda: dropped(b, "wrong_source") == 6, 5, "the stranger's packets dropped")
+    assert dropped(b, "bad_rtcp") == 1 and dropped(b, "truncated") == 2
+    assert dropped(b, "not_rtp") + dropped(b, "malformed") + dropped(b, "oversized") + dropped(b, "payload_type") == 2
     with framebus.Consumer.attach("call-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
         sender = ffmpeg_send(clip, port)
         numbers = read_pictures(b, "call-raw", 60, 15, c)
@@ -124,3 +192,76 @@ def test_ffmpeg_sends_h264_and_every_picture_is_decoded_in_order(box, clip):
              "60 access units counted")
     sessions = {s["session"]: s for s in b.call("sessions")}
     assert sessions["call"]["kind"] == "call" and sessions["call"]["room"] == "lobby"
+
+
+def test_ffmpeg_in_packetization_mode_0_single_nal_units_of_sliced_pictures(box, tmp_path):
+    """The SDP says mode 0: ffmpeg sends every NAL unit alone (its slices cut to fit: x264 slice-max-size)."""
+    clip = numbered_file(tmp_path / "sliced.h264", 40, fps=25, gop=10, fmt="h264", size=(640, 480),
+                         x264={"x264-params": "slice-max-size=1000"})
+    b = rtp_box(box, rtp_table("call", h264_sdp(mode=0)))
+    b.run()
+    b.wait_ready("rtp@call", "decode@call")
+    port = ports(b, "call")["video"]["rtp"]
+    with framebus.Consumer.attach("call-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+        sender = ffmpeg_send(clip, port, "-rtpflags", "h264_mode0")
+        numbers = read_pictures(b, "call-raw", 40, 15, c)
+        err = stop(sender)
+    assert numbers == list(range(40)), f"{numbers}\nffmpeg: {err}\n{b.log()[-3000:]}"
+    assert dropped(b, "packetization_mode") == 0
+
+
+def test_gstreamer_rtpbin_sends_h264_and_every_picture_is_decoded_in_order(box, tmp_path):
+    clip = numbered_file(tmp_path / "clip.mp4", 50, fps=25, gop=10)
+    b = rtp_box(box, rtp_table("call", h264_sdp(mode=1)))
+    b.run()
+    b.wait_ready("rtp@call", "decode@call")
+    p = ports(b, "call")["video"]
+    with framebus.Consumer.attach("call-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+        sender = gst(f"rtpbin name=r filesrc location={clip} ! qtdemux ! h264parse ! "
+                     f"rtph264pay pt=96 mtu=1200 config-interval=-1 ! r.send_rtp_sink_0 "
+                     f"r.send_rtp_src_0 ! udpsink host=127.0.0.1 port={p['rtp']} "
+                     f"r.send_rtcp_src_0 ! udpsink host=127.0.0.1 port={p['rtcp']} sync=false async=false")
+        numbers = read_pictures(b, "call-raw", 50, 15, c)
+        err = stop(sender)
+    assert numbers == list(range(50)), f"{numbers}\ngst: {err}\n{b.log()[-3000:]}"
+
+
+def test_a_loss_inbound_brings_a_keyframe_from_the_peer_within_one_request_cycle(box):
+    """A live GStreamer sender whose own keyframes are 100 s apart; one packet is lost on the way (a relay drops
+    it): the next unit is marked damaged, decode closes its gate, the call sends PLI, x264enc answers with an
+    IDR, and pictures are back within a second."""
+    gst_rtcp = free_port_pair()
+    peer = h264_sdp(gst_rtcp - 1, mode=1, direction="sendonly", extra=f"a=rtcp:{gst_rtcp}\n")
+    b = rtp_box(box, rtp_table("call", peer))
+    b.run()
+    b.wait_ready("rtp@call", "decode@call")
+    p = ports(b, "call")["video"]
+    start = time.monotonic()
+    relay = Relay(("127.0.0.1", p["rtp"]), lambda n, data: time.monotonic() - start > 2.0 and not relay.dropped
+                  and data[1] & 0x80 == 0)            # one packet, not a unit's last (its marker is clear)
+    sender = gst("rtpbin name=r videotestsrc is-live=true pattern=ball ! "
+                 "video/x-raw,width=320,height=240,framerate=30/1 ! "
+                 "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=3000 bitrate=800 ! "
+                 "video/x-h264,profile=constrained-baseline ! rtph264pay pt=96 mtu=300 config-interval=-1 ! "
+                 f"r.send_rtp_sink_0 r.send_rtp_src_0 ! udpsink host=127.0.0.1 port={relay.port} "
+                 f"r.send_rtcp_src_0 ! udpsink host=127.0.0.1 port={p['rtcp']} sync=false async=false "
+                 f"udpsrc port={gst_rtcp} ! r.recv_rtcp_sink_0")
+    try:
+        with framebus.Consumer.attach("call-raw", prefix=b.prefix, missing_ok=True, start="next") as c:
+            wait_for(lambda: relay.dropped, 10, "the relay's drop")
+            lost_at = relay.dropped[0]
+            back = None
+            deadline = time.monotonic() + 5
+            while back is None and time.monotonic() < deadline:
+                item = c.receive(timeout=0.1)
+                if item is not None and item.capture_ns > lost_at + 40_000_000:
+                    back = item.capture_ns
+        assert back is not None, f"no picture after the loss; {b.log()[-3000:]}"
+        assert (back - lost_at) / 1e9 < 1.0, f"pictures came back {(back - lost_at) / 1e9:.2f} s after the loss"
+        scrape = b.scrape()
+        assert metric_value(scrape, "edgeroom_rtp_feedback_sent_total", call="call", media="video", type="pli") >= 1
+        assert metric_value(scrape, "edgeroom_rtp_lost_packets_total", call="call", media="video") == 1
+        assert metric_value(scrape, "edgeroom_decode_dropped_frames_total", stream="call", reason="missed") is None
+    finally:
+        stop(sender)
+        relay.close()

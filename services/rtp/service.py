@@ -160,6 +160,7 @@ class Rtp(AsyncService):
         self.media: dict[str, _Media] = {}
         self.meter = RateMeter()
         self.notes: list[str] = []
+        self._defect_at = 0.0
         max_packet = max(self.cfg.mtu, MIN_MAX_PACKET)
         for kind in ("video", "audio"):
             peer = self.peer_sdp.of(kind)
@@ -186,10 +187,11 @@ class Rtp(AsyncService):
                 m.inbound = Inbound(kind, self.stream if kind == "video" else audio_stream(self.stream), codec,
                                     self.sink, self.clocks, jitter_ms=self.cfg.jitter_ms, max_packet=max_packet,
                                     max_bps=self._max_bps(peer), drop=self._dropper(kind),
-                                    drop_unit=lambda why, k=kind: self.m_units_dropped.labels(k, why).inc(),
+                                    drop_unit=lambda why, k=kind: self.m_units_dropped.labels(self.instance, k,
+                                                                                         why).inc(),
                                     want_keyframe=lambda why: self.keyframes.request(self.stream, why),
                                     keyframe_sent=self._keyframe_on_bus,
-                                    lost=lambda n, k=kind: self.m_lost.labels(k).inc(n),
+                                    lost=lambda n, k=kind: self.m_lost.labels(self.instance, k).inc(n),
                                     missing=lambda ssrc, seqs, m=m: self._nack(m, ssrc, seqs), log=self.log)
                 if kind == "video":
                     self.sink.open_encoded(codec.name, 0, 0)   # readers (decode) attach before the first unit
@@ -240,7 +242,7 @@ class Rtp(AsyncService):
         for m in self.media.values():
             for sock, handler in ((m.rtp_sock, self._rtp_in), (m.rtcp_sock, self._rtcp_in)):
                 transport, _ = await self.loop.aio.create_datagram_endpoint(
-                    lambda h=handler, m=m: _Endpoint(lambda data, addr: h(m, data, addr),
+                    lambda h=handler, m=m: _Endpoint(lambda data, addr: self._guarded(h, m, data, addr),
                                                      lambda exc, k=m.kind: self.m_socket_errors.labels(k).inc()),
                     sock=sock)
                 m.transports.append(transport)
@@ -331,6 +333,17 @@ class Rtp(AsyncService):
                 return True
             return addr == latched
         return addr[0] == self.peer_host
+
+    def _guarded(self, handler: Any, m: _Media, data: bytes, addr: tuple[str, int]) -> None:
+        """A datagram's handling: a defect it trips costs that datagram (counted, logged), never the call."""
+        try:
+            handler(m, data, addr)
+        except Exception as exc:
+            self.m_dropped.labels(self.instance, m.kind, "internal").inc()
+            if time.monotonic() - self._defect_at >= 1.0:      # the traceback, once a second at most
+                self._defect_at = time.monotonic()
+                self.log.error("%s: a %s datagram from %s:%d tripped a defect: %s", self.instance, m.kind, *addr,
+                               exc, exc_info=True)
 
     def _rtp_in(self, m: _Media, data: bytes, addr: tuple[str, int]) -> None:
         drop = self._dropper(m.kind)
