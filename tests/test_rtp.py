@@ -265,3 +265,120 @@ def test_a_loss_inbound_brings_a_keyframe_from_the_peer_within_one_request_cycle
     finally:
         stop(sender)
         relay.close()
+
+
+# --- the box sends ------------------------------------------------------------------------------------------
+CAMERA = """
+kind = "synthetic"
+width = 320
+height = 240
+fps = 30.0
+room = "lobby"
+encode = "h264"
+decode = false
+gop = {gop}
+"""
+FRAME = 320 * 240
+
+
+def gray_numbers(path: Path) -> list[int]:
+    """The frame numbers of the 320x240 GRAY8 pictures a receiver wrote to `path`."""
+    import numpy as np
+
+    from services.capture.sources.synthetic import frame_number
+
+    data = np.fromfile(path, np.uint8) if path.exists() else np.zeros(0, np.uint8)
+    frames = data[: len(data) // FRAME * FRAME].reshape(-1, 240, 320)
+    return [frame_number(f) for f in frames]
+
+
+def consecutive(numbers: list[int]) -> bool:
+    return all(b == a + 1 for a, b in zip(numbers, numbers[1:]))
+
+
+def h264_caps(pt: int = 96, extra: str = "") -> str:
+    return f"application/x-rtp,media=video,clock-rate=90000,encoding-name=H264,payload={pt}{extra}"
+
+
+def sending_box(box, gop: float, peer_sdp: str, **keys):
+    b = rtp_box(box, rtp_table("call", peer_sdp, send_video="cam", decode=False, **keys), capture=True)
+    b.set_source("cam", CAMERA.format(gop=gop))
+    return b
+
+
+def test_gstreamer_takes_what_the_box_sends_and_decodes_every_picture(box, tmp_path):
+    port = free_port_pair()
+    out = tmp_path / "gst.gray"
+    receiver = gst(f"udpsrc port={port} caps={h264_caps()} ! rtpjitterbuffer latency=100 ! rtph264depay ! "
+                   f"avdec_h264 ! videoconvert ! video/x-raw,format=GRAY8 ! filesink location={out}")
+    b = sending_box(box, 60.0, h264_sdp(port, mode=1, direction="recvonly"))
+    b.run()
+    b.wait_ready("rtp@call", "capture@cam")
+    try:
+        wait_for(lambda: len(gray_numbers(out)) >= 60, 15, "60 pictures at the receiver")
+    finally:
+        err = stop(receiver)
+    numbers = gray_numbers(out)
+    assert consecutive(numbers), f"{numbers}\n{err}"
+    sessions = {s["session"]: s for s in b.call("sessions")}
+    assert [t["stream"] for t in sessions["call"]["tracks"] if t.get("direction") == "out"] == ["cam"]
+
+
+def test_ffmpeg_reads_the_box_sdp_and_decodes_every_picture(box, tmp_path):
+    port = free_port_pair()
+    b = sending_box(box, 1.0, h264_sdp(port, mode=1, direction="recvonly"))
+    b.run()
+    b.wait_ready("rtp@call", "capture@cam")
+    offer = b.call("sdp", {"session": "call", "for": "receiver"})
+    assert f"m=video {port} RTP/AVP 96" in offer["sdp"] and "packetization-mode=1" in offer["sdp"]
+    (tmp_path / "box.sdp").write_text(offer["sdp"])
+    out = tmp_path / "ffmpeg.gray"
+    receiver = subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "error", "-protocol_whitelist", "file,udp,rtp",
+                                 "-i", str(tmp_path / "box.sdp"), "-f", "rawvideo", "-pix_fmt", "gray", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(gray_numbers(out)) >= 60, 20, "60 pictures decoded by ffmpeg")
+    finally:
+        err = stop(receiver)
+    numbers = gray_numbers(out)
+    assert consecutive(numbers), f"{numbers}\n{err}"
+
+
+def test_a_gstreamer_receiver_that_loses_a_packet_sends_pli_and_the_camera_answers_with_an_idr(box, tmp_path):
+    """The box -> a relay that drops one packet -> GStreamer (rtpbin, PLI in its caps): its depayloader asks for a
+    keyframe, rtpbin sends PLI, the call asks capture@cam, whose encoder forces an IDR (its GOP is 60 s)."""
+    gst_port = free_port_pair()
+    start = time.monotonic()
+    relay = Relay(("127.0.0.1", gst_port), lambda n, data: time.monotonic() - start > 4.0 and not relay.dropped
+                  and data[1] & 0x80 == 0)
+    peer = h264_sdp(relay.port, mode=1, direction="recvonly", extra=f"a=rtcp:{gst_port + 1}\n")
+    b = sending_box(box, 60.0, peer)
+    b.run()
+    b.wait_ready("rtp@call", "capture@cam")
+    p = ports(b, "call")["video"]
+    caps = h264_caps(extra=",rtcp-fb-nack-pli=(boolean)true")
+    receiver = gst(f"rtpbin name=r latency=100 udpsrc port={gst_port} caps={caps} ! r.recv_rtp_sink_0 "
+                   "r. ! rtph264depay request-keyframe=true ! avdec_h264 ! fakesink "
+                   f"udpsrc port={gst_port + 1} ! r.recv_rtcp_sink_0 "
+                   f"r.send_rtcp_src_0 ! udpsink host=127.0.0.1 port={p['rtcp']} sync=false async=false")
+    try:
+        wait_for(lambda: relay.dropped, 15, "the relay's drop")
+        lost_at = relay.dropped[0]
+        with framebus.Consumer.attach("cam", prefix=b.prefix, start="oldest") as c:
+            key = None
+            deadline = time.monotonic() + 5
+            while key is None and time.monotonic() < deadline:
+                item = c.receive(timeout=0.1)
+                if item is not None and item.keyframe and item.capture_ns > lost_at:
+                    key = item.capture_ns
+        assert key is not None, f"no IDR after the receiver's loss; {b.log()[-3000:]}"
+        seconds = (key - lost_at) / 1e9
+        assert seconds < 1.0, f"the IDR came {seconds:.2f} s after the loss"
+        print(f"loss at the receiver -> IDR on the bus: {seconds * 1000:.0f} ms")
+        scrape = b.scrape()
+        assert metric_value(scrape, "edgeroom_rtp_feedback_received_total", call="call", media="video",
+                            type="pli") >= 1
+        assert metric_value(scrape, "edgeroom_keyframe_satisfied_total", stream="cam") >= 1
+    finally:
+        stop(receiver)
+        relay.close()
