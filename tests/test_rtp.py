@@ -382,3 +382,47 @@ def test_a_gstreamer_receiver_that_loses_a_packet_sends_pli_and_the_camera_answe
     finally:
         stop(receiver)
         relay.close()
+
+
+def test_vp8_and_opus_round_trip_through_the_box(box, tmp_path):
+    """GStreamer sends VP8 (numbered pictures) and Opus to the call; the call puts them on the bus (call,
+    call-audio) and sends both back (send_video = call, send_audio = call-audio); a second GStreamer decodes
+    what comes back: every picture from the first keyframe on, in order, and the tone."""
+    import numpy as np
+
+    clip = numbered_file(tmp_path / "clip.mp4", 75, fps=25, gop=10)
+    video_port, audio_port = free_port_pair(), free_port_pair()
+    peer = (f"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=peer\nc=IN IP4 127.0.0.1\nt=0 0\n"
+            f"m=video {video_port} RTP/AVP 97\na=rtpmap:97 VP8/90000\n"
+            f"m=audio {audio_port} RTP/AVP 111\na=rtpmap:111 opus/48000/2\n")
+    b = rtp_box(box, rtp_table("call", peer, send_video="call", send_audio="call-audio", decode=False))
+    b.run()
+    b.wait_ready("rtp@call")
+    p = ports(b, "call")
+    vout, aout = tmp_path / "vp8.gray", tmp_path / "opus.s16"
+    receiver = gst(f"udpsrc port={video_port} caps=application/x-rtp,media=video,clock-rate=90000,"
+                   f"encoding-name=VP8,payload=97 ! rtpjitterbuffer latency=100 ! rtpvp8depay ! vp8dec ! "
+                   f"videoconvert ! video/x-raw,format=GRAY8 ! filesink location={vout} "
+                   f"udpsrc port={audio_port} caps=application/x-rtp,media=audio,clock-rate=48000,"
+                   f"encoding-name=OPUS,payload=111 ! rtpjitterbuffer latency=100 ! rtpopusdepay ! opusdec ! "
+                   f"audio/x-raw,format=S16LE,channels=2 ! filesink location={aout}")
+    sender = gst(f"filesrc location={clip} ! qtdemux ! h264parse ! avdec_h264 ! videoconvert ! "
+                 f"vp8enc deadline=1 keyframe-max-dist=10 target-bitrate=800000 ! rtpvp8pay pt=97 mtu=1200 ! "
+                 f"udpsink host=127.0.0.1 port={p['video']['rtp']} "
+                 f"audiotestsrc is-live=true freq=440 volume=0.5 num-buffers=150 ! "
+                 f"audio/x-raw,rate=48000,channels=2 ! opusenc ! rtpopuspay pt=111 ! "
+                 f"udpsink host=127.0.0.1 port={p['audio']['rtp']}")
+    try:
+        with framebus.Consumer.attach("call-audio", prefix=b.prefix, missing_ok=True, start="oldest") as heard:
+            wait_for(lambda: len(gray_numbers(vout)) >= 40, 20, "40 VP8 pictures back at the receiver")
+            chunk = heard.receive(timeout=2)
+            assert chunk is not None and chunk.kind == "audio" and chunk.rate == 48000 and chunk.channels == 2
+        wait_for(lambda: aout.exists() and aout.stat().st_size > 48000 * 4, 5, "a second of Opus back")
+    finally:
+        err = stop(sender) + stop(receiver)
+    numbers = gray_numbers(vout)
+    assert consecutive(numbers) and len(numbers) >= 40, f"{numbers}\n{err}"
+    pcm = np.fromfile(aout, np.int16).astype(np.float64)
+    assert np.sqrt(np.mean(pcm[48000:] ** 2)) > 1000, "the tone came back silent"
+    scrape = b.scrape()
+    assert metric_value(scrape, "edgeroom_rtp_units_total", call="call", media="audio") > 40

@@ -55,12 +55,13 @@ class Inbound:
                  max_packet: int, max_bps: int, drop: Callable[[str, int], None],
                  drop_unit: Callable[[str], None], want_keyframe: Callable[[str], None],
                  keyframe_sent: Callable[[], None], lost: Callable[[int], None],
-                 missing: Callable[[int, list[int]], None],
+                 missing: Callable[[int, list[int]], None], unit: Callable[[], None] = lambda: None,
                  log: Any) -> None:
         self.kind, self.stream, self.codec, self.sink = kind, stream, codec, sink
         self.max_packet, self.max_bps = max_packet, max_bps
         self.drop, self.drop_unit, self.want_keyframe = drop, drop_unit, want_keyframe
-        self.keyframe_sent, self.on_lost, self.on_missing, self.log = keyframe_sent, lost, missing, log
+        self.keyframe_sent, self.on_lost, self.on_missing, self.on_unit, self.log = (keyframe_sent, lost, missing,
+                                                                                       unit, log)
         self.jitter: JitterBuffer[RtpPacket] = JitterBuffer(jitter_ms * 1_000_000)
         self.clock = MediaClock(codec.clock, clocks)
         self.time_base = Fraction(1, codec.clock)
@@ -219,6 +220,7 @@ class Inbound:
         if self.sink.encoded(au.data, self.codec.name, keyframe=au.keyframe, pts=pts, time_base=self.time_base,
                              capture_ns=capture_ns, discontinuity=disc, corrupt=corrupt):
             self.units += 1
+            self.on_unit()
             if au.keyframe:
                 self.keyframes += 1
                 self.keyframe_sent()
@@ -248,6 +250,7 @@ class Inbound:
             pts, _ = self.timeline.map(ext, capture_ns)
             self.sink.audio(pcm, self.decoder.rate, pts=pts, capture_ns=capture_ns)
             self.units += 1
+            self.on_unit()
             ext += pcm.shape[0]
 
     # ------------------------------------------------------------ RTCP

@@ -192,7 +192,8 @@ class Rtp(AsyncService):
                                     want_keyframe=lambda why: self.keyframes.request(self.stream, why),
                                     keyframe_sent=self._keyframe_on_bus,
                                     lost=lambda n, k=kind: self.m_lost.labels(self.instance, k).inc(n),
-                                    missing=lambda ssrc, seqs, m=m: self._nack(m, ssrc, seqs), log=self.log)
+                                    missing=lambda ssrc, seqs, m=m: self._nack(m, ssrc, seqs),
+                                    unit=self.m_units.labels(self.instance, kind).inc, log=self.log)
                 if kind == "video":
                     self.sink.open_encoded(codec.name, 0, 0)   # readers (decode) attach before the first unit
             send_stream = self.cfg.send_video if kind == "video" else self.cfg.send_audio
@@ -290,7 +291,6 @@ class Rtp(AsyncService):
                               ["call", "media"], registry=r)
         self.m_units = Counter("edgeroom_rtp_units", "Access units (video) or chunks (audio) put on the bus.",
                                ["call", "media"], registry=r)
-        self._seen_units: dict[str, int] = {}
         frames = Counter("edgeroom_rtp_frames", "Video access units put on the bus.", ["call"], registry=r)
         nbytes = Counter("edgeroom_rtp_bytes", "Bytes of video access units put on the bus.", ["call"], registry=r)
         keyframes = Counter("edgeroom_rtp_keyframes", "Keyframes put on the bus.", ["call"], registry=r)
@@ -505,10 +505,6 @@ class Rtp(AsyncService):
             if m.inbound is not None:
                 if m.inbound.ssrc is not None:
                     self.m_jitter.labels(self.instance, m.kind).set(m.inbound.stats.jitter / m.codec.clock)
-                seen = self._seen_units.get(m.kind, 0)
-                if m.inbound.units != seen:
-                    self.m_units.labels(self.instance, m.kind).inc(m.inbound.units - seen)
-                    self._seen_units[m.kind] = m.inbound.units
             sent = m.outbound.sender_info() if m.outbound is not None else None
             received = m.inbound.received() if m.inbound is not None else None
             if sent is not None or received is not None:
