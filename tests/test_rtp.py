@@ -166,6 +166,13 @@ def blast_bad_input(rtp_port: int, rtcp_port: int) -> None:
         stranger.sendto(bytes([0x80, 0xC8, 0, 1]) + os.urandom(4), ("127.0.0.1", rtcp_port))
 
 
+def never_restarted(b, *services: str) -> None:
+    """Whatever the test sent, the call (and its companions) ran through in one process."""
+    rows = b.services()
+    for service in services or ("rtp@call",):
+        assert rows[service]["restarts"] == 0 and rows[service]["state"] == "ready", (rows[service], b.log()[-3000:])
+
+
 def dropped(b, reason: str, media: str = "video") -> float:
     return metric_value(b.scrape(), "edgeroom_rtp_dropped_packets_total", call="call", media=media,
                         reason=reason) or 0.0
@@ -192,6 +199,7 @@ def test_ffmpeg_sends_h264_and_every_picture_is_decoded_in_order(box, clip):
              "60 access units counted")
     sessions = {s["session"]: s for s in b.call("sessions")}
     assert sessions["call"]["kind"] == "call" and sessions["call"]["room"] == "lobby"
+    never_restarted(b)
 
 
 def test_ffmpeg_in_packetization_mode_0_single_nal_units_of_sliced_pictures(box, tmp_path):
@@ -208,6 +216,7 @@ def test_ffmpeg_in_packetization_mode_0_single_nal_units_of_sliced_pictures(box,
         err = stop(sender)
     assert numbers == list(range(40)), f"{numbers}\nffmpeg: {err}\n{b.log()[-3000:]}"
     assert dropped(b, "packetization_mode") == 0
+    never_restarted(b)
 
 
 def test_gstreamer_rtpbin_sends_h264_and_every_picture_is_decoded_in_order(box, tmp_path):
@@ -216,14 +225,19 @@ def test_gstreamer_rtpbin_sends_h264_and_every_picture_is_decoded_in_order(box, 
     b.run()
     b.wait_ready("rtp@call", "decode@call")
     p = ports(b, "call")["video"]
-    with framebus.Consumer.attach("call-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+    sub = b.subscriber("hook.ON_VIDEO_TRACK_ADDED")
+    with sub, framebus.Consumer.attach("call-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
         sender = gst(f"rtpbin name=r filesrc location={clip} ! qtdemux ! h264parse ! "
                      f"rtph264pay pt=96 mtu=1200 config-interval=-1 ! r.send_rtp_sink_0 "
                      f"r.send_rtp_src_0 ! udpsink host=127.0.0.1 port={p['rtp']} "
                      f"r.send_rtcp_src_0 ! udpsink host=127.0.0.1 port={p['rtcp']} sync=false async=false")
         numbers = read_pictures(b, "call-raw", 50, 15, c)
         err = stop(sender)
+        added = sub.recv(timeout=5)                       # media started: the call's video track came
     assert numbers == list(range(50)), f"{numbers}\ngst: {err}\n{b.log()[-3000:]}"
+    assert added is not None and added.data["session"] == "call" and added.data["room"] == "lobby"
+    assert (added.data["track"]["stream"], added.data["track"]["direction"]) == ("call", "in")
+    never_restarted(b)
 
 
 def test_a_loss_inbound_brings_a_keyframe_from_the_peer_within_one_request_cycle(box):
@@ -258,10 +272,15 @@ def test_a_loss_inbound_brings_a_keyframe_from_the_peer_within_one_request_cycle
                     back = item.capture_ns
         assert back is not None, f"no picture after the loss; {b.log()[-3000:]}"
         assert (back - lost_at) / 1e9 < 1.0, f"pictures came back {(back - lost_at) / 1e9:.2f} s after the loss"
-        scrape = b.scrape()
-        assert metric_value(scrape, "edgeroom_rtp_feedback_sent_total", call="call", media="video", type="pli") >= 1
+        def counted() -> str | None:
+            text = b.scrape()
+            return text if metric_value(text, "edgeroom_rtp_feedback_sent_total", call="call", media="video",
+                                        type="pli") else None
+
+        scrape = wait_for(counted, 5, "the PLI counted")
         assert metric_value(scrape, "edgeroom_rtp_lost_packets_total", call="call", media="video") == 1
         assert metric_value(scrape, "edgeroom_decode_dropped_frames_total", stream="call", reason="missed") is None
+        never_restarted(b)
     finally:
         stop(sender)
         relay.close()
@@ -316,6 +335,7 @@ def test_gstreamer_takes_what_the_box_sends_and_decodes_every_picture(box, tmp_p
     b.wait_ready("rtp@call", "capture@cam")
     try:
         wait_for(lambda: len(gray_numbers(out)) >= 60, 15, "60 pictures at the receiver")
+        never_restarted(b)
     finally:
         err = stop(receiver)
     numbers = gray_numbers(out)
@@ -338,6 +358,7 @@ def test_ffmpeg_reads_the_box_sdp_and_decodes_every_picture(box, tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: len(gray_numbers(out)) >= 60, 20, "60 pictures decoded by ffmpeg")
+        never_restarted(b)
     finally:
         err = stop(receiver)
     numbers = gray_numbers(out)
@@ -375,10 +396,11 @@ def test_a_gstreamer_receiver_that_loses_a_packet_sends_pli_and_the_camera_answe
         seconds = (key - lost_at) / 1e9
         assert seconds < 1.0, f"the IDR came {seconds:.2f} s after the loss"
         print(f"loss at the receiver -> IDR on the bus: {seconds * 1000:.0f} ms")
-        scrape = b.scrape()
-        assert metric_value(scrape, "edgeroom_rtp_feedback_received_total", call="call", media="video",
-                            type="pli") >= 1
-        assert metric_value(scrape, "edgeroom_keyframe_satisfied_total", stream="cam") >= 1
+        wait_for(lambda: metric_value(b.scrape(), "edgeroom_rtp_feedback_received_total", call="call",
+                                      media="video", type="pli"), 5, "the receiver's PLI counted")
+        wait_for(lambda: metric_value(b.scrape(), "edgeroom_keyframe_satisfied_total", stream="cam"), 5,
+                 "the camera's keyframe request satisfied")
+        never_restarted(b)
     finally:
         stop(receiver)
         relay.close()
@@ -418,6 +440,7 @@ def test_vp8_and_opus_round_trip_through_the_box(box, tmp_path):
             chunk = heard.receive(timeout=2)
             assert chunk is not None and chunk.kind == "audio" and chunk.rate == 48000 and chunk.channels == 2
         wait_for(lambda: aout.exists() and aout.stat().st_size > 48000 * 4, 5, "a second of Opus back")
+        never_restarted(b)
     finally:
         err = stop(sender) + stop(receiver)
     numbers = gray_numbers(vout)
@@ -426,3 +449,70 @@ def test_vp8_and_opus_round_trip_through_the_box(box, tmp_path):
     assert np.sqrt(np.mean(pcm[48000:] ** 2)) > 1000, "the tone came back silent"
     scrape = b.scrape()
     assert metric_value(scrape, "edgeroom_rtp_units_total", call="call", media="audio") > 40
+
+
+# --- RTCP feedback, latching -----------------------------------------------------------------------------------
+def rtp_packet(seq: int, ts: int, payload: bytes, *, marker: bool = True, ssrc: int = 0xABCD) -> bytes:
+    return bytes([0x80, (0x80 if marker else 0) | 96]) + seq.to_bytes(2, "big") + ts.to_bytes(4, "big") + \
+        ssrc.to_bytes(4, "big") + payload
+
+
+def test_a_peer_that_ignores_pli_gets_fir(box):
+    """A peer (a plain socket) whose packets show a loss and that never sends a keyframe: the call sends PLI to its
+    RTCP port, and a second later, the keyframe still not there, PLI and FIR naming the peer's SSRC."""
+    from aiortc.rtp import RtcpPsfbPacket
+
+    from services.rtp import rtcp
+
+    peer_rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer_rtcp.bind(("127.0.0.1", 0))
+    peer_rtcp.settimeout(0.2)
+    rtcp_port = peer_rtcp.getsockname()[1]
+    b = rtp_box(box, rtp_table("call", h264_sdp(rtcp_port - 1, extra=f"a=rtcp:{rtcp_port}\n"), decode=False))
+    b.run()
+    b.wait_ready("rtp@call")
+    p = ports(b, "call")["video"]
+    feedback = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        p_slice = bytes([0x41]) + b"\x9a" * 100
+        for seq in (1, 2, 4):                                   # 3 never comes
+            sender.sendto(rtp_packet(seq, seq * 3000, p_slice), ("127.0.0.1", p["rtp"]))
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and not any(f.fmt == 4 for f in feedback):
+            try:
+                data, _ = peer_rtcp.recvfrom(2048)
+            except TimeoutError:
+                continue
+            feedback += [f for f in rtcp.parse(data) if isinstance(f, RtcpPsfbPacket)]
+    peer_rtcp.close()
+    kinds = [f.fmt for f in feedback]
+    assert kinds[:1] == [1] and 4 in kinds, f"feedback {kinds}; {b.log()[-2000:]}"
+    assert all(f.media_ssrc == 0xABCD for f in feedback if f.fmt == 1)
+    assert rtcp.fir_targets(next(f for f in feedback if f.fmt == 4)) == [0xABCD]
+    never_restarted(b)
+
+
+def test_latching_takes_the_first_address_that_sends_and_sends_there(box):
+    """latch = true, and the SDP names an address nobody sends from: the first packet's address is taken, the
+    camera's packets go there, and another address is dropped."""
+    b = rtp_box(box, rtp_table("call", h264_sdp(6000, host="127.0.0.9", direction="sendrecv"), send_video="cam",
+                               decode=False, latch=True), capture=True)
+    b.set_source("cam", CAMERA.format(gop=1.0))
+    b.run()
+    b.wait_ready("rtp@call", "capture@cam")
+    p = ports(b, "call")["video"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as nat, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        nat.settimeout(0.5)
+        nat.sendto(rtp_packet(1, 0, bytes([0x41]) + b"\x11" * 20), ("127.0.0.1", p["rtp"]))
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 20 and time.monotonic() < deadline:
+            try:
+                got.append(nat.recv(2048))
+            except TimeoutError:
+                pass
+        assert len(got) >= 20 and all(d[1] & 0x7F == 96 for d in got), f"{len(got)} packets at the latched address"
+        other.sendto(rtp_packet(2, 3000, bytes([0x41]) + b"\x11" * 20), ("127.0.0.1", p["rtp"]))
+        wait_for(lambda: dropped(b, "wrong_source") == 1, 5, "the second address's packet dropped")
+    never_restarted(b)

@@ -322,8 +322,13 @@ class FakeSink:
 
 
 class Log:
-    def info(self, *a) -> None:
-        pass
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, msg, *a) -> None:
+        self.lines.append(msg % a)
+
+    warning = info
 
 
 def inbound(codec: sdp.Codec | None = None, **kw):
@@ -411,3 +416,95 @@ def test_inbound_audio_pcmu_goes_on_the_bus_as_s16():
     assert [(c[0].shape, c[0].dtype, c[1]) for c in sink.audio_chunks] == [((160, 1), np.int16, 8000)] * 3
     assert [c[2]["pts"] for c in sink.audio_chunks] == [0, 160, 320]
     assert not np.abs(sink.audio_chunks[0][0]).max() > 8
+
+
+# --- outbound: pacing, retransmission ------------------------------------------------------------------------
+def test_a_keyframe_leaves_paced_not_in_one_burst():
+    import asyncio
+
+    from services.rtp.outbound import Pacer
+
+    loop = asyncio.new_event_loop()
+    sent: list[float] = []
+    pacer = Pacer(1_000_000, 1200, lambda data: sent.append(time.monotonic()), loop.call_later)   # 125 kB/s
+    loop.call_soon(lambda: pacer.put([b"x" * 1200] * 30))
+    loop.call_later(0.6, loop.stop)
+    loop.run_forever()
+    loop.close()
+    assert len(sent) == 30
+    assert sum(1 for t in sent if t - sent[0] < 0.001) <= 4           # the burst: four packets
+    assert 0.22 <= sent[-1] - sent[0] <= 0.4                          # the other 26 at the rate: 0.25 s
+
+
+class FakePacer:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def put(self, packets: list[bytes]) -> None:
+        self.out += packets
+
+
+def outbound(codec: sdp.Codec, history: int = 512):
+    from services.rtp.outbound import Outbound
+
+    unsent: list[str] = []
+    pacer = FakePacer()
+    out = Outbound("video", "cam", codec, mtu=1200, history=history, pacer=pacer, drop=unsent.append, log=Log())
+    return out, pacer, unsent
+
+
+H264_MODE1 = sdp.Codec(96, "h264", 90000, fmtp={"packetization-mode": "1"})
+
+
+def test_outbound_waits_for_a_keyframe_marks_the_last_packet_and_answers_nack_from_its_buffer():
+    from aiortc.rtp import RtpPacket
+
+    out, pacer, unsent = outbound(H264_MODE1, history=8)
+    assert out.access_unit(SC + P1, "h264", False, 1_000_000_000) is False
+    assert out.access_unit(SC + SPS + SC + PPS + SC + IDR, "vp8", True, 1_000_000_000) is False
+    assert unsent == ["waiting_keyframe", "codec"]
+    big_idr = bytes([0x65]) + b"\x22" * 12000                             # 12 packets: more than are kept
+    assert out.access_unit(SC + SPS + SC + PPS + SC + big_idr, "h264", True, 1_000_000_000)
+    packets = [RtpPacket.parse(d) for d in pacer.out]
+    assert [p.marker for p in packets] == [0] * (len(packets) - 1) + [1]
+    assert all(len(d) <= 1200 for d in pacer.out) and len({p.timestamp for p in packets}) == 1
+    seqs = [p.sequence_number for p in packets]
+    assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(len(seqs))]
+    before = len(pacer.out)
+    assert out.resend([seqs[-1], seqs[-2], (seqs[0] - 100) & 0xFFFF]) == 2    # the last two are kept, not the rest
+    assert pacer.out[before:] == [pacer.out[before - 1], pacer.out[before - 2]]
+    assert out.resend([seqs[0]]) == 0                                        # 8 kept: the first one is gone
+
+
+def test_outbound_rtp_time_follows_capture_time():
+    out, pacer, _ = outbound(H264_MODE1)
+    from aiortc.rtp import RtpPacket
+
+    out.access_unit(SC + IDR, "h264", True, 2_000_000_000)
+    out.access_unit(SC + P1, "h264", False, 2_033_333_333)
+    a, b = (RtpPacket.parse(d).timestamp for d in pacer.out)
+    assert (b - a) & 0xFFFFFFFF == 3000                                       # 1/30 s at 90 kHz
+
+
+def test_outbound_mode_0_refuses_a_unit_with_a_nal_larger_than_a_packet():
+    out, pacer, unsent = outbound(sdp.Codec(96, "h264", 90000))             # no fmtp: mode 0
+    assert out.access_unit(SC + bytes([0x65]) + b"\x33" * 3000, "h264", True, 1) is False
+    assert unsent == ["nal_too_large"] and pacer.out == []
+
+
+def test_outbound_opus_from_s16_chunks_at_any_rate():
+    from aiortc.rtp import RtpPacket
+
+    from services.rtp.outbound import Outbound
+
+    pacer = FakePacer()
+    out = Outbound("audio", "cam-audio", sdp.Codec(111, "opus", 48000, 2), mtu=1200, history=0, pacer=pacer,
+                   drop=lambda why: None, log=Log())
+    t = np.arange(16000) / 16000
+    tone = (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16).reshape(-1, 1)    # 1 s, 16 kHz mono
+    for i in range(0, 16000, 1600):
+        out.audio(tone[i:i + 1600], 16000, 1_000_000_000 + i * 62_500)
+    packets = [RtpPacket.parse(d) for d in pacer.out]
+    assert 45 <= len(packets) <= 50                                          # 20 ms each at 48 kHz
+    steps = {(b.timestamp - a.timestamp) & 0xFFFFFFFF for a, b in zip(packets, packets[1:])}
+    assert steps == {960}

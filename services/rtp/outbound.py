@@ -31,7 +31,7 @@ import numpy as np
 from aiortc.rtp import RtpPacket
 
 from services.rtp.audio import AudioEncoder
-from services.rtp.h264 import H264Packetizer, TooLarge, nal_units
+from services.rtp.h264 import H264Packetizer, TooLarge
 from services.rtp.sdp import Codec
 from services.rtp.vp8 import Vp8Packetizer
 
@@ -119,7 +119,7 @@ class Outbound:
 
     def rtp_time(self, mono_ns: int) -> int:
         """The media clock at a CLOCK_MONOTONIC instant (what the sender report says is now)."""
-        return (self.ts_base + mono_ns * self.codec.clock // 1_000_000_000) & 0xFFFFFFFF
+        return (self.ts_base + (mono_ns * self.codec.clock + 500_000_000) // 1_000_000_000) & 0xFFFFFFFF
 
     # ------------------------------------------------------------ video
     def access_unit(self, data: bytes, codec: str, keyframe: bool, capture_ns: int,
@@ -136,9 +136,8 @@ class Outbound:
             self.packetizer.parameter_sets(_annexb(extradata))
         try:
             payloads = self.packetizer.packetize(data)
-        except TooLarge as exc:
+        except TooLarge:
             self.drop("nal_too_large")
-            self.log.warning("%s: an access unit was not sent: %s", self.stream, exc)
             return False
         if not payloads:
             return False
@@ -195,6 +194,3 @@ class Outbound:
             return None
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         return self.rtp_time(now), self.packets, self.octets
-
-    def first_nal_types(self, data: bytes) -> list[int]:
-        return [n[0] & 0x1F for n in nal_units(data)]

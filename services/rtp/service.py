@@ -201,7 +201,7 @@ class Rtp(AsyncService):
                 pacer = Pacer(self.cfg.pacing_kbps * 1000, self.cfg.mtu, lambda data, m=m: self._send_rtp(m, data),
                               self.loop.aio.call_later)
                 m.outbound = Outbound(kind, send_stream, codec, mtu=self.cfg.mtu, history=self.cfg.nack_buffer,
-                                      pacer=pacer, drop=lambda why, k=kind: self.m_out_dropped.labels(k, why).inc(),
+                                      pacer=pacer, drop=lambda why, k=kind: self._unsent(k, why),
                                       log=self.log)
                 m.send_stream = send_stream
                 m.consumer = self.own(framebus.Consumer.attach(send_stream, prefix=self.prefix, missing_ok=True,
@@ -301,6 +301,17 @@ class Rtp(AsyncService):
                           "timestamps were rebased.", ["call"], registry=r)
         self.sink_metrics = SinkMetrics(frames.labels(s), nbytes.labels(s), keyframes.labels(s), latency.labels(s),
                                         _Bound(self.m_units_dropped, s, "video"), audio.labels(s), rebases.labels(s))
+
+    _UNSENT_WHY = {"codec": "the stream's codec is not the one the SDP settled on",
+                   "nal_too_large": "a NAL unit is larger than a packet and packetization-mode 0 cannot fragment it "
+                                    "(the peer needs an encoder that cuts slices to the MTU)",
+                   "not_encoded": "the stream carries pictures, not access units (send an encoder's output)",
+                   "not_audio": "the stream is not s16 audio", "torn": "overwritten while it was read"}
+
+    def _unsent(self, kind: str, why: str) -> None:
+        self.m_out_dropped.labels(self.instance, kind, why).inc()
+        if why in self._UNSENT_WHY:
+            self.throttled.warning(f"unsent-{kind}-{why}", f"{self.instance}: {kind} not sent: {self._UNSENT_WHY[why]}")
 
     def _dropper(self, kind: str) -> Any:
         children: dict[str, Any] = {}
