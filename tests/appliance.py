@@ -156,6 +156,46 @@ class Box:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Transport:
+    """tests/sendingservice.py, a test call transport, for one session NAME of the box: its config is the
+    box's plus [sendtest.NAME] (`keys`: send_video, send_audio, raw_video, room), which the box's own
+    processes never read. It writes what it sends to `out` (JSON lines) and its H.264 to `out`.h264."""
+
+    def __init__(self, box: Box, name: str, **keys: object) -> None:
+        self.box, self.name, self.out = box, name, box.dir / f"sent-{name}.jsonl"
+        self.config = box.dir / f"transport-{name}.toml"
+        table = "".join(f"{k} = {json.dumps(v)}\n" for k, v in {**keys, "out": str(self.out)}.items())
+        self.config.write_text(f"{box.config.read_text()}\n[sendtest.{name}]\n{table}")
+        for old in (self.out, Path(f"{self.out}.h264")):  # an earlier Transport's: this one starts afresh
+            old.unlink(missing_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROOM_")}
+        with open(self.box.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "sendingservice.py"),
+                                          str(self.config), self.name], stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+        self.box.procs.append(self.proc)
+        if wait:
+            wait_for(self.session, 15, f"the transport's session; log:\n{self.box.log()[-3000:]}")
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(timeout=10) == 0
+
+    def session(self) -> dict | None:
+        return next((s for s in self.box.call("sessions") if s["session"] == self.name), None)
+
+    def sent(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.read_text().splitlines()] if self.out.exists() else []
+
+    def video(self) -> list[dict]:
+        return [x for x in self.sent() if x["track"] == "video"]
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus text exposition, or None."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

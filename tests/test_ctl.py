@@ -27,7 +27,7 @@ import pytest
 import framebus
 import services.cli
 from services.capture.cameras import list_cameras
-from tests.appliance import Box, wait_for
+from tests.appliance import Box, Transport, wait_for
 from tests.conftest import shm_leftovers
 
 BOX = """
@@ -45,7 +45,7 @@ record = ""
 fragment_seconds = 0.5
 max_disk_share = 0.0
 [rtp.phone]
-room = "calls"
+room = "phones"
 decode = false
 sdp = '''v=0
 c=IN IP4 127.0.0.1
@@ -310,6 +310,47 @@ def _sdp(b: Box, ctl, as_json: bool) -> None:
     assert lines[0] == "v=0" and "c=IN IP4 127.0.0.1" in lines and f"m=video {port} RTP/AVP 96" in lines
     assert {"a=rtpmap:96 H264/90000", "a=fmtp:96 packetization-mode=1", "a=recvonly"} <= set(lines)
 
+def _route(b: Box, ctl, as_json: bool) -> None:
+    """A call's session (tests/sendingservice.py, a test transport that takes raw pictures) sends the camera;
+    `ctl route` shows its routes, sets one (a stream not there yet: cam goes on until it comes), and `ctl
+    sessions` shows the session's outbound tracks."""
+    t = Transport(b, "call", send_video="cam", raw_video=True)
+    t.start()
+    try:
+        wait_for(lambda: len(t.video()) > 3, 10, "the call sending cam")
+        if as_json:
+            shown = json.loads(ctl("route", "call", "--json"))
+            assert (shown["session"], shown["service"]) == ("call", "sendtest@call")
+            assert {k: shown["video"][k] for k in ("route", "origin", "sending", "state")} == {
+                "route": "cam", "origin": "config", "sending": "cam", "state": "sending"}
+            assert shown["video"]["items"] > 3 and shown["audio"]["state"] == "off"
+            got = json.loads(ctl("route", "call", "video=later", "--json"))["video"]
+            assert {k: got[k] for k in ("route", "origin", "sending", "state", "note")} == {
+                "route": "later", "origin": "command", "sending": "cam", "state": "switching",
+                "note": "sending cam until later exists"}
+            wait_for(lambda: t.session()["tracks"][0]["stream"] == "later", 5, "the heartbeat with the new route")
+            [call] = json.loads(ctl("sessions", "--room", "calls", "--json"))
+            assert (call["session"], call["kind"], call["tracks"]) == ("call", "call", [
+                {"id": "send-video", "kind": "video", "direction": "send", "stream": "later", "state": "switching"}])
+            return
+        rows = by(parse_table(ctl("route", "call"), "TRACK"), "TRACK")
+        assert {k: rows["video"][k] for k in ("ROUTE", "FROM", "SENDING", "STATE", "NOTE")} == {
+            "ROUTE": "cam", "FROM": "config", "SENDING": "cam", "STATE": "sending", "NOTE": "sending cam"}
+        assert int(rows["video"]["ITEMS"]) > 3 and rows["audio"]["STATE"] == "off"
+        out = ctl("route", "call", "video=later")
+        assert out.splitlines()[0] == "session call (sendtest@call)"
+        row = by(parse_table(out, "TRACK"), "TRACK")["video"]
+        assert {k: row[k] for k in ("ROUTE", "FROM", "SENDING", "STATE", "NOTE")} == {
+            "ROUTE": "later", "FROM": "command", "SENDING": "cam", "STATE": "switching",
+            "NOTE": "sending cam until later exists"}
+        wait_for(lambda: t.session()["tracks"][0]["stream"] == "later", 5, "the heartbeat with the new route")
+        assert by(parse_table(ctl("sessions"), "SESSION"), "SESSION")["call"] == {
+            "SESSION": "call", "ROOM": "calls", "SERVICE": "sendtest@call", "KIND": "call",
+            "TRACKS": "send-video:later (switching)"}
+    finally:
+        b.call("route", {"session": "call", "reset": True})   # the overlay outlives the transport: the next case
+        t.stop()
+
 
 def _list_cameras(b: Box, ctl, as_json: bool) -> None:
     here = list_cameras()   # the hub runs on this machine: the same devices, or none
@@ -460,7 +501,7 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
     ("source", "list"): _source_list, ("source", "add"): _source_add, ("source", "remove"): _source_remove,
     ("snapshot",): _snapshot, ("keyframe",): _keyframe, ("list-cameras",): _list_cameras, ("describe",): _describe,
-    ("view",): _view, ("sdp",): _sdp,
+    ("view",): _view, ("sdp",): _sdp, ("route",): _route,
     ("pipeline", "list"): _pipeline_list, ("pipeline", "set"): _pipeline_set, ("pipeline", "remove"): _pipeline_remove,
     ("record", "start"): _record_start, ("record", "stop"): _record_stop, ("record", "list"): _record_list,
 }

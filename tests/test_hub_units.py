@@ -171,6 +171,17 @@ def test_track_removed_and_added():
     assert changes[0][1]["track"]["id"] == "v0" and changes[1][1]["track"]["id"] == "v1"
 
 
+def test_a_send_track_that_switches_stream_is_updated_without_a_hook():
+    """A call's route is a track that keeps its id while the stream it sends changes: `sessions` shows the
+    new stream, and no ON_VIDEO_TRACK_ADDED/REMOVED fires for a switch."""
+    book = SessionBook()
+    send = {"id": "send-video", "kind": "video", "direction": "send", "stream": "cam1", "state": "sending"}
+    assert topics(book.update("rtp@a", 1, [{"id": "call", "tracks": [send]}])) == [STARTED, TRACK_ADDED]
+    switched = {**send, "stream": "cam2", "state": "switching"}
+    assert book.update("rtp@a", 1, [{"id": "call", "tracks": [switched]}]) == []
+    assert book.rooms()["default"][0]["tracks"] == [switched]
+
+
 def test_session_disappearing_removes_tracks_then_ends():
     book = SessionBook()
     book.update("capture@cam1", 100, [sess(tracks=("v0", "a0"))])
@@ -301,7 +312,9 @@ def test_corrupt_state_file_leaves_the_book_empty(tmp_path):
 
 
 def test_check_sessions_accepts_valid():
-    good = [sess(), {"id": "x:y@z-1.2"}, sess("b", tracks=()), {"id": "c", "tracks": [{"id": "a0", "kind": "audio"}]}]
+    good = [sess(), {"id": "x:y@z-1.2"}, sess("b", tracks=()), {"id": "c", "tracks": [{"id": "a0", "kind": "audio"}]},
+            {"id": "call", "tracks": [{"id": "send-audio", "kind": "audio", "direction": "send", "stream": "c-audio",
+                                       "state": "waiting"}]}]
     assert check_sessions(good) is good
 
 
@@ -315,6 +328,12 @@ def test_check_sessions_accepts_valid():
     ([{"id": "s", "tracks": ["v0"]}], "each track must be an object with an 'id' matching"),
     ([{"id": "s", "tracks": [{"id": ""}]}], "each track must be an object with an 'id' matching"),
     ([{"id": "s", "tracks": [{"id": "d0", "kind": "data"}]}], "track 'd0': kind must be video or audio"),
+    ([{"id": "s", "tracks": [{"id": "v", "direction": "out"}]}], "track 'v': direction must be recv or send"),
+    ([{"id": "s", "tracks": [{"id": "v", "stream": 5}]}], "track 'v': a send track's 'stream' is the stream"),
+    ([{"id": "s", "tracks": [{"id": "v", "direction": "send"}]}], "track 'v': a send track's 'stream' is the stream"),
+    ([{"id": "s", "tracks": [{"id": "v", "direction": "send", "stream": "a.b"}]}], "track 'v': a send track's"),
+    ([{"id": "s", "tracks": [{"id": "v", "direction": "send", "stream": "cam", "state": "lost"}]}],
+     "track 'v': state must be one of sending, switching, waiting, refused"),
 ])
 def test_check_sessions_rejections(sessions, message):
     with pytest.raises(ProtocolError) as info:

@@ -1,9 +1,12 @@
-"""`edgeroom ctl source add|remove|list`, `ctl snapshot` and `ctl list-cameras`: the media side of ctl.
+"""`edgeroom ctl source add|remove|list`, `ctl snapshot`, `ctl keyframe`, `ctl route` and `ctl list-cameras`:
+the media side of ctl.
 
     edgeroom ctl source add door kind=url url=rtsp://10.0.0.5/stream1 room=lobby
     edgeroom ctl source remove door
     edgeroom ctl source list
     edgeroom ctl snapshot door-raw door.jpg
+    edgeroom ctl keyframe door
+    edgeroom ctl route call1 video=door audio=door-audio     # what a call's session sends; no pairs: show
     edgeroom ctl list-cameras
 
 `source add` takes the keys of a [sources.NAME] table as KEY=VALUE; a value is read as a
@@ -95,6 +98,26 @@ def cmd_sdp(args: argparse.Namespace) -> int:
     return hubcall.show(args, result, lambda r: r["sdp"].replace("\r\n", "\n").rstrip("\n"))
 
 
+def _route_table(r: dict) -> str:
+    rows = [[track, t["route"] or "-", t["origin"], t["sending"] or "-", t["state"], t["switches"], t["items"],
+             t["note"]] for track, t in ((k, r[k]) for k in ("video", "audio"))]
+    return f"session {r['session']} ({r['service']})\n" + table(
+        rows, ["TRACK", "ROUTE", "FROM", "SENDING", "STATE", "SWITCHES", "ITEMS", "NOTE"])
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    call_args: dict = {"session": args.session}
+    for pair in args.routes:
+        track, eq, stream = pair.partition("=")
+        if not eq or track not in ("video", "audio"):
+            raise ValueError(f"expected video=STREAM or audio=STREAM (empty: send nothing), got {pair!r}")
+        call_args[track] = stream
+    if args.reset:
+        call_args["reset"] = True
+    with hubcall.client(args) as client:
+        return hubcall.show(args, client.call("route", call_args), _route_table)
+
+
 def cmd_cameras(args: argparse.Namespace) -> int:
     with hubcall.client(args) as client:
         return hubcall.show(args, client.call("cameras", {}), _cameras_table)
@@ -135,6 +158,14 @@ def add_parsers(ctl_sub) -> None:
                           "receiver: what the box sends, at the peer's address, for a peer that takes it")
     sdp.add_argument("--out", default="", help="write the SDP to this file (as it is, CRLF lines)")
     sdp.set_defaults(ctl_func=cmd_sdp)
+    route = ctl_sub.add_parser("route", help="show or change what a call's session sends: SESSION [video=STREAM] "
+                                             "[audio=STREAM]")
+    hubcall.add_common(route)
+    route.add_argument("session")
+    route.add_argument("routes", nargs="*", metavar="TRACK=STREAM",
+                       help="video=STREAM, audio=STREAM (empty: send nothing on that track); none: show the routes")
+    route.add_argument("--reset", action="store_true", help="put back the config's routes")
+    route.set_defaults(ctl_func=cmd_route)
     cams = ctl_sub.add_parser("list-cameras", help="the box's V4L2 cameras (never hangs when there are none)")
     hubcall.add_common(cams)
     cams.set_defaults(ctl_func=cmd_cameras)

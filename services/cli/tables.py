@@ -50,11 +50,17 @@ def streams_table(result: list) -> str:
     return table(rows, ["STREAM", "KIND", "SERVICE", "STATUS", "RATE/s", "ITEMS", "CONSUMERS", "DROPS"])
 
 
+def _track(t: dict) -> str:
+    """id:stream; a send track (a call's route) that is not sending says its state."""
+    state = t.get("state", "sending") if t.get("direction") == "send" else "sending"
+    return f"{t['id']}:{t.get('stream', '')}" + ("" if state == "sending" else f" ({state})")
+
+
 def sessions_table(result: list) -> str:
     if not result:
         return "no sessions"
     rows = [[s["session"], s["room"], s["service"], s["kind"],
-             ", ".join(f"{t['id']}:{t.get('stream', '')}" for t in s["tracks"])] for s in result]
+             ", ".join(_track(t) for t in s["tracks"])] for s in result]
     return table(rows, ["SESSION", "ROOM", "SERVICE", "KIND", "TRACKS"])
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from services.calls.config import ROUTE_OFFER
 from services.capture import book
 from services.capture.cameras import list_cameras
 from services.control import protocol
@@ -285,6 +286,21 @@ def session_sdp(hub: Hub, args: dict, ctx: Ctx) -> Any:
         raise ProtocolError("unavailable", f"{session.service}, which has the session {session.id!r}, has no SDP "
                                            f"(it is a {session.kind} session, not a call)")
     return forward(hub, SESSION_SDP, offer, args, ctx)
+
+# --- routes: what a session sends -----------------------------------------------------------
+@command("route", "show or change what a session sends: its video and audio routes, switched on the new stream's "
+                  "keyframe (args: session, video, audio, reset)",
+         args={"session": str, "video": str, "audio": str, "reset": bool}, required=("session",))
+def route(hub: Hub, args: dict, ctx: Ctx) -> Any:
+    sid = args["session"]
+    session = hub.book.sessions.get(sid)
+    if session is None:
+        raise ProtocolError("not_found", f"no session {sid!r} (`edgeroom ctl sessions` lists them)")
+    offer = hub.offer_book.at(session.service, ROUTE_OFFER)
+    if offer is None:
+        raise ProtocolError("unavailable", f"session {sid!r} belongs to {session.service}, which sends nothing: "
+                                           "only a call's sessions have routes")
+    return forward(hub, ROUTE_OFFER, offer, args, ctx)
 
 
 # --- sources -------------------------------------------------------------------------------

@@ -4,6 +4,12 @@ Services own their sessions (capture owns the session of its source) and report 
 set in every heartbeat; the hub diffs what it knew against what it hears and publishes
 ON_VIDEO_SESSION_STARTED/ENDED and ON_VIDEO_TRACK_ADDED/REMOVED exactly once per change.
 
+A track is received (`direction` "recv", the default: what a camera or a peer brings in,
+on the stream named by `stream`) or sent ("send": a call's outbound route, services/calls/,
+with the `stream` it sends and its `state`: sending, switching, waiting, refused). A track
+that keeps its id but says something new (a route switched to another stream) is updated
+in place, without a hook.
+
 The book is saved to the runtime directory on every change. A restarted hub loads it and
 treats those sessions as remembered: a heartbeat from the same process confirms them
 without firing anything again; a session nobody confirms within `grace` seconds ends.
@@ -24,6 +30,8 @@ __all__ = ["Session", "SessionBook", "check_sessions"]
 STARTED, ENDED = "hook.ON_VIDEO_SESSION_STARTED", "hook.ON_VIDEO_SESSION_ENDED"
 TRACK_ADDED, TRACK_REMOVED = "hook.ON_VIDEO_TRACK_ADDED", "hook.ON_VIDEO_TRACK_REMOVED"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$")
+_STREAM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")   # framebus's rule for a stream's name
+SEND_STATES = ("sending", "switching", "waiting", "refused")  # a route's state (services/calls/route.py)
 Change = tuple[str, dict]
 
 
@@ -48,6 +56,15 @@ def _check_track(track: object) -> dict:
         raise ProtocolError("bad_args", "each track must be an object with an 'id' matching " + _ID.pattern)
     if track.get("kind", "video") not in ("video", "audio"):
         raise ProtocolError("bad_args", f"track {track['id']!r}: kind must be video or audio")
+    direction = track.get("direction", "recv")
+    if direction not in ("recv", "send"):
+        raise ProtocolError("bad_args", f"track {track['id']!r}: direction must be recv or send")
+    stream = track.get("stream", "")
+    if not isinstance(stream, str) or (direction == "send" and not _STREAM.match(stream)):
+        raise ProtocolError("bad_args", f"track {track['id']!r}: a send track's 'stream' is the stream it sends, "
+                                        "a stream name of the bus")
+    if direction == "send" and track.get("state", "sending") not in SEND_STATES:
+        raise ProtocolError("bad_args", f"track {track['id']!r}: state must be one of {', '.join(SEND_STATES)}")
     return track
 
 
@@ -90,8 +107,8 @@ class SessionBook:
                for tid in [t for t in s.tracks if t not in now]]
         for tid, t in now.items():
             if tid not in s.tracks:
-                s.tracks[tid] = t
                 out.append((TRACK_ADDED, {**self._ctx(s), "track": t}))
+            s.tracks[tid] = t  # the same track may say more now (a route's stream, its state): no hook
         return out
 
     def update(self, service: str, pid: int, sessions: list[dict]) -> list[Change]:
