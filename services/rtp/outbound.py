@@ -122,6 +122,11 @@ class Outbound:
         return (self.ts_base + (mono_ns * self.codec.clock + 500_000_000) // 1_000_000_000) & 0xFFFFFFFF
 
     # ------------------------------------------------------------ video
+    def new_stream(self) -> None:
+        """The route switched to another stream (on its keyframe): its parameter sets are its own."""
+        if isinstance(self.packetizer, H264Packetizer):
+            self.packetizer.sps = self.packetizer.pps = None
+
     def access_unit(self, data: bytes, codec: str, keyframe: bool, capture_ns: int,
                     extradata: bytes | None = None) -> bool:
         """One access unit of the stream; False when it was not sent (counted)."""

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-import framebus
+from services.calls.book import RouteBook
 from services.capture.sink import Sink, SinkMetrics
 from services.control.protocol import ProtocolError
 from services.rtp import rtcp, sdp
@@ -82,8 +83,6 @@ class _Media:
     receives: bool                        # the peer sends this media
     inbound: Any = None
     outbound: Any = None
-    consumer: framebus.Consumer | None = None
-    send_stream: str = ""
     transports: list[asyncio.DatagramTransport] = field(default_factory=list)
     rtp_from: tuple[str, int] | None = None    # latched source addresses
     rtcp_from: tuple[str, int] | None = None
@@ -91,7 +90,6 @@ class _Media:
     pli_at: float = 0.0
     fir_seq: int = 0
     keyframe_seen_at: float = 0.0
-    asked_at: float = 0.0                 # when the send stream's producer was last asked for a keyframe
 
     @property
     def port(self) -> int:
@@ -196,21 +194,22 @@ class Rtp(AsyncService):
                                     unit=self.m_units.labels(self.instance, kind).inc, log=self.log)
                 if kind == "video":
                     self.sink.open_encoded(codec.name, 0, 0)   # readers (decode) attach before the first unit
-            send_stream = self.cfg.send_video if kind == "video" else self.cfg.send_audio
-            if send_stream and m.rtp_to is not None:
+            if m.rtp_to is not None:       # the peer receives this media: what its route hands out goes there
                 pacer = Pacer(self.cfg.pacing_kbps * 1000, self.cfg.mtu, lambda data, m=m: self._send_rtp(m, data),
                               self.loop.aio.call_later)
-                m.outbound = Outbound(kind, send_stream, codec, mtu=self.cfg.mtu, history=self.cfg.nack_buffer,
-                                      pacer=pacer, drop=lambda why, k=kind: self._unsent(k, why),
-                                      log=self.log)
-                m.send_stream = send_stream
-                m.consumer = self.own(framebus.Consumer.attach(send_stream, prefix=self.prefix, missing_ok=True,
-                                                               start="next"))
-                self.loop.add_reader(m.consumer.fileno(), lambda m=m: self._bus_readable(m))
-            elif send_stream:
+                m.outbound = Outbound(kind, self.instance, codec, mtu=self.cfg.mtu, history=self.cfg.nack_buffer,
+                                      pacer=pacer, drop=lambda why, k=kind: self._unsent(k, why), log=self.log)
+            elif self.cfg.route().of(kind):
                 self.notes.append(f"{kind}: the peer receives none ({peer.direction}, port {peer.port})")
         if not self.media:
             raise ValueError(f"[rtp.{self.instance}]: the SDP has no media the box speaks ({'; '.join(self.notes)})")
+        # what the call sends: its routes (config, or `ctl route`), switched on a keyframe (services/calls/)
+        video = self.media.get("video")
+        self.routes = RouteBook(self, video_codecs=(video.codec.name,) if video is not None else ("none",))
+        self.reader = self.own(self.routes.reader(self.instance, self.cfg.route()))
+        self.loop.add_reader(self.reader.fileno(), self._send)
+        self.on_stop(lambda: self.loop.remove_reader(self.reader.fileno()))
+        self._again = False
         self.offer_keyframes(self._keyframe_request)
         self.offer("session.sdp", self._sdp_answer, "the SDP of a call: the box's (for=sender, what a peer sends "
                    "to) or what it sends (for=receiver, what ffmpeg -i or GStreamer reads) (args: session, for)",
@@ -248,16 +247,11 @@ class Rtp(AsyncService):
                     sock=sock)
                 m.transports.append(transport)
         self.on_stop(self._close_transports)
-        for m in self.media.values():
-            if m.outbound is not None and m.kind == "video":
-                self._ask_keyframe(m, "the call starts")
 
     def _close_transports(self) -> None:
         for m in self.media.values():
             if m.inbound is not None:
                 m.inbound.close()
-            if m.consumer is not None:
-                self.loop.remove_reader(m.consumer.fileno())
             for t in m.transports:
                 t.abort()
             m.transports.clear()
@@ -411,8 +405,11 @@ class Rtp(AsyncService):
                     return
                 if what == "fir" and m.outbound.ssrc not in rtcp.fir_targets(p):
                     return
-                self.request_keyframe(m.send_stream, f"{what} from the peer of {self.id}")
-                m.asked_at = time.monotonic()
+                # straight to the producer of what is sent now: its KeyframeRequests throttles (0.5 s); the
+                # reader's own asks (for its gate) are held to one a second, too slow for a peer that lost a picture
+                sending = self.reader.status()["video"]["sending"]
+                if sending:
+                    self.request_keyframe(sending, f"{what} from the peer of {self.id}")
         elif isinstance(p, RtcpRtpfbPacket) and p.fmt == 1:
             count(self.instance, m.kind, "nack").inc()
             if m.outbound is not None and p.media_ssrc == m.outbound.ssrc:
@@ -440,41 +437,40 @@ class Rtp(AsyncService):
         if any(fb.startswith("nack") for fb in m.codec.feedback) and len(seqs) <= 64:
             self._send_rtcp(m, rtcp.nack(m.ssrc, ssrc, seqs), "nack")
 
-    def _bus_readable(self, m: _Media) -> None:
-        c, out = m.consumer, m.outbound
-        assert c is not None and out is not None
+    def _send(self) -> None:
+        """The route reader has news: hand a bounded batch to the outbound media, then come back."""
+        self._again = False
         for _ in range(BATCH):
-            item = c.poll()
+            item = self.reader.poll()
             if item is None:
                 return
-            if m.kind == "video":
-                if item.kind != "encoded":
-                    out.drop("not_encoded")
-                    continue
-                codec, key, capture_ns = item.codec, item.keyframe, item.capture_ns
-                data = item.array.tobytes()
-                if not item.valid():
-                    out.drop("torn")
-                    continue
-                if out.waiting_keyframe and not key and time.monotonic() - m.asked_at > 2.0:
-                    self._ask_keyframe(m, "the call waits for a keyframe to start from")
-                extra = c.extradata()
-                out.access_unit(data, codec or "", key, capture_ns, extra[1] if extra else None)
+            m = self.media.get(item.track)
+            out = m.outbound if m is not None else None
+            if out is None:
+                self._unsent(item.track, "not_negotiated")
+                continue
+            if item.track == "video":
+                if item.switched:
+                    out.new_stream()
+                extra = self.reader.extradata()
+                out.access_unit(item.data, item.codec, item.keyframe, item.capture_ns,
+                                extra[1] if extra is not None else None)
             else:
-                if item.kind != "audio":
-                    out.drop("not_audio")
-                    continue
-                rate, capture_ns = item.rate, item.capture_ns
-                pcm = item.array.copy()
-                if not item.valid():
-                    out.drop("torn")
-                    continue
-                out.audio(pcm, rate, capture_ns)
-        self.loop.call_later(0, lambda: self._bus_readable(m))    # more may wait: after the timers
+                pcm = np.frombuffer(item.data, np.int16).reshape(item.samples, item.channels)
+                out.audio(pcm, item.rate, item.capture_ns)
+        self._again = True                                   # more may wait, its wake-up already drained
+        self.loop.call_later(0, self._continue)
 
-    def _ask_keyframe(self, m: _Media, why: str) -> None:
-        m.asked_at = time.monotonic()
-        self.request_keyframe(m.send_stream, f"{self.id}: {why}")
+    def _continue(self) -> None:
+        if self._again:
+            self._send()
+
+    def apply(self, new: Any, changes: list[Any]) -> list[str]:
+        """A reload: the routes apply (services/calls/); every other key of the call needs a restart."""
+        entry = getattr(new, "rtp", {}).get(self.instance)
+        if entry is not None:
+            self.routes.configure(self.instance, entry.route())
+        return [c.key for c in changes if not c.live]
 
     # ------------------------------------------------------------ keyframes of NAME (from the peer)
     def _keyframe_request(self, stream: str, reason: str) -> dict[str, Any]:
@@ -511,8 +507,6 @@ class Rtp(AsyncService):
         self.meter.update(self.sink.frames)
         self.sink.heartbeat()
         for m in self.media.values():
-            if m.consumer is not None and not m.consumer.attached:
-                self._bus_readable(m)              # looks for the stream (its producer also wakes us)
             if m.inbound is not None:
                 if m.inbound.ssrc is not None:
                     self.m_jitter.labels(self.instance, m.kind).set(m.inbound.stats.jitter / m.codec.clock)
@@ -580,7 +574,7 @@ class Rtp(AsyncService):
             if m.inbound is not None:
                 parts.append(f"in -> {m.inbound.stream}")
             if m.outbound is not None and m.rtp_to is not None:
-                parts.append(f"out {m.send_stream} -> {m.rtp_to[0]}:{m.rtp_to[1]}")
+                parts.append(f"out -> {m.rtp_to[0]}:{m.rtp_to[1]}")
             out.append(" ".join(parts))
         return out + self.notes
 
@@ -588,21 +582,19 @@ class Rtp(AsyncService):
         tracks = []
         for k, m in self.media.items():
             if m.inbound is not None and m.inbound.flowing():
-                track = {"id": k, "kind": k, "stream": m.inbound.stream, "direction": "in",
+                track = {"id": k, "kind": k, "stream": m.inbound.stream, "direction": "recv",
                          "format": m.codec.name if k == "video" else "s16"}
                 if k == "audio" and m.inbound.decoder is not None:
                     track["rate"] = m.inbound.decoder.rate
                 tracks.append(track)
-            if m.outbound is not None and m.outbound.units and m.consumer is not None and m.consumer.attached:
-                tracks.append({"id": f"out-{k}", "kind": k, "stream": m.send_stream, "direction": "out",
-                               "format": m.codec.name})
-        return tracks
+        return tracks + self.reader.tracks()
 
     def describe(self) -> dict[str, Any]:
         flowing = [k for k, m in self.media.items() if m.inbound is not None and m.inbound.flowing()]
         sending = [k for k, m in self.media.items() if m.outbound is not None and m.outbound.units]
         status = "; ".join(self._describe_media())
-        status = (f"in: {', '.join(flowing) or 'nothing yet'}, out: {', '.join(sending) or 'nothing'}; " + status)
+        status = (f"in: {', '.join(flowing) or 'nothing yet'}, out: {', '.join(sending) or 'nothing'} "
+                  f"({self.reader.summary()}); " + status)
         return {"status": status[:200], "rate": round(self.meter.rate, 2), "streams": self.sink.streams(),
                 "sessions": [{"id": self.instance, "room": self.cfg.room, "kind": "call", "tracks": self._tracks()}]}
 

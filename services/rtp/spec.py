@@ -3,7 +3,8 @@
 Each [rtp.NAME] entry runs one process, `rtp@NAME` (unit edgeroom-rtp@NAME): one call
 session with a peer described by SDP. What arrives goes on the bus as NAME (video access
 units; decode@NAME runs for it unless `decode = false`) and NAME-audio (s16 PCM); what it
-sends is read off the bus (`send_video`, `send_audio`). The default box runs none.
+sends are its routes (`send_video`, `send_audio`, or `edgeroom ctl route`: services/calls/),
+read off the bus. The default box runs none.
 docs/rtp.md has the details.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.calls.config import RouteKeys, route_problem
 from services.capture.sources.base import RAW_FORMATS, ROOM_PATTERN
 from services.catalog import ServiceSpec, register
 from services.decode.spec import add_input_table
@@ -19,7 +21,6 @@ from services.runtime import streams
 from services.runtime.schema import RESTART, SCHEMA, Problem, Table, setting
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-STREAM_PATTERN = r"^$|^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
 def _check_sdp(text: str) -> None:
@@ -30,7 +31,9 @@ def _check_sdp(text: str) -> None:
 
 
 @dataclass(frozen=True)
-class RtpConfig:
+class RtpConfig(RouteKeys):
+    """send_video and send_audio (the call's routes, services/calls/config.py) come first, then the call's own."""
+
     room: str = setting("default", "The room the call's session joins.", RESTART, pattern=ROOM_PATTERN)
     sdp: str = setting("", "The peer's SDP: what it sends (codecs, payload types, packetization-mode) and where "
                        "it receives (c= and m= ports); a file path, or the SDP itself inline (text starting with "
@@ -44,10 +47,6 @@ class RtpConfig:
     peer: str = setting("", "The peer's host; '' takes the SDP's c= address.", RESTART)
     latch: bool = setting(False, "Accept RTP and RTCP from the first address that sends (a peer behind NAT) and "
                           "send there, instead of only from the negotiated peer's address.", RESTART)
-    send_video: str = setting("", "The stream sent to the peer as video (an encoded stream in the codec the SDP "
-                              "names); '' sends none.", RESTART, pattern=STREAM_PATTERN)
-    send_audio: str = setting("", "The audio stream (s16 PCM, NAME-audio) sent to the peer, encoded in the "
-                              "SDP's audio codec; '' sends none.", RESTART, pattern=STREAM_PATTERN)
     jitter_ms: int = setting(50, "Longest time a packet waits in the jitter buffer for a missing one before it is "
                              "given up as lost, in milliseconds.", RESTART, min=0, max=2000)
     mtu: int = setting(1200, "Largest RTP packet sent, in bytes (header included).", RESTART, min=200, max=9000)
@@ -74,6 +73,9 @@ class RtpConfig:
         return f"rtp {self.peer or 'peer'} ({self.local_address})"
 
     def cross_check(self, key: Callable[[str], str]) -> Problem | None:
+        problem = route_problem(self)
+        if problem is not None:
+            return problem
         if self.video_port and self.video_port == self.audio_port:
             return "audio_port", f"must differ from {key('video_port')}", ("video_port",)
         if self.video_port and self.audio_port and abs(self.video_port - self.audio_port) < 2:
