@@ -519,3 +519,32 @@ def test_latching_takes_the_first_address_that_sends_and_sends_there(box):
         other.sendto(rtp_packet(2, 3000, bytes([0x41]) + b"\x11" * 20), ("127.0.0.1", p["rtp"]))
         wait_for(lambda: dropped(b, "wrong_source") == 1, 5, "the second address's packet dropped")
     never_restarted(b)
+
+
+def test_a_route_switch_reaches_the_peer_on_the_new_cameras_keyframe(box, tmp_path):
+    """`route call video=cam2` during the call: GStreamer decodes cam's pictures in order, then cam2's from its
+    keyframe on, in order: two unbroken runs of frame numbers, nothing smeared between them."""
+    port = free_port_pair()
+    out = tmp_path / "gst.gray"
+    receiver = gst(f"udpsrc port={port} caps={h264_caps()} ! rtpjitterbuffer latency=100 ! rtph264depay ! "
+                   f"avdec_h264 ! videoconvert ! video/x-raw,format=GRAY8 ! filesink location={out}")
+    b = sending_box(box, 60.0, h264_sdp(port, mode=1, direction="recvonly"))
+    b.set_source("cam2", CAMERA.format(gop=60.0).replace("fps = 30.0", "fps = 20.0"))   # its numbers fall behind
+    b.run()
+    b.wait_ready("rtp@call", "capture@cam", "capture@cam2")
+    try:
+        wait_for(lambda: len(gray_numbers(out)) >= 30, 15, "30 pictures of cam at the receiver")
+        time.sleep(1.0)                                   # cam2 (20 fps) 20 or more numbers behind cam (30 fps)
+        shown = b.call("route", {"session": "call", "video": "cam2"})
+        assert shown["video"]["route"] == "cam2"
+        before = len(gray_numbers(out))
+        wait_for(lambda: len(gray_numbers(out)) >= before + 45, 15, "45 more pictures at the receiver")
+        never_restarted(b)
+    finally:
+        err = stop(receiver)
+    numbers = gray_numbers(out)
+    cut = next((i for i in range(1, len(numbers)) if numbers[i] != numbers[i - 1] + 1), len(numbers))
+    assert consecutive(numbers[:cut]) and consecutive(numbers[cut:]), f"{numbers}\n{err}"
+    assert cut < len(numbers) and numbers[cut] < numbers[cut - 1] - 10, f"no switch to cam2 seen: {numbers}"
+    assert len(numbers) - cut >= 30, f"{numbers}"
+    assert b.call("route", {"session": "call"})["video"]["sending"] == "cam2"
