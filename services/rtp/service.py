@@ -87,6 +87,8 @@ class _Media:
     rtp_from: tuple[str, int] | None = None    # latched source addresses
     rtcp_from: tuple[str, int] | None = None
     report_ssrc: int = field(default_factory=lambda: random.getrandbits(32))
+    drop: Any = None                      # the media's drop counter: drop(reason, n=1)
+    expiry_at: int = 0                    # when the jitter buffer's timer is set for (ns), 0 when none
     pli_at: float = 0.0
     fir_seq: int = 0
     keyframe_seen_at: float = 0.0
@@ -181,10 +183,11 @@ class Rtp(AsyncService):
                        (host, peer.port) if sends else None, (host, peer.rtcp_port) if sends else None,
                        peer.direction in ("sendrecv", "sendonly"))
             self.media[kind] = m
+            m.drop = self._dropper(kind)
             if m.receives:
                 m.inbound = Inbound(kind, self.stream if kind == "video" else audio_stream(self.stream), codec,
                                     self.sink, self.clocks, jitter_ms=self.cfg.jitter_ms, max_packet=max_packet,
-                                    max_bps=self._max_bps(peer), drop=self._dropper(kind),
+                                    max_bps=self._max_bps(peer), drop=m.drop,
                                     drop_unit=lambda why, k=kind: self.m_units_dropped.labels(self.instance, k,
                                                                                          why).inc(),
                                     want_keyframe=lambda why: self.keyframes.request(self.stream, why),
@@ -351,7 +354,7 @@ class Rtp(AsyncService):
                                exc, exc_info=True)
 
     def _rtp_in(self, m: _Media, data: bytes, addr: tuple[str, int]) -> None:
-        drop = self._dropper(m.kind)
+        drop = m.drop
         if not self._source_ok(m, addr, False):
             drop("wrong_source")
             return
@@ -365,13 +368,20 @@ class Rtp(AsyncService):
         self._schedule_expiry(m)
 
     def _schedule_expiry(self, m: _Media) -> None:
+        """One timer per media for the jitter buffer's next deadline (not one per packet held)."""
         deadline = m.inbound.deadline()
-        if deadline is not None:
-            self.loop.aio.call_later(max(0.0, (deadline - _now_ns()) / 1e9) + 0.001,
-                                     lambda: m.inbound.expire(_now_ns()))
+        if deadline is None or (m.expiry_at and m.expiry_at <= deadline):
+            return
+        m.expiry_at = deadline
+        self.loop.aio.call_later(max(0.0, (deadline - _now_ns()) / 1e9) + 0.001, lambda: self._expire(m))
+
+    def _expire(self, m: _Media) -> None:
+        m.expiry_at = 0
+        self._guarded(lambda m, data, addr: m.inbound.expire(_now_ns()), m, b"", ("timer", 0))
+        self._schedule_expiry(m)
 
     def _rtcp_in(self, m: _Media, data: bytes, addr: tuple[str, int]) -> None:
-        drop = self._dropper(m.kind)
+        drop = m.drop
         if not self._source_ok(m, addr, True):
             drop("wrong_source")
             return
