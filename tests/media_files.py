@@ -16,15 +16,15 @@ __all__ = ["ffprobe_frames", "luma", "numbered_file", "picture_number"]
 
 
 def numbered_file(path: Path, frames: int, *, fps: int = 25, gop: int = 10, size=(320, 240),
-                  fmt: str | None = None) -> Path:
-    """An H.264 file whose frame i shows the number i (keyframe every `gop` frames)."""
+                  fmt: str | None = None, x264: dict[str, str] | None = None) -> Path:
+    """An H.264 file whose frame i shows the number i (keyframe every `gop` frames); `x264`: more encoder options."""
     w, h = size
     pattern = Pattern(w, h)
     with av.open(str(path), "w", format=fmt) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.gop_size = gop
-        stream.codec_context.options = {"preset": "ultrafast", "bframes": "0", "sc_threshold": "0"}
+        stream.codec_context.options = {"preset": "ultrafast", "bframes": "0", "sc_threshold": "0", **(x264 or {})}
         stream.time_base = Fraction(1, fps)
         for i in range(frames):
             frame = av.VideoFrame(w, h, "yuv420p")

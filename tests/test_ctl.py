@@ -44,8 +44,18 @@ dir = "{dir}/rec"
 record = ""
 fragment_seconds = 0.5
 max_disk_share = 0.0
+[rtp.phone]
+room = "phones"
+decode = false
+sdp = '''v=0
+c=IN IP4 127.0.0.1
+m=video 0 RTP/AVP 96
+a=rtpmap:96 H264/90000
+a=fmtp:96 packetization-mode=1
+a=sendonly
+'''
 """
-SERVICES = ("hub", "capture@cam", "vision", "recorder", "supervisor")
+SERVICES = ("hub", "capture@cam", "vision", "recorder", "rtp@phone", "supervisor")
 DOOR = {"kind": "synthetic", "width": 160, "height": 120, "fps": 2.0, "encode": "raw", "room": "hall"}
 DOOR_ARGS = ["kind=synthetic", "width=160", "height=120", "fps=2", "encode=raw", "room=hall"]
 MOCK_DESCRIPTION = re.compile(r"^a .+ 320x240 picture \(mean brightness \d+\)$")
@@ -287,6 +297,19 @@ def _keyframe(b: Box, ctl, as_json: bool) -> None:
     assert out == "cannot: cam carries raw pictures: each stands alone\n"
 
 
+def _sdp(b: Box, ctl, as_json: bool) -> None:
+    """The box's call [rtp.phone] receives H.264 mode 1 on a port it picked: the SDP a sender is pointed at."""
+    answer = b.call("sdp", {"session": "phone"})
+    port = answer["ports"]["video"]["rtp"]
+    if as_json:
+        got = json.loads(ctl("sdp", "phone", "--json"))
+        assert (got["session"], got["for"], got["ports"]) == ("phone", "sender", answer["ports"])
+        assert f"m=video {port} RTP/AVP 96\r\n" in got["sdp"]
+        return
+    lines = ctl("sdp", "phone").splitlines()
+    assert lines[0] == "v=0" and "c=IN IP4 127.0.0.1" in lines and f"m=video {port} RTP/AVP 96" in lines
+    assert {"a=rtpmap:96 H264/90000", "a=fmtp:96 packetization-mode=1", "a=recvonly"} <= set(lines)
+
 def _route(b: Box, ctl, as_json: bool) -> None:
     """A call's session (tests/sendingservice.py, a test transport that takes raw pictures) sends the camera;
     `ctl route` shows its routes, sets one (a stream not there yet: cam goes on until it comes), and `ctl
@@ -477,9 +500,8 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("status",): _status, ("streams",): _streams, ("rooms",): _rooms, ("sessions",): _sessions,
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
     ("source", "list"): _source_list, ("source", "add"): _source_add, ("source", "remove"): _source_remove,
-    ("snapshot",): _snapshot, ("keyframe",): _keyframe, ("route",): _route, ("list-cameras",): _list_cameras,
-    ("describe",): _describe,
-    ("view",): _view,
+    ("snapshot",): _snapshot, ("keyframe",): _keyframe, ("list-cameras",): _list_cameras, ("describe",): _describe,
+    ("view",): _view, ("sdp",): _sdp, ("route",): _route,
     ("pipeline", "list"): _pipeline_list, ("pipeline", "set"): _pipeline_set, ("pipeline", "remove"): _pipeline_remove,
     ("record", "start"): _record_start, ("record", "stop"): _record_stop, ("record", "list"): _record_list,
 }
@@ -561,8 +583,10 @@ def test_bus_ls_and_ctl_streams_see_the_same_rings_of_a_box_with_its_own_prefix(
     hub = sorted(s["stream"] for s in json.loads(_edgeroom("ctl", "streams", "--json", env=by_env).stdout))
     for how in (["--config", str(live.config)], []):
         rows = json.loads(_edgeroom("bus", "ls", "--json", *how, env={} if how else by_env).stdout)
-        assert sorted(r["stream"] for r in rows) == hub == ["cam"], how
+        # cam, and the call's video ring (made at its start, so decode attaches before the first unit)
+        assert sorted(r["stream"] for r in rows) == hub == ["cam", "phone"], how
         assert rows[0]["producer_pid"] == live.services()["capture@cam"]["pid"]
+        assert rows[1]["producer_pid"] == live.services()["rtp@phone"]["pid"]
     table = _edgeroom("bus", "ls", env=by_env).stdout
     assert table.splitlines()[1].split()[:4] == ["cam", "video", str(live.services()["capture@cam"]["pid"]), "alive"]
     # the config's environment override, and the command's own flag, in that order of strength
@@ -571,7 +595,7 @@ def test_bus_ls_and_ctl_streams_see_the_same_rings_of_a_box_with_its_own_prefix(
     flag = _edgeroom("bus", "ls", "--prefix", live.prefix, env={**by_env, "EDGEROOM_BUS__PREFIX": "elsewhere"})
     assert flag.stdout.splitlines()[1].startswith("cam ")
     assert _edgeroom("bus", "gc", env=by_env).stdout == "nothing stale\n"   # nothing of the live box removed
-    assert [s.stream for s in framebus.list_streams(live.prefix)] == ["cam"]
+    assert sorted(s.stream for s in framebus.list_streams(live.prefix)) == ["cam", "phone"]
 
 
 def test_every_command_reads_the_box_config_from_the_same_place(live, tmp_path):

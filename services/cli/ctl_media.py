@@ -87,6 +87,17 @@ def cmd_keyframe(args: argparse.Namespace) -> int:
     return hubcall.show(args, result, _keyframe_text)
 
 
+def cmd_sdp(args: argparse.Namespace) -> int:
+    with hubcall.client(args) as client:
+        result = client.call("sdp", {"session": args.session, "for": args.side})
+    if args.out and not args.json:
+        with open(args.out, "w") as f:
+            f.write(result["sdp"])
+        print(f"{args.out}: the SDP of {result['session']} for a {result['for']}")
+        return 0
+    return hubcall.show(args, result, lambda r: r["sdp"].replace("\r\n", "\n").rstrip("\n"))
+
+
 def _route_table(r: dict) -> str:
     rows = [[track, t["route"] or "-", t["origin"], t["sending"] or "-", t["state"], t["switches"], t["items"],
              t["note"]] for track, t in ((k, r[k]) for k in ("video", "audio"))]
@@ -138,6 +149,15 @@ def add_parsers(ctl_sub) -> None:
     key.add_argument("stream")
     key.add_argument("--reason", default="asked by ctl", help="said in the producer's log and metrics")
     key.set_defaults(ctl_func=cmd_keyframe)
+    sdp = ctl_sub.add_parser("sdp", help="the SDP of a call (an [rtp.NAME] session): what a peer sends to; "
+                             "--for receiver: what the box sends, for ffmpeg -i or GStreamer")
+    hubcall.add_common(sdp)
+    sdp.add_argument("session")
+    sdp.add_argument("--for", dest="side", choices=("sender", "receiver"), default="sender",
+                     help="sender (default): the box's address, ports and codecs, for a peer that sends to it; "
+                          "receiver: what the box sends, at the peer's address, for a peer that takes it")
+    sdp.add_argument("--out", default="", help="write the SDP to this file (as it is, CRLF lines)")
+    sdp.set_defaults(ctl_func=cmd_sdp)
     route = ctl_sub.add_parser("route", help="show or change what a call's session sends: SESSION [video=STREAM] "
                                              "[audio=STREAM]")
     hubcall.add_common(route)

@@ -37,9 +37,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 import framebus
 from framebus.formats import picture_geometry
-from services.capture import book
 from services.capture.sink import RAW_SLOTS
-from services.capture.sources import EncodedSourceConfig
+from services.decode import spec as decode_spec
 from services.decode.decoder import Decoded, Decoder, DecoderUnavailable, canonical_codec, publish_frame
 from services.runtime.rate import RateMeter
 from services.runtime.service import Service
@@ -70,8 +69,8 @@ class Decode(Service):
 
     # ------------------------------------------------------------ life cycle
     def setup(self) -> None:
-        self.source = book.lookup(self.config, self.instance)
-        if not isinstance(self.source, EncodedSourceConfig):
+        self.source = decode_spec.lookup(self.config, self.instance)  # [sources.NAME], or an [rtp.NAME] call
+        if not hasattr(self.source, "pixel_format"):  # a kind without decode keys (webcam, screen)
             raise ValueError(f"source {self.instance!r} is a {self.source.kind} source: its pictures go on the bus "
                              "as they are, there is nothing to decode")
         self.stream = self.instance

@@ -270,6 +270,23 @@ def keyframe(hub: Hub, args: dict, ctx: Ctx) -> Any:
     return forward(hub, KEYFRAME, offer, args, ctx)
 
 
+# --- a call's SDP ----------------------------------------------------------------------------
+SESSION_SDP = "session.sdp"  # what a call transport offers (services/rtp/service.py)
+
+
+@command("sdp", "the SDP of a call session: the box's side, what a peer sends to (for=sender, the default), or "
+                "what the box sends, addressed to the peer (for=receiver: what ffmpeg -i or GStreamer reads) "
+                "(args: session, for)", args={"session": str, "for": str}, required=("session",))
+def session_sdp(hub: Hub, args: dict, ctx: Ctx) -> Any:
+    session = hub.book.sessions.get(args["session"])
+    if session is None:
+        raise ProtocolError("not_found", f"no session {args['session']!r} (`edgeroom ctl sessions`)")
+    offer = hub.offer_book.at(session.service, SESSION_SDP)
+    if offer is None:
+        raise ProtocolError("unavailable", f"{session.service}, which has the session {session.id!r}, has no SDP "
+                                           f"(it is a {session.kind} session, not a call)")
+    return forward(hub, SESSION_SDP, offer, args, ctx)
+
 # --- routes: what a session sends -----------------------------------------------------------
 @command("route", "show or change what a session sends: its video and audio routes, switched on the new stream's "
                   "keyframe (args: session, video, audio, reset)",
