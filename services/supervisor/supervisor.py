@@ -110,12 +110,12 @@ class Supervisor:
         want = set(catalog.instances(self.config))
         have = {(c.kind, c.instance) for c in self.children if not c.retired}
         for kind, instance in sorted(want - have, key=str):
-            log.info("%s@%s: added by command; starting", kind, instance)
+            log.info("%s@%s: wanted now (added by command or by a reloaded config); starting", kind, instance)
             self._add_child(kind, instance)
         now = time.monotonic()
         for child in self.children:
             if child.kind != "hub" and (child.kind, child.instance) not in want and not child.retired:
-                log.info("%s: its source was removed by command; stopping", child.id)
+                log.info("%s: no longer wanted (removed by command or from the config); stopping", child.id)
                 child.retired = True
                 child.stop(now)
 
