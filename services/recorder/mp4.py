@@ -65,8 +65,8 @@ from typing import Any
 import av
 import numpy as np
 
-__all__ = ["DiskFull", "Mp4Error", "Mp4Writer", "Track", "repair", "read_state", "boot_id", "MOVFLAGS",
-           "STATE_TAG"]
+__all__ = ["DiskFull", "Mp4Error", "Mp4Writer", "Track", "repair", "read_state", "has_fragments", "boot_id",
+           "MOVFLAGS", "STATE_TAG", "AUDIO_PREROLL"]
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 STATE_TAG = b"edgeroom-resume\n"   # a top-level `free` box that begins with this holds the resume state
@@ -677,6 +677,30 @@ def repair(path: str | os.PathLike) -> int:
         if good != size:
             f.truncate(good)
     return good
+
+
+def has_fragments(path: str | os.PathLike) -> bool:
+    """Whether the file holds any fragment (media), not only its header."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            good, _, _, _ = _scan(f, size)
+            f.seek(0)
+            pos = 0
+            while pos + 8 <= good:
+                f.seek(pos)
+                head = f.read(16)
+                n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if n == 1:
+                    n = int.from_bytes(head[8:16], "big")
+                if kind == b"moof":
+                    return True
+                if n < 8:
+                    return False
+                pos += n
+    except OSError:
+        return False
+    return False
 
 
 def read_state(path: str | os.PathLike) -> dict | None:

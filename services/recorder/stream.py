@@ -20,7 +20,21 @@ A new segment begins (the current one is finished: renamed from `.partial`, even
 * when the segment is `segment_seconds` long, at the next keyframe (raw: the next picture);
 * when the parameter sets change (a new SPS: resolution or profile) or a raw picture
   changes size or format: the MP4 sample entry holds one of each;
-* when the producer restarted (a new ring generation) or the stream closed (`interrupt()`).
+* when the producer restarted (a new ring generation) with another shape (parameter
+  sets, picture size, audio format) or the stream closed (`interrupt()`). A producer
+  that comes back with the same shape (a capture process restarted) continues the
+  segment: its timestamps are the capture times, so the outage is a gap in the file's
+  timeline, reported as `record.gap` {reason: "source", seconds}.
+
+Restarts (`resume()`): a recorder that starts again is handed the resume state of the
+target's last file (services/recorder/mp4.py: written after every fragment) and, when
+that file was cut by the crash, the file itself. It skips what the file holds (items up
+to the one its last fragment ends with, by ring generation and sequence; audio by the
+file's last sample) and continues the same file with the next item, from the ring's
+history: nothing lost, nothing twice, no new segment. If the ring no longer holds that
+item (the recorder was down longer than the history) or the producer restarted
+meanwhile, the file continues after a gap (at the next keyframe), reported as
+`record.gap` {reason: "overrun" | "source", seconds}.
 
 A full disk (mp4.DiskFull) finishes the segment where its last whole fragment ended,
 emits `record.error` {reason: disk_full} once, counts it, and drops items (counted as
@@ -41,13 +55,14 @@ import numpy as np
 
 from services.recorder import encoder as encoders
 from services.recorder import segments
-from services.recorder.mp4 import DiskFull, Mp4Error, Mp4Writer, Track
+from services.recorder.mp4 import AUDIO_PREROLL, DiskFull, Mp4Error, Mp4Writer, Track, boot_id
 
 __all__ = ["Settings", "StreamRecorder", "VIDEO_TB", "sps_of"]
 
 log = logging.getLogger("edgeroom.recorder")
 
 VIDEO_TB = Fraction(1, 90000)
+GAP_MIN_NS = 100_000_000    # a hole shorter than this (plus a frame) is jitter, not a gap
 LOOKAHEAD = 8               # access units held at a segment's start to see whether the stream reorders
 NOMINAL_FPS = 30            # the encoder's rate-control hint and gop unit; timestamps stay the captured ones
 
@@ -86,6 +101,7 @@ class StreamRecorder:
         self.sps: bytes | None = None
         self.shape: tuple | None = None  # raw: (width, height, format); audio: (rate, channels)
         self.t0_ns = 0
+        self.encoder_kind = ""          # copy, encode or audio: how the current segment is made
         self.encoder_name = ""          # "copy" for remux, else the video/audio encoder
         self.encoder_note = ""
         self.hardware = False
@@ -98,6 +114,17 @@ class StreamRecorder:
         self.dropped: dict[str, int] = {}
         self.held: list | None = None     # a remuxed segment's first access units, before its timestamps are decided
         self.reorder: tuple[int, int] | None = None  # (first source pts, lead in ticks) when the stream has B-frames
+        # restarts and gaps
+        self.resume_at: dict | None = None  # where the last file ended: skip up to it (resume())
+        self.cont: tuple[Path, dict] | None = None  # a file cut by the crash to continue (path, its state)
+        self.exact = False              # the next item is the one after the file's last: no keyframe needed
+        self.await_key = False          # the producer restarted: the segment goes on at its next keyframe
+        self.gap: dict | None = None    # a hole before the next item written, reported when it is
+        self.last = (0, -1, 0)          # (generation, seq, capture_ns) of the last item written
+        self.interval = 0               # ns between the last two items written
+        self.gaps: dict[str, float] = {}  # seconds of gaps by reason, for describe()
+        self.final = False              # stopped on purpose: the last state says so
+        self.replay: list | None = None  # skipped access units since their keyframe (see _before_resume)
 
     # ------------------------------------------------------------ input
     def feed(self, item) -> None:
@@ -105,9 +132,11 @@ class StreamRecorder:
             if self.state == "disk_full":
                 self._drop("disk_full")
             return
+        if self.resume_at is not None and self._before_resume(item):
+            return
         if item.generation != self.generation:
             if self.generation is not None and self.writer is not None:
-                self._finish(f"the producer restarted (generation {item.generation})")
+                self._new_generation(item)
             self.generation = item.generation
         kind = item.kind
         try:
@@ -139,7 +168,10 @@ class StreamRecorder:
                     self._finish(None)
             if self.writer is None:
                 self._open_copy(item, sps)
-        if self.writer is None:
+            self.await_key = False
+        elif self.writer is None and self.exact and self.cont is not None:
+            self._open_copy(item, None)  # the file's next access unit: it decodes after the file's last
+        if self.writer is None or self.await_key:
             self._drop("waiting_keyframe")
             return
         if self.held is not None:  # the segment's first access units: is the stream reordered?
@@ -147,26 +179,29 @@ class StreamRecorder:
             if not item.valid():
                 self._drop("overwritten")
                 return
-            self.held.append((au, key, item.capture_ns, item.pts, item.time_base))
+            self.held.append((au, key, item.capture_ns, item.pts, item.time_base, item.generation, item.seq))
             if len(self.held) >= LOOKAHEAD:
                 self._release_held()
             return
         if self.reorder is None:  # the common case: neither the source's pts nor its time base is needed
-            self._write_au(data, key, item.capture_ns, 0, None, item.valid)
+            self._write_au(data, key, item.capture_ns, 0, None, item.valid, item.generation, item.seq)
         else:
-            self._write_au(data, key, item.capture_ns, item.pts, item.time_base, item.valid)
+            self._write_au(data, key, item.capture_ns, item.pts, item.time_base, item.valid, item.generation,
+                           item.seq)
 
-    def _write_au(self, data, key: bool, capture_ns: int, pts: int, tb: Fraction | None, check=None) -> None:
+    def _write_au(self, data, key: bool, capture_ns: int, pts: int, tb: Fraction | None, check=None,
+                  gen: int = 0, seq: int = -1) -> None:
         dts = self._pts(capture_ns)
         if self.reorder is not None:  # presentation times from the source's pts, decode times from the capture clock
             pts0, lead = self.reorder
             pts_out = (pts - pts0) * tb.numerator * 90000 // tb.denominator + lead
         else:
             pts_out, dts = dts, None
-        if not self.writer.write_packet(self.track, data, pts_out, dts, keyframe=key, check=check):
+        if not self.writer.write_packet(self.track, data, pts_out, dts, keyframe=key, check=check,
+                                        token=[gen, seq, capture_ns]):
             self._drop("overwritten")
             return
-        self._wrote()
+        self._wrote(gen, seq, capture_ns)
 
     def _release_held(self) -> None:
         """Decide how the segment's timestamps are made, then write the held access units.
@@ -188,8 +223,8 @@ class StreamRecorder:
                      self.target, lead)
         else:
             self.reorder = None
-        for au, key, cap, pts, tb in held:
-            self._write_au(au, key, cap, pts, tb)
+        for au, key, cap, pts, tb, gen, seq in held:
+            self._write_au(au, key, cap, pts, tb, None, gen, seq)
 
     def _picture(self, item) -> None:
         shape = (item.width, item.height, item.format)
@@ -198,10 +233,10 @@ class StreamRecorder:
         if self.writer is None:
             self._open_encode(shape)
         if not self.writer.write_picture(self.track, item.planes(), item.format, self._pts(item.capture_ns),
-                                         check=item.valid):
+                                         check=item.valid, token=[item.generation, item.seq, item.capture_ns]):
             self._drop("overwritten")
             return
-        self._wrote()
+        self._wrote(item.generation, item.seq, item.capture_ns)
 
     def _audio(self, item) -> None:
         shape = (item.rate, item.channels)
@@ -215,7 +250,7 @@ class StreamRecorder:
             return
         rate = item.rate
         self.writer.write_audio(self.track, pcm, self._since(item.capture_ns) * rate // 1_000_000_000)
-        self._wrote()
+        self._wrote(item.generation, item.seq, item.capture_ns, len(pcm) * 1_000_000_000 // rate)
 
     def _since(self, capture_ns: int) -> int:
         """Nanoseconds since the segment's first item."""
@@ -229,10 +264,17 @@ class StreamRecorder:
     def _due(self) -> bool:
         return self.writer is not None and self.writer.duration >= self.settings.segment_seconds
 
-    def _wrote(self) -> None:
+    def _wrote(self, gen: int = 0, seq: int = -1, capture_ns: int = 0, duration_ns: int = 0) -> None:
         self.frames += 1
         if self._m_frames is not None:
             self._m_frames.inc()
+        if self.gap is not None:
+            self._report_gap(capture_ns)
+        if self.last[2] and capture_ns > self.last[2]:
+            self.interval = duration_ns or capture_ns - self.last[2]
+        elif duration_ns:
+            self.interval = duration_ns
+        self.last = (gen, seq, capture_ns)
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -240,21 +282,51 @@ class StreamRecorder:
             self.m.dropped.labels(self.target, reason).inc()
 
     # ------------------------------------------------------------ segments
-    def _writer(self) -> Mp4Writer:
+    def _writer(self, kind: str, shape: tuple) -> Mp4Writer:
+        """A new segment, or the file cut by the crash when its stream goes on in the same shape."""
+        on_flush = self._flushed if self.m is not None else None
+        cont, self.cont = self.cont, None
+        if cont is not None:
+            path, doc = cont
+            owner = doc.get("owner") or {}
+            if owner.get("kind") == kind and tuple(owner.get("shape") or ()) == tuple(shape) and \
+                    (kind != "copy" or owner.get("sps") == (self.sps.hex() if self.sps else None)):
+                self.t0_ns = int(owner["t0"])
+                if owner.get("reorder"):
+                    self.reorder = tuple(owner["reorder"])
+                w = Mp4Writer(path, fragment_seconds=self.settings.fragment_seconds, fsync=self.settings.fsync,
+                              on_flush=on_flush, state=self._owner_state, resume=doc)
+                log.info("%s: continuing %s after the restart", self.target, path)
+                self.emit("record.resumed", {"target": self.target, "path": str(path), "appended": True})
+                return w
+            self._close_cont(path, doc, "its stream's shape changed during the restart")
         path = segments.new_path(self.root, self.target)
+        self.t0_ns = 0
         return Mp4Writer(path, fragment_seconds=self.settings.fragment_seconds, fsync=self.settings.fsync,
-                         on_flush=self._flushed if self.m is not None else None)
+                         on_flush=on_flush, state=self._owner_state)
+
+    def _owner_state(self) -> dict:
+        """This recorder's part of the resume state: how its timestamps are made, the stream's shape."""
+        return {"target": self.target, "kind": self.encoder_kind, "t0": self.t0_ns, "shape": list(self.shape or ()),
+                "sps": self.sps.hex() if self.sps else None, "reorder": list(self.reorder) if self.reorder else None,
+                "last": list(self.last), "interval": self.interval, "final": self.final}
 
     def _flushed(self, seconds: float, nbytes: int) -> None:
         self._m_flush.observe(seconds)
         self._m_bytes.inc(nbytes)
 
     def _open_copy(self, item, sps: bytes | None) -> None:
-        width, height = frame_size(item.codec, item.array)
-        self.writer = self._writer()
+        if sps is None and self.exact and self.cont is not None:  # mid-GOP: the file's parameter sets and size
+            owner = self.cont[1].get("owner") or {}
+            sps = bytes.fromhex(owner["sps"]) if owner.get("sps") else None
+            width, height = (owner.get("shape") or (0, 0))[:2]
+        else:
+            width, height = frame_size(item.codec, item.array)
+        self.sps, self.shape, self.encoder_kind = sps, (width, height, item.codec), "copy"
+        self.reorder = None
+        self.writer = self._writer("copy", self.shape)
         self.track = self.writer.add_video_copy(item.codec, width, height, None, VIDEO_TB)
-        self.held, self.reorder = [], None
-        self.sps, self.shape = sps, (width, height, item.codec)
+        self.held = [] if not self.writer.resumed else None  # an appended file keeps its timestamps' rule
         self._opened("copy", False, "", f"{item.codec} {width}x{height}, remuxed")
 
     def _open_encode(self, shape: tuple) -> None:
@@ -262,26 +334,29 @@ class StreamRecorder:
         s = self.settings
         choice = encoders.choose(s.encoder, width, height)
         options = encoders.encoder_options(choice.name, crf=s.crf, preset=s.preset, bitrate_kbps=s.bitrate_kbps)
-        self.writer = self._writer()
+        self.shape, self.encoder_kind = shape, "encode"
+        if self.cont is not None:  # a new encoder's parameter sets are not the file's: a new segment
+            self._close_cont(*self.cont, "a raw stream is encoded afresh after a restart")
+            self.cont = None
+        self.writer = self._writer("encode", shape)
         self.track = self.writer.add_video_encode(choice.name, width, height, "yuv420p", VIDEO_TB, options,
                                                   bit_rate=s.bitrate_kbps * 1000,
                                                   gop=max(1, round(s.gop_seconds * NOMINAL_FPS)))
         self.track.stream.codec_context.framerate = Fraction(NOMINAL_FPS)
-        self.shape = shape
         how = "hardware" if choice.hardware else "software"
         self._opened(choice.name, choice.hardware, choice.note,
                      f"{fmt} {width}x{height}, encoded with {choice.name} ({how})")
 
     def _open_audio(self, shape: tuple) -> None:
         rate, channels = shape
-        self.writer = self._writer()
+        self.shape, self.encoder_kind = shape, "audio"
+        self.writer = self._writer("audio", shape)
         self.track = self.writer.add_audio(rate, channels, "aac")
-        self.shape = shape
         self._opened("aac", False, "", f"audio {rate} Hz x{channels}, encoded with aac")
 
     def _opened(self, name: str, hardware: bool, note: str, what: str) -> None:
         self.state = "recording"
-        self.t0_ns = 0
+        self.exact = False
         if self.m is not None and (name, hardware) != (self.encoder_name, self.hardware):
             if self.encoder_name:
                 self.m.encoder.remove(self.target, self.encoder_name, str(self.hardware).lower())
@@ -332,11 +407,122 @@ class StreamRecorder:
             self.on_segment(path)
         return path
 
+    # ------------------------------------------------------------ restarts and gaps
+    def resume(self, doc: dict | None, partial: Path | None = None) -> None:
+        """Take up where the target's last file ends: `doc` is its resume state (mp4.read_state),
+        `partial` the file itself when a crash cut it (repaired, still `.partial`): it goes on
+        with the next item. Call before the first feed()."""
+        at = _resume_point(doc)
+        if at is None:
+            if partial is not None:
+                self._close_cont(partial, doc, "its resume state is of another boot or has no position")
+            return
+        self.resume_at = at
+        if partial is not None:
+            self.cont = (partial, doc)
+        log.info("%s: resuming after %s (generation %s, item %s)", self.target, partial or "the last segment",
+                 at["gen"], at.get("seq", "by time"))
+
+    def _before_resume(self, item) -> bool:
+        """Whether `item` is already in the last file (skipped). The first item that is not ends
+        the resume: it follows the file's last exactly, or there is a gap (overrun, or the
+        producer restarted meanwhile) that is reported when the next item is written."""
+        at = self.resume_at
+        same = item.generation == at["gen"]
+        if at["kind"] == "audio":
+            if item.kind != "audio":
+                return False
+            rate = at["rate"]
+            pos = (item.capture_ns - at["t0"]) * rate // 1_000_000_000
+            preroll = AUDIO_PREROLL * 1024 if self.cont is not None else 0  # an appended track re-encodes it
+            if same and pos + len(item.array) <= at["end"] - preroll:
+                return True
+            exact = same and pos <= at["end"] + rate // 100  # within 10 ms of the file's end: no hole
+        else:
+            if same and item.seq <= at["seq"]:
+                if self.cont is None and item.kind == "encoded":  # the GOP a new segment would start with
+                    if item.keyframe:
+                        self.replay = []
+                    if self.replay is not None:
+                        saved = _Saved(item)
+                        self.replay = self.replay + [saved] if item.valid() else None
+                return True
+            exact = same and item.seq == at["seq"] + 1
+        self.resume_at = None
+        self.generation = item.generation
+        replay, self.replay = self.replay, None
+        if exact:
+            self.exact = True
+            if self.cont is None and item.kind == "encoded" and not item.keyframe and replay:
+                # the last file was finished (a clean stop): a new segment must start at a keyframe, so
+                # it starts at the one before this item, and that GOP's head is in both files
+                log.info("%s: the last segment was finished cleanly; the new one repeats its last %d access "
+                         "unit(s), from their keyframe, so nothing after it is lost", self.target, len(replay))
+                self.exact = False
+                for saved in replay:
+                    self.feed(saved)
+        else:
+            if not at["final"]:
+                self.gap = {"reason": "overrun" if same else "source", "after": at["cap"], "interval": at["interval"]}
+            if self.cont is not None and item.capture_ns - at["cap"] > self.settings.segment_seconds * 1e9:
+                self._close_cont(*self.cont, "the recorder was down longer than a segment")
+                self.cont = None
+        return False
+
+    def _new_generation(self, item) -> None:
+        """The producer restarted (a capture process died and came back): the segment goes on with
+        the gap in its timeline, at the next keyframe, unless its timestamps cannot (B-frames: the
+        source's pts start over) or the stream's shape changed (the next keyframe will tell)."""
+        if self.reorder is not None or self.held is not None:
+            self._finish(f"the producer restarted (generation {item.generation})")
+            return
+        self.gap = {"reason": "source", "after": self.last[2], "interval": self.interval}
+        if self.encoder_kind == "copy":
+            self.await_key = True
+        log.info("%s: the producer restarted (generation %d): the segment goes on%s", self.target,
+                 item.generation, " at its next keyframe" if self.await_key else "")
+
+    def _report_gap(self, capture_ns: int) -> None:
+        gap, self.gap = self.gap, None
+        if not gap["after"]:
+            return
+        hole = capture_ns - gap["after"] - gap["interval"]
+        if hole < GAP_MIN_NS:
+            return
+        seconds = round(hole / 1e9, 3)
+        reason = gap["reason"]
+        self.gaps[reason] = round(self.gaps.get(reason, 0.0) + seconds, 3)
+        log.warning("%s: %.3f s missing before this item (%s): a gap in %s", self.target, seconds,
+                    {"source": "the source was away", "overrun": "the recorder was down longer than the ring's "
+                     "history"}.get(reason, reason), self.writer.path if self.writer else "the recording")
+        if self.m is not None:
+            self.m.gaps.labels(self.target, reason).inc()
+            self.m.gap_seconds.labels(self.target, reason).inc(seconds)
+        self.emit("record.gap", {"target": self.target, "reason": reason, "seconds": seconds,
+                                 "path": self.writer.path if self.writer else ""})
+
+    def _close_cont(self, path: Path, doc: dict | None, why: str) -> None:
+        """A file the crash cut that is not continued: finished as it is (renamed, announced)."""
+        log.info("%s: %s: %s is finished as it is", self.target, why, path)
+        try:
+            final = segments.finish(path)
+        except OSError as exc:
+            log.warning("%s: cannot finish %s: %s", self.target, path, exc)
+            return
+        self.segments += 1
+        self.last_path = final
+        frames = sum(int(t.get("frames") or 0) for t in (doc or {}).get("tracks") or [])
+        self.emit("record.segment", {"target": self.target, "path": str(final), "duration": None, "frames": frames,
+                                     "bytes": os.path.getsize(final)})
+
     # ------------------------------------------------------------ breaks and errors
     def interrupt(self, why: str) -> None:
         """The input broke off (the stream closed, its producer died): finish the segment."""
         if self.writer is not None:
             self._finish(why)
+        if self.cont is not None:
+            self._close_cont(*self.cont, why)
+            self.cont = None
         if self.state == "recording":
             self.state = "waiting"
 
@@ -376,9 +562,15 @@ class StreamRecorder:
         self.last_error = ""
         return True
 
-    def stop(self) -> Path | None:
-        """Finish the current segment and stop; `record.stopped`."""
+    def stop(self, final: bool = True) -> Path | None:
+        """Finish the current segment and stop; `record.stopped`. `final`: the recording ends here
+        (stopped by command or config), and a later start reports no gap since; else the
+        service is shutting down, and the next run resumes after this."""
+        self.final = final
         path = self._finish(None) if self.writer is not None else None
+        if self.cont is not None:
+            self._close_cont(*self.cont, "the recording stops")
+            self.cont = None
         self.state = "stopped"
         if self.m is not None:
             self.m.recording.labels(self.target).set(0)
@@ -393,7 +585,48 @@ class StreamRecorder:
                 "segments": self.segments, "frames": self.frames,
                 "bytes": self.bytes + (w.bytes_written if w else 0),
                 "segment_seconds": round(w.duration, 3) if w else 0.0, "error": self.last_error,
-                "dropped": dict(self.dropped)}
+                "dropped": dict(self.dropped), "gaps": dict(self.gaps)}
+
+
+class _Saved:
+    """A copy of an encoded bus item, fed again after its slot was reused."""
+
+    __slots__ = ("kind", "codec", "keyframe", "capture_ns", "pts", "time_base", "generation", "seq", "array")
+
+    def __init__(self, item) -> None:
+        self.kind, self.codec, self.keyframe = item.kind, item.codec, item.keyframe
+        self.capture_ns, self.pts, self.time_base = item.capture_ns, item.pts, item.time_base
+        self.generation, self.seq = item.generation, item.seq
+        self.array = np.frombuffer(bytes(memoryview(item.array).cast("B")), np.uint8)
+
+    def valid(self) -> bool:
+        return True
+
+
+def _resume_point(doc: dict | None) -> dict | None:
+    """Where a file's resume state says its recording ended, or None (another boot, no position)."""
+    if not isinstance(doc, dict) or doc.get("boot") != boot_id():
+        return None
+    owner = doc.get("owner") or {}
+    tracks = doc.get("tracks") or []
+    if not tracks or not isinstance(owner, dict):
+        return None
+    at = {"kind": owner.get("kind"), "final": bool(owner.get("final")), "interval": int(owner.get("interval") or 0)}
+    try:
+        if at["kind"] == "audio":
+            end, t0, rate = tracks[0].get("end"), int(owner["t0"]), int(owner["shape"][0])
+            if end is None or not t0:
+                return None
+            at.update(gen=int(owner["last"][0]), t0=t0, rate=rate, end=int(end),
+                      cap=t0 + int(end) * 1_000_000_000 // rate)
+        else:
+            tok = tracks[0].get("tok")
+            if not tok:
+                return None
+            at.update(gen=int(tok[0]), seq=int(tok[1]), cap=int(tok[2]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return at
 
 
 def finished_name(path: str) -> str:
