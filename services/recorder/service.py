@@ -109,7 +109,7 @@ class Recorder(Service):
         self.on_stop(self._stop_all, "the recordings")
         wanted = self._wanted()
         # the file each target was writing when the recorder died: continued, not renamed
-        cut = {t: p for t in wanted if self.config.recorder.resume and not t.startswith("room:")
+        cut = {t: p for t in wanted if self.config.recorder.resume
                and (p := segments.newest_partial(self.root, t)) is not None}
         got = segments.recover(self.root, keep=set(cut.values()))
         for p in got.kept:
@@ -172,7 +172,11 @@ class Recorder(Service):
             options = encoders.encoder_options(choice.name, crf=c.crf, preset=c.preset, bitrate_kbps=c.bitrate)
             feed = RoomFeed(name, self.root, self.config.bus.prefix, self._emit, segment_seconds=c.segment_seconds,
                             fragment_seconds=c.fragment_seconds, fsync=c.fsync, encoder=choice.name,
-                            encoder_options=options)
+                            encoder_options=options, metrics=self.m)
+            partial = self._cut.pop(name, None)
+            if c.resume:
+                doc, _ = segments.last_state(self.root, name)
+                feed.resume(doc, partial)
             self.rooms[name] = feed
             self.m.recording.labels(name).set(1)
             self.log.info("recording %s (its sessions' streams, as the hub lists them)", name)
