@@ -36,8 +36,9 @@ reached the disk whole was written after its fragment, so the last whole state b
 file describes exactly what the file holds (`repair` cuts a file back to it; `read_state`
 reads it). A writer made with `resume=` (that state) appends to the file: the new
 muxer's header (`ftyp`, `moov`) and index (`mfra`) are left out, and in each fragment
-the sequence number (`mfhd`) and every track's decode time (`tfdt`) are set to continue
-the file's (a muxer starts both afresh, at 1 and 0). An audio track starts its encoder
+the sequence number (`mfhd`) and every track's decode time (`tfdt`: its first sample's
+time plus the file's offset) are set to continue the file's (a muxer starts both afresh,
+and places a track that starts later than another by its own rules). An audio track starts its encoder
 `AUDIO_PREROLL` frames before the file's end, on the file's frame grid, and drops what
 it encodes before the end: the caller feeds from `Track.next_input` (the bus history
 has those samples), and the first packet kept overlaps the file's last as if one encoder
@@ -125,7 +126,7 @@ class Track:
 
     __slots__ = ("stream", "kind", "time_base", "encoder", "first_pts", "last_pts", "last_dts", "last_delta",
                  "frames", "adjusted", "resampler", "next_sample", "next_input", "extradata", "fmt",
-                 "pending", "tokens", "saved", "offset", "delta", "drop_before")
+                 "pending", "tokens", "saved", "offset", "drop_before")
 
     def __init__(self, stream, kind: str, time_base: Fraction, encoder: str | None = None) -> None:
         self.stream, self.kind, self.time_base, self.encoder = stream, kind, time_base, encoder
@@ -142,14 +143,13 @@ class Track:
         self.fmt: str | None = None
         # resume bookkeeping: what was muxed and not yet in a fragment on disk, in mux order
         # (token, pts, dts, end); the caller's tokens of pictures in the encoder, by pts; what the
-        # file holds of this track (the state's entry); file time - our time; the tfdt correction
-        # of an appending writer; audio packets before this (our time) are not written
+        # file holds of this track (the state's entry); file time - our time (tfdt - dts); audio
+        # packets before this (our time) are not written
         self.pending: deque[tuple] = deque()
         self.tokens: dict[int, Any] = {}
         self.saved: dict = {"tok": None, "pts": None, "dts": None, "end": None, "off": None, "first": None,
                             "delta": 0, "frames": 0}
         self.offset: int | None = None
-        self.delta: int | None = None
         self.drop_before: int | None = None
 
     def stamp(self, pts: int, dts: int | None) -> tuple[int, int]:
@@ -508,14 +508,16 @@ class Mp4Writer:
             return
         first_dts = pending[0][2]
         if tfdt is not None:
-            if box is not None:  # appending: this track's times continue the file's
-                if track.delta is None:
-                    track.delta = first_dts + (track.offset or 0) - tfdt
-                tfdt += track.delta
+            if box is not None and track.offset is not None:
+                # appending: the fragment starts where its first sample's time puts it on the file's
+                # timeline (the muxer's own count starts at 0, and its first fragment of a track that
+                # starts later than another's is not placed by our times)
+                tfdt = first_dts + track.offset
                 if not v1 and not 0 <= tfdt < 1 << 32:
                     raise Mp4Error(f"{self._path}: a 32-bit tfdt cannot hold {tfdt}", "resume", self._path)
                 (_U64 if v1 else _U32).pack_into(box, at, tfdt)
-            track.offset = tfdt - first_dts
+            else:
+                track.offset = tfdt - first_dts
         last = None
         for _ in range(min(count, len(pending))):
             last = pending.popleft()

@@ -84,6 +84,7 @@ class RoomFeed:
         self.last: dict[str, tuple[int, int, int]] = {}  # track -> (generation, seq, capture_ns) last pushed
         self.interval: dict[str, int] = {}  # track -> ns between its last two items
         self.gaps: dict[str, float] = {}
+        self.pending_gap: dict[str, tuple[str, int, int]] = {}  # track -> (reason, after, interval): to report
         self.final = False
         self.started_ns = time.monotonic_ns()
 
@@ -240,7 +241,7 @@ class RoomFeed:
             if gen == last[0] and seq <= last[1]:
                 return True  # a consumer attached again (the session came back) reads from the oldest
             if gen != last[0]:
-                self._gap(rec, tid, "source", cap - last[2] - self.interval.get(tid, 0))
+                self._gap(rec, tid, "source", last[2], self.interval.get(tid, 0))
         elif tid in self.resuming:
             at = self.at
             if kind == "audio":
@@ -248,7 +249,7 @@ class RoomFeed:
                 if cap + end <= at["audio_from"]:
                     return True
                 same = (at["audio"].get(tid) or [None])[0] == gen
-                hole = cap - at["audio_end"]
+                hole, after, interval = cap - at["audio_end"], at["audio_end"], 0
             else:
                 pos = at["video"][tid]
                 same = gen == pos[0]
@@ -256,21 +257,30 @@ class RoomFeed:
                     return True
                 exact = same and seq == pos[1] + 1
                 rec.continue_track(tid, exact)
-                hole = 0 if exact else cap - pos[2] - int(at["interval"].get(tid, 0))
+                after, interval = pos[2], int(at["interval"].get(tid, 0))
+                hole = 0 if exact else cap - after - interval
             self.resuming.discard(tid)
             log.info("%s: track %s resumes with item %d%s", self.target, tid, seq,
                      "" if hole <= 0 else f", {hole / 1e9:.3f} s after the file's end")
             if not at["final"] and hole >= GAP_MIN_NS:
-                self._gap(rec, tid, "overrun" if same else "source", hole)
+                self._gap(rec, tid, "overrun" if same else "source", after, interval)
         elif cap < self.started_ns - FRESH_HISTORY_S * NS_PER_S:
             return True
+        if tid in self.pending_gap and (kind != "video" or item.keyframe):  # the first item written after it
+            reason, after, interval = self.pending_gap.pop(tid)
+            self._report_gap(tid, reason, cap - after - interval)
         if last is not None and cap > last[2]:
             self.interval[tid] = cap - last[2]
         self.last[tid] = (gen, seq, cap)
         return False
 
-    def _gap(self, rec: RoomRecorder, tid: str, reason: str, hole_ns: int) -> None:
-        rec.gap(tid)  # (a video track then waits for a keyframe, the frames after a hole do not decode)
+    def _gap(self, rec: RoomRecorder, tid: str, reason: str, after_ns: int, interval_ns: int) -> None:
+        """A hole in a session's items after `after_ns`: reported with the first item written after
+        it (for video the next keyframe: the frames after a hole do not decode)."""
+        rec.gap(tid)
+        self.pending_gap[tid] = (reason, after_ns, interval_ns)
+
+    def _report_gap(self, tid: str, reason: str, hole_ns: int) -> None:
         if hole_ns < GAP_MIN_NS:
             return
         seconds = round(hole_ns / 1e9, 3)
