@@ -215,7 +215,7 @@ class StreamRecorder:
         if any(b < a for a, b in zip(pts_list, pts_list[1:])):
             first_pts, first_cap, tb = held[0][3], held[0][2], held[0][4]
             lead = 0
-            for _, _, cap, pts, _ in held:
+            for _, _, cap, pts, _, _, _ in held:
                 src = (pts - first_pts) * tb.numerator * 90000 // tb.denominator
                 lead = max(lead, (cap - first_cap) * 9 // 100_000 - src)
             self.reorder = (first_pts, lead)
