@@ -179,6 +179,7 @@ def test_five_sigkills_under_load_lose_no_frame_and_keep_the_room_in_sync(box, t
         cam.close()
     print("restart to ready (s):", [round(t, 2) for t in took])
     assert max(took) < 3.0, took
+    assert "start limit hit" not in b.log() and "in a row" not in b.log(), "healthy runs: no crash loop"
     assert not gaps, "no gap reported"
     check_stream(rec, cam)
     room = files(rec, "room:lobby")
@@ -320,3 +321,42 @@ def test_a_capture_outage_is_a_gap_with_true_timestamps_in_the_same_segment(box,
     flashes, beeps = flashes_and_beeps(rooms[0])
     after = [t for t in flashes if t > rpts[j] and t < max(beeps) - 0.5]
     assert after and all(abs(min(beeps, key=lambda x: abs(x - t)) - t) <= 0.040 for t in after), (flashes, beeps)
+
+
+def test_resume_off_starts_at_the_live_edge_in_a_new_segment(box, tmp_path, prefix):
+    """`[recorder] resume = false`, the naive recorder a benchmark compares against: after a
+    SIGKILL the recording starts again at the live edge, in a new segment, and what came while
+    it was down is not in any file."""
+    b, rec = make_box(box, tmp_path, record="cam", resume=False, decode=False)
+    cam = Camera(prefix)
+    try:
+        b.run()
+        b.wait_ready("recorder", "capture@cam")
+        kill_recorder(b, cam, 1, 3.0)
+        time.sleep(3.0)
+        b.call("record.stop", {"target": "cam"})
+        cam.read()
+    finally:
+        cam.close()
+    got = files(rec, "cam")
+    assert len(got) == 2 and all(f.suffix == ".mp4" for f in got), got
+    first, second = numbers(got[0]), numbers(got[1])
+    lost = second[0] - first[-1] - 1
+    print(f"resume off: {lost} frames ({lost / FPS:.2f} s) lost to the restart")
+    assert lost > FPS / 2 and first == list(range(first[0], first[-1] + 1)), (first[-3:], second[:3])
+
+
+def test_a_recorder_that_dies_at_start_is_given_up_by_the_start_limit(box, tmp_path):
+    """Crash-loop protection holds for the recorder: its recordings directory is a file, so every
+    start fails before it is ready; the supervisor backs off and gives up at the start limit
+    (while a recorder killed after healthy runs, as above, is restarted every time)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    b = box(RECORDER.format(rec=blocker, record="cam", resume="true").replace(
+        "restart_sec = 0.2", "restart_sec = 0.1\nstart_limit_burst = 4"))
+    b.run()
+    wait_for(lambda: "recorder: start limit hit" in b.log(), 25, "the recorder given up")
+    log = b.log()
+    assert "recorder: start limit hit (4 starts in 30 s)" in log
+    assert "failure 3 in a row" in log
+    assert b.services()["capture@cam"]["state"] == "ready"  # the rest of the box runs on

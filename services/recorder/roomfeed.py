@@ -56,7 +56,7 @@ NS_PER_S = 1_000_000_000    # a hole shorter than this (plus an item) is jitter,
 class RoomFeed:
     def __init__(self, target: str, root: Path, prefix: str, emit: Emit, *, segment_seconds: float = 300.0,
                  fragment_seconds: float = 0.5, fsync: bool = True, encoder: str = "libx264",
-                 encoder_options: dict[str, str] | None = None, metrics=None) -> None:
+                 encoder_options: dict[str, str] | None = None, metrics=None, resume: bool = True) -> None:
         self.target, self.room = target, target.split(":", 1)[1]
         self.root, self.prefix, self.emit = Path(root), prefix, emit
         self.segment_seconds = segment_seconds
@@ -87,6 +87,8 @@ class RoomFeed:
         self.pending_gap: dict[str, tuple[str, int, int]] = {}  # track -> (reason, after, interval): to report
         self.final = False
         self.started_ns = time.monotonic_ns()
+        # what a room with nothing to resume takes of the rings' history (resume off: the live edge)
+        self.fresh_ns = int(FRESH_HISTORY_S * NS_PER_S) if resume else 0
 
     # ------------------------------------------------------------ sessions
     def sessions(self, sessions: list[dict]) -> None:
@@ -264,7 +266,7 @@ class RoomFeed:
                      "" if hole <= 0 else f", {hole / 1e9:.3f} s after the file's end")
             if not at["final"] and hole >= GAP_MIN_NS:
                 self._gap(rec, tid, "overrun" if same else "source", after, interval)
-        elif cap < self.started_ns - FRESH_HISTORY_S * NS_PER_S:
+        elif cap < self.started_ns - self.fresh_ns:
             return True
         if tid in self.pending_gap and (kind != "video" or item.keyframe):  # the first item written after it
             reason, after, interval = self.pending_gap.pop(tid)

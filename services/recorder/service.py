@@ -172,7 +172,7 @@ class Recorder(Service):
             options = encoders.encoder_options(choice.name, crf=c.crf, preset=c.preset, bitrate_kbps=c.bitrate)
             feed = RoomFeed(name, self.root, self.config.bus.prefix, self._emit, segment_seconds=c.segment_seconds,
                             fragment_seconds=c.fragment_seconds, fsync=c.fsync, encoder=choice.name,
-                            encoder_options=options, metrics=self.m)
+                            encoder_options=options, metrics=self.m, resume=c.resume)
             partial = self._cut.pop(name, None)
             if c.resume:
                 doc, _ = segments.last_state(self.root, name)
