@@ -178,6 +178,7 @@ class Producer:
     _holders: list[tuple[int, bool]]  # (entry offset, reliable) per consumer
     _slot_seq: list[int]  # the item each slot holds (-1: none)
     _slot_of: dict[int, int]  # item -> slot, for items still in the index
+    _reserved: list[int] | None  # per slot, payload bytes whose pages are reserved (None: all of them)
     _rate_t0: int
     _rate_n: int
     _last_maint: int
@@ -270,7 +271,7 @@ class Producer:
         self._slot_seq = [-1] * slots
         self._slot_of = {}
         # bytes of each slot's payload whose pages are reserved (None: all, at creation)
-        self._reserved: list[int] | None = None if reserve == "all" else [0] * slots
+        self._reserved = None if reserve == "all" else [0] * slots
         self._rate_t0 = time.monotonic_ns()
         self._rate_n = 0
         self._last_maint = self._rate_t0

@@ -112,7 +112,7 @@ def kill_recorder(b, cam: Camera, times: int, every: float) -> list[float]:
         pid = b.services()["recorder"]["pid"]
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: (s := b.services()["recorder"])["pid"] != pid and s["state"] == "ready", 15,
+        wait_for(lambda old=pid: (s := b.services()["recorder"])["pid"] != old and s["state"] == "ready", 15,
                  f"the recorder back; log:\n{b.log()[-3000:]}", interval=0.02)
         took.append(time.monotonic() - killed)
     return took

@@ -87,9 +87,11 @@ def boot_id() -> str:
         except OSError:
             _boot_id = "unknown"
     return _boot_id
+
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_AUDIO_GAP_MAX_S = 10.0
-AUDIO_PREROLL = 2           # encoder frames an appending writer encodes again before the file's end     # a jump forward in audio pts longer than this starts over instead of writing silence
+_AUDIO_GAP_MAX_S = 10.0     # a jump forward in audio pts longer than this starts over instead of writing silence
+AUDIO_PREROLL = 2           # encoder frames an appending writer encodes again before the file's end
 
 
 class Mp4Error(Exception):

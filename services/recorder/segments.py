@@ -28,7 +28,8 @@ from pathlib import Path
 
 from services.recorder.mp4 import has_fragments, read_state, repair
 
-__all__ = ["PARTIAL", "Recovered", "finish", "folder", "free_bytes", "last_state", "new_path", "newest_partial", "recover", "sweep"]
+__all__ = ["PARTIAL", "Recovered", "finish", "folder", "free_bytes", "last_state", "new_path", "newest_partial",
+           "recover", "sweep"]
 
 log = logging.getLogger("edgeroom.recorder")
 

@@ -17,7 +17,8 @@ continues the file the crash cut (stream.py, "Restarts"); the other leftovers ar
 With `resume = false` a target starts at the live edge, in a new segment.
 
 Events: record.started, record.resumed, record.segment, record.gap (reason overrun or
-source, seconds), record.stopped, record.error (reason disk_full, encode, mux, io, ...). Metrics: edgeroom_recorder_*. docs/recorder.md has the details.
+source, seconds), record.stopped, record.error (reason disk_full, encode, mux, io, ...).
+Metrics: edgeroom_recorder_*. docs/recorder.md has the details.
 """
 from __future__ import annotations
 
