@@ -11,8 +11,8 @@ first chunk, a moment after its video, and could not join a file already begun.
 
 `pump(now_ns)` (every 100 ms from the service loop) drains every consumer into the
 recorder (from its first answer on, settled or not) and, once settled, lets it write what
-is older than its reorder window. Rings hold 1.3 s (audio) to two seconds, so a 100 ms
-pump misses nothing; an item a consumer missed is counted.
+is older than its reorder window. Capture's rings hold `history_seconds` (10 s by
+default), so a 100 ms pump misses nothing; an item a consumer missed is counted.
 
 One recording = one file (`DIR/room-NAME/room-NAME-TIME.mp4.partial`, renamed at the end);
 after `segment_seconds` the file is closed and the next one starts with the following
@@ -145,8 +145,8 @@ class RoomFeed:
         """Drain the streams into the recorder and let it write. The writing waits until the session
         list settled: a session's tracks appear one by one (audio with its first chunk), and a track
         declared after the file's header cannot join. The reading does not wait: what arrives
-        meanwhile goes into the recorder's bounded buffers, not left in the rings (an audio ring
-        holds 1.3 s; a settled list takes a second or two), so no item is lost to the wait."""
+        meanwhile goes into the recorder's bounded buffers, not left in the rings (a ring with a
+        short history could lose it; a settled list takes a second or two)."""
         if not self.consumers or self.state == "disk_full":
             return
         rec = self._recorder()
