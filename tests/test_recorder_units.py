@@ -149,7 +149,7 @@ def _aus(n: int, gop: int = 30) -> list[tuple[bytes, bool]]:
     enc.options, enc.gop_size = {"tune": "zerolatency", "x264-params": "repeat-headers=1:scenecut=0"}, gop
     out = []
     for i in range(n):
-        f = av.VideoFrame.from_ndarray(np.full((120, 160, 3), i * 2, np.uint8), format="rgb24").reformat(
+        f = av.VideoFrame.from_ndarray(np.full((120, 160, 3), i * 2 % 256, np.uint8), format="rgb24").reformat(
             format="yuv420p")
         f.pts = i
         out += [(bytes(p), p.is_keyframe) for p in enc.encode(f)]
@@ -289,3 +289,213 @@ def test_appended_audio_continues_on_the_frame_grid_without_a_click(tmp_path):
     splice = end + 1024  # in the decoded output (after the priming)
     noise = np.abs(a - b)[splice + 4096: len(a) - 4096].max()  # two encoders' rounding apart, away from it
     assert np.abs(a - b)[splice - 4096: splice + 4096].max() <= max(2 * noise, 600), noise
+
+
+# ------------------------------------------------------------------ StreamRecorder across restarts
+class _Item:
+    """What a framebus consumer hands the recorder, for an encoded access unit."""
+
+    kind, codec = "encoded", "h264"
+
+    def __init__(self, au: bytes, key: bool, gen: int, seq: int, cap: int) -> None:
+        self.array = np.frombuffer(au, np.uint8)
+        self.keyframe, self.generation, self.seq, self.capture_ns = key, gen, seq, cap
+        self.pts, self.time_base = cap, Fraction(1, 1_000_000_000)
+
+    def valid(self) -> bool:
+        return True
+
+
+class _Events(list):
+    def __call__(self, topic: str, data: dict) -> None:
+        self.append((topic, data))
+
+    def of(self, topic: str) -> list[dict]:
+        return [d for t, d in self] if topic == "*" else [d for t, d in self if t == topic]
+
+
+def _stream(aus, gen: int = 1, start: int = 0, t0: int = 10**12) -> list[_Item]:
+    """Items of one capture process: 30 fps, sequence numbers from `start`."""
+    return [_Item(au, key, gen, start + i, t0 + (start + i) * 33_333_333) for i, (au, key) in enumerate(aus)]
+
+
+def _recorder(root, events):
+    from services.recorder.stream import Settings, StreamRecorder
+    return StreamRecorder("cam", root, Settings(fragment_seconds=0.2, fsync=False), events)
+
+
+def _kill(rec) -> None:
+    """As a SIGKILL leaves it: whatever is not in a fragment on disk is gone."""
+    os.close(rec.writer._fd)  # noqa: SLF001
+
+
+def _restart(root, events):
+    """A new recorder that takes up where the file ends, as the service does at start."""
+    cut = segments.newest_partial(root, "cam")
+    got = segments.recover(root, keep={cut} if cut else set())
+    assert got.continued == ([cut] if cut else [])
+    rec = _recorder(root, events)
+    doc, _ = segments.last_state(root, "cam")
+    rec.resume(doc, cut)
+    return rec
+
+
+def _frames(path) -> int:
+    return ffprobe_frames(path)
+
+
+def test_a_killed_stream_recorder_resumes_in_the_same_file_mid_gop(tmp_path):
+    aus = _aus(150)
+    items = _stream(aus)
+    ev = _Events()
+    rec = _recorder(tmp_path, ev)
+    for it in items[:70]:
+        rec.feed(it)
+    _kill(rec)
+    rec = _restart(tmp_path, ev)
+    for it in items:  # the ring's history: from its oldest item on
+        rec.feed(it)
+    rec.stop()
+    files = sorted((tmp_path / "cam").glob("*.mp4"))
+    assert len(files) == 1 and not list((tmp_path / "cam").glob("*.partial"))
+    assert _frames(files[0]) == 150 and _decode_errors(files[0]) == ""
+    assert _packet_pts(files[0]) == [i * 33_333_333 * 9 // 100_000 for i in range(150)]
+    assert [d["appended"] for d in ev.of("record.resumed")] == [True] and not ev.of("record.gap")
+
+
+def test_a_clean_stop_resumes_in_a_new_segment_from_the_keyframe_before(tmp_path):
+    """After a clean stop the file is finished: the next run starts a new segment, and since
+    that must begin at a keyframe, it repeats the GOP head before the next item: nothing lost."""
+    aus = _aus(150)  # keyframes every 30
+    items = _stream(aus)
+    ev = _Events()
+    rec = _recorder(tmp_path, ev)
+    for it in items[:70]:
+        rec.feed(it)
+    rec.stop(final=False)  # the service shutting down
+    first = sorted((tmp_path / "cam").glob("*.mp4"))
+    held = _frames(first[0])
+    rec = _restart(tmp_path, ev)
+    for it in items:
+        rec.feed(it)
+    rec.stop()
+    files = sorted((tmp_path / "cam").glob("*.mp4"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2 and files[0] == first[0]
+    second = _frames(files[1])
+    assert held + second == 150 + (held - 60), "the second repeats the first's last GOP head (from 60), no more"
+    assert _decode_errors(files[1]) == ""
+
+
+def test_overrun_and_source_gaps_are_reported_with_their_length_and_the_segment_goes_on(tmp_path):
+    aus = _aus(300)
+    ev = _Events()
+    rec = _recorder(tmp_path, ev)
+    run1 = _stream(aus[:150])
+    for it in run1[:60]:
+        rec.feed(it)
+    _kill(rec)
+    last = read_state(segments.newest_partial(tmp_path, "cam"))["tracks"][0]["tok"]
+    rec = _restart(tmp_path, ev)
+    for it in run1[100:]:  # the ring lost the items up to 99: an overrun; 120 is the next keyframe
+        rec.feed(it)
+    gap = ev.of("record.gap")
+    assert [g["reason"] for g in gap] == ["overrun"]
+    assert gap[0]["seconds"] == round((run1[120].capture_ns - last[2] - 33_333_333) / 1e9, 3)
+    # the capture process restarts: a new generation, 2 s later, the same stream shape
+    run2 = _stream(aus[:60], gen=2, t0=run1[-1].capture_ns + 2 * 10**9)
+    for it in run2:
+        rec.feed(it)
+    rec.stop()
+    gap = ev.of("record.gap")
+    assert [g["reason"] for g in gap] == ["overrun", "source"]
+    assert gap[1]["seconds"] == round((run2[0].capture_ns - run1[-1].capture_ns - 33_333_333) / 1e9, 3)
+    files = list((tmp_path / "cam").glob("*.mp4"))
+    assert len(files) == 1 and _decode_errors(files[0]) == ""
+    assert _frames(files[0]) == (last[1] + 1) + 30 + 60
+    pts = _packet_pts(files[0])
+    holes = [round((b - a) / 90000, 3) for a, b in zip(pts, pts[1:]) if b - a > 3100]
+    assert holes == [round(gap[0]["seconds"] + 1 / 30, 3), round(gap[1]["seconds"] + 1 / 30, 3)], holes
+
+
+def test_a_restart_with_another_shape_or_of_another_boot_starts_a_new_segment(tmp_path):
+    aus = _aus(90)
+    ev = _Events()
+    rec = _recorder(tmp_path, ev)
+    for it in _stream(aus)[:50]:
+        rec.feed(it)
+    _kill(rec)
+    cut = segments.newest_partial(tmp_path, "cam")
+    doc = read_state(cut)
+    rec = _restart(tmp_path, ev)
+    bigger = _stream([(au, key) for au, key in _aus_sized(60, 320, 240)], gen=2, t0=10**13)
+    for it in bigger:
+        rec.feed(it)
+    rec.stop()
+    files = sorted((tmp_path / "cam").glob("*.mp4"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2 and files[0].name == cut.name.removesuffix(".partial")
+    assert _frames(files[1]) == 60
+    # a state from another boot says nothing about this boot's rings
+    doc["boot"] = "another"
+    rec = _recorder(tmp_path, ev)
+    rec.resume(doc, None)
+    assert rec.resume_at is None
+
+
+def _aus_sized(n: int, w: int, h: int) -> list[tuple[bytes, bool]]:
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt, enc.time_base = w, h, "yuv420p", Fraction(1, 30)
+    enc.options, enc.gop_size = {"tune": "zerolatency", "x264-params": "repeat-headers=1:scenecut=0"}, 30
+    out = []
+    for i in range(n):
+        f = av.VideoFrame.from_ndarray(np.full((h, w, 3), i % 256, np.uint8), format="rgb24").reformat(format="yuv420p")
+        f.pts = i
+        out += [(bytes(p), p.is_keyframe) for p in enc.encode(f)]
+    return out
+
+
+class _Chunk:
+    kind = "audio"
+
+    def __init__(self, pcm: np.ndarray, gen: int, seq: int, cap: int) -> None:
+        self.array, self.rate, self.channels = pcm.reshape(-1, 1), 48000, 1
+        self.generation, self.seq, self.capture_ns = gen, seq, cap
+
+    def valid(self) -> bool:
+        return True
+
+
+def test_a_killed_audio_recording_resumes_in_the_same_file_on_its_grid(tmp_path):
+    """NAME-audio: 20 ms chunks, a kill, a restart fed from the ring's history: one file whose AAC
+    packets lie on one 1024-sample grid, none twice, none missing, and whose sound matches an
+    unbroken recording's (within the codec's noise)."""
+    rate, n = 48000, 960
+    sig = (np.sin(2 * np.pi * 440 * np.arange(rate * 6) / rate) * 8000).astype(np.int16)
+    chunks = [_Chunk(sig[i:i + n], 1, k, 10**12 + i * 10**9 // rate) for k, i in enumerate(range(0, len(sig), n))]
+    ev = _Events()
+    ref_root = tmp_path / "ref"
+    ref = _recorder(ref_root, ev)
+    for c in chunks:
+        ref.feed(c)
+    ref.stop()
+    root = tmp_path / "r"
+    rec = _recorder(root, ev)
+    for c in chunks[:170]:
+        rec.feed(c)
+    _kill(rec)
+    rec = _restart(root, ev)
+    for c in chunks:
+        rec.feed(c)
+    rec.stop()
+    files = list((root / "cam").glob("*.mp4"))
+    (want,) = list((ref_root / "cam").glob("*.mp4"))
+    assert len(files) == 1 and _decode_errors(files[0]) == ""
+    assert _packet_pts(files[0]) == _packet_pts(want)
+
+    def pcm(p):
+        return np.frombuffer(subprocess.run(["ffmpeg", "-v", "error", "-i", str(p), "-f", "s16le", "-"],
+                                            capture_output=True, check=True).stdout, np.int16).astype(int)
+    a, b = pcm(want), pcm(files[0])
+    assert len(a) == len(b)
+    d = np.abs(a - b)[:-4096]  # (the last frames: the stop's flush)
+    noise = d[len(d) * 2 // 3:].max()  # two encoders' rounding apart, far from the splice
+    assert d.max() <= max(3 * noise, 600), (d.argmax(), d.max(), noise)

@@ -42,8 +42,9 @@ and places a track that starts later than another by its own rules). An audio tr
 `AUDIO_PREROLL` frames before the file's end, on the file's frame grid, and drops what
 it encodes before the end: the caller feeds from `Track.next_input` (the bus history
 has those samples), and the first packet kept overlaps the file's last as if one encoder
-had made both (the decoded splice differs from an unbroken encode by no more than the
-codec's own noise; with no pre-roll a fresh encoder's first frame clicks).
+had made both (the decoded splice differs from an unbroken encode by about what two
+encodes of the same sound differ by anyway; with no pre-roll a fresh encoder's first
+frame clicks).
 
 Remux (`add_video_copy` + `write_packet`) never decodes or encodes: the Annex B access
 units go to the muxer as they are (it rewrites start codes as length prefixes, the NAL
