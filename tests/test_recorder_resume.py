@@ -245,7 +245,7 @@ def test_a_recorder_down_longer_than_the_history_reports_the_overrun_with_its_le
     mine = [g for g in gaps if g["target"] == "cam"]
     print(f"cam: {missing:.3f} s missing in the file; record.gap: {gaps}")
     assert len(mine) == 1 and mine[0]["reason"] == "overrun", gaps
-    assert 2.0 < missing < 4.7 and abs(mine[0]["seconds"] - missing) <= 1.5 / FPS, (mine, missing)
+    assert missing > 1.0 and abs(mine[0]["seconds"] - missing) <= 1.5 / FPS, (mine, missing)
     assert metric_value(text, "edgeroom_recorder_gap_seconds_total", target="cam", reason="overrun") == \
         mine[0]["seconds"]
     room = {g["track"]: g for g in gaps if g["target"] == "room:lobby"}

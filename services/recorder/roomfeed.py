@@ -176,7 +176,7 @@ class RoomFeed:
     def _push(self, rec: RoomRecorder, tid: str, kind: str, item) -> None:
         if self._skip(rec, tid, kind, item):
             return
-        ident = [item.generation, item.seq, item.capture_ns]
+        ident = (item.generation, item.seq, item.capture_ns)
         try:
             if kind == "audio" and item.kind == "audio":
                 pcm = item.array.view(np.int16).reshape(-1, item.channels)

@@ -197,11 +197,11 @@ class StreamRecorder:
             pts_out = (pts - pts0) * tb.numerator * 90000 // tb.denominator + lead
         else:
             pts_out, dts = dts, None
-        if not self.writer.write_packet(self.track, data, pts_out, dts, keyframe=key, check=check,
-                                        token=[gen, seq, capture_ns]):
+        ident = (gen, seq, capture_ns)  # the item's name in the resume state, once its fragment is on disk
+        if not self.writer.write_packet(self.track, data, pts_out, dts, keyframe=key, check=check, token=ident):
             self._drop("overwritten")
             return
-        self._wrote(gen, seq, capture_ns)
+        self._wrote(ident)
 
     def _release_held(self) -> None:
         """Decide how the segment's timestamps are made, then write the held access units.
@@ -232,11 +232,12 @@ class StreamRecorder:
             self._finish("the picture changed size or format" if shape != self.shape else None)
         if self.writer is None:
             self._open_encode(shape)
+        ident = (item.generation, item.seq, item.capture_ns)
         if not self.writer.write_picture(self.track, item.planes(), item.format, self._pts(item.capture_ns),
-                                         check=item.valid, token=[item.generation, item.seq, item.capture_ns]):
+                                         check=item.valid, token=ident):
             self._drop("overwritten")
             return
-        self._wrote(item.generation, item.seq, item.capture_ns)
+        self._wrote(ident)
 
     def _audio(self, item) -> None:
         shape = (item.rate, item.channels)
@@ -250,7 +251,7 @@ class StreamRecorder:
             return
         rate = item.rate
         self.writer.write_audio(self.track, pcm, self._since(item.capture_ns) * rate // 1_000_000_000)
-        self._wrote(item.generation, item.seq, item.capture_ns, len(pcm) * 1_000_000_000 // rate)
+        self._wrote((item.generation, item.seq, item.capture_ns), len(pcm) * 1_000_000_000 // rate)
 
     def _since(self, capture_ns: int) -> int:
         """Nanoseconds since the segment's first item."""
@@ -264,17 +265,19 @@ class StreamRecorder:
     def _due(self) -> bool:
         return self.writer is not None and self.writer.duration >= self.settings.segment_seconds
 
-    def _wrote(self, gen: int = 0, seq: int = -1, capture_ns: int = 0, duration_ns: int = 0) -> None:
+    def _wrote(self, ident: tuple[int, int, int], duration_ns: int = 0) -> None:
+        """One item written; `ident` = (generation, seq, capture_ns)."""
         self.frames += 1
         if self._m_frames is not None:
             self._m_frames.inc()
+        capture_ns = ident[2]
         if self.gap is not None:
             self._report_gap(capture_ns)
         if self.last[2] and capture_ns > self.last[2]:
             self.interval = duration_ns or capture_ns - self.last[2]
         elif duration_ns:
             self.interval = duration_ns
-        self.last = (gen, seq, capture_ns)
+        self.last = ident
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
