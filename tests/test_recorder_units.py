@@ -434,6 +434,9 @@ def test_a_restart_with_another_shape_or_of_another_boot_starts_a_new_segment(tm
     files = sorted((tmp_path / "cam").glob("*.mp4"), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 2 and files[0].name == cut.name.removesuffix(".partial")
     assert _frames(files[1]) == 60
+    closed = ev.of("record.segment")[0]  # the cut file, finished as it was: its extent from its state
+    assert closed["path"] == str(files[0]) and closed["frames"] == _frames(files[0])
+    assert abs(closed["duration"] - closed["frames"] / 30) < 0.05, closed
     # a state from another boot says nothing about this boot's rings
     doc["boot"] = "another"
     rec = _recorder(tmp_path, ev)

@@ -68,7 +68,7 @@ import av
 import numpy as np
 
 __all__ = ["DiskFull", "Mp4Error", "Mp4Writer", "Track", "repair", "read_state", "has_fragments", "boot_id",
-           "MOVFLAGS", "STATE_TAG", "AUDIO_PREROLL"]
+           "state_extent", "MOVFLAGS", "STATE_TAG", "AUDIO_PREROLL"]
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 STATE_TAG = b"edgeroom-resume\n"   # a top-level `free` box that begins with this holds the resume state
@@ -528,6 +528,7 @@ class Mp4Writer:
         s["tok"], s["pts"], s["dts"], s["end"] = last
         s["off"], s["first"], s["delta"] = track.offset, track.first_pts, track.last_delta
         s["frames"] = int(s["frames"] or 0) + count
+        s["kind"], s["tb"] = track.kind, [track.time_base.numerator, track.time_base.denominator]
 
     def state_box(self) -> bytes:
         """The resume state now: what the fragments on disk hold, and the caller's part."""
@@ -682,6 +683,24 @@ def repair(path: str | os.PathLike) -> int:
         if good != size:
             f.truncate(good)
     return good
+
+
+def state_extent(doc: dict | None) -> tuple[float, int]:
+    """(seconds of media, frames) a file holds by its resume state: its longest track, and its
+    video frames (audio packets if it has no video), as Mp4Writer.duration and .frames count."""
+    seconds, video, other = 0.0, 0, 0
+    for t in (doc or {}).get("tracks") or []:
+        try:
+            if t.get("first") is not None and t.get("pts") is not None and t.get("tb"):
+                span = int(t["pts"]) - int(t["first"]) + int(t.get("delta") or 0)
+                seconds = max(seconds, span * int(t["tb"][0]) / int(t["tb"][1]))
+            if t.get("kind") == "video":
+                video += int(t.get("frames") or 0)
+            else:
+                other += int(t.get("frames") or 0)
+        except (TypeError, ValueError, IndexError):
+            continue
+    return round(seconds, 3), video or other
 
 
 def has_fragments(path: str | os.PathLike) -> bool:

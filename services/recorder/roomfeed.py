@@ -39,7 +39,7 @@ import numpy as np
 
 import framebus
 from services.recorder import segments
-from services.recorder.mp4 import AUDIO_PREROLL, DiskFull, Mp4Error, boot_id
+from services.recorder.mp4 import AUDIO_PREROLL, DiskFull, Mp4Error, boot_id, read_state, state_extent
 from services.recorder.room import RoomConfig, RoomInputError, RoomRecorder
 
 __all__ = ["RoomFeed"]
@@ -313,8 +313,9 @@ class RoomFeed:
             return
         self.segments += 1
         self.last_path = final
-        self.emit("record.segment", {"target": self.target, "path": str(final), "duration": None, "frames": None,
-                                     "bytes": os.path.getsize(final)})
+        seconds, frames = state_extent(read_state(final))
+        self.emit("record.segment", {"target": self.target, "path": str(final), "duration": seconds,
+                                     "frames": frames, "bytes": os.path.getsize(final)})
 
     # ------------------------------------------------------------ the end
     def _finish(self) -> Path | None:

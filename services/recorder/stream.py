@@ -55,7 +55,7 @@ import numpy as np
 
 from services.recorder import encoder as encoders
 from services.recorder import segments
-from services.recorder.mp4 import AUDIO_PREROLL, DiskFull, Mp4Error, Mp4Writer, Track, boot_id
+from services.recorder.mp4 import AUDIO_PREROLL, DiskFull, Mp4Error, Mp4Writer, Track, boot_id, state_extent
 
 __all__ = ["Settings", "StreamRecorder", "VIDEO_TB", "sps_of"]
 
@@ -448,7 +448,10 @@ class StreamRecorder:
                         self.replay = []
                     if self.replay is not None:
                         saved = _Saved(item)
-                        self.replay = self.replay + [saved] if item.valid() else None
+                        if item.valid():
+                            self.replay.append(saved)
+                        else:  # overwritten while copied: no clean GOP to repeat
+                            self.replay = None
                 return True
             exact = same and item.seq == at["seq"] + 1
         self.resume_at = None
@@ -514,9 +517,9 @@ class StreamRecorder:
             return
         self.segments += 1
         self.last_path = final
-        frames = sum(int(t.get("frames") or 0) for t in (doc or {}).get("tracks") or [])
-        self.emit("record.segment", {"target": self.target, "path": str(final), "duration": None, "frames": frames,
-                                     "bytes": os.path.getsize(final)})
+        seconds, frames = state_extent(doc)
+        self.emit("record.segment", {"target": self.target, "path": str(final), "duration": seconds,
+                                     "frames": frames, "bytes": os.path.getsize(final)})
 
     # ------------------------------------------------------------ breaks and errors
     def interrupt(self, why: str) -> None:
