@@ -8,9 +8,10 @@ the commands `record.start {target}`, `record.stop {target}`, `record.list {}`.
 
 Everything runs on the service loop: one framebus consumer per target, drained every
 DRAIN_SECONDS in a bounded batch per turn (not woken per frame: see _drain) and feeding
-services.recorder.stream.StreamRecorder. Once a second: attach to streams that appeared, finish the segment of a
-stream whose producer died or closed, resume recordings paused by a full disk when space
-is back. Once a minute (and after each segment): retention (services/recorder/segments).
+services.recorder.stream.StreamRecorder. Once a second: attach to streams that appeared (a
+stream that closed finishes its segment; one whose producer died and comes back goes on in
+it, after a gap), resume recordings paused by a full disk when space is back. Once a
+minute (and after each segment): retention (services/recorder/segments).
 At start, `.partial` files a crash left are repaired; with `[recorder] resume` (the
 default) each target takes up where its last file ends, from the ring's history, and
 continues the file the crash cut (stream.py, "Restarts"); the other leftovers are renamed.
