@@ -259,7 +259,10 @@ def test_a_recorder_down_longer_than_the_history_reports_the_overrun_with_its_le
     flashes, beeps = flashes_and_beeps(rooms[0])
     longest = max(np.diff(beeps))  # the beeps (one a second) the hole took: its length, to the beep
     assert longest - 1.15 <= room["cam/audio"]["seconds"] <= longest + 0.15, (beeps, room)
-    inside = [t for t in flashes if min(beeps) - 0.5 < t < max(beeps) + 0.5]
+    # in sync on both sides of the hole; the first beep after it may have lost its head to it
+    cut = beeps[int(np.argmax(np.diff(beeps))) + 1]
+    inside = [t for t in flashes if min(beeps) - 0.5 < t < max(beeps) + 0.5 and abs(t - cut) > 0.5]
+    assert len(inside) >= 5
     assert all(abs(min(beeps, key=lambda x: abs(x - t)) - t) <= 0.040 for t in inside), (flashes, beeps)
 
 

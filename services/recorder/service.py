@@ -47,6 +47,7 @@ SWEEP_SECONDS = 60.0
 ROOM_PROBE_SIZE = (640, 480)  # the size the encoder probe of a room's raw sessions runs at
 DRAIN_SECONDS = 0.1         # every target's ring (and every room's streams) is drained this often
 TARGETS_FILE = "recordings.json"  # targets started and stopped by command, over [recorder] record
+EARLY_EVENTS = 256          # events kept until the hub link is up
 
 
 def recordings_dir(config) -> Path:
@@ -108,6 +109,7 @@ class Recorder(Service):
         self.m = _Metrics(self.registry)
         self.targets: dict[str, _Target] = {}
         self.rooms: dict[str, RoomFeed] = {}
+        self._early: list[tuple[str, dict]] = []  # events from before the hub answered (_emit)
         self.on_stop(self._stop_all, "the recordings")
         wanted = self._wanted()
         # the file each target was writing when the recorder died: continued, not renamed
@@ -216,8 +218,23 @@ class Recorder(Service):
                 "frames": t.rec.frames}
 
     def _emit(self, topic: str, data: dict) -> None:
-        if self.link is not None:
-            self.link.publish(topic, data)
+        """An event to the hub. Until the link has heard from the hub, events wait (at most
+        EARLY_EVENTS): a PUB socket drops what it sends before its subscriber's handshake, and a
+        restarted recorder reports where it resumed, and any gap, while it starts."""
+        if self.link is None:
+            return
+        if not self.link.connected:
+            if len(self._early) < EARLY_EVENTS:
+                self._early.append((topic, data))
+            return
+        self._flush_early()
+        self.link.publish(topic, data)
+
+    def _flush_early(self) -> None:
+        if self._early and self.link is not None and self.link.connected:
+            early, self._early = self._early, []
+            for topic, data in early:
+                self.link.publish(topic, data)
 
     # ------------------------------------------------------------ input
     def _readable(self, t: _Target) -> None:
@@ -282,6 +299,8 @@ class Recorder(Service):
         Not a wake-up per frame: recording has no latency to keep, a ring holds seconds of
         items, and one wake-up for every target together costs a fraction of 30 per stream
         per second (benchmarks/record.py)."""
+        if self._early:
+            self._flush_early()
         for t in list(self.targets.values()):
             if not t.again:
                 self._readable(t)
