@@ -455,3 +455,188 @@ def _aus_sized(n: int, w: int, h: int) -> list[tuple[bytes, bool]]:
         f.pts = i
         out += [(bytes(p), p.is_keyframe) for p in enc.encode(f)]
     return out
+
+
+# ------------------------------------------------------------------ WAV, VP8 and B-frames across restarts
+class _Chunk:
+    kind = "audio"
+
+    def __init__(self, pcm: np.ndarray, gen: int, seq: int, cap: int) -> None:
+        self.array, self.rate, self.channels = pcm.reshape(-1, 1), 48000, 1
+        self.generation, self.seq, self.capture_ns = gen, seq, cap
+
+    def valid(self) -> bool:
+        return True
+
+
+def _tone_chunks(seconds: int = 6, n: int = 960) -> list[_Chunk]:
+    """20 ms chunks of a 440 Hz tone, as capture puts them on the bus."""
+    rate = 48000
+    sig = (np.sin(2 * np.pi * 440 * np.arange(rate * seconds) / rate) * 8000).astype(np.int16)
+    return [_Chunk(sig[i:i + n], 1, k, 10**12 + i * 10**9 // rate) for k, i in enumerate(range(0, len(sig), n))]
+
+
+def _wav_pcm(path) -> np.ndarray:
+    import wave
+    with wave.open(str(path)) as f:
+        return np.frombuffer(f.readframes(f.getnframes()), np.int16)
+
+
+def test_a_killed_wav_recording_resumes_in_the_same_file_sample_for_sample(tmp_path):
+    """NAME-audio: 20 ms chunks, a kill, a restart fed from the ring's history: one WAV, the
+    same samples as an unbroken recording's, none twice, none missing."""
+    chunks = _tone_chunks()
+    ev = _Events()
+    ref = _recorder(tmp_path / "ref", ev)
+    for c in chunks:
+        ref.feed(c)
+    ref.stop()
+    (want,) = (tmp_path / "ref" / "cam").glob("*.wav")
+    root = tmp_path / "r"
+    rec = _recorder(root, ev)
+    for c in chunks[:170]:
+        rec.feed(c)
+    _kill(rec)  # the chunks queued since the last flush are gone, the ring still has them
+    rec = _restart(root, ev)
+    for c in chunks:  # the ring's history, from its oldest chunk on
+        rec.feed(c)
+    rec.stop()
+    files = list((root / "cam").glob("*.wav"))
+    assert len(files) == 1 and not list((root / "cam").glob("*.partial")) and _decode_errors(files[0]) == ""
+    assert np.array_equal(_wav_pcm(files[0]), _wav_pcm(want))
+    assert [d["appended"] for d in ev.of("record.resumed")] == [True] and not ev.of("record.gap")
+    seg = ev.of("record.segment")[-1]
+    assert seg["path"] == str(files[0]) and seg["start_ns"] == chunks[0].capture_ns
+
+
+def test_a_cut_wav_whose_audio_does_not_come_back_is_finished_not_left_partial(tmp_path):
+    """The restarted recorder keeps the cut file to continue it; when its audio has not come
+    back within segment_seconds of the file's end it is finished as it is."""
+    from services.recorder.stream import Settings, StreamRecorder
+    chunks = _tone_chunks(2)
+    ev = _Events()
+    rec = _recorder(tmp_path, ev)
+    for c in chunks[:60]:
+        rec.feed(c)
+    _kill(rec)
+    cut = segments.newest_partial(tmp_path, "cam")
+    segments.recover(tmp_path, keep={cut})
+    rec = StreamRecorder("cam", tmp_path, Settings(segment_seconds=30, fragment_seconds=0.2, fsync=False), ev)
+    doc, _ = segments.last_state(tmp_path, "cam")
+    rec.resume(doc, cut)
+    end = doc["tracks"][0]["tok"][2]
+    rec.expire(end + 29 * 10**9)
+    assert cut.exists() and not ev.of("record.segment"), "still waiting for its audio"
+    rec.expire(end + 31 * 10**9)
+    done = cut.with_name(cut.name.removesuffix(".partial"))
+    assert not cut.exists() and done.exists() and _decode_errors(done) == ""
+    seg = ev.of("record.segment")[0]
+    assert seg["path"] == str(done) and seg["frames"] == doc["tracks"][0]["frames"]
+    assert abs(seg["duration"] - len(_wav_pcm(done)) / 48000) < 1e-3
+
+
+def test_a_killed_vp8_recording_resumes_mid_gop_without_waiting_for_a_keyframe(tmp_path):
+    """VP8 is decoded and encoded: a restart cannot append to the encoder's file, so the next
+    picture begins a new segment; its decoder is first given the GOP up to the resume point,
+    so that picture is the one after the file's last, not the next keyframe's."""
+    enc = av.CodecContext.create("libvpx", "w")
+    enc.width, enc.height, enc.pix_fmt, enc.time_base = 160, 96, "yuv420p", Fraction(1, 30)
+    enc.gop_size, enc.options = 30, {"deadline": "realtime", "lag-in-frames": "0"}
+    aus = []
+    for i in range(120):
+        f = av.VideoFrame.from_ndarray(np.full((96, 160, 3), i * 2 % 256, np.uint8), format="rgb24").reformat(
+            format="yuv420p")
+        f.pts = i
+        aus += [(bytes(p), p.is_keyframe) for p in enc.encode(f)]
+    assert len(aus) == 120 and [i for i, (_, k) in enumerate(aus) if k] == [0, 30, 60, 90]
+    items = _stream(aus)
+    for it in items:
+        it.codec = "vp8"
+    ev = _Events()
+    rec = _recorder(tmp_path, ev)
+    for it in items[:62]:
+        rec.feed(it)
+    _kill(rec)
+    after = read_state(segments.newest_partial(tmp_path, "cam"))["tracks"][0]["tok"][1] + 1
+    assert after % 30 and after < 60, f"the resume point ({after}) is mid-GOP"
+    rec = _restart(tmp_path, ev)
+    for it in items:
+        rec.feed(it)
+    rec.stop()
+    files = sorted((tmp_path / "cam").glob("*.mp4"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2 and all(_decode_errors(f) == "" for f in files)
+    first, second = (_frames(f) for f in files)
+    assert (first, second) == (after, 120 - after)
+    assert rec.dropped.get("waiting_keyframe", 0) == 0
+
+
+def _bframe_stream(n: int, gen: int = 1, t0: int = 10**12) -> list[_Item]:
+    """n H.264 access units with B-frames (x264 -bf 2), as capture puts them on the bus: in
+    decode order, capture times 33 ms apart, the encoder's pts (1/30 s)."""
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt, enc.time_base = 160, 120, "yuv420p", Fraction(1, 30)
+    enc.gop_size, enc.max_b_frames = 30, 2
+    enc.options = {"preset": "veryfast", "x264-params": "repeat-headers=1:scenecut=0:b-adapt=0:bframes=2"}
+    packets = []
+    for i in range(n):
+        f = av.VideoFrame.from_ndarray(np.full((120, 160, 3), i * 2 % 256, np.uint8), format="rgb24").reformat(
+            format="yuv420p")
+        f.pts = i
+        packets += list(enc.encode(f))
+    packets += list(enc.encode(None))
+    items = []
+    for seq, p in enumerate(packets):
+        it = _Item(bytes(p), p.is_keyframe, gen, seq, t0 + seq * 33_333_333)
+        it.pts, it.time_base = p.pts, Fraction(1, 30)
+        items.append(it)
+    assert any(b.pts < a.pts for a, b in zip(items, items[1:])), "the stream reorders"
+    return items
+
+
+def _frame_pts(path) -> list[int]:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts", "-of",
+                          "csv=p=0", str(path)], capture_output=True, text=True, check=True).stdout.split()
+    return [int(x.split(",")[0]) for x in out]
+
+
+def test_b_frames_resume_through_the_window_and_go_on_after_a_producer_restart(tmp_path):
+    """The 8 access units the B-frame window holds are not in the file when the recorder dies;
+    the resume state names the last one that is, so the restart takes them from the ring: one
+    file, the same packets and timestamps as an unbroken recording. A capture restart (its
+    pts start at 0 again) then goes on in the same file: presentation times strictly
+    increasing across the gap, which is as long as it was."""
+    run1 = _bframe_stream(150)
+    ev = _Events()
+    ref = _recorder(tmp_path / "ref", ev)
+    for it in run1:
+        ref.feed(it)
+    ref.stop()
+    (want,) = (tmp_path / "ref" / "cam").glob("*.mp4")
+    root = tmp_path / "r"
+    rec = _recorder(root, ev)
+    for it in run1[:70]:
+        rec.feed(it)
+    held = len(rec.held)
+    _kill(rec)
+    state = read_state(segments.newest_partial(root, "cam"))
+    assert held == 8 and state["tracks"][0]["tok"][1] < 70 - held, "the held units are not in the file"
+    rec = _restart(root, ev)
+    for it in run1:
+        rec.feed(it)
+    files = list((root / "cam").glob("*.mp4*"))
+    assert len(files) == 1
+    run2 = _bframe_stream(60, gen=2, t0=run1[-1].capture_ns + 2 * 10**9)
+    for it in run2:
+        rec.feed(it)
+    rec.stop()
+    (got,) = (root / "cam").glob("*.mp4")
+    assert _decode_errors(got) == "" and _frames(got) == 210
+    pts, ref_pts = _packet_pts(got), _packet_pts(want)
+    assert pts[:150] == ref_pts, "the same timestamps as an unbroken recording"
+    shown = _frame_pts(got)
+    assert all(b > a for a, b in zip(shown, shown[1:])), "presentation times strictly increasing"
+    gaps = ev.of("record.gap")
+    assert [g["reason"] for g in gaps] == ["source"]
+    assert gaps[0]["seconds"] == round((run2[0].capture_ns - run1[-1].capture_ns - 33_333_333) / 1e9, 3)
+    hole = (min(pts[150:]) - max(pts[:150])) / 90000
+    assert abs(hole - (run2[0].capture_ns - run1[-1].capture_ns) / 1e9) < 0.2, hole

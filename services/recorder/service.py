@@ -277,6 +277,7 @@ class Recorder(Service):
                 self._readable(t)
             # a producer that died is left alone: its successor's items continue the segment (a gap
             # in its timeline), or start a new one if the stream's shape changed
+            t.rec.expire(time.monotonic_ns())
             if t.rec.state == "disk_full":
                 _, size = segments.free_bytes(self.root)
                 t.rec.resume_if_space(min_free_bytes(size))

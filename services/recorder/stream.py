@@ -311,9 +311,10 @@ class StreamRecorder:
             self._finish(f"no audio for {place.gap / item.rate:.1f} s")
             self._open_wav(shape, item.capture_ns)
             place = self.placer.place(item.capture_ns, len(pcm))
+        ident = (item.generation, item.seq, item.capture_ns)
         if place.skip < len(pcm):
-            self.writer.write(pcm[place.skip:], place.pos)
-        self._wrote((item.generation, item.seq, item.capture_ns), len(pcm) * 1_000_000_000 // item.rate)
+            self.writer.write(pcm[place.skip:], place.pos, token=ident)
+        self._wrote(ident, len(pcm) * 1_000_000_000 // item.rate)
 
     def _since(self, capture_ns: int) -> int:
         """Nanoseconds since the segment's first item."""
@@ -427,14 +428,30 @@ class StreamRecorder:
                      f"{fmt} {width}x{height}, encoded with {choice.name} ({how})")
 
     def _open_wav(self, shape: tuple, capture_ns: int) -> None:
+        """A new WAV, or the one the crash cut when the audio goes on in the same format: its
+        samples keep their times (t0 from its state), the next chunk goes where its capture
+        time says after the file's end (a hole as silence, up to AUDIO_GAP_MAX_S)."""
         rate, channels = shape
         self.shape, self.encoder_kind = shape, "wav"
-        path = segments.new_path(self.root, self.target, ext="wav")
-        self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
-                                fsync=self.settings.fsync, on_flush=self._flushed if self.m is not None else None)
+        on_flush = self._flushed if self.m is not None else None
+        cont = self._take_cont("wav", shape)
+        if cont is not None:
+            path, doc = cont
+            self.t0_ns = int(doc["owner"]["t0"])
+            self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
+                                    fsync=self.settings.fsync, on_flush=on_flush, state=self._owner_state,
+                                    resume=doc)
+            self.placer = AudioPlacer(self.t0_ns, rate)
+            self.placer.next_pos = self.writer.samples  # continuous with the file within the jitter
+            log.info("%s: continuing %s after the restart", self.target, path)
+            self.emit("record.resumed", {"target": self.target, "path": str(path), "appended": True})
+        else:
+            path = segments.new_path(self.root, self.target, ext="wav")
+            self.t0_ns = capture_ns  # sample 0 of the file; sample n was captured at t0 + n / rate
+            self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
+                                    fsync=self.settings.fsync, on_flush=on_flush, state=self._owner_state)
+            self.placer = AudioPlacer(capture_ns, rate)
         self.track = None
-        self.t0_ns = capture_ns  # sample 0 of the file; sample n was captured at t0 + n / rate
-        self.placer = AudioPlacer(capture_ns, rate)
         self._opened("pcm_s16le", False, "", f"audio {rate} Hz x{channels} into WAV")
 
     def _opened(self, name: str, hardware: bool, note: str, what: str) -> None:
@@ -492,7 +509,8 @@ class StreamRecorder:
 
     # ------------------------------------------------------------ restarts and gaps
     def resume(self, doc: dict | None, partial: Path | None = None) -> None:
-        """Take up where the target's last file ends: `doc` is its resume state (mp4.read_state),
+        """Take up where the target's last file ends: `doc` is its resume state (mp4.read_state
+        or wav.read_state),
         `partial` the file itself when a crash cut it (repaired, still `.partial`): it goes on
         with the next item. Call before the first feed()."""
         at = _resume_point(doc)
@@ -513,7 +531,8 @@ class StreamRecorder:
         at = self.resume_at
         same = item.generation == at["gen"]
         if same and item.seq <= at["seq"]:
-            if self.cont is None and item.kind == "encoded":  # the GOP a new segment would start with
+            if item.kind == "encoded" and (self.cont is None or item.codec in TRANSCODED):
+                # the GOP a new segment would start with, or a decoder must have seen
                 if item.keyframe:
                     self.replay = []
                 if self.replay is not None:
@@ -529,7 +548,9 @@ class StreamRecorder:
         replay, self.replay = self.replay, None
         if exact:
             self.exact = True
-            if self.cont is None and item.kind == "encoded" and not item.keyframe and replay:
+            if item.kind == "encoded" and item.codec in TRANSCODED and not item.keyframe and replay:
+                self._prime(replay)
+            elif self.cont is None and item.kind == "encoded" and not item.keyframe and replay:
                 # the last file was finished (a clean stop): a new segment must start at a keyframe, so
                 # it starts at the one before this item, and that GOP's head is in both files
                 log.info("%s: the last segment was finished cleanly; the new one repeats its last %d access "
@@ -544,6 +565,32 @@ class StreamRecorder:
                 self._close_cont(*self.cont, "the recorder was down longer than a segment")
                 self.cont = None
         return False
+
+    def _prime(self, replay: list) -> None:
+        """A transcoded stream (VP8) resumed mid-GOP: its decoder is given the skipped access
+        units from their keyframe (their pictures are in the file already, not written
+        again), so the next one decodes and nothing waits for the next keyframe."""
+        first = replay[0]
+        try:
+            decoder = av.CodecContext.create(first.codec, "r")
+            for saved in replay:
+                decoder.decode(av.Packet(saved.array))
+        except av.FFmpegError as exc:
+            log.warning("%s: the %s access units before the resume point do not decode (%s); waiting for a "
+                        "keyframe", self.target, first.codec, exc)
+            return
+        self.decoder, self.decoder_key = decoder, (first.generation, first.codec)
+
+    def expire(self, now_ns: int) -> None:
+        """A file the crash cut whose stream has not come back within `segment_seconds` of its
+        last item (the rule _before_resume applies when it does come back) is finished as it
+        is, not left `.partial` while the recorder waits."""
+        if self.cont is not None and self.writer is None:
+            at = _resume_point(self.cont[1])
+            since = now_ns - (at["cap"] if at is not None else 0)
+            if since > self.settings.segment_seconds * 1e9:
+                self._close_cont(*self.cont, f"its stream has not come back for {since / 1e9:.0f} s")
+                self.cont = None
 
     def _new_generation(self, item) -> None:
         """The producer restarted (a capture process died and came back): the segment goes on with
