@@ -138,8 +138,9 @@ def _feed(rec, path: Path, codec: str, t0_ns: int, *, sized: bool) -> int:
             for q in (bsf.filter(p) if bsf else [p]) if p.size else []:
                 cap = t0_ns + int((q.dts - v.start_time) * q.time_base * 1e9)
                 seq += 1
-                rec.feed(_Item(codec=codec, seq=seq, keyframe=q.is_keyframe, capture_ns=cap, pts=q.pts, time_base=q.time_base,
-                               array=np.frombuffer(bytes(q), np.uint8), width=v.codec_context.width if sized else 0,
+                rec.feed(_Item(codec=codec, seq=seq, keyframe=q.is_keyframe, capture_ns=cap, pts=q.pts,
+                               time_base=q.time_base, array=np.frombuffer(bytes(q), np.uint8),
+                               width=v.codec_context.width if sized else 0,
                                height=v.codec_context.height if sized else 0))
     return cap + 100_000_000
 

@@ -335,8 +335,9 @@ def repair(path: str | os.PathLike) -> int:
     """Make a WAV left by a crash whole, reading its header and its last chunk only: a whole
     state chunk at the end vouches for the samples before it (the header's sizes are set to
     them); else the file is cut back to what the header says (the last flush that updated
-    it), or, when the header is ahead of the samples, to its last whole sample frame. Returns the size kept: 0 when the header is not whole or no sample frame
-    is (nothing worth keeping)."""
+    it), or, when the header is ahead of the samples, to its last whole sample frame.
+    Returns the size kept: 0 when the header is not whole or no sample frame is (nothing
+    worth keeping)."""
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         got = _header(f)
