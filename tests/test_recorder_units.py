@@ -251,6 +251,44 @@ def test_an_appending_writer_continues_the_file_it_resumes(tmp_path):
     assert read_state(path)["tracks"][0]["tok"] == [1, 119]
 
 
+def test_an_appended_video_track_keeps_its_times_where_the_audio_starts_earlier(tmp_path):
+    """The appending writer's audio starts AUDIO_PREROLL frames before the file's end, and a
+    video that comes back after a hole (its producer restarted) starts at its next keyframe,
+    later still: FFmpeg, shifting a file to start at 0 without edit lists, would give that
+    first video sample the difference as its duration, and every sample after it in the
+    fragment would play that much late (the next fragment's tfdt then jumping back:
+    'non monotonically increasing dts'). Appended, the video keeps the times it was given."""
+    aus = _aus(120)
+    rate = 48000
+    path = tmp_path / "av.mp4"
+
+    def audio(w, t, frm, to):
+        for s in range(frm, to, 960):
+            w.write_audio(t, np.full((960, 1), 100, np.int16), s)
+
+    w = Mp4Writer(path, fragment_seconds=0.3, fsync=False, state=lambda: {"t0": 5})
+    v, a = w.add_video_copy("h264", 160, 120), w.add_audio(rate, 1)
+    for i in range(59):
+        w.write_packet(v, aus[i][0], i * 3000, keyframe=aus[i][1], token=[1, i])
+        audio(w, a, i * 1600, (i + 1) * 1600)
+    os.close(w._fd)  # noqa: SLF001 - killed
+    repair(path)
+    st = read_state(path)
+    nxt = st["tracks"][0]["tok"][1] + 1
+    assert 40 < nxt < 60 and aus[60][1], nxt  # a hole of a few pictures, then a keyframe
+    w = Mp4Writer(path, fragment_seconds=0.8, fsync=False, resume=st)  # (longer than the hole: one fragment)
+    v, a = w.add_video_copy("h264", 160, 120), w.add_audio(rate, 1)
+    audio(w, a, a.next_input, 60 * 1600)
+    for i in range(60, 120):
+        w.write_packet(v, aus[i][0], i * 3000, keyframe=aus[i][1], token=[1, i])
+        audio(w, a, i * 1600, (i + 1) * 1600)
+    w.close()
+    assert _decode_errors(path) == ""
+    pts = _packet_pts(path)
+    shift = pts[1] - 3000  # the file's own start (AAC's priming): its first picture is held from 0
+    assert pts[1:] == [i * 3000 + shift for i in [*range(1, nxt), *range(60, 120)]], pts
+
+
 def test_appended_audio_continues_on_the_frame_grid_without_a_click(tmp_path):
     """An AAC track resumed two frames before the file's end (those samples again, from the
     bus's history): the decoded result matches an unbroken encode to within the codec's own

@@ -208,7 +208,12 @@ class Mp4Writer:
         self._container = av.open(self._sink, "w", format="mp4", options={
             "movflags": MOVFLAGS, "frag_duration": frag_us,
             # a track that falls silent must not hold the others in the interleaver for 10 s (FFmpeg's default)
-            "max_interleave_delta": frag_us})
+            "max_interleave_delta": frag_us,
+            # appending: our timestamps as they are. Shifting the file to start at 0 without edit
+            # lists, FFmpeg gives a track that starts after another (video back after a hole,
+            # audio from its pre-roll) a first sample as long as the difference, and the samples
+            # after it in that fragment play that much late (tfdt is set for each fragment anyway)
+            **({"avoid_negative_ts": "make_non_negative"} if resume is not None else {})})
         self.tracks: list[Track] = []
         self._bytes = os.fstat(self._fd).st_size if resume is not None else 0
         self.fragments = 0
