@@ -178,6 +178,7 @@ class Producer:
     _holders: list[tuple[int, bool]]  # (entry offset, reliable) per consumer
     _slot_seq: list[int]  # the item each slot holds (-1: none)
     _slot_of: dict[int, int]  # item -> slot, for items still in the index
+    _reserved: list[int] | None  # per slot, payload bytes whose pages are reserved (None: all of them)
     _rate_t0: int
     _rate_n: int
     _last_maint: int
@@ -189,7 +190,7 @@ class Producer:
     @classmethod
     def create(cls, stream: str, kind: str = "video", *, payload: int, slots: int = 8,
                prefix: str | None = None, max_consumers: int = 16,
-               hold_back: float | None = 0.0, history: bool = False) -> Producer:
+               hold_back: float | None = 0.0, history: bool = False, reserve: str = "all") -> Producer:
         """Create the ring `stream` (replacing a stale one) and become its producer.
 
         payload: the largest item in bytes; slots: ring length (>= 2);
@@ -201,6 +202,11 @@ class Producer:
         pictures); a ring nobody reads is a plain ring all the same (there is no reader to
         keep in cache), so the reader that comes first, start='oldest', finds the items
         sent before it could register (a stream's first pictures), up to `slots` of them.
+        reserve: 'all' reserves every page of /dev/shm at creation; 'written' reserves
+        the control part then and each slot's payload pages as items first reach them, so
+        a long ring of roomy slots (a history of compressed video, whose items are far
+        smaller than the slot) costs the memory its items take, not slots x payload. Either
+        way a full /dev/shm is BusFull (at the loan for 'written'), never a SIGBUS.
         Raises StreamBusy if a live producer owns the stream, BusFull if /dev/shm is full.
         """
         self = cls()
@@ -212,6 +218,8 @@ class Producer:
             raise ValueError(f"slots must be 2..65536, got {slots}")
         if payload <= 0:
             raise ValueError(f"payload must be positive, got {payload}")
+        if reserve not in ("all", "written"):
+            raise ValueError(f"reserve must be 'all' or 'written', got {reserve!r}")
         if not 1 <= max_consumers <= 256:
             raise ValueError(f"max_consumers must be 1..256, got {max_consumers}")
         if hold_back is None:
@@ -224,15 +232,16 @@ class Producer:
         self.geometry = geo = L.Geometry(slots, payload, max_consumers)
         self._hold_ns = hold_ns
         self._history = history
+        upfront = geo.total_size if reserve == "all" else geo.payloads_off
         pid = os.getpid()
         ticks = procinfo.start_ticks(pid) or 0
         self._wake_serial = next_serial()
         tmp = tmp_path(self.prefix, self.stream, pid)
         try:
-            fd, mm = segment.build(tmp, geo.total_size)
+            fd, mm = segment.build(tmp, geo.total_size, upfront)
         except FileExistsError:  # a leftover of a dead process that had our pid
             os.unlink(tmp)
-            fd, mm = segment.build(tmp, geo.total_size)
+            fd, mm = segment.build(tmp, geo.total_size, upfront)
         try:
             L.IDENTITY.pack_into(
                 mm, 0, L.MAGIC, L.LAYOUT_VERSION, pid, ticks, slots, self.kind, payload,
@@ -261,6 +270,8 @@ class Producer:
         self._holders = []
         self._slot_seq = [-1] * slots
         self._slot_of = {}
+        # bytes of each slot's payload whose pages are reserved (None: all, at creation)
+        self._reserved = None if reserve == "all" else [0] * slots
         self._rate_t0 = time.monotonic_ns()
         self._rate_n = 0
         self._last_maint = self._rate_t0
@@ -340,13 +351,21 @@ class Producer:
         struct.pack_into("<Q", mm, L.OFF_GENERATION, generation)
 
     # ---------------------------------------------------------------- loans
-    def _begin(self) -> int:
+    def _begin(self, size: int) -> int:
         if self._closed:
             raise BusError(f"stream {self.stream!r}: producer is closed")
         if self._loaned:
             raise BusError(f"stream {self.stream!r}: one loan at a time; send or abort the previous one")
         seq = self._seq
         slot = self._choose_slot(seq)
+        reserved = self._reserved
+        if reserved is not None and size > reserved[slot]:
+            # first time this slot holds this much: its pages, before any is written (BusFull, no SIGBUS)
+            geo = self.geometry
+            want = min(-(-size // L.PAGE) * L.PAGE, geo.slot_stride)
+            segment.reserve_range(self._fd, geo.payloads_off + slot * geo.slot_stride + reserved[slot],
+                                  want - reserved[slot], f"{self.prefix}.{self.stream}")
+            reserved[slot] = want
         old = self._slot_seq[slot]
         if old >= 0:
             self._slot_of.pop(old, None)
@@ -485,7 +504,7 @@ class Producer:
         geo = picture_geometry(fmt, width, height, stride)
         self._check_size(geo.size, f"a {width}x{height} {fmt} picture")
         f = PIXEL_FORMATS[fmt]
-        index = self._begin()
+        index = self._begin(geo.size)
         view = self._views.get(index, KIND_VIDEO, f, geo.size, width, height, geo.stride0, geo.stride1)
         return Loan(self, index, KIND_VIDEO, f, geo.size, width, height, geo.stride0, geo.stride1, view)
 
@@ -501,7 +520,7 @@ class Producer:
             raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
         size = self.geometry.payload_capacity if size is None else size
         self._check_size(size, "the access unit")
-        index = self._begin()
+        index = self._begin(size)
         return Loan(self, index, KIND_ENCODED, CODECS[codec], size, max(0, width), max(0, height), 0, 0,
                     self._views.base(index)[:size])
 
@@ -512,7 +531,7 @@ class Producer:
             raise ValueError(f"audio needs positive samples, channels and rate, got {samples}, {channels}, {rate}")
         size = samples * channels * 2
         self._check_size(size, f"{samples} samples x {channels} channels of s16")
-        index = self._begin()
+        index = self._begin(size)
         s16 = SAMPLE_FORMATS["s16"]
         view = self._views.get(index, KIND_AUDIO, s16, size, rate, channels, samples, 0)
         return Loan(self, index, KIND_AUDIO, s16, size, rate, channels, samples, 0, view)

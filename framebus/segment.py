@@ -12,8 +12,11 @@ SharedMemory class for three reasons:
   never register at all.
 * A new ring is built under a private name and published with link(2)/rename(2), so no
   process ever attaches to a half-initialised header, and two producers cannot both win.
-* Pages are reserved with posix_fallocate(3) at creation: a full /dev/shm is a clear
-  BusFull error then, not a SIGBUS in the middle of a frame later (Frigate's "Bus error").
+* Pages are reserved with posix_fallocate(3) before they are written: a full /dev/shm is
+  a clear BusFull error then, not a SIGBUS in the middle of a frame later (Frigate's "Bus
+  error"). A ring reserves everything at creation, or (`build(..., reserve=n)`, the long
+  history rings) its first n bytes at creation and each slot's payload pages as the
+  producer first writes that far into them (`reserve_range`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from contextlib import contextmanager
 from framebus.errors import BusFull
 from framebus.names import SHM_DIR
 
-__all__ = ["Mapping", "build", "flock", "open_existing", "remove_if_same"]
+__all__ = ["Mapping", "build", "flock", "open_existing", "remove_if_same", "reserve_range"]
 
 MODE = 0o660  # owner and the appliance's group; systemd units share one group
 
@@ -87,28 +90,38 @@ def check_room(path: str, size: int) -> None:
         )
 
 
-def build(path: str, size: int) -> tuple[int, mmap.mmap]:
-    """Create `path` exclusively with `size` reserved bytes; return its fd and a mapping."""
-    check_room(path, size)
+def build(path: str, size: int, reserve: int | None = None) -> tuple[int, mmap.mmap]:
+    """Create `path` exclusively, `size` bytes long, its first `reserve` bytes (default: all)
+    reserved; return its fd and a mapping. The rest must be reserved (`reserve_range`)
+    before it is written."""
+    reserve = size if reserve is None else min(reserve, size)
+    check_room(path, reserve)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, MODE)
     try:
         os.fchmod(fd, MODE)  # umask must not take the group's access away
         os.ftruncate(fd, size)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                st = os.statvfs(SHM_DIR)
-                raise BusFull(
-                    f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free but the ring "
-                    f"{os.path.basename(path)} needs {size}; enlarge the tmpfs or use fewer "
-                    "or smaller slots"
-                ) from None
-            raise
+        reserve_range(fd, 0, reserve, os.path.basename(path))
         return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
         os.unlink(path)
+        raise
+
+
+def reserve_range(fd: int, offset: int, length: int, name: str) -> None:
+    """Allocate the tmpfs pages of [offset, offset + length) (those already there cost nothing);
+    BusFull when /dev/shm has no room for them."""
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG):
+            st = os.statvfs(SHM_DIR)
+            raise BusFull(
+                f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free but the ring {name} needs "
+                f"{length} more; enlarge the tmpfs or use fewer or smaller slots"
+            ) from None
         raise
 
 

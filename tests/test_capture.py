@@ -111,7 +111,7 @@ def test_sink_grows_the_encoded_ring_and_remakes_the_raw_ring_on_a_size_change(p
 
 def test_an_encoded_ring_nobody_reads_keeps_its_history_for_a_late_decoder(prefix):
     m = SinkMetrics(*(_Count() for _ in range(7)))
-    sink = Sink("h", prefix, m)
+    sink = Sink("h", prefix, m, history_seconds=2.0, fps=25.0)  # 50 items: the least, 64 slots
     try:
         for i in range(100):  # more than the 64 slots, with no reader at all
             sink.encoded(bytes([0, 0, 0, 1, 0x65 if i % 10 == 0 else 0x41, i]), "h264", keyframe=i % 10 == 0,
@@ -119,6 +119,32 @@ def test_an_encoded_ring_nobody_reads_keeps_its_history_for_a_late_decoder(prefi
         with framebus.Consumer.attach("h", prefix=prefix, start="oldest") as late:
             got = [item.pts for item in iter(late.poll, None)]
         assert got == list(range(36, 100)), "the last 64 items, oldest first: a late decoder finds keyframe 40"
+    finally:
+        sink.close()
+
+
+def test_the_history_rings_hold_history_seconds_at_the_rate_and_cost_what_their_items_take(prefix):
+    """10 s at 25 frames/s: 250 access units; the audio ring 10 s of its 20 ms chunks. The
+    pages of /dev/shm they take are those of the items (a few KiB each), not 250 slots of
+    256 KiB."""
+    m = SinkMetrics(*(_Count() for _ in range(7)))
+    sink = Sink("h", prefix, m, history_seconds=10.0, fps=25.0)
+    try:
+        for i in range(300):
+            sink.encoded(bytes([0, 0, 0, 1, 0x65 if i % 25 == 0 else 0x41]) + bytes(2000), "h264",
+                         keyframe=i % 25 == 0, pts=i, time_base=Fraction(1, 25), capture_ns=i + 1, width=640,
+                         height=360)
+            sink.audio(np.zeros((960, 1), np.int16), 48000, pts=i * 960, capture_ns=i + 1)
+        with framebus.Consumer.attach("h", prefix=prefix, start="oldest") as late:
+            got = [item.pts for item in iter(late.poll, None)]
+        assert got == list(range(50, 300)), "the last 250 items"
+        assert sink.audio_producer.geometry.slot_count == 500  # 10 s of 20 ms chunks
+        ring = f"/dev/shm/{prefix}.h"
+        slots, stride = sink.video.geometry.slot_count, sink.video.geometry.slot_stride
+        taken = os.stat(ring).st_blocks * 512 - sink.video.geometry.payloads_off
+        assert slots == 250 and stride >= 256 * 1024
+        assert taken <= 250 * 4096, f"{taken} bytes of pages for 250 items of 2 KB (reserved up front: " \
+                                    f"{slots * stride})"
     finally:
         sink.close()
 

@@ -211,9 +211,11 @@ def test_to_dict_is_plain_json():
         ("[hooks.before_bridge_video]", "hooks.before_bridge_video", "BEFORE_BRIDGE_VIDEO, ON_VISION_RESULT"),
         ("[hooks.ON_AUDIO]\ndeadline = 1", "hooks.ON_AUDIO", "BEFORE_BRIDGE_VIDEO, ON_VISION_RESULT"),
         ("[sources.cam1]\nformat = 'rgb'", "sources.cam1.format",
-         "kind, room, reconnect_min, reconnect_max, decode, pixel_format, hw_decode, decode_threads, width, height"),
+         "kind, room, reconnect_min, reconnect_max, decode, pixel_format, hw_decode, decode_threads, "
+         "history_seconds, width, height"),
         ("[sources.cam1]\nkind = 'url'\nurl = 'rtsp://x/1'\nwidth = 640", "sources.cam1.width",
-         "kind, room, reconnect_min, reconnect_max, decode, pixel_format, hw_decode, decode_threads, url, transport"),
+         "kind, room, reconnect_min, reconnect_max, decode, pixel_format, hw_decode, decode_threads, "
+         "history_seconds, url, transport"),
     ],
 )
 def test_unknown_keys_are_rejected_with_the_known_ones(text, key, known):

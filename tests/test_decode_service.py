@@ -68,6 +68,9 @@ decode_threads = 2
 [sources.late]
 hw_decode = "off"
 decode_threads = 2
+[sources.long]
+hw_decode = "off"
+decode_threads = 2
 [sources.rawcam]
 encode = "raw"
 """
@@ -463,6 +466,24 @@ def test_decode_started_after_its_stream_reads_what_the_ring_still_holds(box):
     page = dec.wait_metric("edgeroom_decode_frames_out_total", 40)
     assert metric_value(page, "edgeroom_decode_frames_in_total", service=dec.id, stream="late") == 40
     assert dropped(page, "late") == {}
+    assert dec.stop() == 0
+
+
+def test_decode_that_joins_a_long_history_takes_only_its_last_64_items(box):
+    """Capture's rings keep seconds of history (for a recorder's restarts); a decode that starts
+    on a running stream decodes only the last 64 items of it (what the rings held before), not
+    a burst of seconds of stale pictures, and counts nothing it skipped as missed."""
+    feed = Feed(box.prefix, "long", slots=256)
+    feed.primed = True  # no reader of long-raw in this test: decode's counts tell what it read
+    with framebus.Consumer.attach("long", prefix=box.prefix, start="oldest"):  # lags: the ring keeps all
+        feed.send_clip(range(120), max_lag=None)
+        dec = Decode(box, "long")
+        wait_for(lambda: [c for c in readers(box.prefix, "long") if c.pid == dec.proc.pid and c.lag == 0], 10,
+                 "decode caught up")
+    page = dec.wait_metric("edgeroom_decode_frames_in_total", 64)
+    assert metric_value(page, "edgeroom_decode_frames_in_total", service=dec.id, stream="long") == 64
+    assert dropped(page, "long").get("missed", 0) == 0
+    feed.close()
     assert dec.stop() == 0
 
 

@@ -141,3 +141,33 @@ def test_corrupt_descriptor_is_dropped_counted_and_logged(prefix, caplog):
         item = c.poll()
         assert item is not None and item.seq == 1 and (item.array == 2).all()
         c.close()
+
+
+def test_a_ring_reserved_as_written_costs_the_pages_its_items_take(prefix):
+    """A history ring of roomy slots (compressed video: items far smaller than the slot) takes
+    /dev/shm pages as its items reach them, not slots x payload at creation; every item still
+    reads back whole."""
+    slots, payload = 128, 256 * 1024
+    with framebus.Producer.create("hist", "encoded", payload=payload, slots=slots, prefix=prefix, history=True,
+                                  reserve="written") as p:
+        path = f"/dev/shm/{prefix}.hist"
+        control = p.geometry.payloads_off
+        assert os.stat(path).st_size == control + slots * p.geometry.slot_stride
+        assert os.stat(path).st_blocks * 512 <= control + L.PAGE  # the payloads: nothing yet
+        sizes = [30000 if i % 30 == 0 else 3000 for i in range(2 * slots)]
+        for i, n in enumerate(sizes):
+            p.publish_encoded(bytes([i % 251]) * n, "h264", keyframe=n > 3000, capture_ns=i)
+        taken = os.stat(path).st_blocks * 512 - control
+        largest = {}  # per slot: the most bytes it held, in whole pages
+        for i, n in enumerate(sizes):
+            largest[i % slots] = max(largest.get(i % slots, 0), -(-n // L.PAGE) * L.PAGE)
+        assert taken <= sum(largest.values()) + L.PAGE, (taken, sum(largest.values()))
+        assert taken < slots * payload // 20
+        with framebus.Consumer.attach("hist", prefix=prefix, start="oldest") as c:
+            got = []
+            while (item := c.poll()) is not None:
+                got.append((item.seq, bytes(item.array[:1]), item.array.nbytes))
+        assert [g[0] for g in got] == list(range(slots, 2 * slots))
+        assert all(g[1] == bytes([g[0] % 251]) and g[2] == sizes[g[0]] for g in got)
+    with pytest.raises(ValueError, match="reserve must be 'all' or 'written'"):
+        framebus.Producer.create("x", payload=10, prefix=prefix, reserve="lazy")

@@ -107,7 +107,8 @@ def test_a_file_source_is_remuxed_into_segments_with_every_frame_and_no_reencode
     assert sum(e.data["frames"] for e in seg) == 100
 
 
-def test_sigkill_leaves_a_playable_file_missing_at_most_the_last_second(box, tmp_path, prefix):
+def test_sigkill_leaves_a_playable_file_missing_at_most_the_last_second_and_the_restart_completes_it(
+        box, tmp_path, prefix):
     src = numbered_file(tmp_path / "long.mp4", 300, fps=25, gop=25)
     b, rec = recorder_box(box, tmp_path, f'[sources.cam2]\nkind = "file"\npath = "{src}"\ndecode = false\n',
                           record="cam2")
@@ -134,9 +135,14 @@ def test_sigkill_leaves_a_playable_file_missing_at_most_the_last_second(box, tmp
     frames = ffprobe_frames(copy)
     assert frames >= on_bus - 25, f"{frames} frames recorded, {on_bus} on the bus before the kill (25 fps)"
     assert framemd5(copy) == framemd5(src)[:frames], "the recording is the source's first frames"
-    # the supervisor restarts the recorder, which finishes the leftover and records on
-    wait_for(lambda: path.with_name(path.name.removesuffix(".partial")).exists(), 20, "the leftover recovered")
-    assert "left by a crash" in b.log()
+    # the supervisor restarts the recorder, which repairs the file and records on in it from the ring's
+    # history (resume): when the file source ends, the one segment holds every frame, once
+    final = path.with_name(path.name.removesuffix(".partial"))
+    wait_for(lambda: final.exists(), 30, "the segment finished at the end of the file")
+    assert "was cut by a crash; its recording continues in it" in b.log()
+    assert finished(rec) == [final] and not partials(rec)
+    assert decode_errors(final) == ""
+    assert framemd5(final) == framemd5(src), "every frame of the source, once, in one segment"
 
 
 def test_a_full_disk_is_an_error_event_and_a_metric_the_file_plays_and_recording_resumes(box, tmp_path):

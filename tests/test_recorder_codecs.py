@@ -133,12 +133,14 @@ def _feed(rec, path: Path, codec: str, t0_ns: int, *, sized: bool) -> int:
     with av.open(str(path)) as f:
         v = f.streams.video[0]
         bsf = av.BitStreamFilterContext("hevc_mp4toannexb", v) if codec == "h265" else None
-        cap = t0_ns
+        cap, seq = t0_ns, 0
         for p in f.demux(v):
             for q in (bsf.filter(p) if bsf else [p]) if p.size else []:
                 cap = t0_ns + int((q.dts - v.start_time) * q.time_base * 1e9)
-                rec.feed(_Item(codec=codec, keyframe=q.is_keyframe, capture_ns=cap, pts=q.pts, time_base=q.time_base,
-                               array=np.frombuffer(bytes(q), np.uint8), width=v.codec_context.width if sized else 0,
+                seq += 1
+                rec.feed(_Item(codec=codec, seq=seq, keyframe=q.is_keyframe, capture_ns=cap, pts=q.pts,
+                               time_base=q.time_base, array=np.frombuffer(bytes(q), np.uint8),
+                               width=v.codec_context.width if sized else 0,
                                height=v.codec_context.height if sized else 0))
     return cap + 100_000_000
 

@@ -55,7 +55,11 @@ class Capture(Service):
         self._last_item = 0.0
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._reader, name=f"capture-{self.instance}", daemon=True)
-        self.sink = self.own(Sink(self.stream, self.config.bus.prefix, self.sink_metrics), self._close_sink)
+        cfg = self.source_cfg
+        interval = cfg.frame_interval()
+        self.sink = self.own(Sink(self.stream, self.config.bus.prefix, self.sink_metrics,
+                                  history_seconds=getattr(cfg, "history_seconds", 10.0),
+                                  fps=1.0 / interval if interval > 0 else 0.0), self._close_sink)
         self.source: Source = open_source(self.instance, self.source_cfg)
         self.keyframes = KeyframeRequests(self.registry, self.loop, self._make_keyframe)
         self.sink.on_keyframe = lambda: self.loop.call_soon_threadsafe(lambda: self.keyframes.keyframe(self.stream))

@@ -7,12 +7,18 @@ A source writes into a `Sink`; the sink owns the source's rings:
 
 Rings are made lazily, sized from the first item, and made again (a new generation,
 which consumers follow by themselves) when a picture changes size or an access unit
-outgrows its slot. Encoded and audio rings are long (64 slots: two seconds of video at 30
-fps) and keep their history (framebus `history=True`), so a decoder that falls briefly
-behind misses nothing and one that attaches late starts from the last keyframe; they
-never hold a live source back. Every item
-costs one copy: from the source's buffer (an FFmpeg packet, mss's grab, the encoder's
-output) into the slot.
+outgrows its slot. Encoded and audio rings keep their history (framebus `history=True`):
+the last `history_seconds` (the source's key, default 10 s) of items whoever reads, so a
+decoder that falls behind misses nothing, one that attaches late starts from the last
+keyframe, and a recorder that restarts picks up where its file ends (docs/recorder.md,
+"Restarts"). Their slots are counted from the rate (`history_slots`: video frames per
+second from the source, else 30; audio chunks per second from the first chunk), at least
+64, at most 4096, and their /dev/shm pages are reserved as items reach them (framebus
+`reserve="written"`): a slot is sized for the largest access unit the stream could send,
+its items are usually a few KiB, so the ring costs about what the last `history_seconds`
+of the stream take (bitrate x seconds, in whole pages per slot), not slots x payload.
+They never hold a live source back. Every item costs one copy: from the source's buffer
+(an FFmpeg packet, mss's grab, the encoder's output) into the slot.
 
 Not thread-safe: the source's reader thread owns it. Its metrics are prometheus-client
 children, which are.
@@ -20,6 +26,7 @@ children, which are.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +42,11 @@ __all__ = ["Sink", "SinkMetrics"]
 
 log = logging.getLogger("edgeroom.capture")
 
-ENCODED_SLOTS = 64
 RAW_SLOTS = 8
-AUDIO_SLOTS = 64
+ENCODED_SLOTS = 64          # the fewest slots an encoded ring has (more: history_slots)
+MIN_HISTORY_SLOTS = ENCODED_SLOTS
+MAX_HISTORY_SLOTS = 4096
+DEFAULT_FPS = 30.0          # a source that does not say its rate (a url without one)
 MIN_AU_SLOT = 256 * 1024
 MAX_AU_SLOT = 32 * 1024 * 1024
 
@@ -58,9 +67,20 @@ def _now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+def history_slots(seconds: float, per_second: float) -> int:
+    """Slots for `seconds` of items at `per_second`: at least 64, at most 4096."""
+    return max(MIN_HISTORY_SLOTS, min(MAX_HISTORY_SLOTS, math.ceil(seconds * max(per_second, 0.0))))
+
+
 class Sink:
-    def __init__(self, stream: str, prefix: str, metrics: SinkMetrics) -> None:
+    """`history_seconds`: what the encoded and audio rings keep; `fps`: the video's rate when
+    the source knows it (0: unknown until `rate_hint` is set, DEFAULT_FPS meanwhile)."""
+
+    def __init__(self, stream: str, prefix: str, metrics: SinkMetrics, *, history_seconds: float = 10.0,
+                 fps: float = 0.0) -> None:
         self.stream, self.prefix, self.m = stream, prefix, metrics
+        self.history_seconds = history_seconds
+        self.rate_hint = fps          # a file or url source sets it from the stream once it is open
         self.video: framebus.Producer | None = None
         self.audio_producer: framebus.Producer | None = None
         self.codec: str | None = None     # encoded codec, or None for raw
@@ -88,9 +108,11 @@ class Sink:
         if self.video is not None:
             self.video.close()
             self.video = None
-        # encoded rings keep their history: a decoder that attaches late starts from the last keyframe
+        # encoded rings keep their history: a decoder that attaches late starts from the last keyframe,
+        # a recorder that restarts from where its file ends
+        history = kind == "encoded"
         self.video = framebus.Producer.create(self.stream, kind, payload=payload, slots=slots, prefix=self.prefix,
-                                              history=kind == "encoded")
+                                              history=history, reserve="written" if history else "all")
         self._payload = payload
         return self.video
 
@@ -105,7 +127,8 @@ class Sink:
             if self.video is not None:
                 log.info("%s: access unit of %d bytes outgrows the %d-byte slots: new ring", self.stream, size,
                          self._payload)
-            self._replace_video("encoded", payload, ENCODED_SLOTS)
+            self._replace_video("encoded", payload,
+                                history_slots(self.history_seconds, self.rate_hint or DEFAULT_FPS))
             self.codec, self.format = codec, None
             if self._extradata:
                 self.video.set_extradata(self._extradata, codec)
@@ -186,10 +209,12 @@ class Sink:
         if self.audio_producer is None or rate != self.audio_rate:
             if self.audio_producer is not None:
                 self.audio_producer.close()
-            # room for a 0.1 s chunk of 8 channels at the rate, whatever the source sends
+            # room for a 0.1 s chunk of 8 channels at the rate, whatever the source sends; the
+            # history counted in chunks of the first one's length
+            slots = history_slots(self.history_seconds, rate / max(1, len(pcm)))
             self.audio_producer = framebus.Producer.create(audio_stream(self.stream), "audio",
-                                                           payload=max(rate // 10, 1024) * 8 * 2,
-                                                           slots=AUDIO_SLOTS, prefix=self.prefix, history=True)
+                                                           payload=max(rate // 10, 1024) * 8 * 2, slots=slots,
+                                                           prefix=self.prefix, history=True, reserve="written")
             self.audio_rate = rate
         self.audio_producer.publish_audio(pcm, rate, pts=pts, time_base=(1, rate), capture_ns=capture_ns)
         self.m.audio_chunks.inc()

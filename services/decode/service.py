@@ -48,6 +48,7 @@ __all__ = ["Decode"]
 
 BATCH_ITEMS = 16        # items decoded per loop turn at most...
 BATCH_SECONDS = 0.05    # ...or this much time, whichever comes first
+CATCH_UP_ITEMS = 64     # a decode that joins a running stream decodes at most this many of the ring's items
 RING_RETRY_S = 1.0      # after /dev/shm was full, try to make the output ring again this much later
 
 
@@ -99,7 +100,9 @@ class Decode(Service):
         if not self.source.wants_decode():
             self.log.info("source %s is %s (%s): decode@%s has nothing to do unless the stream carries access "
                           "units", self.stream, self.source.kind, self.source.target(), self.stream)
-        # "oldest": whatever the ring still holds (a file's first frames; the last keyframe, sooner)
+        # "oldest": whatever the ring still holds (a file's first frames; the last keyframe, sooner), but
+        # not more than the last CATCH_UP_ITEMS (what the rings held before they kept seconds for a
+        # recorder's sake): a restarted decode would publish them all, late, in a burst
         self.consumer = self.own(framebus.Consumer.attach(self.stream, prefix=self.prefix, missing_ok=True,
                                                           start="oldest"))
         self.on_stop(self._close_outputs)
@@ -182,6 +185,9 @@ class Decode(Service):
         return missed if self._reading else 0
 
     def _item(self, item: framebus.Item) -> None:
+        if not self._reading and self.consumer.lag >= CATCH_UP_ITEMS:  # history from before decode came
+            self._missed_seen = self.consumer.missed
+            return
         missed = self._check_missed()
         self._reading = True
         gen = item.generation

@@ -34,6 +34,17 @@ The flow, driven by the owner's `poll(now_ns)` (one thread owns a recorder):
 
 Bounds: per track `buffer_items`, `buffer_bytes`, `buffer_seconds`; the audio mixer holds
 three seconds. Nothing else grows with the inputs.
+
+Restarts: the file's resume state (mp4.py, after every fragment) holds the recording's
+`t0`, its tracks in file order (`layout`) and, through the `ident` given with each item,
+the last item of each session the file holds. `RoomRecorder(..., resume=(path, state))`
+continues that file when the declared sessions are those of its layout: the same t0, each
+video track on from its last frame (the caller skips what the file has, and says with
+`continue_track` whether the next item follows it exactly or after a hole, when it waits
+for a keyframe), the audio from the file's last sample (the mixer restarts two AAC frames
+before it; mp4.py drops what the file has). Otherwise it writes a new file. A session
+that leaves and comes back (its capture restarted) gets its own track again, with the
+gap in its timeline.
 """
 from __future__ import annotations
 
@@ -115,7 +126,7 @@ class RoomStats:
 
 class _Track:
     __slots__ = ("id", "kind", "info", "items", "seqs", "bytes", "first_ns", "out", "last_pts", "gate",
-                 "placer", "missing")
+                 "placer", "missing", "last_ident")
 
     def __init__(self, track_id: str, kind: str, info: dict) -> None:
         self.id, self.kind, self.info = track_id, kind, info
@@ -127,14 +138,21 @@ class _Track:
         self.gate = kind == "video"        # an encoded track waits for a keyframe
         self.placer: AudioPlacer | None = None
         self.missing = False
+        self.last_ident = None             # the caller's name of the last item written or placed
 
 
 class RoomRecorder:
     """One room's recording into `path`. Not thread-safe: one owner pushes and polls."""
 
     def __init__(self, path: str, config: RoomConfig | None = None, *,
-                 writer_factory: Callable[..., Any] = Mp4Writer) -> None:
+                 writer_factory: Callable[..., Any] = Mp4Writer, resume: tuple[str, dict] | None = None) -> None:
         self.path, self.cfg = str(path), config or RoomConfig()
+        self._resume = resume        # (a file the crash cut, its resume state): continued if the sessions fit
+        self.resumed = False         # this recording continues that file
+        self._layout: list[dict] = []   # the file's tracks, in order (the resume state's "layout")
+        self._left: dict[str, _Track] = {}  # sessions that left: their place in the file, if they come back
+        self.final = False           # stopped on purpose (said in the last resume state)
+        self.extra_state: Callable[[], dict] | None = None  # the owner's own part of the resume state
         self._factory = writer_factory
         self.stats = RoomStats()
         self.tracks: dict[str, _Track] = {}
@@ -158,9 +176,15 @@ class RoomRecorder:
             raise ValueError(f"room recording: track kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if track_id in self.tracks:
             raise ValueError(f"room recording: track {track_id!r} is already declared")
+        old = self._left.pop(track_id, None)
         track = _Track(track_id, kind, dict(info or {}))
         self.tracks[track_id] = track
-        if self.t0 is not None:
+        if old is not None and old.kind == kind and old.out is not None:
+            # back after leaving (its capture restarted): its own track again, on from its last frame,
+            # the time it was away a gap; the first picture must be a keyframe
+            track.out, track.last_pts, track.first_ns = old.out, old.last_pts, old.first_ns
+            track.gate = kind == "video"
+        elif self.t0 is not None:
             self._join(track)
 
     def remove(self, track_id: str) -> None:
@@ -171,6 +195,8 @@ class RoomRecorder:
         if self.t0 is not None and track.items:
             self._drain(track, track.items[-1][0])
         del self.tracks[track_id]
+        if track.out is not None:
+            self._left[track_id] = track
 
     @property
     def missing(self) -> list[str]:
@@ -182,16 +208,18 @@ class RoomRecorder:
         return self.t0 is not None
 
     # ------------------------------------------------------------ pushing
-    def push_video(self, track_id: str, data, capture_ns: int, keyframe: bool) -> None:
-        """One H.264 Annex B access unit (SPS/PPS before each IDR); copied into the buffer."""
+    def push_video(self, track_id: str, data, capture_ns: int, keyframe: bool, ident: Any = None) -> None:
+        """One H.264 Annex B access unit (SPS/PPS before each IDR); copied into the buffer. `ident`
+        (JSON-able: a bus item's generation and sequence) names it in the resume state."""
         track = self._track(track_id, "video")
-        if track.first_ns is None and not keyframe:
+        if track.first_ns is None and not keyframe and self._resume is None and not self.resumed:
             self._drop("before_keyframe")
             return
         payload = bytes(data)
-        self._push(track, capture_ns, payload, len(payload), keyframe)
+        self._push(track, capture_ns, payload, len(payload), keyframe, ident)
 
-    def push_picture(self, track_id: str, planes, fmt: str, width: int, height: int, capture_ns: int) -> None:
+    def push_picture(self, track_id: str, planes, fmt: str, width: int, height: int, capture_ns: int,
+                     ident: Any = None) -> None:
         """A raw picture (an ndarray, or a tuple of planes): copied, since a bus slot is reused."""
         track = self._track(track_id, "picture")
         if isinstance(planes, np.ndarray):
@@ -203,9 +231,10 @@ class RoomRecorder:
         track.info.setdefault("width", width)
         track.info.setdefault("height", height)
         track.info.setdefault("fmt", fmt)
-        self._push(track, capture_ns, (copy, fmt), nbytes, True)
+        self._push(track, capture_ns, (copy, fmt), nbytes, True, ident)
 
-    def push_audio(self, track_id: str, pcm: np.ndarray, capture_ns: int, rate: int | None = None) -> None:
+    def push_audio(self, track_id: str, pcm: np.ndarray, capture_ns: int, rate: int | None = None,
+                   ident: Any = None) -> None:
         """s16 samples, (samples,) or (samples, channels), capture_ns of the first sample."""
         track = self._track(track_id, "audio")
         if rate is not None and rate != self.cfg.audio_rate:
@@ -215,7 +244,7 @@ class RoomRecorder:
         if pcm.dtype != np.int16 or pcm.ndim not in (1, 2) or not len(pcm):
             self._refuse(f"track {track_id!r}: audio must be non-empty int16 (samples[, channels]), "
                          f"got {pcm.dtype} {pcm.shape}", "bad_audio")
-        self._push(track, capture_ns, pcm.copy(), pcm.nbytes, True)
+        self._push(track, capture_ns, pcm.copy(), pcm.nbytes, True, ident)
 
     def _track(self, track_id: str, kind: str) -> _Track:
         track = self.tracks.get(track_id)
@@ -232,7 +261,7 @@ class RoomRecorder:
     def _drop(self, reason: str, n: int = 1) -> None:
         self.stats.dropped[reason] += n
 
-    def _push(self, track: _Track, capture_ns: int, payload, nbytes: int, keyframe: bool) -> None:
+    def _push(self, track: _Track, capture_ns: int, payload, nbytes: int, keyframe: bool, ident: Any = None) -> None:
         capture_ns = int(capture_ns)
         if self._closed:
             self._drop("closed")
@@ -253,7 +282,7 @@ class RoomRecorder:
             if self._first_item_ns is None or capture_ns < self._first_item_ns:
                 self._first_item_ns = capture_ns
         self._seq += 1
-        item = (capture_ns, self._seq, payload, nbytes, keyframe)
+        item = (capture_ns, self._seq, payload, nbytes, keyframe, ident)
         items = track.items
         if not items or capture_ns >= items[-1][0]:
             items.append(item)
@@ -315,13 +344,16 @@ class RoomRecorder:
         waited = now_ns - self._first_item_ns >= self.cfg.wait_s * NS
         if not (force or waited or len(sent) == len(self.tracks)):
             return False
+        if self._resume is not None and self._continue():
+            return True
         # The file starts with the first picture when there is one (audio before it is trimmed):
         # a fragmented MP4 has no edit list, so a video track that began after t0 would start
         # on a held still (see _write_video); this way the usual room (one camera) never needs it.
         pictures = [t for t in sent if t.kind != "audio"]
         self.t0 = min(t.first_ns for t in (pictures or sent))
         self.watermark = self.t0 - 1
-        self.writer = self._factory(self.path, fragment_seconds=self.cfg.fragment_seconds, fsync=self.cfg.fsync)
+        self.writer = self._factory(self.path, fragment_seconds=self.cfg.fragment_seconds, fsync=self.cfg.fsync,
+                                    state=self._owner_state)
         for track in self.tracks.values():
             self._join(track)
         late = [t.id for t in self.tracks.values() if t.first_ns is None]
@@ -338,6 +370,7 @@ class RoomRecorder:
                     track.missing = True
                     return
                 self._audio_out = self.writer.add_audio(cfg.audio_rate, cfg.audio_channels, cfg.audio_codec)
+                self._layout.append({"tid": None, "kind": "audio"})
             track.placer = AudioPlacer(self.t0, cfg.audio_rate, jitter_ms=cfg.jitter_ms, drift_ms=cfg.drift_ms)
             return
         if self._header_written():
@@ -351,6 +384,8 @@ class RoomRecorder:
                 return
             track.out = self.writer.add_video_encode(cfg.encoder, int(info["width"]), int(info["height"]),
                                                      "yuv420p", VIDEO_TB, cfg.encoder_options)
+            self._layout.append({"tid": track.id, "kind": "picture", "width": int(info["width"]),
+                                 "height": int(info["height"])})
             return
         width, height = info.get("width"), info.get("height")
         if not (width and height) and track.items:
@@ -359,6 +394,72 @@ class RoomRecorder:
             track.missing = True
             return
         track.out = self.writer.add_video_copy("h264", int(width), int(height), info.get("extradata"), VIDEO_TB)
+        self._layout.append({"tid": track.id, "kind": "video", "width": int(width), "height": int(height)})
+
+    # ------------------------------------------------------------ restarts
+    def _owner_state(self) -> dict:
+        """This recording's part of the resume state: its t0, its tracks in file order, and the
+        last item placed of each audio session (video items are named by the writer's tokens)."""
+        return {"kind": "room", "t0": self.t0, "layout": self._layout, "final": self.final,
+                "rate": self.cfg.audio_rate,
+                "audio": {t.id: t.last_ident for t in self.tracks.values() if t.kind == "audio" and t.last_ident},
+                **(self.extra_state() if self.extra_state is not None else {})}
+
+    def _continue(self) -> bool:
+        """Continue the file the crash cut, if the sessions declared now are those of its tracks."""
+        path, doc = self._resume
+        self._resume = None
+        owner = doc.get("owner") or {}
+        layout = owner.get("layout") or []
+        videos = {e["tid"] for e in layout if e.get("kind") != "audio"}
+        declared = {t.id for t in self.tracks.values() if t.kind != "audio"}
+        fits = (owner.get("kind") == "room" and owner.get("t0") and videos == declared
+                and all(e.get("kind") != "picture" for e in layout)  # a new encoder's parameter sets differ
+                and all(self.tracks[e["tid"]].kind == e["kind"] for e in layout if e.get("kind") != "audio"))
+        if not fits:
+            log.info("room recording %s: its sessions are not those of %s: a new file", self.path, path)
+            for track in self.tracks.values():
+                track.gate = track.kind == "video"  # a new file starts each video track at a keyframe
+            return False
+        cfg = self.cfg
+        self.path, self.t0 = str(path), int(owner["t0"])
+        self.writer = self._factory(self.path, fragment_seconds=cfg.fragment_seconds, fsync=cfg.fsync,
+                                    state=self._owner_state, resume=doc)
+        marks = []
+        for e in layout:
+            if e["kind"] == "audio":
+                self._audio_out = self.writer.add_audio(cfg.audio_rate, cfg.audio_channels, cfg.audio_codec)
+                if self._audio_out.next_input is not None:  # the mixer on from where the writer re-encodes
+                    self._mixer.base = self._mixer.end = self._audio_out.next_input
+                    marks.append(self.t0 + self._mixer.base * NS // cfg.audio_rate)
+                continue
+            track = self.tracks[e["tid"]]
+            track.out = self.writer.add_video_copy("h264", int(e["width"]), int(e["height"]), None, VIDEO_TB)
+            track.last_pts = track.out.last_pts
+            tok = track.out.saved.get("tok")
+            if tok:
+                marks.append(int(tok[2]))
+        self._layout = [dict(e) for e in layout]
+        for track in self.tracks.values():
+            if track.kind == "audio":
+                track.placer = AudioPlacer(self.t0, cfg.audio_rate, jitter_ms=cfg.jitter_ms, drift_ms=cfg.drift_ms)
+        self.watermark = max(self.t0, min(marks, default=self.t0)) - 1
+        self.resumed = True
+        log.info("room recording %s: continued after the restart (t0=%d)", self.path, self.t0)
+        return True
+
+    def continue_track(self, track_id: str, exact: bool) -> None:
+        """After a restart, the next item of a video session follows the file's last exactly (it
+        decodes after it: no keyframe needed), or comes after a hole (it waits for a keyframe)."""
+        track = self.tracks.get(track_id)
+        if track is not None and track.kind == "video":
+            track.gate = not exact
+
+    def gap(self, track_id: str) -> None:
+        """A hole in a session's items (its producer restarted): video waits for a keyframe."""
+        track = self.tracks.get(track_id)
+        if track is not None and track.kind == "video":
+            track.gate = True
 
     def _header_written(self) -> bool:
         return self.watermark is not None and self.watermark >= self.t0
@@ -380,15 +481,16 @@ class RoomRecorder:
         if track.missing or (track.out is None and track.placer is None):
             self._drop("missing", n)
             return
-        for capture_ns, _seq, payload, _nbytes, keyframe in ready:
+        for capture_ns, _seq, payload, _nbytes, keyframe, ident in ready:
             if capture_ns <= self.watermark:
                 self.stats.late += 1
             if track.kind == "audio":
                 self._place(track, capture_ns, payload)
+                track.last_ident = ident
             else:
-                self._write_video(track, capture_ns, payload, keyframe)
+                self._write_video(track, capture_ns, payload, keyframe, ident)
 
-    def _write_video(self, track: _Track, capture_ns: int, payload, keyframe: bool) -> None:
+    def _write_video(self, track: _Track, capture_ns: int, payload, keyframe: bool, ident: Any = None) -> None:
         if track.gate:
             if not keyframe:
                 self._drop("gop_gap")
@@ -404,16 +506,17 @@ class RoomRecorder:
         if track.last_pts is not None and pts <= track.last_pts:
             pts = track.last_pts + 1
             self.stats.pts_fixed += 1
-        self._put_video(track, payload, pts, keyframe)
+        self._put_video(track, payload, pts, keyframe, ident)
         self.stats.frames[track.id] += 1
+        track.last_ident = ident
 
-    def _put_video(self, track: _Track, payload, pts: int, keyframe: bool) -> None:
+    def _put_video(self, track: _Track, payload, pts: int, keyframe: bool, ident: Any = None) -> None:
         track.last_pts = pts
         if track.kind == "video":
-            self.writer.write_packet(track.out, payload, pts, keyframe=keyframe)
+            self.writer.write_packet(track.out, payload, pts, keyframe=keyframe, token=ident)
         else:
             picture, fmt = payload
-            self.writer.write_picture(track.out, picture, fmt, pts)
+            self.writer.write_picture(track.out, picture, fmt, pts, token=ident)
 
     def _place(self, track: _Track, capture_ns: int, pcm: np.ndarray) -> None:
         p = track.placer.place(capture_ns, len(pcm))

@@ -9,9 +9,12 @@ The rule for files being written: a segment is written as `NAME.mp4.partial` and
 to `NAME.mp4` when it is complete (closed cleanly, or cut by a full disk); the same for
 `.wav`. So `*.mp4` and `*.wav` are always finished, and anything that copies or uploads
 recordings can ignore `*.partial`. A `.partial` left by a crash (SIGKILL, power cut) is
-handled at start by `recover()`: cut after its last whole fragment (mp4.repair; a WAV:
-its header's sizes set to its last whole sample frame, wav.repair), renamed when it
-holds media, deleted when it does not.
+handled at start by `recover()`: cut back to its last whole resume state (mp4.repair; a
+WAV: wav.repair, its header's sizes set to what its state chunk vouches for), renamed
+when it holds media, deleted when it does not; or, when its target records on, kept
+(repaired) for the recorder to continue (`keep`), whichever kind it is. `last_state()`
+finds where a target's recording ended: the resume state of its newest file (MP4 or
+WAV) that holds any.
 
 Retention (`sweep()`), run at start, once a minute and after each segment: delete
 finished segments older than `retention_hours`, then the oldest finished segments while
@@ -23,14 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.recorder import mp4, wav
 
 REPAIR = {"mp4": mp4.repair, "wav": wav.repair}  # the kinds of segment, and how a crash's leftover is made whole
+READ_STATE = {"mp4": mp4.read_state, "wav": wav.read_state}  # and where a file's recording ended
 
-__all__ = ["PARTIAL", "Recovered", "finish", "folder", "free_bytes", "new_path", "recover", "sweep"]
+__all__ = ["PARTIAL", "Recovered", "finish", "folder", "free_bytes", "last_state", "new_path", "newest_partial",
+           "recover", "sweep"]
 
 log = logging.getLogger("edgeroom.recorder")
 
@@ -80,26 +85,64 @@ def _fsync_dir(d: Path) -> None:
 
 @dataclass
 class Recovered:
-    kept: list[Path]     # repaired and renamed to .mp4
+    kept: list[Path]     # repaired and renamed to .mp4 / .wav
     removed: list[Path]  # held no media
+    continued: list[Path] = field(default_factory=list)  # repaired, left .partial to continue
 
 
-def recover(root: Path) -> Recovered:
-    """Handle the `.partial` files a crash left under `root` (call before recording starts)."""
+def recover(root: Path, keep: set[Path] | frozenset[Path] = frozenset()) -> Recovered:
+    """Handle the `.partial` files a crash left under `root` (call before recording starts):
+    repaired, then renamed, or deleted when they hold no media; those in `keep` that hold
+    media stay `.partial` (the recorder continues them)."""
     out = Recovered([], [])
     if not root.is_dir():
         return out
     for partial in sorted(p for ext in REPAIR for p in root.rglob(f"*.{ext}{PARTIAL}")):
         try:
-            size = REPAIR[partial.name[: -len(PARTIAL)].rpartition(".")[2]](partial)
-            if size == 0:
+            ext = _kind(partial)
+            size = REPAIR[ext](partial)
+            if size == 0 or (ext == "mp4" and not mp4.has_fragments(partial)):
                 partial.unlink()
                 out.removed.append(partial)
+            elif partial in keep:
+                out.continued.append(partial)
             else:
                 out.kept.append(finish(partial))
         except OSError as exc:
             log.warning("could not recover %s: %s", partial, exc)
     return out
+
+
+def last_state(root: Path, target: str) -> tuple[dict | None, Path | None]:
+    """The resume state of the target's newest file that has a position (and that file)."""
+    d = folder(root, target)
+    if not d.is_dir():
+        return None, None
+    files = []
+    for p in (p for ext in READ_STATE for pattern in (f"*.{ext}", f"*.{ext}{PARTIAL}") for p in d.glob(pattern)):
+        try:
+            files.append((p.stat().st_mtime_ns, p))
+        except OSError:
+            continue
+    for _, p in sorted(files, reverse=True)[:4]:  # a header-only newest file says nothing: the one before
+        doc = READ_STATE[_kind(p)](p)
+        tracks = (doc or {}).get("tracks") or []
+        if tracks and any(t.get("tok") is not None or t.get("end") is not None for t in tracks):
+            return doc, p
+    return None, None
+
+
+def newest_partial(root: Path, target: str) -> Path | None:
+    """The target's `.partial` written last (what a crash cut), if any."""
+    d = folder(root, target)
+    found = [(p.stat().st_mtime_ns, p) for ext in REPAIR for p in d.glob(f"*.{ext}{PARTIAL}")] if d.is_dir() else []
+    return max(found)[1] if found else None
+
+
+def _kind(path: Path) -> str:
+    """mp4 or wav, of a segment's name (finished or `.partial`)."""
+    name = path.name[: -len(PARTIAL)] if path.name.endswith(PARTIAL) else path.name
+    return name.rpartition(".")[2]
 
 
 def sweep(root: Path, *, max_age_s: float = 0.0, max_share: float = 0.0, now: float | None = None) -> list[Path]:

@@ -8,13 +8,18 @@ the commands `record.start {target}`, `record.stop {target}`, `record.list {}`.
 
 Everything runs on the service loop: one framebus consumer per target, drained every
 DRAIN_SECONDS in a bounded batch per turn (not woken per frame: see _drain) and feeding
-services.recorder.stream.StreamRecorder. Once a second: attach to streams that appeared, finish the segment of a
-stream whose producer died or closed, resume recordings paused by a full disk when space
-is back. Once a minute (and after each segment): retention (services/recorder/segments).
-At start, `.partial` files a crash left are repaired and renamed before anything records.
+services.recorder.stream.StreamRecorder. Once a second: attach to streams that appeared (a
+stream that closed finishes its segment; one whose producer died and comes back goes on in
+it, after a gap), resume recordings paused by a full disk when space is back. Once a
+minute (and after each segment): retention (services/recorder/segments).
+At start, `.partial` files a crash left are repaired; with `[recorder] resume` (the
+default) each target takes up where its last file ends, from the ring's history, and
+continues the file the crash cut (stream.py, "Restarts"); the other leftovers are renamed.
+With `resume = false` a target starts at the live edge, in a new segment.
 
-Events: record.started, record.segment, record.stopped, record.error (reason disk_full,
-encode, mux, io, ...). Metrics: edgeroom_recorder_*. docs/recorder.md has the details.
+Events: record.started, record.resumed, record.segment, record.gap (reason overrun or
+source, seconds), record.stopped, record.error (reason disk_full, encode, mux, io, ...).
+Metrics: edgeroom_recorder_*. docs/recorder.md has the details.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ SWEEP_SECONDS = 60.0
 ROOM_PROBE_SIZE = (640, 480)  # the size the encoder probe of a room's raw sessions runs at
 DRAIN_SECONDS = 0.1         # every target's ring (and every room's streams) is drained this often
 TARGETS_FILE = "recordings.json"  # targets started and stopped by command, over [recorder] record
+EARLY_EVENTS = 256          # events kept until the hub link is up
 
 
 def recordings_dir(config) -> Path:
@@ -75,7 +81,13 @@ class _Metrics:
                                buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1.0))
         self.deleted = Counter("edgeroom_recorder_deleted_segments", "Segments deleted by retention.", registry=r)
         self.recovered = Counter("edgeroom_recorder_recovered_segments", "Segments left by a crash, by outcome "
-                                 "(kept: repaired and renamed; removed: no media).", ["outcome"], registry=r)
+                                 "(kept: repaired and renamed; removed: no media; continued: repaired, and the "
+                                 "restarted recorder writes on in it).", ["outcome"], registry=r)
+        self.gaps = Counter("edgeroom_recorder_gaps", "Holes in a recording's timeline, by reason (overrun: the "
+                            "recorder was down longer than the ring's history; source: the source was away).",
+                            ["target", "reason"], registry=r)
+        self.gap_seconds = Counter("edgeroom_recorder_gap_seconds", "Seconds missing from recordings, by reason "
+                                   "(as edgeroom_recorder_gaps).", ["target", "reason"], registry=r)
 
 
 class _Target:
@@ -97,14 +109,23 @@ class Recorder(Service):
         self.m = _Metrics(self.registry)
         self.targets: dict[str, _Target] = {}
         self.rooms: dict[str, RoomFeed] = {}
+        self._early: list[tuple[str, dict]] = []  # events from before the hub answered (_emit)
         self.on_stop(self._stop_all, "the recordings")
-        got = segments.recover(self.root)
+        wanted = self._wanted()
+        # the file each target was writing when the recorder died: continued, not renamed
+        cut = {t: p for t in wanted if self.config.recorder.resume
+               and (p := segments.newest_partial(self.root, t)) is not None}
+        got = segments.recover(self.root, keep=set(cut.values()))
         for p in got.kept:
             self.log.warning("recovered %s, left by a crash (cut after its last whole fragment)", p)
         for p in got.removed:
             self.log.warning("removed %s, left by a crash with no media in it", p)
+        for p in got.continued:
+            self.log.info("%s was cut by a crash; its recording continues in it", p)
         self.m.recovered.labels("kept").inc(len(got.kept))
         self.m.recovered.labels("removed").inc(len(got.removed))
+        self.m.recovered.labels("continued").inc(len(got.continued))
+        self._cut = {t: p for t, p in cut.items() if p in got.continued}
         self._sweep()
         self.loop.every(1.0, self._tick)
         self.loop.every(DRAIN_SECONDS, self._drain)
@@ -114,13 +135,13 @@ class Recorder(Service):
         self.offer("record.stop", self.cmd_stop, "stop recording a target: {target}",
                    args={"target": str}, required=("target",))
         self.offer("record.list", self.cmd_list, "the recordings in progress and the recordings directory")
-        for target in self._wanted():
+        for target in wanted:
             self.start(target)
         self.log.info("recordings in %s; recording %s", self.root, ", ".join(self.targets) or "nothing yet")
 
     def _stop_all(self) -> None:
         for name in [*self.targets, *self.rooms]:
-            self.stop(name)
+            self.stop(name, final=False)  # the next run takes up where these files end
 
     def apply(self, new, changes) -> list[str]:
         pending = [c.key for c in changes if not c.live]
@@ -155,39 +176,65 @@ class Recorder(Service):
             options = encoders.encoder_options(choice.name, crf=c.crf, preset=c.preset, bitrate_kbps=c.bitrate)
             feed = RoomFeed(name, self.root, self.config.bus.prefix, self._emit, segment_seconds=c.segment_seconds,
                             fragment_seconds=c.fragment_seconds, fsync=c.fsync, encoder=choice.name,
-                            encoder_options=options)
+                            encoder_options=options, metrics=self.m, resume=c.resume)
+            partial = self._cut.pop(name, None)
+            if c.resume:
+                doc, _ = segments.last_state(self.root, name)
+                feed.resume(doc, partial)
             self.rooms[name] = feed
             self.m.recording.labels(name).set(1)
             self.log.info("recording %s (its sessions' streams, as the hub lists them)", name)
             self._ask_sessions(feed)
             return feed
-        consumer = framebus.Consumer.attach(name, prefix=self.config.bus.prefix, missing_ok=True, start="oldest")
+        resume = self.config.recorder.resume
+        # resume: from the oldest item the ring holds, skipping what the last file has; else the live edge
+        consumer = framebus.Consumer.attach(name, prefix=self.config.bus.prefix, missing_ok=True,
+                                            start="oldest" if resume else "next")
         rec = StreamRecorder(name, self.root, self._settings(), self._emit, self.m, on_segment=lambda _p: self._sweep())
+        partial = self._cut.pop(name, None)
+        if resume:
+            doc, _ = segments.last_state(self.root, name)
+            rec.resume(doc, partial)
         t = _Target(name, consumer, rec)
         self.targets[name] = t
         self.log.info("recording %s%s", name, "" if consumer.attached else " (waiting for the stream)")
         self._readable(t)
         return t
 
-    def stop(self, name: str) -> dict:
+    def stop(self, name: str, final: bool = True) -> dict:
         if name in self.rooms:
             feed = self.rooms.pop(name)
-            path = feed.stop()
+            path = feed.stop(final)
             self.m.recording.labels(name).set(0)
             self.log.info("stopped recording %s", name)
             return {"target": name, "path": str(path or feed.last_path or ""), "segments": feed.segments,
                     "frames": feed.frames}
         t = self.targets.pop(name)
         t.again = False
-        path = t.rec.stop()
+        path = t.rec.stop(final)
         t.consumer.close()
         self.log.info("stopped recording %s", name)
         return {"target": name, "path": str(path or t.rec.last_path or ""), "segments": t.rec.segments,
                 "frames": t.rec.frames}
 
     def _emit(self, topic: str, data: dict) -> None:
-        if self.link is not None:
-            self.link.publish(topic, data)
+        """An event to the hub. Until the link has heard from the hub, events wait (at most
+        EARLY_EVENTS): a PUB socket drops what it sends before its subscriber's handshake, and a
+        restarted recorder reports where it resumed, and any gap, while it starts."""
+        if self.link is None:
+            return
+        if not self.link.connected:
+            if len(self._early) < EARLY_EVENTS:
+                self._early.append((topic, data))
+            return
+        self._flush_early()
+        self.link.publish(topic, data)
+
+    def _flush_early(self) -> None:
+        if self._early and self.link is not None and self.link.connected:
+            early, self._early = self._early, []
+            for topic, data in early:
+                self.link.publish(topic, data)
 
     # ------------------------------------------------------------ input
     def _readable(self, t: _Target) -> None:
@@ -228,8 +275,9 @@ class Recorder(Service):
         for t in list(self.targets.values()):
             if not t.consumer.attached:
                 self._readable(t)
-            elif t.rec.writer is not None and not t.consumer.producer_alive():
-                t.rec.interrupt("its producer died")
+            # a producer that died is left alone: its successor's items continue the segment (a gap
+            # in its timeline), or start a new one if the stream's shape changed
+            t.rec.expire(time.monotonic_ns())
             if t.rec.state == "disk_full":
                 _, size = segments.free_bytes(self.root)
                 t.rec.resume_if_space(min_free_bytes(size))
@@ -252,6 +300,8 @@ class Recorder(Service):
         Not a wake-up per frame: recording has no latency to keep, a ring holds seconds of
         items, and one wake-up for every target together costs a fraction of 30 per stream
         per second (benchmarks/record.py)."""
+        if self._early:
+            self._flush_early()
         for t in list(self.targets.values()):
             if not t.again:
                 self._readable(t)

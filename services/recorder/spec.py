@@ -48,9 +48,9 @@ class RecorderConfig:
                                     "oldest go first; 0 is no limit.", LIVE, min=0.0, max=0.99)
     fsync: bool = setting(True, "fsync each fragment, so a power cut loses at most the fragment being written.",
                           LIVE)
-    resume: bool = setting(True, "A restarted recorder picks up each target from the ring's history after "
-                           "what its last fragment holds; false starts at the live edge. (A stub until the "
-                           "resume work lands: both values start at the live edge.)", LIVE)
+    resume: bool = setting(True, "A restarted recorder takes up each target where its last file ends, from the "
+                           "ring's history (nothing lost, nothing twice, the same segment continued); false: at "
+                           "the live edge, in a new segment.", LIVE)
 
 
 def _writes(config) -> str:

@@ -1,8 +1,8 @@
 """One target's recording: items in, segments of fragmented MP4 (or WAV) out. Knows nothing of the bus.
 
 `StreamRecorder.feed(item)` takes what a framebus consumer returns (anything with the
-same attributes: kind, codec, keyframe, capture_ns, generation, array, planes(), format,
-width, height, rate, channels, valid()) and turns it into segments:
+same attributes: kind, codec, keyframe, capture_ns, pts, time_base, generation, seq,
+array, planes(), format, width, height, rate, channels, valid()) and turns it into segments:
 
 * encoded access units (H.264, H.265, VP9, AV1) are remuxed: no decoder, no encoder, the
   bytes as they came. A segment starts at a keyframe (the items before the first one are
@@ -26,7 +26,19 @@ A new segment begins (the current one is finished: renamed from `.partial`, even
 * when the parameter sets change (a new H.264/H.265 SPS: resolution or profile), a
   keyframe's size differs from the segment's or a raw picture changes size or format:
   the MP4 sample entry holds one of each;
-* when the producer restarted (a new ring generation) or the stream closed (`interrupt()`).
+* when the stream closed (`interrupt()`). A producer that comes back (a new ring
+  generation: a capture process restarted) continues the segment when the stream's shape
+  is the same: its timestamps are the capture times, so the outage is a gap in the
+  file's timeline, reported as `record.gap` {reason: "source", seconds}.
+
+Restarts (`resume()`): a recorder that starts again is handed the resume state of the
+target's last file (services/recorder/mp4.py: written after every fragment) and, when
+that file was cut by the crash, the file itself. It skips what the file holds (items up
+to the one its last fragment ends with, by ring generation and sequence) and continues
+the same file with the next item, from the ring's history: nothing lost, nothing twice,
+no new segment. If the ring no longer holds that item (the recorder was down longer
+than the history) or the producer restarted meanwhile, the file continues after a gap
+(at the next keyframe), reported as `record.gap` {reason: "overrun" | "source", seconds}.
 
 A full disk (mp4.DiskFull) finishes the segment where its last whole fragment ended,
 emits `record.error` {reason: disk_full} once, counts it, and drops items (counted as
@@ -44,10 +56,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 
 from services.recorder import encoder as encoders
 from services.recorder import segments
-from services.recorder.mp4 import DiskFull, Mp4Error, Mp4Writer, Track
+from services.recorder.mp4 import DiskFull, Mp4Error, Mp4Writer, Track, boot_id, state_extent
 from services.recorder.room_audio import AudioPlacer
 from services.recorder.wav import WavWriter
 
@@ -56,6 +69,7 @@ __all__ = ["Settings", "StreamRecorder", "VIDEO_TB", "sps_of"]
 log = logging.getLogger("edgeroom.recorder")
 
 VIDEO_TB = Fraction(1, 90000)
+GAP_MIN_NS = 100_000_000    # a hole shorter than this (plus a frame) is jitter, not a gap
 WINDOW = 8                  # remuxed access units held before writing: deeper than streams reorder (1 to 4)
 AUDIO_GAP_MAX_S = 10.0      # audio that pauses longer than this begins a new WAV instead of writing silence
 NOMINAL_FPS = 30            # the encoder's rate-control hint and gop unit; timestamps stay the captured ones
@@ -93,8 +107,9 @@ class StreamRecorder:
         self.state = "waiting"          # waiting (for a keyframe / first item), recording, disk_full, stopped
         self.generation: int | None = None
         self.sps: bytes | None = None
-        self.shape: tuple | None = None  # raw: (width, height, format); audio: (rate, channels)
+        self.shape: tuple | None = None  # copy: (width, height, codec); raw: (width, height, format); audio: (rate, ch)
         self.t0_ns = 0
+        self.encoder_kind = ""          # copy, encode or wav: how the current segment is made
         self.encoder_name = ""          # "copy" for remux, else the video/audio encoder
         self.encoder_note = ""
         self.hardware = False
@@ -105,12 +120,25 @@ class StreamRecorder:
         self.last_error = ""
         self.last_path: Path | None = None
         self.dropped: dict[str, int] = {}
-        self.held: deque = deque()      # remuxed access units not written yet: (packet, keyframe, dts, source pts)
-        self.src0: int | None = None    # the segment's first source pts, 90 kHz
+        # remux timestamps (see _hold and _write_held)
+        self.held: deque = deque()      # access units not written yet: (packet, keyframe, dts, source pts, ident)
+        self.src0: int | None = None    # source pts (90 kHz) that map to decode time 0 ...
+        self.src_gen: int | None = None  # ... for this ring generation (a restarted producer's pts start afresh)
         self.lead = 0                   # ticks added to the source's pts so that no pts is before its dts
         self.decoder = None             # VP8: its decoder (see _transcoded), for (generation, codec) decoder_key
         self.decoder_key: tuple | None = None
         self.placer: AudioPlacer | None = None  # audio: where each chunk goes in the WAV
+        # restarts and gaps
+        self.resume_at: dict | None = None  # where the last file ended: skip up to it (resume())
+        self.cont: tuple[Path, dict] | None = None  # a file cut by the crash to continue (path, its state)
+        self.exact = False              # the next item is the one after the file's last: no keyframe needed
+        self.await_key = False          # the producer restarted: the segment goes on at its next keyframe
+        self.gap: dict | None = None    # a hole before the next item written, reported when it is
+        self.last = (0, -1, 0)          # (generation, seq, capture_ns) of the last item written
+        self.interval = 0               # ns between the last two items written
+        self.gaps: dict[str, float] = {}  # seconds of gaps by reason, for describe()
+        self.final = False              # stopped on purpose: the last state says so
+        self.replay: list | None = None  # skipped access units since their keyframe (see _before_resume)
 
     # ------------------------------------------------------------ input
     def feed(self, item) -> None:
@@ -118,12 +146,14 @@ class StreamRecorder:
             if self.state == "disk_full":
                 self._drop("disk_full")
             return
-        if item.generation != self.generation:
-            if self.generation is not None and self.writer is not None:
-                self._finish(f"the producer restarted (generation {item.generation})")
-            self.generation = item.generation
+        if self.resume_at is not None and self._before_resume(item):
+            return
         kind = item.kind
         try:
+            if item.generation != self.generation:
+                if self.generation is not None and self.writer is not None:
+                    self._new_generation(item)
+                self.generation = item.generation
             if kind == "encoded" and item.codec in MUXER_CODECS:
                 self._encoded(item)
             elif kind == "encoded" and item.codec in TRANSCODED:
@@ -155,7 +185,10 @@ class StreamRecorder:
                     self._finish(None)
             if self.writer is None:
                 self._open_copy(item, sps)
-        if self.writer is None:
+            self.await_key = False
+        elif self.writer is None and self.exact and self.cont is not None:
+            self._open_copy(item, None)  # the file's next access unit: it decodes after the file's last
+        if self.writer is None or self.await_key:
             self._drop("waiting_keyframe")
             return
         self._hold(data, key, item)
@@ -192,9 +225,10 @@ class StreamRecorder:
                         item.codec, exc)
             self.decoder = None
             return
+        ident = (item.generation, item.seq, item.capture_ns)
         for frame in frames:
             self._write_picture((frame.width, frame.height, frame.format.name), frame,
-                                item.capture_ns if frame.pts is None else frame.pts, None)
+                                item.capture_ns if frame.pts is None else frame.pts, None, ident)
 
     # ------------------------------------------------------------ remux timestamps
     def _hold(self, data, key: bool, item) -> None:
@@ -206,15 +240,20 @@ class StreamRecorder:
         dts = self._pts(item.capture_ns)
         tb = item.time_base
         src = item.pts * tb.numerator * 90000 // tb.denominator
-        if self.src0 is None:
-            self.src0 = src
+        if self.src_gen != item.generation or self.src0 is None:
+            # the first access unit of a segment, or of a producer that started again (its pts start
+            # afresh): it is shown at its decode time, after everything the file shows already
+            base = dts
+            if self.track is not None and self.track.last_pts is not None:
+                base = max(base, self.track.last_pts + 1 - self.lead)
+            self.src0, self.src_gen = src - base, item.generation
         src -= self.src0
         if dts - src > self.lead:  # this picture would be presented before it is decoded: later pts for all held
             if self.lead == 0:
                 log.info("%s: pts from the source are %d ticks behind the capture clock (B-frames or jitter): "
                          "presentation times are moved that much later", self.target, dts - src)
             self.lead = dts - src
-        self.held.append((packet, key, dts, src))
+        self.held.append((packet, key, dts, src, (item.generation, item.seq, item.capture_ns)))
         if len(self.held) > WINDOW:
             self._write_held(1)
 
@@ -229,26 +268,32 @@ class StreamRecorder:
         the smallest `lead` that keeps every pts at or after its dts. The lead only grows;
         when it does, the access units still held move with it, and those already written
         were decoded at least WINDOW access units earlier, so (reordering less deep than
-        that) shown earlier too: presentation order stays the source's, pts stay distinct."""
+        that) shown earlier too: presentation order stays the source's, pts stay distinct.
+
+        Each packet carries its item's identity (generation, seq, capture_ns) as the writer's
+        token: the resume state names the last item a fragment on disk holds, so what is
+        still held here when the recorder dies is taken again from the ring's history."""
         held = self.held
         count = len(held) if n is None else min(n, len(held))
         for _ in range(count):
-            packet, key, dts, src = held.popleft()
-            self.writer.write_packet(self.track, packet, src + self.lead, dts, keyframe=key)
-            self._wrote()
+            packet, key, dts, src, ident = held.popleft()
+            self.writer.write_packet(self.track, packet, src + self.lead, dts, keyframe=key, token=ident)
+            self._wrote(ident)
 
     def _picture(self, item) -> None:
-        self._write_picture((item.width, item.height, item.format), item.planes(), item.capture_ns, item.valid)
+        self._write_picture((item.width, item.height, item.format), item.planes(), item.capture_ns, item.valid,
+                            (item.generation, item.seq, item.capture_ns))
 
-    def _write_picture(self, shape: tuple, picture, capture_ns: int, check) -> None:
+    def _write_picture(self, shape: tuple, picture, capture_ns: int, check, ident: tuple[int, int, int]) -> None:
         if self.writer is not None and (shape != self.shape or self._due()):
             self._finish("the picture changed size or format" if shape != self.shape else None)
         if self.writer is None:
             self._open_encode(shape)
-        if not self.writer.write_picture(self.track, picture, shape[2], self._pts(capture_ns), check=check):
+        if not self.writer.write_picture(self.track, picture, shape[2], self._pts(capture_ns), check=check,
+                                         token=ident):
             self._drop("overwritten")
             return
-        self._wrote()
+        self._wrote(ident)
 
     def _audio(self, item) -> None:
         """s16 chunks -> a WAV segment (services/recorder/wav.py), each placed by its capture time."""
@@ -266,9 +311,10 @@ class StreamRecorder:
             self._finish(f"no audio for {place.gap / item.rate:.1f} s")
             self._open_wav(shape, item.capture_ns)
             place = self.placer.place(item.capture_ns, len(pcm))
+        ident = (item.generation, item.seq, item.capture_ns)
         if place.skip < len(pcm):
-            self.writer.write(pcm[place.skip:], place.pos)
-        self._wrote()
+            self.writer.write(pcm[place.skip:], place.pos, token=ident)
+        self._wrote(ident, len(pcm) * 1_000_000_000 // item.rate)
 
     def _since(self, capture_ns: int) -> int:
         """Nanoseconds since the segment's first item."""
@@ -282,10 +328,19 @@ class StreamRecorder:
     def _due(self) -> bool:
         return self.writer is not None and self.writer.duration >= self.settings.segment_seconds
 
-    def _wrote(self) -> None:
+    def _wrote(self, ident: tuple[int, int, int], duration_ns: int = 0) -> None:
+        """One item written; `ident` = (generation, seq, capture_ns)."""
         self.frames += 1
         if self._m_frames is not None:
             self._m_frames.inc()
+        capture_ns = ident[2]
+        if self.gap is not None:
+            self._report_gap(capture_ns)
+        if self.last[2] and capture_ns > self.last[2]:
+            self.interval = duration_ns or capture_ns - self.last[2]
+        elif duration_ns:
+            self.interval = duration_ns
+        self.last = ident
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -293,22 +348,65 @@ class StreamRecorder:
             self.m.dropped.labels(self.target, reason).inc()
 
     # ------------------------------------------------------------ segments
-    def _writer(self) -> Mp4Writer:
+    def _take_cont(self, kind: str, shape: tuple) -> tuple[Path, dict] | None:
+        """The file cut by the crash, when its stream goes on in the same shape (else it is
+        finished as it is, and None)."""
+        cont, self.cont = self.cont, None
+        if cont is None:
+            return None
+        path, doc = cont
+        owner = doc.get("owner") or {}
+        if owner.get("kind") == kind and tuple(owner.get("shape") or ()) == tuple(shape) and \
+                (kind != "copy" or owner.get("sps") == (self.sps.hex() if self.sps else None)):
+            return cont
+        self._close_cont(path, doc, "its stream's shape changed during the restart")
+        return None
+
+    def _writer(self, kind: str, shape: tuple) -> Mp4Writer:
+        """A new segment, or the file cut by the crash when its stream goes on in the same shape."""
+        on_flush = self._flushed if self.m is not None else None
+        cont = self._take_cont(kind, shape)
+        if cont is not None:
+            path, doc = cont
+            owner = doc.get("owner") or {}
+            self.t0_ns = int(owner["t0"])
+            if owner.get("src0") is not None:  # the file's presentation times go on by the same rule
+                self.src0, self.src_gen, self.lead = int(owner["src0"]), owner.get("src_gen"), int(owner["lead"])
+            w = Mp4Writer(path, fragment_seconds=self.settings.fragment_seconds, fsync=self.settings.fsync,
+                          on_flush=on_flush, state=self._owner_state, resume=doc)
+            log.info("%s: continuing %s after the restart", self.target, path)
+            self.emit("record.resumed", {"target": self.target, "path": str(path), "appended": True})
+            return w
         path = segments.new_path(self.root, self.target)
+        self.t0_ns = 0
         return Mp4Writer(path, fragment_seconds=self.settings.fragment_seconds, fsync=self.settings.fsync,
-                         on_flush=self._flushed if self.m is not None else None)
+                         on_flush=on_flush, state=self._owner_state)
+
+    def _owner_state(self) -> dict:
+        """This recorder's part of the resume state: how its timestamps are made, the stream's shape."""
+        return {"target": self.target, "kind": self.encoder_kind, "t0": self.t0_ns, "shape": list(self.shape or ()),
+                "sps": self.sps.hex() if self.sps else None, "src0": self.src0, "src_gen": self.src_gen,
+                "lead": self.lead, "last": list(self.last), "interval": self.interval, "final": self.final}
 
     def _flushed(self, seconds: float, nbytes: int) -> None:
         self._m_flush.observe(seconds)
         self._m_bytes.inc(nbytes)
 
     def _open_copy(self, item, sps: bytes | None) -> None:
-        width, height = (item.width, item.height) if item.width and item.height else frame_size(item.codec, item.array)
-        self.writer = self._writer()
-        self.track = self.writer.add_video_copy(MUXER_CODECS[item.codec], width, height, None, VIDEO_TB)
+        if sps is None and self.exact and self.cont is not None:  # mid-GOP: the file's parameter sets and size
+            owner = self.cont[1].get("owner") or {}
+            sps = bytes.fromhex(owner["sps"]) if owner.get("sps") else None
+            width, height = (owner.get("shape") or (0, 0))[:2]
+        elif item.width and item.height:
+            width, height = item.width, item.height
+        else:
+            width, height = frame_size(item.codec, item.array)
+        self.sps, self.shape, self.encoder_kind = sps, (width, height, item.codec), "copy"
         self.held.clear()
-        self.src0, self.lead = None, 0
-        self.sps, self.shape = sps, (width, height, item.codec)
+        self.src0 = self.src_gen = None
+        self.lead = 0
+        self.writer = self._writer("copy", self.shape)
+        self.track = self.writer.add_video_copy(MUXER_CODECS[item.codec], width, height, None, VIDEO_TB)
         self._opened("copy", False, "", f"{item.codec} {width}x{height}, remuxed")
 
     def _open_encode(self, shape: tuple) -> None:
@@ -316,30 +414,49 @@ class StreamRecorder:
         s = self.settings
         choice = encoders.choose(s.encoder, width, height)
         options = encoders.encoder_options(choice.name, crf=s.crf, preset=s.preset, bitrate_kbps=s.bitrate_kbps)
-        self.writer = self._writer()
+        self.shape, self.encoder_kind = shape, "encode"
+        if self.cont is not None:  # a new encoder's parameter sets are not the file's: a new segment
+            self._close_cont(*self.cont, "a raw stream is encoded afresh after a restart")
+            self.cont = None
+        self.writer = self._writer("encode", shape)
         self.track = self.writer.add_video_encode(choice.name, width, height, "yuv420p", VIDEO_TB, options,
                                                   bit_rate=s.bitrate_kbps * 1000,
                                                   gop=max(1, round(s.gop_seconds * NOMINAL_FPS)))
         self.track.stream.codec_context.framerate = Fraction(NOMINAL_FPS)
-        self.shape = shape
         how = "hardware" if choice.hardware else "software"
         self._opened(choice.name, choice.hardware, choice.note,
                      f"{fmt} {width}x{height}, encoded with {choice.name} ({how})")
 
     def _open_wav(self, shape: tuple, capture_ns: int) -> None:
+        """A new WAV, or the one the crash cut when the audio goes on in the same format: its
+        samples keep their times (t0 from its state), the next chunk goes where its capture
+        time says after the file's end (a hole as silence, up to AUDIO_GAP_MAX_S)."""
         rate, channels = shape
-        path = segments.new_path(self.root, self.target, ext="wav")
-        self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
-                                fsync=self.settings.fsync, on_flush=self._flushed if self.m is not None else None)
+        self.shape, self.encoder_kind = shape, "wav"
+        on_flush = self._flushed if self.m is not None else None
+        cont = self._take_cont("wav", shape)
+        if cont is not None:
+            path, doc = cont
+            self.t0_ns = int(doc["owner"]["t0"])
+            self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
+                                    fsync=self.settings.fsync, on_flush=on_flush, state=self._owner_state,
+                                    resume=doc)
+            self.placer = AudioPlacer(self.t0_ns, rate)
+            self.placer.next_pos = self.writer.samples  # continuous with the file within the jitter
+            log.info("%s: continuing %s after the restart", self.target, path)
+            self.emit("record.resumed", {"target": self.target, "path": str(path), "appended": True})
+        else:
+            path = segments.new_path(self.root, self.target, ext="wav")
+            self.t0_ns = capture_ns  # sample 0 of the file; sample n was captured at t0 + n / rate
+            self.writer = WavWriter(path, rate, channels, fragment_seconds=self.settings.fragment_seconds,
+                                    fsync=self.settings.fsync, on_flush=on_flush, state=self._owner_state)
+            self.placer = AudioPlacer(capture_ns, rate)
         self.track = None
-        self.shape = shape
         self._opened("pcm_s16le", False, "", f"audio {rate} Hz x{channels} into WAV")
-        self.t0_ns = capture_ns  # sample 0 of the file; sample n was captured at t0 + n / rate
-        self.placer = AudioPlacer(capture_ns, rate)
 
     def _opened(self, name: str, hardware: bool, note: str, what: str) -> None:
         self.state = "recording"
-        self.t0_ns = 0
+        self.exact = False
         if self.m is not None and (name, hardware) != (self.encoder_name, self.hardware):
             if self.encoder_name:
                 self.m.encoder.remove(self.target, self.encoder_name, str(self.hardware).lower())
@@ -390,11 +507,149 @@ class StreamRecorder:
             self.on_segment(path)
         return path
 
+    # ------------------------------------------------------------ restarts and gaps
+    def resume(self, doc: dict | None, partial: Path | None = None) -> None:
+        """Take up where the target's last file ends: `doc` is its resume state (mp4.read_state
+        or wav.read_state),
+        `partial` the file itself when a crash cut it (repaired, still `.partial`): it goes on
+        with the next item. Call before the first feed()."""
+        at = _resume_point(doc)
+        if at is None:
+            if partial is not None:
+                self._close_cont(partial, doc, "its resume state is of another boot or has no position")
+            return
+        self.resume_at = at
+        if partial is not None:
+            self.cont = (partial, doc)
+        log.info("%s: resuming after %s (generation %s, item %s)", self.target, partial or "the last segment",
+                 at["gen"], at["seq"])
+
+    def _before_resume(self, item) -> bool:
+        """Whether `item` is already in the last file (skipped). The first item that is not ends
+        the resume: it follows the file's last exactly, or there is a gap (overrun, or the
+        producer restarted meanwhile) that is reported when the next item is written."""
+        at = self.resume_at
+        same = item.generation == at["gen"]
+        if same and item.seq <= at["seq"]:
+            if item.kind == "encoded" and (self.cont is None or item.codec in TRANSCODED):
+                # the GOP a new segment would start with, or a decoder must have seen
+                if item.keyframe:
+                    self.replay = []
+                if self.replay is not None:
+                    saved = _Saved(item)
+                    if item.valid():
+                        self.replay.append(saved)
+                    else:  # overwritten while copied: no clean GOP to repeat
+                        self.replay = None
+            return True
+        exact = same and item.seq == at["seq"] + 1
+        self.resume_at = None
+        self.generation = item.generation
+        replay, self.replay = self.replay, None
+        if exact:
+            self.exact = True
+            if item.kind == "encoded" and item.codec in TRANSCODED and not item.keyframe and replay:
+                self._prime(replay)
+            elif self.cont is None and item.kind == "encoded" and not item.keyframe and replay:
+                # the last file was finished (a clean stop): a new segment must start at a keyframe, so
+                # it starts at the one before this item, and that GOP's head is in both files
+                log.info("%s: the last segment was finished cleanly; the new one repeats its last %d access "
+                         "unit(s), from their keyframe, so nothing after it is lost", self.target, len(replay))
+                self.exact = False
+                for saved in replay:
+                    self.feed(saved)
+        else:
+            if not at["final"]:
+                self.gap = {"reason": "overrun" if same else "source", "after": at["cap"], "interval": at["interval"]}
+            if self.cont is not None and item.capture_ns - at["cap"] > self.settings.segment_seconds * 1e9:
+                self._close_cont(*self.cont, "the recorder was down longer than a segment")
+                self.cont = None
+        return False
+
+    def _prime(self, replay: list) -> None:
+        """A transcoded stream (VP8) resumed mid-GOP: its decoder is given the skipped access
+        units from their keyframe (their pictures are in the file already, not written
+        again), so the next one decodes and nothing waits for the next keyframe."""
+        first = replay[0]
+        try:
+            decoder = av.CodecContext.create(first.codec, "r")
+            for saved in replay:
+                decoder.decode(av.Packet(saved.array))
+        except av.FFmpegError as exc:
+            log.warning("%s: the %s access units before the resume point do not decode (%s); waiting for a "
+                        "keyframe", self.target, first.codec, exc)
+            return
+        self.decoder, self.decoder_key = decoder, (first.generation, first.codec)
+
+    def expire(self, now_ns: int) -> None:
+        """A file the crash cut whose stream has not come back within `segment_seconds` of its
+        last item (the rule _before_resume applies when it does come back) is finished as it
+        is, not left `.partial` while the recorder waits."""
+        if self.cont is not None and self.writer is None:
+            at = _resume_point(self.cont[1])
+            since = now_ns - (at["cap"] if at is not None else 0)
+            if since > self.settings.segment_seconds * 1e9:
+                self._close_cont(*self.cont, f"its stream has not come back for {since / 1e9:.0f} s")
+                self.cont = None
+
+    def _new_generation(self, item) -> None:
+        """The producer restarted (a capture process died and came back): the segment goes on with
+        the gap in its timeline (a remuxed one at the next keyframe, its presentation times
+        placed after the file's: see _hold), unless the stream's shape changed (the next
+        keyframe or picture will tell). What the window still holds of the old producer is
+        written first: nothing more of it comes, and the gap is reported at the new one's
+        first item."""
+        if self.held:
+            self._write_held()
+        self.gap = {"reason": "source", "after": self.last[2], "interval": self.interval}
+        if self.encoder_kind == "copy":
+            self.await_key = True
+        log.info("%s: the producer restarted (generation %d): the segment goes on%s", self.target,
+                 item.generation, " at its next keyframe" if self.await_key else "")
+
+    def _report_gap(self, capture_ns: int) -> None:
+        gap, self.gap = self.gap, None
+        if not gap["after"]:
+            return
+        hole = capture_ns - gap["after"] - gap["interval"]
+        if hole < GAP_MIN_NS:
+            return
+        seconds = round(hole / 1e9, 3)
+        reason = gap["reason"]
+        self.gaps[reason] = round(self.gaps.get(reason, 0.0) + seconds, 3)
+        log.warning("%s: %.3f s missing before this item (%s): a gap in %s", self.target, seconds,
+                    {"source": "the source was away", "overrun": "the recorder was down longer than the ring's "
+                     "history"}.get(reason, reason), self.writer.path if self.writer else "the recording")
+        if self.m is not None:
+            self.m.gaps.labels(self.target, reason).inc()
+            self.m.gap_seconds.labels(self.target, reason).inc(seconds)
+        self.emit("record.gap", {"target": self.target, "reason": reason, "seconds": seconds,
+                                 "path": self.writer.path if self.writer else ""})
+
+    def _close_cont(self, path: Path, doc: dict | None, why: str) -> None:
+        """A file the crash cut that is not continued: finished as it is (renamed, announced)."""
+        log.info("%s: %s: %s is finished as it is", self.target, why, path)
+        try:
+            final = segments.finish(path)
+        except OSError as exc:
+            log.warning("%s: cannot finish %s: %s", self.target, path, exc)
+            return
+        self.segments += 1
+        self.last_path = final
+        seconds, frames = state_extent(doc)
+        owner = (doc or {}).get("owner") or {}
+        self.emit("record.segment", {"target": self.target, "path": str(final), "duration": seconds,
+                                     "frames": frames, "bytes": os.path.getsize(final),
+                                     "start_ns": int(owner.get("t0") or 0)})
+
     # ------------------------------------------------------------ breaks and errors
     def interrupt(self, why: str) -> None:
         """The input broke off (the stream closed, its producer died): finish the segment."""
         if self.writer is not None:
             self._finish(why)
+        if self.cont is not None:
+            self._close_cont(*self.cont, why)
+            self.cont = None
         if self.state == "recording":
             self.state = "waiting"
 
@@ -434,9 +689,15 @@ class StreamRecorder:
         self.last_error = ""
         return True
 
-    def stop(self) -> Path | None:
-        """Finish the current segment and stop; `record.stopped`."""
+    def stop(self, final: bool = True) -> Path | None:
+        """Finish the current segment and stop; `record.stopped`. `final`: the recording ends here
+        (stopped by command or config), and a later start reports no gap since; else the
+        service is shutting down, and the next run resumes after this."""
+        self.final = final
         path = self._finish(None) if self.writer is not None else None
+        if self.cont is not None:
+            self._close_cont(*self.cont, "the recording stops")
+            self.cont = None
         self.state = "stopped"
         if self.m is not None:
             self.m.recording.labels(self.target).set(0)
@@ -451,7 +712,44 @@ class StreamRecorder:
                 "segments": self.segments, "frames": self.frames,
                 "bytes": self.bytes + (w.bytes_written if w else 0),
                 "segment_seconds": round(w.duration, 3) if w else 0.0, "error": self.last_error,
-                "dropped": dict(self.dropped)}
+                "dropped": dict(self.dropped), "gaps": dict(self.gaps)}
+
+
+class _Saved:
+    """A copy of an encoded bus item, fed again after its slot was reused."""
+
+    __slots__ = ("kind", "codec", "keyframe", "capture_ns", "pts", "time_base", "generation", "seq", "width",
+                 "height", "array")
+
+    def __init__(self, item) -> None:
+        self.kind, self.codec, self.keyframe = item.kind, item.codec, item.keyframe
+        self.capture_ns, self.pts, self.time_base = item.capture_ns, item.pts, item.time_base
+        self.generation, self.seq = item.generation, item.seq
+        self.width, self.height = item.width, item.height
+        self.array = np.frombuffer(bytes(memoryview(item.array).cast("B")), np.uint8)
+
+    def valid(self) -> bool:
+        return True
+
+
+def _resume_point(doc: dict | None) -> dict | None:
+    """Where a file's resume state says its recording ended (the last item its first track
+    holds, by generation and sequence), or None (another boot, no position)."""
+    if not isinstance(doc, dict) or doc.get("boot") != boot_id():
+        return None
+    owner = doc.get("owner") or {}
+    tracks = doc.get("tracks") or []
+    if not tracks or not isinstance(owner, dict):
+        return None
+    at = {"kind": owner.get("kind"), "final": bool(owner.get("final")), "interval": int(owner.get("interval") or 0)}
+    try:
+        tok = tracks[0].get("tok")
+        if not tok:
+            return None
+        at.update(gen=int(tok[0]), seq=int(tok[1]), cap=int(tok[2]))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    return at
 
 
 def finished_name(path: str) -> str:

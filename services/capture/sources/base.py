@@ -126,6 +126,9 @@ class EncodedSourceConfig(SourceConfig):
     decode_threads: int = setting(1, "decode: frame threads; 1 adds no latency, N decodes up to N pictures at "
                                   "once and holds N-1 back; 0 lets FFmpeg pick (one per core, plus one).", RESTART,
                                   min=0, max=64)
+    history_seconds: float = setting(10.0, "Seconds of encoded video and audio the bus rings keep, whoever reads: "
+                                     "what a recorder restart or a reader that falls behind can catch up on.",
+                                     RESTART, min=2, max=60)
 
     def encoded(self) -> bool:
         return True

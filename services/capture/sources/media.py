@@ -258,6 +258,8 @@ class MediaSource:
         if self.codec is None:
             log.info("%s: %s cannot travel encoded on the bus; capture decodes it to yuv420p", self._shown(),
                      cc.name)
+        if video.average_rate and not sink.rate_hint:
+            sink.rate_hint = float(video.average_rate)  # the history ring's length, in frames
         if not self.live and not self._next_origin and self.codec is not None and self.cfg.wants_decode():
             if not self._wait_for_decoder(sink, cc, stop):
                 return False
