@@ -495,6 +495,23 @@ def test_a_peer_that_ignores_pli_gets_fir(box):
     never_restarted(b)
 
 
+def test_a_send_the_kernel_refuses_is_counted_and_the_call_goes_on(box):
+    """The peer's address is one the kernel will not send to (the broadcast address, from a socket without
+    SO_BROADCAST: EACCES, as a box without a route to the peer gets ENETUNREACH): the camera's packets and the
+    RTCP reports are lost, counted as socket errors, and the call runs on in one process (the error's counter was
+    given one label of two, so the first refused send crashed the call, once a second)."""
+    b = rtp_box(box, rtp_table("call", h264_sdp(6000, host="255.255.255.255", direction="sendrecv"),
+                               send_video="cam", decode=False), capture=True)
+    b.set_source("cam", CAMERA.format(gop=1.0))
+    b.run()
+    b.wait_ready("rtp@call", "capture@cam")
+    wait_for(lambda: (metric_value(b.scrape(), "edgeroom_rtp_socket_errors_total", call="call", media="video")
+                      or 0) >= 30, 10, "the refused sends counted")
+    time.sleep(1.5)                                       # the next RTCP report is refused too
+    assert metric_value(b.scrape(), "edgeroom_rtp_packets_out_total", call="call", media="video") in (None, 0.0)
+    never_restarted(b)
+
+
 def test_latching_takes_the_first_address_that_sends_and_sends_there(box):
     """latch = true, and the SDP names an address nobody sends from: the first packet's address is taken, the
     camera's packets go there, and another address is dropped."""

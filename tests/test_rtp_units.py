@@ -436,6 +436,45 @@ def test_a_keyframe_leaves_paced_not_in_one_burst():
     assert 0.22 <= sent[-1] - sent[0] <= 0.4                          # the other 26 at the rate: 0.25 s
 
 
+def _pace(rate_bps: int, packets: int) -> tuple[list[float], int]:
+    """When each of `packets` 1200-byte packets put at once left a Pacer on a real asyncio loop, and how many
+    timers it set."""
+    import asyncio
+
+    from services.rtp.outbound import Pacer
+
+    loop = asyncio.new_event_loop()
+    sent: list[float] = []
+    timers = [0]
+
+    def call_later(delay, fn):
+        timers[0] += 1
+        return loop.call_later(delay, fn)
+
+    pacer = Pacer(rate_bps, 1200, lambda data: sent.append(time.monotonic()), call_later)
+    loop.call_soon(lambda: pacer.put([b"x" * 1200] * packets))
+    loop.call_later(0.3, loop.stop)
+    loop.run_forever()
+    loop.close()
+    assert len(sent) == packets
+    return sent, timers[0]
+
+
+def test_the_pacer_holds_its_rate_within_a_tick_of_the_loops_timers():
+    """The loop's timers wake in whole milliseconds. At 20 Mbit/s (a packet due every 0.48 ms) a 30-packet keyframe
+    leaves over the ~12.5 ms the rate asks, never ahead of it by more than a tick; an 8-packet P-frame goes in one
+    tick (it waited two: a wait for a fraction of a packet's time slept a whole tick). At 100 Mbit/s a keyframe
+    leaves in a few wake-ups: the bucket's credit was capped at four packets even while packets waited, so no rate
+    passed four packets a tick (38 Mbit/s) and this keyframe took 7 wake-ups, 7 ms."""
+    sent, _ = _pace(20_000_000, 30)
+    rate_s = (30 * 1200 - 4 * 1200) / 2_500_000                    # what leaves after the four-packet burst
+    assert rate_s - 0.0011 <= sent[-1] - sent[0] <= 0.1, sent[-1] - sent[0]
+    sent, timers = _pace(20_000_000, 8)
+    assert timers <= 1, sent                                         # 6 at once (4 + a tick's worth), 2 a tick later
+    sent, timers = _pace(100_000_000, 30)
+    assert timers <= 3, (timers, [round(1000 * (t - sent[0]), 2) for t in sent])
+
+
 class FakePacer:
     def __init__(self) -> None:
         self.out: list[bytes] = []

@@ -38,6 +38,7 @@ from services.rtp.vp8 import Vp8Packetizer
 __all__ = ["Outbound", "Pacer"]
 
 BURST_PACKETS = 4
+TICK = 0.001           # the loop's timer granularity: asyncio's epoll waits whole milliseconds
 HEADER = 12
 
 
@@ -72,21 +73,28 @@ class Pacer:
 
     def put(self, packets: list[bytes]) -> None:
         self.queue.extend(packets)
-        if not self._waiting:
-            self._drain()
+        if not self._waiting:                      # nothing was waiting: the bucket filled while idle
+            self._drain(idle=True)
 
-    def _drain(self) -> None:
+    def _drain(self, idle: bool = False) -> None:
         self._waiting = False
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.tokens += (now - self.at) * self.rate
+        if idle:
+            # credit saved while nothing waited is one burst at most; while packets wait it is all theirs (a
+            # timer that woke late does not slow the rate: capped there, the rate could not pass a burst a tick)
+            self.tokens = min(self.burst, self.tokens)
         self.at = now
-        while self.queue and self.tokens >= len(self.queue[0]):
+        # a wait shorter than the loop's tick lasts a whole tick (a 20 Mbit/s packet is due every 0.48 ms): what the
+        # rate allows within one tick goes now, so a unit is not held a tick for a fraction of a packet's time
+        ahead = self.rate * TICK
+        while self.queue and self.tokens + ahead >= len(self.queue[0]):
             data = self.queue.popleft()
             self.tokens -= len(data)
             self.send(data)
         if self.queue:
             self._waiting = True
-            self.call_later((len(self.queue[0]) - self.tokens) / self.rate, self._drain)
+            self.call_later((len(self.queue[0]) - self.tokens - ahead) / self.rate, self._drain)
 
 
 class Outbound:
