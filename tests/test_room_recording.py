@@ -420,3 +420,80 @@ def test_a_room_feed_declares_each_track_of_the_hub_s_sessions_once(tmp_path, pr
     finally:
         feed.stop()
     assert events == ["record.stopped"]
+
+
+def test_a_session_that_flaps_while_its_capture_restarts_loses_no_frame(tmp_path, prefix):
+    """The hub drops a session when its capture process dies and lists it again when the new
+    one registers, which can come after the new process already sent frames (the chaos
+    benchmark saw it: 1.5 s of the room lost, up to the next keyframe). A track back on the
+    same ring goes straight on: every frame is in the file, and no gap is reported. A track
+    whose ring no longer held what followed its last item waits for a keyframe and says so."""
+    import time
+
+    import av
+    import framebus
+    from services.capture.sources.synthetic import frame_number
+
+    events = []
+    feed = RoomFeed("room:lobby", tmp_path, prefix, lambda topic, data: events.append((topic, data)), fsync=False,
+                    segment_seconds=60)
+    video = {"id": "video", "kind": "video", "stream": "cam", "format": "h264", "width": W, "height": H}
+    cam = {"session": "cam", "room": "lobby", "tracks": [video]}
+    encoder, pattern = H264Encoder(W, H, FPS, 60.0, 0), Pattern(W, H)   # one keyframe: the first
+
+    t0 = time.monotonic_ns()      # the feed takes what is newer than its start (less a fresh start's history)
+
+    def send(p, n0: int, count: int) -> None:
+        for n in range(n0, n0 + count):
+            frame, (y, u, v) = encoder.frame()
+            pattern.draw_yuv(y, u, v, n)
+            for packet in encoder.encode(frame, n):
+                p.publish_encoded(bytes(packet), "h264", keyframe=packet.is_keyframe, pts=n, time_base=(1, FPS),
+                                  capture_ns=t0 + n * NS // FPS)
+
+    with framebus.Producer.create("cam", "encoded", payload=1 << 16, slots=64, prefix=prefix) as p:
+        try:
+            feed.sessions([cam])
+            feed.sessions([cam])
+            send(p, 0, 20)
+            feed.pump(t0 + 2 * NS)
+            feed.sessions([])                  # the session left ...
+            send(p, 20, 20)                    # ... while its camera went on
+            feed.sessions([cam])               # back: the consumer reads from the ring's oldest
+            feed.sessions([cam])
+            send(p, 40, 20)
+            feed.pump(t0 + 6 * NS)
+        finally:
+            path = feed.stop()
+    with av.open(str(path)) as f:
+        got = [frame_number(fr.to_ndarray(format="gray")) for fr in f.decode(video=0)]
+    assert got == list(range(60)), got
+    assert not [d for t, d in events if t == "record.gap"], events
+
+    # a ring that no longer holds what followed: the track waits for a keyframe, and says so
+    events.clear()
+    feed = RoomFeed("room:lobby", tmp_path / "2", prefix, lambda topic, data: events.append((topic, data)),
+                    fsync=False, segment_seconds=60)
+    encoder = H264Encoder(W, H, FPS, 3.5, 0)                        # a keyframe every 35 frames
+    with framebus.Producer.create("cam", "encoded", payload=1 << 16, slots=8, prefix=prefix) as p:
+        try:
+            feed.sessions([cam])
+            feed.sessions([cam])
+            for n in range(0, 20, 4):          # 8 slots: read as it goes
+                send(p, n, 4)
+                feed.pump(t0 + 2 * NS)
+            feed.sessions([])
+            send(p, 20, 20)                    # frames 20-31 are gone when it is back
+            feed.sessions([cam])
+            feed.sessions([cam])
+            for n in range(40, 60, 4):
+                send(p, n, 4)
+                feed.pump(t0 + 6 * NS)
+        finally:
+            path = feed.stop()
+    with av.open(str(path)) as f:
+        got = [frame_number(fr.to_ndarray(format="gray")) for fr in f.decode(video=0)]
+    assert got == list(range(20)) + list(range(35, 60)), got   # on from the keyframe at 35
+    gaps = [d for t, d in events if t == "record.gap"]
+    assert [(g["track"], g["reason"]) for g in gaps] == [("cam/video", "overrun")], gaps
+    assert gaps[0]["seconds"] == pytest.approx(15 / FPS, abs=0.02), gaps

@@ -180,10 +180,11 @@ class RoomRecorder:
         track = _Track(track_id, kind, dict(info or {}))
         self.tracks[track_id] = track
         if old is not None and old.kind == kind and old.out is not None:
-            # back after leaving (its capture restarted): its own track again, on from its last frame,
-            # the time it was away a gap; the first picture must be a keyframe
+            # back after leaving (its session flapped while its capture restarted): its own track
+            # again, on from its last frame. Still gated if it was; the caller calls gap() if the
+            # first item back does not follow the last one it pushed (it waits for a keyframe)
             track.out, track.last_pts, track.first_ns = old.out, old.last_pts, old.first_ns
-            track.gate = kind == "video"
+            track.gate, track.last_ident = old.gate, old.last_ident
         elif self.t0 is not None:
             self._join(track)
 

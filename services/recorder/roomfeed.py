@@ -81,6 +81,7 @@ class RoomFeed:
         self.at: dict | None = None      # where the last file ends (resume()): what to skip
         self.cont: tuple[Path, dict] | None = None  # the file the crash cut, to continue
         self.resuming: set[str] = set()  # tracks still skipping what the last file holds
+        self.rejoined: set[str] = set()  # tracks back after leaving, their first item not yet seen
         self.last: dict[str, tuple[int, int, int]] = {}  # track -> (generation, seq, capture_ns) last pushed
         self.interval: dict[str, int] = {}  # track -> ns between its last two items
         self.gaps: dict[str, float] = {}
@@ -108,6 +109,8 @@ class RoomFeed:
                 kind = "audio" if t.get("kind") == "audio" else "video" if fmt in CODECS else "picture"
                 info = {k: t[k] for k in ("width", "height") if t.get(k)}
                 rec = self._recorder()  # a new file declares the tracks already known; this one is new to it
+                if tid in self.last:
+                    self.rejoined.add(tid)  # back after leaving: its first item decides if it goes straight on
                 consumer = framebus.Consumer.attach(stream, prefix=self.prefix, missing_ok=True, start="oldest")
                 self.consumers[tid] = (consumer, kind)
                 if self.at is not None and tid not in self.last and (
@@ -244,6 +247,9 @@ class RoomFeed:
                 return True  # a consumer attached again (the session came back) reads from the oldest
             if gen != last[0]:
                 self._gap(rec, tid, "source", last[2], self.interval.get(tid, 0))
+            elif tid in self.rejoined and seq != last[1] + 1:  # the ring no longer held what followed
+                self._gap(rec, tid, "overrun", last[2], self.interval.get(tid, 0))
+            self.rejoined.discard(tid)
         elif tid in self.resuming:
             at = self.at
             if kind == "audio":
