@@ -431,6 +431,7 @@ def test_a_session_that_flaps_while_its_capture_restarts_loses_no_frame(tmp_path
     import time
 
     import av
+
     import framebus
     from services.capture.sources.synthetic import frame_number
 
