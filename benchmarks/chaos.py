@@ -450,7 +450,8 @@ def _nearest(runs: list[Run], n: int, at: int) -> tuple[Run | None, float]:
 
 
 def beep_onsets(audio: np.ndarray, start_ns: int) -> list[int]:
-    """pts (ns) of each 1 kHz beep's start: 5 ms blocks louder than 0.1 after 20 ms quieter than 0.02."""
+    """pts (ns) of each 1 kHz beep's start: 5 ms blocks louder than 0.1 after 20 ms quieter than 0.02
+    (and at most one block between them that the start grazes)."""
     block = AUDIO_RATE // 200
     n = len(audio) // block
     if n == 0:
@@ -459,10 +460,13 @@ def beep_onsets(audio: np.ndarray, start_ns: int) -> list[int]:
     scale = 32768.0 if level.max() > 2 else 1.0  # PyAV gives float planar AAC in [-1, 1]
     level = level / scale
     out = []
-    quiet = 0
+    quiet = edge = 0
     for i, v in enumerate(level):
-        if v > 0.1 and quiet >= 4:
+        if v > 0.1 and max(quiet, edge) >= 4:
             out.append(start_ns + i * block * 1_000_000_000 // AUDIO_RATE)
+        # a block the beep's start only grazes (it began in its last samples) keeps the quiet before it:
+        # where a block boundary falls is chance (a restarted capture's audio lands anywhere)
+        edge = quiet if 0.02 <= v <= 0.1 else 0
         quiet = quiet + 1 if v < 0.02 else 0
     return out
 
@@ -507,6 +511,7 @@ def analyse_target(files: list[Path], runs: list[Run], window: tuple[int, int], 
     if room:
         want = [b for b in beeps if window[0] <= b <= window[1]]
         res.update(beeps_produced=len(want), beeps_recorded=len(set(found_beeps) & set(want)),
+                   beeps_missing_at_s=[round((b - window[0]) / 1e9, 2) for b in want if b not in set(found_beeps)],
                    av_offset_ms_p50=round(statistics.median(offsets), 1) if offsets else None,
                    av_offset_ms_max=round(max(abs(o) for o in offsets), 1) if offsets else None)
     res["gap_s"], res["outage_s"] = round(res["gap_s"], 3), round(res["outage_s"], 3)

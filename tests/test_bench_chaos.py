@@ -85,6 +85,24 @@ def test_lost_frames_are_put_down_to_the_kill_that_explains_them(chaos):
     assert chaos._losses(produced, lost, [], 0)["lost_s_by_victim"] == {"no kill": pytest.approx(5 / 30, abs=1e-3)}
 
 
+def test_every_beep_is_found_wherever_its_start_falls_in_a_block(chaos):
+    """A beep each second (100 ms of 1 kHz), its start at every offset within the detector's 5 ms
+    block: each found, within a block of its place (a restarted capture's audio lands anywhere:
+    a start in a block's last samples made a block too loud to be quiet and too quiet to be the
+    beep, and a whole capture run's beeps went unfound)."""
+    import numpy as np
+    rate, block = chaos.AUDIO_RATE, chaos.AUDIO_RATE // 200
+    for shift in range(0, block, 7):
+        audio = np.zeros(rate * 4, np.int16)
+        starts = [rate // 2 + k * rate + shift for k in range(3)]
+        t = np.arange(rate // 10) / rate
+        for s0 in starts:
+            audio[s0:s0 + len(t)] = (np.sin(2 * np.pi * 1000 * t) * 16000).astype(np.int16)
+        got = chaos.beep_onsets(audio, 0)
+        want = [s0 * 1_000_000_000 // rate for s0 in starts]
+        assert len(got) == 3 and all(abs(g - w) <= 5_000_000 for g, w in zip(got, want)), (shift, got, want)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_short_run_kills_every_service_and_reports_both_rows(tmp_path, chaos):
