@@ -1,6 +1,7 @@
 """Shared fixtures: a private bus prefix per test, and real child processes to drive."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -132,3 +133,17 @@ def box(prefix):
     yield make
     for b in made:
         b.close()
+
+
+def benchmark_module(name: str):
+    """benchmarks/NAME.py (a script, not a package member) loaded as the module `bench_NAME`, for
+    a module-scoped fixture: `yield from benchmark_module("rtp")`; unloaded after."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)

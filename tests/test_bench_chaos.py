@@ -4,7 +4,6 @@ kill made and answered by a ready service, a clean box afterwards, a complete JS
 recall figure: what a restarted recorder keeps is the recorder's tests' business."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,21 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shm_leftovers
+from tests.conftest import benchmark_module, shm_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def chaos():
-    spec = importlib.util.spec_from_file_location("bench_chaos", ROOT / "benchmarks" / "chaos.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from benchmark_module("chaos")
 
 
 def test_schedule_is_seeded_rounds_of_every_service_and_spares_the_tail(chaos):

@@ -1,29 +1,20 @@
 """benchmarks/ingest.py: its sweep logic and counters, and one real box measured end to end."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import shm_leftovers
+from tests.conftest import benchmark_module, shm_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def ingest():
-    spec = importlib.util.spec_from_file_location("bench_ingest", ROOT / "benchmarks" / "ingest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from benchmark_module("ingest")
 
 
 def sweep(ingest, capacity: int, max_n: int, linear: bool = False, estimate: float | None = None) -> list[int]:

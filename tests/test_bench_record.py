@@ -1,7 +1,6 @@
 """benchmarks/record.py: its picture check, and one --quick run end to end (real ffmpeg, a real box)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,21 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shm_leftovers
+from tests.conftest import benchmark_module, shm_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def record():
-    spec = importlib.util.spec_from_file_location("bench_record", ROOT / "benchmarks" / "record.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from benchmark_module("record")
 
 
 def test_same_pictures_finds_the_loop_from_a_keyframe_and_nothing_else(record):

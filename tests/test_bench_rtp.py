@@ -2,7 +2,6 @@
 run end to end (a real relay, real boxes, real sockets)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,21 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shm_leftovers
+from tests.conftest import benchmark_module, shm_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rtp", ROOT / "benchmarks" / "rtp.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from benchmark_module("rtp")
 
 
 def test_units_are_grouped_by_rtp_time_in_sequence_order_across_the_wrap(bench):
