@@ -12,7 +12,7 @@ import numpy as np
 
 from services.capture.sources.synthetic import Pattern, frame_number
 
-__all__ = ["ffprobe_frames", "luma", "numbered_file", "picture_number"]
+__all__ = ["ffprobe_frames", "flashes_and_beeps", "luma", "numbered_file", "picture_number"]
 
 
 def numbered_file(path: Path, frames: int, *, fps: int = 25, gop: int = 10, size=(320, 240),
@@ -51,3 +51,21 @@ def ffprobe_frames(path: Path) -> int:
                           "stream=nb_read_frames", "-of", "json", str(path)], capture_output=True, text=True,
                          check=True)
     return int(json.loads(out.stdout)["streams"][0]["nb_read_frames"])
+
+
+def flashes_and_beeps(path: Path) -> tuple[list[float], list[float]]:
+    """Times (s) of the white flashes in the video and of the beep onsets in the audio (the
+    synthetic camera's flash and tone), as a player places them."""
+    flashes, chunks = [], []
+    with av.open(str(path)) as f:
+        for frame in f.decode(video=0):
+            if frame.to_ndarray(format="gray").mean() > 200:
+                flashes.append(float(frame.time))
+    with av.open(str(path)) as f:
+        for frame in f.decode(audio=0):
+            chunks.append((float(frame.time), frame.to_ndarray()[0]))
+    t0, rate = chunks[0][0], 48000
+    pcm = np.concatenate([c for _, c in chunks])
+    loud = np.abs(pcm) > 0.1
+    onsets = np.flatnonzero(loud[1:] & ~np.convolve(loud, np.ones(480), "full")[:len(loud) - 1].astype(bool))
+    return flashes, [t0 + (i + 1) / rate for i in onsets]

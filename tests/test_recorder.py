@@ -13,7 +13,7 @@ import pytest
 
 import framebus
 from tests.appliance import metric_value, wait_for
-from tests.media_files import ffprobe_frames, numbered_file
+from tests.media_files import ffprobe_frames, flashes_and_beeps, numbered_file
 
 RECORDER = """
 [services.recorder]
@@ -250,23 +250,6 @@ def test_a_stream_with_b_frames_is_remuxed_in_presentation_order(box, tmp_path):
     assert len(set(pts)) == len(pts)
 
 
-def _flashes_and_beeps(path: Path) -> tuple[list[float], list[float]]:
-    """Times (s) of the white flashes in the video and of the beep onsets in the audio."""
-    import av
-    import numpy as np
-    flashes, chunks = [], []
-    with av.open(str(path)) as f:
-        for frame in f.decode(video=0):
-            if frame.to_ndarray(format="gray").mean() > 200:
-                flashes.append(float(frame.time))
-    with av.open(str(path)) as f:
-        for frame in f.decode(audio=0):
-            chunks.append((float(frame.time), frame.to_ndarray()[0]))
-    t0, rate = chunks[0][0], 48000
-    pcm = np.concatenate([c for _, c in chunks])
-    loud = np.abs(pcm) > 0.1
-    onsets = np.flatnonzero(loud[1:] & ~np.convolve(loud, np.ones(480), "full")[:len(loud) - 1].astype(bool))
-    return flashes, [t0 + (i + 1) / rate for i in onsets]
 
 
 def test_a_room_recording_holds_the_sessions_video_and_audio_in_sync(box, tmp_path):
@@ -283,7 +266,7 @@ def test_a_room_recording_holds_the_sessions_video_and_audio_in_sync(box, tmp_pa
     streams = {s["codec_name"]: s for s in probe(path)["streams"]}
     assert set(streams) == {"h264", "aac"}, streams
     assert decode_errors(path) == ""
-    flashes, beeps = _flashes_and_beeps(path)
+    flashes, beeps = flashes_and_beeps(path)
     assert len(flashes) >= 3 and len(beeps) >= 3, (flashes, beeps)
     inside = [t for t in flashes if min(beeps) - 0.5 < t < max(beeps) + 0.5]  # where both tracks have media
     assert len(inside) >= 3, (flashes, beeps)

@@ -16,6 +16,7 @@ import pytest
 import framebus
 from services.capture.sources.synthetic import frame_number
 from tests.appliance import metric_value, wait_for
+from tests.media_files import flashes_and_beeps
 
 FPS = 30.0
 RECORDER = """
@@ -118,22 +119,6 @@ def kill_recorder(b, cam: Camera, times: int, every: float) -> list[float]:
     return took
 
 
-def flashes_and_beeps(path: Path) -> tuple[list[float], list[float]]:
-    """Times (s) of the white flashes in the video and of the beep onsets in the audio, as a
-    player places them (tests/test_recorder.py measures the live room the same way)."""
-    flashes, chunks = [], []
-    with av.open(str(path)) as f:
-        for frame in f.decode(video=0):
-            if frame.to_ndarray(format="gray").mean() > 200:
-                flashes.append(float(frame.time))
-    with av.open(str(path)) as f:
-        for frame in f.decode(audio=0):
-            chunks.append((float(frame.time), frame.to_ndarray()[0]))
-    t0, rate = chunks[0][0], 48000
-    pcm = np.concatenate([c for _, c in chunks])
-    loud = np.abs(pcm) > 0.1
-    onsets = np.flatnonzero(loud[1:] & ~np.convolve(loud, np.ones(480), "full")[:len(loud) - 1].astype(bool))
-    return flashes, [t0 + (i + 1) / rate for i in onsets]
 
 
 def check_stream(rec: Path, cam: Camera, target: str = "cam") -> tuple[int, int]:
