@@ -24,7 +24,7 @@ from tests.media_files import numbered_file
 # No decode@NAME: nobody here needs the pictures.
 CAMS = {
     "cam": 'kind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nroom = "lobby"\nencode = "h264"\n'
-           'gop = 60.0\ndecode = false\naudio = true',
+           'gop = 60.0\ndecode = false\naudio = true\nhistory_seconds = 2.0',   # 64 slots: 2.1 s
     "cam2": 'kind = "synthetic"\nwidth = 352\nheight = 288\nfps = 30.0\nroom = "lobby"\nencode = "h264"\n'
             'gop = 60.0\ndecode = false',
 }

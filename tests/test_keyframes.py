@@ -24,7 +24,8 @@ fps = 30.0
 room = "lobby"
 encode = "h264"
 gop = 60.0
-"""
+history_seconds = 2.0
+"""  # the ring's least history (64 slots, 2.1 s at 30 fps): a reader stopped 3 s loses items
 
 
 class FakeTimers:
