@@ -140,6 +140,20 @@ class Box:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
+    def settled_scrape(self, *services: str, timeout: float = 5.0) -> str:
+        """A scrape whose samples of `services` were all taken after this call. The hub shows each
+        service's metrics as of its last heartbeat, so a count read right after the event it counts
+        can lag it by a heartbeat. The heartbeat counter goes up after the snapshot it carries is
+        taken: two more than now means a snapshot taken since."""
+        def beats(page: str) -> list[float | None]:
+            return [metric_value(page, "edgeroom_service_heartbeats_total", service=s) for s in services]
+        start = beats(self.scrape())
+        assert None not in start, f"no heartbeats from {services}"
+        def later():
+            page = self.scrape()
+            return page if all(n is not None and n >= s + 2 for n, s in zip(beats(page), start)) else None
+        return wait_for(later, timeout, f"two heartbeats from each of {', '.join(services)}")
+
     # --- cleanup ---------------------------------------------------------------------------
     def close(self) -> None:
         if self._client is not None:

@@ -165,7 +165,8 @@ def test_a_full_disk_is_an_error_event_and_a_metric_the_file_plays_and_recording
         full = wait_for(lambda: finished(rec), 5, "the cut segment renamed")
         assert full == [Path(err.data["path"])], "the event names the file, which is finished"
         assert decode_errors(full[0]) == "" and ffprobe_frames(full[0]) > 0
-        assert metric_value(b.scrape(), "edgeroom_recorder_errors_total", target="door", reason="disk_full") == 1
+        assert metric_value(b.settled_scrape("recorder"), "edgeroom_recorder_errors_total", target="door",
+                            reason="disk_full") == 1
         assert "disk full" in b.services()["recorder"]["status"] or "disk_full" in b.services()["recorder"]["status"]
         filler.unlink()  # space returns: a new segment begins
         wait_for(lambda: [p for p in partials(rec) if p.stat().st_size > 50_000], 20, "recording to resume")
