@@ -117,14 +117,17 @@ scrape() {
     in_box /opt/edgeroom/venv/bin/python -c \
         'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9750/metrics").read().decode())'
 }
+# Output is read whole and every grep reads a string, never a pipe: under pipefail, a grep -q that
+# exits at its first match fails a producer still writing (SIGPIPE, 141). The journal's JSON lines
+# are over 1 KB each: with the five "ready (pid" lines, grep -F wrote twice, and the check failed
+# whenever grep -q had quit in between (2 boots in 5).
 exits_counted() {
-    local out; out="$(scrape)"
-    grep -E '^edgeroom_service_exits_total\{' <<<"$out" | grep "result=\"$1\"" | grep -q ' 1.0$'
+    local out; out="$(scrape | grep -E '^edgeroom_service_exits_total\{' | grep -F "result=\"$1\"" || true)"
+    grep -q ' 1.0$' <<<"$out"
 }
-# (output is read whole before grepping: under pipefail, grep -q closing a pipe early fails the producer)
 journal_has() {  # journal_has UNIT PRIORITY TEXT: an entry of that priority whose message has TEXT
-    local out; out="$(in_box journalctl -u "$1" -o json --no-pager)"
-    grep -F "$3" <<<"$out" | grep -q "\"PRIORITY\":\"$2\""
+    local out; out="$(in_box journalctl -u "$1" -o json --no-pager | grep -F "$3" || true)"
+    grep -q "\"PRIORITY\":\"$2\"" <<<"$out"
 }
 prop() { in_box systemctl show -p "$2" --value "$1"; }
 restarts_at_least() { [ "$(prop "$1" NRestarts)" -ge "$2" ] && [ "$(prop "$1" ActiveState)" = active ]; }
