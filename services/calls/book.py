@@ -57,13 +57,15 @@ class RouteBook:
                       required=("session",))
 
     # --- the transport's side --------------------------------------------------------------
-    def reader(self, session: str, configured: Route) -> RouteReader:
-        """The reader of `session`'s routes: the config's, with the tracks set by command instead."""
+    def reader(self, session: str, configured: Route, *, video_codecs: tuple[str, ...] | None = None) -> RouteReader:
+        """The reader of `session`'s routes: the config's, with the tracks set by command instead.
+        `video_codecs`: what this session can send, when it is not the book's (a call's agreed codec)."""
         if session in self.readers:
             raise ValueError(f"session {session!r} has a route reader already")
         service = self.service
         reader = RouteReader(session, self._effective(session, configured), prefix=self.prefix,
-                             ask=service.request_keyframe, metrics=self.metrics, video_codecs=self.video_codecs,
+                             ask=service.request_keyframe, metrics=self.metrics,
+                             video_codecs=self.video_codecs if video_codecs is None else video_codecs,
                              raw_video=self.raw_video,
                              warn=lambda text: service.throttled.warning(f"route {session}", text))
         self.readers[session], self.configured[session] = reader, configured

@@ -26,6 +26,7 @@ from aiortc.rtp import (
     RTCP_PSFB_FIR,
     RTCP_PSFB_PLI,
     RTCP_RTPFB_NACK,
+    RtcpByePacket,
     RtcpPacket,
     RtcpPsfbPacket,
     RtcpReceiverInfo,
@@ -37,7 +38,7 @@ from aiortc.rtp import (
     RtcpSrPacket,
 )
 
-__all__ = ["Clocks", "MediaClock", "fir", "nack", "ntp_now", "parse", "pli", "report", "wall_of_ntp"]
+__all__ = ["Clocks", "MediaClock", "bye", "fir", "nack", "ntp_now", "parse", "pli", "report", "wall_of_ntp"]
 
 NTP_EPOCH_OFFSET = 2208988800          # seconds from 1900 to 1970
 CREEP = 0.001                          # how fast (s/s) the arrival minimum may rise
@@ -114,6 +115,11 @@ def fir_targets(packet: RtcpPsfbPacket) -> list[int]:
 
 def nack(ssrc: int, media_ssrc: int, lost: list[int]) -> bytes:
     return bytes(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=ssrc, media_ssrc=media_ssrc, lost=sorted(lost)))
+
+
+def bye(ssrc: int) -> bytes:
+    """BYE (RFC 3550 6.6): the source leaves (the call ended)."""
+    return bytes(RtcpByePacket(sources=[ssrc]))
 
 
 class MediaClock:
