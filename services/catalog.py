@@ -44,6 +44,8 @@ class ServiceSpec:
     # the file in the state directory whose change changes its instances (the overlay of added sources)
     instances_file: str = ""
     docs: str = ""        # its page under docs/
+    # whether the config asks for it at all (an off-by-default service: [sip] enabled); None: always
+    wanted: Callable[[Any], bool] | None = None
 
     @property
     def templated(self) -> bool:
@@ -94,7 +96,7 @@ def instances(config: Any, with_overlay: bool = True) -> list[tuple[str, str | N
     entries added and removed by command (sources.json), as a running box sees them."""
     out: list[tuple[str, str | None]] = []
     for kind, s in specs().items():
-        if not config.services[kind].enabled:
+        if not config.services[kind].enabled or (s.wanted is not None and not s.wanted(config)):
             continue
         if s.instances is None:
             out.append((kind, None))

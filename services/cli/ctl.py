@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from services.cli import ctl_media, ctl_vision, hubcall, tables
+from services.cli import ctl_call, ctl_media, ctl_vision, hubcall, tables
 from services.control.client import Client, CommandFailed, HubUnreachable, Subscriber
 from services.runtime import config as configuration
 
@@ -35,6 +35,11 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    if args.name in ctl_call.VERBS:          # `ctl call dial|hangup|list`: the SIP calls
+        return ctl_call.cmd_call(args)
+    if len(args.rest) > 1:
+        raise configuration.ConfigError(f"ctl call {args.name}: one JSON object of arguments, got {len(args.rest)}")
+    args.args = args.rest[0] if args.rest else None
     try:
         call_args = json.loads(args.args) if args.args else {}
     except ValueError as exc:
@@ -96,10 +101,13 @@ def add_parser(sub) -> None:
     ev.add_argument("--count", type=int, help="exit after this many events")
     ev.add_argument("--seconds", type=float, help="exit after this many seconds")
     ev.set_defaults(ctl_func=cmd_events)
-    call = ctl_sub.add_parser("call", help="send any command: NAME [JSON-ARGS]")
+    call = ctl_sub.add_parser("call", help="send any command: NAME [JSON-ARGS]; and the SIP calls: call dial URI, "
+                                           "call hangup CALL, call list")
     hubcall.add_common(call)
-    call.add_argument("name")
-    call.add_argument("args", nargs="?", help='arguments as a JSON object, e.g. \'{"room": "lobby"}\'')
+    call.add_argument("name", help="a command of the protocol, or dial, hangup, list (SIP calls)")
+    call.add_argument("rest", nargs="*", metavar="ARGS", help='arguments as a JSON object, e.g. \'{"room": '
+                      '"lobby"}\'; dial: the SIP URI; hangup: the call id')
+    ctl_call.add_options(call)
     call.set_defaults(ctl_func=cmd_call)
     ctl_media.add_parsers(ctl_sub)    # source, snapshot, list-cameras
     ctl_vision.add_parsers(ctl_sub)   # describe, view, pipeline, record

@@ -250,6 +250,21 @@ class RtpCall:
         self._defect_at = 0.0
         self._again = False
         self._dtmf: Any = None
+        self._reserved: dict[int, tuple[socket.socket, socket.socket]] = {}
+
+    def reserve(self, port: int = 0) -> int:
+        """Bind a pair of sockets now (an SDP must name the port before the media is agreed); the plan that names
+        the port takes them."""
+        pair = bind_pair(self.cfg.local_address, port)
+        port = int(pair[0].getsockname()[1])
+        self._reserved[port] = pair
+        return port
+
+    def release_reserved(self) -> None:
+        for a, b in self._reserved.values():
+            a.close()
+            b.close()
+        self._reserved.clear()
 
     # ------------------------------------------------------------ life
     def open(self, plans: list[Plan]) -> None:
@@ -272,6 +287,7 @@ class RtpCall:
             self._read_sockets(m)
 
     def close(self, forget: bool = False) -> None:
+        self.release_reserved()
         for kind in list(self.media):
             self._remove(kind)
         if self.reader is not None:
@@ -314,7 +330,8 @@ class RtpCall:
         from services.rtp.outbound import Outbound, Pacer
 
         kind, codec = plan.kind, plan.codec
-        rtp_sock, rtcp_sock = bind_pair(self.cfg.local_address, plan.port)
+        reserved = self._reserved.pop(plan.port, None) if plan.port else None
+        rtp_sock, rtcp_sock = reserved or bind_pair(self.cfg.local_address, plan.port)
         m = _Media(plan, rtp_sock, rtcp_sock, None, None, plan.identity or Identity.new())
         self.media[kind] = m
         name = self.name
@@ -466,7 +483,7 @@ class RtpCall:
             return
         m.packets_in.inc()
         if digit is not None and self.on_dtmf is not None:
-            self.on_dtmf(digit, self._dtmf.duration_ms)
+            self.on_dtmf(digit, self._dtmf.last.duration_ms if self._dtmf.last is not None else 0)
 
     def _schedule_expiry(self, m: _Media) -> None:
         """One timer per media for the jitter buffer's next deadline (not one per packet held)."""
