@@ -45,10 +45,14 @@ class Session:
     tracks: dict[str, dict] = field(default_factory=dict)
     confirmed: bool = True
     since: float = field(default_factory=time.time)   # when it started (Unix time); survives hub restarts
+    note: str = ""                                    # what the service says of it (a call: "audio only: ...")
 
     def public(self) -> dict:
-        return {"session": self.id, "room": self.room, "service": self.service, "kind": self.kind,
-                "since": self.since, "tracks": list(self.tracks.values())}
+        out = {"session": self.id, "room": self.room, "service": self.service, "kind": self.kind,
+               "since": self.since, "tracks": list(self.tracks.values())}
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
 def _check_track(track: object) -> dict:
@@ -97,7 +101,8 @@ class SessionBook:
         return {"session": s.id, "room": s.room, "service": s.service}
 
     def _start(self, service: str, pid: int, raw: dict) -> list[Change]:
-        s = Session(raw["id"], raw.get("room", "default"), service, pid, str(raw.get("kind", "video")))
+        s = Session(raw["id"], raw.get("room", "default"), service, pid, str(raw.get("kind", "video")),
+                    note=str(raw.get("note", ""))[:300])
         self.sessions[s.id] = s
         return [(STARTED, {**s.public(), "tracks": []})] + self._tracks(s, raw.get("tracks", []))
 
@@ -116,7 +121,9 @@ class SessionBook:
         out: list[Change] = []
         reported = {raw["id"]: raw for raw in sessions}
         for s in [s for s in self.sessions.values() if s.service == service]:
-            if s.pid != pid:
+            if s.pid != pid and reported.get(s.id, {}).get("resumed"):
+                s.pid = pid        # a restarted service took the session back (a SIP call): it goes on
+            elif s.pid != pid:
                 out += self._end(s, "service restarted")
             elif s.id not in reported:
                 out += self._end(s, "ended")
@@ -128,6 +135,7 @@ class SessionBook:
                 out += self._start(service, pid, raw)
             else:
                 s.confirmed = True
+                s.note = str(raw.get("note", ""))[:300]
                 out += self._tracks(s, raw.get("tracks", []))
         return out
 

@@ -720,7 +720,8 @@ class RtpCall:
                 s["mode"] = m.codec.mode
             if m.inbound is not None:
                 st = m.inbound.stats
-                s.update(packets_in=m.inbound.packets, octets_in=m.inbound.octets, lost=max(0, st.packets_lost),
-                         jitter=round(st.jitter / m.codec.clock, 4))
+                s.update(packets_in=m.inbound.packets, octets_in=m.inbound.octets, lost=0, jitter=0.0)
+                if m.inbound.packets:        # aiortc's statistics know no loss before the first packet
+                    s.update(lost=max(0, st.packets_lost), jitter=round(st.jitter / m.codec.clock, 4))
             out[k] = s
         return out

@@ -838,6 +838,8 @@ class Sip(AsyncService):
                                        "tracks": call.media.tracks() if call.media is not None else []}
             if call.notes:
                 session["note"] = "; ".join(call.notes)
+            if call.restored:
+                session["resumed"] = True        # the hub keeps the session across this process's restart
             sessions.append(session)
         streams = [s for c in up if c.media is not None for s in c.media.sink.streams()]
         status = f"SIP on {self.cfg.address}:{self.transport.port}; {len(up)} call(s) up"

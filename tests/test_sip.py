@@ -1,0 +1,298 @@
+"""The SIP service against a real SIP phone: baresip 1.0 (H.264 from its fakevideo source, the ausine tone),
+on loopback. It calls the box and the box calls it; both ends decode pictures whose content is checked, both
+hear the other's tone; hang-up from either side; a SIGKILLed SIP service takes its call back."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import framebus
+from services.capture.sources.synthetic import frame_number
+from tests.appliance import metric_value, wait_for
+from tests.media_files import luma
+from tests.sip_peers import Baresip, free_port
+
+pytestmark = pytest.mark.skipif(not Path("/usr/bin/baresip").exists(), reason="baresip is not installed "
+                                "(Debian baresip-core, baresip-ffmpeg: scripts/test installs them)")
+
+CAM = 'kind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nencode = "h264"\ngop = 1.0\naudio = true\n' \
+      'room = "lobby"'
+
+
+def sip_box(box, port: int, restart_sec: float = 0.2, **keys: object):
+    """A box whose SIP service answers at `port`; its calls are sent the test camera (cam, cam-audio)."""
+    extra = {"enabled": True, "port": port, "users": "alice:secret", "digest_algorithms": "MD5",
+             "send_video": "cam", "send_audio": "cam-audio", "rooms": "door=porch", **keys}
+    table = "\n".join(f"{k} = {_toml(v)}" for k, v in extra.items())
+    b = box(f"[services.sip]\nrestart_sec = {restart_sec}\nwatchdog_sec = 3.0\nstop_timeout = 2.0\n[sip]\n{table}\n")
+    b.set_source("cam", CAM)
+    b.run()
+    b.wait_ready("sip", "capture@cam", timeout=30)
+    return b
+
+
+def _toml(v: object) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else (str(v) if isinstance(v, int) else f'"{v}"')
+
+
+def calls(b) -> list[dict]:
+    return b.call("call.list")["calls"]
+
+
+def one_call(b) -> dict:
+    wait_for(lambda: len(calls(b)) == 1 and calls(b)[0]["state"] == "up", 10, "one call up at the box")
+    return calls(b)[0]
+
+
+def session_of(b, session: str) -> dict:
+    """The hub's view of `session` (it comes with the SIP service's next heartbeat)."""
+    def found() -> dict | None:
+        return next((s for s in b.call("sessions") if s["session"] == session), None)
+    return wait_for(found, 5, f"session {session} at the hub")
+
+
+def decoded_pictures(b, stream: str, count: int, timeout: float = 10.0) -> list[np.ndarray]:
+    """`count` pictures of the H.264 access units on `stream`, decoded here (RGB)."""
+    import av
+
+    codec = av.CodecContext.create("h264", "r")
+    out: list[np.ndarray] = []
+    deadline = time.monotonic() + timeout
+    keyed = False                      # from the first keyframe on (a restarted call's ring starts anywhere)
+    with framebus.Consumer.attach(stream, prefix=b.prefix, missing_ok=True, start="oldest") as c:
+        while time.monotonic() < deadline and len(out) < count:
+            item = c.receive(timeout=0.2)
+            if item is None or item.kind != "encoded" or not (keyed or item.keyframe):
+                continue
+            keyed = True
+            data = bytes(item.copy())
+            if not item.valid():
+                continue
+            for frame in codec.decode(av.Packet(data)):
+                out.append(frame.to_ndarray(format="rgb24"))
+    assert len(out) >= count, f"{len(out)} pictures decoded from {stream} in {timeout} s"
+    return out
+
+
+def fakevideo_bars(rgb: np.ndarray) -> bool:
+    """baresip's fakevideo picture: three vertical bars, red | green | blue."""
+    w = rgb.shape[1]
+    thirds = [rgb[:, i * w // 3 + 4:(i + 1) * w // 3 - 4].reshape(-1, 3).mean(axis=0) for i in range(3)]
+    return all(int(np.argmax(t)) == i and t[i] > 150 and sorted(t)[1] < 80 for i, t in enumerate(thirds))
+
+
+def the_cameras(b, picture: np.ndarray) -> bool:
+    """Is `picture` one the test camera drew lately? Its frame number (the synthetic source draws it as 32
+    black/white blocks) is among the camera's last 3 s of frames (the camera's own newest is read off cam-raw,
+    which decode@cam makes a frame or two after the encoded one the call sent)."""
+    drawn = frame_number(picture)
+    now = frame_number(cam_picture(b))
+    return now - 90 <= drawn <= now + 5
+
+
+def cam_picture(b) -> np.ndarray:
+    with framebus.Consumer.attach("cam-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+        item = c.receive(timeout=5, newest=True)
+        assert item is not None
+        return np.array(luma(item), copy=True)
+
+
+def tone_hz(pcm: np.ndarray, rate: int) -> float:
+    """The strongest frequency of a mono signal."""
+    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+    return float(np.argmax(spectrum[1:]) + 1) * rate / len(pcm)
+
+
+def heard_at_box(b, stream: str, seconds: float = 1.0) -> tuple[np.ndarray, int]:
+    chunks, rate = [], 0
+    deadline = time.monotonic() + 5
+    with framebus.Consumer.attach(stream, prefix=b.prefix, missing_ok=True, start="oldest") as c:
+        while time.monotonic() < deadline and sum(len(x) for x in chunks) < seconds * max(rate, 1):
+            item = c.receive(timeout=0.2)
+            if item is None or item.kind != "audio":
+                continue
+            rate = item.rate
+            pcm = np.frombuffer(bytes(item.copy()), np.int16).reshape(-1, item.channels)[:, 0]
+            chunks.append(pcm.astype(np.float64))
+    assert chunks, f"no audio on {stream}"
+    return np.concatenate(chunks), rate
+
+
+def edgeroom(b, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEROOM_")}
+    env["EDGEROOM_CONFIG"] = str(b.config)
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+# --- baresip calls the box -------------------------------------------------------------------------------------
+def test_baresip_calls_the_box_with_digest_both_see_and_hear_the_other_and_its_hang_up_ends_the_session(
+        box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with b.subscriber("hook.ON_VIDEO_SESSION_STARTED", "hook.ON_VIDEO_SESSION_ENDED") as sub, \
+            Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None, tone_hz=440) as ua:
+        ua.dial(f"sip:door@127.0.0.1:{port}")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        call = one_call(b)
+        assert call["direction"] == "in" and call["room"] == "porch", call     # rooms: door=porch
+        assert call["media"]["video"]["codec"] == "h264" and call["media"]["video"]["mode"] == 1, call
+        started = sub.recv(timeout=5)
+        assert started is not None and started.data["session"] == call["call"] and started.data["room"] == "porch"
+        # what baresip sends, decoded at the box: its fakevideo bars; what it hears: its 440 Hz tone
+        pictures = decoded_pictures(b, call["call"], 5)
+        assert fakevideo_bars(pictures[-1]), pictures[-1][::60, ::60]
+        pcm, rate = heard_at_box(b, call["call"] + "-audio")
+        assert rate == 8000 and abs(tone_hz(pcm, rate) - 440) < 10
+        # what the box sends, decoded by baresip: the camera's picture (its size, its scene)
+        stats = ua.wait_video_frames(20)
+        assert stats.rx_size == (320, 240), stats.raw
+        seen = ua.remote_picture()
+        assert the_cameras(b, seen) and not fakevideo_bars(seen), frame_number(seen)
+        session = session_of(b, call["call"])
+        assert {(t["id"], t["direction"]) for t in session["tracks"]} >= {("video", "recv"), ("audio", "recv"),
+                                                                         ("send-video", "send"), ("send-audio", "send")}
+        ua.hangup()
+        ua.wait_event("CALL_CLOSED", timeout=5)
+        wait_for(lambda: not calls(b), 5, "the call gone at the box")
+        ended = sub.recv(timeout=5)
+        assert ended is not None and ended.topic == "hook.ON_VIDEO_SESSION_ENDED" and \
+            ended.data["session"] == call["call"]
+    # baresip heard the camera's beep: 1 kHz bursts
+    rate, heard = ua.received_audio()
+    loud = heard[np.abs(heard) > 0.05]
+    assert len(loud) > rate * 0.05, "baresip heard silence"
+    assert abs(tone_hz(heard, rate) - 1000) < 30
+    page = b.settled_scrape("sip")
+    assert metric_value(page, "edgeroom_sip_auth_total", result="ok") == 1
+    assert metric_value(page, "edgeroom_sip_calls_ended_total", direction="in", reason="peer_hung_up") == 1
+
+
+def test_a_wrong_password_is_refused_and_counted(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "mallory", user="alice", password="guess", video=False) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        closed = ua.wait_event("CALL_CLOSED", timeout=10)
+        assert "401" in closed.get("param", "") or "Unauthorized" in closed.get("param", ""), closed
+    assert not calls(b)
+    page = b.settled_scrape("sip")
+    assert metric_value(page, "edgeroom_sip_auth_total", result="wrong_digest") >= 1
+
+
+def test_an_audio_only_phone_gets_an_audio_call_that_says_so(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        call = one_call(b)
+        assert set(call["media"]) == {"audio"} and any("audio only" in n for n in call["notes"]), call
+        session = session_of(b, call["call"])
+        assert "audio only" in session.get("note", ""), session
+        ua.hangup()
+
+
+# --- the box calls baresip -------------------------------------------------------------------------------------
+def test_the_box_dials_baresip_with_ctl_both_see_each_other_and_ctl_hangup_ends_it(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "bob", auto_answer=True, video_codecs=None, tone_hz=660) as ua:
+        done = edgeroom(b, "ctl", "call", "dial", ua.uri, "--room", "lobby")
+        assert done.returncode == 0, done.stderr
+        assert "is up in room lobby" in done.stdout and "video h264/96 mode 1" in done.stdout, done.stdout
+        ua.wait_event("CALL_ESTABLISHED", timeout=5)
+        call = one_call(b)
+        assert call["direction"] == "out" and call["peer"] == ua.uri
+        assert fakevideo_bars(decoded_pictures(b, call["call"], 3)[-1])
+        pcm, rate = heard_at_box(b, call["call"] + "-audio")
+        assert abs(tone_hz(pcm, rate) - 660) < 10
+        ua.wait_video_frames(10)
+        assert the_cameras(b, ua.remote_picture())
+        listed = edgeroom(b, "ctl", "call", "list")
+        assert call["call"] in listed.stdout and "h264/96 mode 1" in listed.stdout, listed.stdout
+        hung = edgeroom(b, "ctl", "call", "hangup", call["call"])
+        assert hung.returncode == 0, hung.stderr
+        ua.wait_event("CALL_CLOSED", timeout=5)
+        assert not calls(b)
+
+
+def test_dialling_nobody_fails_with_the_reason(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "carol", auto_answer=False, video=False) as ua:
+        # baresip rings and the box gives up (CANCEL) when ctl hangs the ringing call up
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "ctl", "call", "dial", ua.uri],
+                                env={**{k: v for k, v in os.environ.items() if not k.startswith("EDGEROOM_")},
+                                     "EDGEROOM_CONFIG": str(b.config)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        ua.wait_event("CALL_INCOMING", timeout=10)
+        ringing = calls(b)
+        assert len(ringing) == 1 and ringing[0]["state"] in ("dialing", "ringing")
+        assert edgeroom(b, "ctl", "call", "hangup", ringing[0]["call"]).returncode == 0
+        ua.wait_event("CALL_CLOSED", timeout=5)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode != 0 and "ended before it was up: cancelled" in err, (out, err)
+
+
+# --- restart ---------------------------------------------------------------------------------------------------
+def test_a_sigkilled_sip_service_takes_its_call_back_without_bye_and_media_flows_again_within_2_s(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        before = one_call(b)
+        ua.wait_video_frames(20)
+        pid = b.services()["sip"]["pid"]
+        ended = b.subscriber("hook.ON_VIDEO_SESSION_ENDED")
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        rx_then = ua.video_stats().rx_frames
+        # media flows again: baresip decodes new pictures, the box's stream gets new access units
+        wait_for(lambda: ua.video_stats().rx_frames >= rx_then + 5, 10, "baresip decoding pictures again")
+        back = time.monotonic() - killed
+        after = one_call(b)
+        assert after["call"] == before["call"] and after["restored"], after
+        assert {k: m["port"] for k, m in after["media"].items()} == {k: m["port"] for k, m in before["media"].items()}
+        assert b.services()["sip"]["pid"] != pid
+        decoded_pictures(b, before["call"], 3)
+        print(f"SIP restart: media at baresip again {back:.2f} s after SIGKILL")
+        assert back < 2.0, f"{back:.2f} s"
+        assert ua.call_established(), "baresip's call dropped"
+        assert not [e for e in ua.events if e.get("type") == "CALL_CLOSED"]
+        time.sleep(1.0)                                  # heartbeats of the new process: the session goes on
+        with ended:
+            assert ended.recv(timeout=0.5) is None, "the hub ended the call's session over the restart"
+        assert session_of(b, before["call"])["room"] == "default"
+        ua.hangup()
+        wait_for(lambda: not calls(b), 5, "the call gone at the box after baresip hung up")
+
+
+def test_a_call_whose_peer_forgot_it_during_the_restart_is_ended_quietly(box, tmp_path):
+    """The SIP service is down for 2.5 s; meanwhile the phone restarts (a new baresip on the same address knows no
+    call): the restarted service asks (in-dialog OPTIONS), gets 481 and ends the call without a BYE."""
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port, restart_sec=2.5)
+    phone = free_port(udp=True, tcp=True)
+    with Baresip(tmp_path, "alice", sip_port=phone, user="alice", password="secret", video=False) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        call = one_call(b)
+        os.kill(b.services()["sip"]["pid"], signal.SIGKILL)
+    with Baresip(tmp_path, "alice2", sip_port=phone, user="alice", password="secret", video=False):
+        wait_for(lambda: metric_value(b.scrape(), "edgeroom_sip_calls_ended_total", direction="in",
+                                      reason="gone_while_restarting") == 1, 15, "the kept call ended")
+        assert not calls(b)
+        page = b.settled_scrape("sip")
+        assert metric_value(page, "edgeroom_sip_messages_sent_total", kind="OPTIONS") == 1
+        assert metric_value(page, "edgeroom_sip_messages_received_total", kind="4xx") == 1    # its 481
+        assert not metric_value(page, "edgeroom_sip_messages_sent_total", kind="BYE")
+        assert call["call"] not in {s["session"] for s in b.call("sessions")}
