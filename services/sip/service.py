@@ -199,9 +199,13 @@ class Sip(AsyncService):
                                  registry=r, buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10))
         self.m_restored = Counter("edgeroom_sip_calls_restored", "Calls taken back after a restart.", registry=r)
         self.m_dtmf = Counter("edgeroom_sip_dtmf", "DTMF digits received.", ["how"], registry=r)
+        self.m_registered = Gauge("edgeroom_sip_registered", "1 while the registration with [sip] registrar holds.",
+                                  registry=r)
 
     async def started(self) -> None:
         await self.transport.start()
+        if self.cfg.registrar:
+            self._register()
         for call in self.calls.values():
             if call.media is not None:
                 call.media.start()
@@ -695,6 +699,64 @@ class Sip(AsyncService):
                          to=invite.get("To") or "", cseq=number, via=invite.get("Via") or "")
         self.tx.cancel_retransmits(invite)
         self.tx.request(cancel, call.peer, lambda resp: None)
+
+    # ------------------------------------------------------------ registering with a registrar
+    def _register(self) -> None:
+        """REGISTER the box's contact as dial_user at the registrar (digest with dial_user/dial_password),
+        refreshed at 80 % of the expiry granted; retried every 30 s while it fails."""
+        host, _, port = self.cfg.registrar.rpartition(":")
+        try:
+            peer = Peer("udp", (resolve(host or self.cfg.registrar), int(port) if host else 5060))
+        except (OSError, ValueError) as exc:
+            self.log.warning("cannot register with %s: %s", self.cfg.registrar, exc)
+            self.loop.aio.call_later(30.0, self._register)
+            return
+        user = self.cfg.dial_user or "edgeroom"
+        aor = f"<sip:{user}@{host or self.cfg.registrar}>"
+        self._registration = (peer, aor, new_call_id(self.cfg.domain), new_tag())
+        self._register_seq = getattr(self, "_register_seq", 0)
+        self._send_register(None)
+
+    def _send_register(self, auth: tuple[str, str] | None) -> None:
+        from services.sip.message import request
+        peer, aor, call_id, tag = self._registration
+        self._register_seq += 1
+        req = request("REGISTER", f"sip:{peer.addr[0]}:{peer.addr[1]}", call_id=call_id, from_=f"{aor};tag={tag}",
+                      to=aor, cseq=self._register_seq, via=self._via_header(peer), contact=self._contact(peer),
+                      headers=[("Expires", str(self.cfg.register_expires)), *([auth] if auth else [])])
+        self.tx.request(req, peer, lambda resp: self._registered(req, resp, auth is not None))
+
+    def _registered(self, req: Message, resp: Message | None, authed: bool) -> None:
+        if resp is not None and resp.status < 200:
+            return
+        if resp is not None and resp.status in (401, 407) and not authed and self.cfg.dial_user:
+            header, answer = (("WWW-Authenticate", "Authorization") if resp.status == 401 else
+                              ("Proxy-Authenticate", "Proxy-Authorization"))
+            try:
+                value = digest.answer(digest.pick(resp.get_all(header)), method="REGISTER", uri=req.uri,
+                                      user=self.cfg.dial_user, password=self.cfg.dial_password)
+            except ValueError as exc:
+                self.log.warning("registering with %s: %s", self.cfg.registrar, exc)
+            else:
+                self._send_register((answer, value))
+                return
+        if resp is None or resp.status >= 300:
+            self.m_registered.set(0)
+            why = "no answer" if resp is None else f"{resp.status} {resp.reason_phrase}"
+            self.throttled.warning("register", f"registering with {self.cfg.registrar} failed: {why}; again in 30 s")
+            self.loop.aio.call_later(30.0, self._register)
+            return
+        granted = self.cfg.register_expires
+        expires = resp.get("Expires")
+        if expires and expires.isdigit():
+            granted = int(expires)
+        for contact in resp.get_all("Contact"):
+            value = parse_name_addr(contact).params.get("expires", "")
+            if value.isdigit():
+                granted = int(value)
+        self.m_registered.set(1)
+        self.log.info("registered with %s for %d s", self.cfg.registrar, granted)
+        self.loop.aio.call_later(max(5.0, granted * 0.8), self._register)
 
     # ------------------------------------------------------------ where the box is
     def _via_host(self, peer: Peer) -> str:
