@@ -296,3 +296,53 @@ def test_a_call_whose_peer_forgot_it_during_the_restart_is_ended_quietly(box, tm
         assert metric_value(page, "edgeroom_sip_messages_received_total", kind="4xx") == 1    # its 481
         assert not metric_value(page, "edgeroom_sip_messages_sent_total", kind="BYE")
         assert call["call"] not in {s["session"] for s in b.call("sessions")}
+
+
+def test_keys_pressed_on_the_phone_are_dtmf_hook_events(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with b.subscriber("hook.ON_DTMF") as sub, \
+            Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        call = one_call(b)
+        digits = []
+        for key in "5#":
+            ua.command("sndcode", key)
+            event = sub.recv(timeout=5)
+            assert event is not None, f"no ON_DTMF for {key}"
+            digits.append(event.data["digit"])
+            assert event.data["session"] == call["call"] and event.data["how"] == "rfc4733"
+        assert digits == ["5", "#"]
+        ua.hangup()
+    assert metric_value(b.settled_scrape("sip"), "edgeroom_sip_dtmf_total", how="rfc4733") == 2
+
+
+def test_re_invites_drop_the_video_and_add_it_again_mid_call_and_the_audio_goes_on(box, tmp_path):
+    """baresip's `video_dir inactive` re-INVITEs with the video line at port 0: the box drops the video (its
+    track leaves the session, audio goes on, the call says audio only); `video_dir sendrecv` re-INVITEs with
+    video again: the box adds it (a new port pair, a keyframe asked for) and baresip decodes pictures again."""
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        call = one_call(b)["call"]
+        ua.wait_video_frames(10)
+        with b.subscriber("hook.ON_VIDEO_TRACK_REMOVED", "hook.ON_VIDEO_TRACK_ADDED") as sub:
+            ua.command("video_dir", "inactive")
+            wait_for(lambda: set(calls(b)[0]["media"]) == {"audio"}, 5, "the video dropped at the box")
+            assert any("audio only" in n for n in calls(b)[0]["notes"])
+            removed = sub.recv(timeout=5)
+            assert removed is not None and removed.topic == "hook.ON_VIDEO_TRACK_REMOVED" and \
+                removed.data["session"] == call and removed.data["track"]["kind"] == "video"
+            audio = calls(b)[0]["media"]["audio"]["packets_out"]
+            wait_for(lambda: calls(b)[0]["media"]["audio"]["packets_out"] > audio + 25, 3, "audio going on")
+            frames = ua.video_stats().rx_frames
+            ua.command("video_dir", "sendrecv")
+            wait_for(lambda: "video" in calls(b)[0]["media"], 5, "the video added back at the box")
+            wait_for(lambda: ua.video_stats().rx_frames > frames + 10, 5, "baresip decoding pictures again")
+            added = sub.recv(timeout=5)
+            assert added is not None and added.topic == "hook.ON_VIDEO_TRACK_ADDED"
+        assert calls(b)[0]["call"] == call and not calls(b)[0]["notes"]
+        ua.hangup()
