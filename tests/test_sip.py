@@ -346,3 +346,21 @@ def test_re_invites_drop_the_video_and_add_it_again_mid_call_and_the_audio_goes_
             assert added is not None and added.topic == "hook.ON_VIDEO_TRACK_ADDED"
         assert calls(b)[0]["call"] == call and not calls(b)[0]["notes"]
         ua.hangup()
+
+
+def test_a_call_over_tcp_and_the_box_dialling_back_over_tcp(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
+        ua.dial(f"sip:lobby@127.0.0.1:{port};transport=tcp")
+        ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        call = one_call(b)
+        assert call["address"].endswith("/tcp"), call
+        heard_at_box(b, call["call"] + "-audio")
+        ua.hangup()
+        wait_for(lambda: not calls(b), 5, "the call over TCP ended by its BYE")
+        row = b.client().call("call.dial", {"uri": ua.uri + ";transport=tcp", "video": False}, timeout=20)
+        assert row["address"].endswith("/tcp") and row["state"] == "up", row
+        ua.wait_event("CALL_ESTABLISHED", timeout=5)
+        b.call("call.hangup", {"call": row["call"]})
+        ua.wait_event("CALL_CLOSED", timeout=5)
