@@ -58,6 +58,13 @@ def session_of(b, session: str) -> dict:
     return wait_for(found, 5, f"session {session} at the hub")
 
 
+def call_in(b, ua: Baresip, port: int, user: str = "lobby") -> dict:
+    """`ua` calls `user` at the box; the call once it is up at both ends."""
+    ua.dial(f"sip:{user}@127.0.0.1:{port}")
+    ua.wait_event("CALL_ESTABLISHED", timeout=10)
+    return one_call(b)
+
+
 def decoded_pictures(b, stream: str, count: int, timeout: float = 10.0) -> list[np.ndarray]:
     """`count` pictures of the H.264 access units on `stream`, decoded here (RGB)."""
     import av
@@ -139,9 +146,7 @@ def test_baresip_calls_the_box_with_digest_both_see_and_hear_the_other_and_its_h
     b = sip_box(box, port)
     with b.subscriber("hook.ON_VIDEO_SESSION_STARTED", "hook.ON_VIDEO_SESSION_ENDED") as sub, \
             Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None, tone_hz=440) as ua:
-        ua.dial(f"sip:door@127.0.0.1:{port}")
-        ua.wait_event("CALL_ESTABLISHED", timeout=10)
-        call = one_call(b)
+        call = call_in(b, ua, port, "door")
         assert call["direction"] == "in" and call["room"] == "porch", call     # rooms: door=porch
         assert call["media"]["video"]["codec"] == "h264" and call["media"]["video"]["mode"] == 1, call
         started = sub.recv(timeout=5)
@@ -191,9 +196,7 @@ def test_an_audio_only_phone_gets_an_audio_call_that_says_so(box, tmp_path):
     port = free_port(udp=True, tcp=True)
     b = sip_box(box, port)
     with Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
-        ua.dial(f"sip:lobby@127.0.0.1:{port}")
-        ua.wait_event("CALL_ESTABLISHED", timeout=10)
-        call = one_call(b)
+        call = call_in(b, ua, port, "lobby")
         assert set(call["media"]) == {"audio"} and any("audio only" in n for n in call["notes"]), call
         session = session_of(b, call["call"])
         assert "audio only" in session.get("note", ""), session
@@ -247,9 +250,7 @@ def test_a_sigkilled_sip_service_takes_its_call_back_without_bye_and_media_flows
     port = free_port(udp=True, tcp=True)
     b = sip_box(box, port)
     with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None) as ua:
-        ua.dial(f"sip:lobby@127.0.0.1:{port}")
-        ua.wait_event("CALL_ESTABLISHED", timeout=10)
-        before = one_call(b)
+        before = call_in(b, ua, port, "lobby")
         ua.wait_video_frames(20)
         pid = b.services()["sip"]["pid"]
         ended = b.subscriber("hook.ON_VIDEO_SESSION_ENDED")
@@ -283,9 +284,7 @@ def test_a_call_whose_peer_forgot_it_during_the_restart_is_ended_quietly(box, tm
     b = sip_box(box, port, restart_sec=2.5)
     phone = free_port(udp=True, tcp=True)
     with Baresip(tmp_path, "alice", sip_port=phone, user="alice", password="secret", video=False) as ua:
-        ua.dial(f"sip:lobby@127.0.0.1:{port}")
-        ua.wait_event("CALL_ESTABLISHED", timeout=10)
-        call = one_call(b)
+        call = call_in(b, ua, port, "lobby")
         os.kill(b.services()["sip"]["pid"], signal.SIGKILL)
     with Baresip(tmp_path, "alice2", sip_port=phone, user="alice", password="secret", video=False):
         wait_for(lambda: metric_value(b.scrape(), "edgeroom_sip_calls_ended_total", direction="in",
@@ -303,9 +302,7 @@ def test_keys_pressed_on_the_phone_are_dtmf_hook_events(box, tmp_path):
     b = sip_box(box, port)
     with b.subscriber("hook.ON_DTMF") as sub, \
             Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
-        ua.dial(f"sip:lobby@127.0.0.1:{port}")
-        ua.wait_event("CALL_ESTABLISHED", timeout=10)
-        call = one_call(b)
+        call = call_in(b, ua, port, "lobby")
         digits = []
         for key in "5#":
             ua.command("sndcode", key)
@@ -325,9 +322,7 @@ def test_re_invites_drop_the_video_and_add_it_again_mid_call_and_the_audio_goes_
     port = free_port(udp=True, tcp=True)
     b = sip_box(box, port)
     with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None) as ua:
-        ua.dial(f"sip:lobby@127.0.0.1:{port}")
-        ua.wait_event("CALL_ESTABLISHED", timeout=10)
-        call = one_call(b)["call"]
+        call = call_in(b, ua, port)["call"]
         ua.wait_video_frames(10)
         with b.subscriber("hook.ON_VIDEO_TRACK_REMOVED", "hook.ON_VIDEO_TRACK_ADDED") as sub:
             ua.command("video_dir", "inactive")
