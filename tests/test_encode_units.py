@@ -79,11 +79,13 @@ def test_every_input_format_fills_the_frame_at_its_size_and_scaled(fmt, out, siz
         assert err < 3.0, f"{fmt} {w}x{h} -> {out} {target}: off by {err:.2f} on average"
 
 
-def _encode(name: str, codec: str, n: int, keys: set[int], w: int = 320, h: int = 240) -> list[tuple[bytes, bool]]:
+def _encode(name: str, codec: str, n: int, keys: set[int], w: int = 320, h: int = 240, kbps: int = 800,
+            slice_bytes: int = 0) -> list[tuple[bytes, bool]]:
     pattern, rgb = Pattern(w, h), np.empty((h, w, 3), np.uint8)
     pool = FramePool("yuv420p", w, h, TIME_BASE)
     fill = Filler("rgb24", w, h, pool)
-    enc = Encoder(name, codec, w, h, "yuv420p", kbps=800, fps=30.0, gop=2.0, hardware=name not in ("libx264", "libvpx"))
+    enc = Encoder(name, codec, w, h, "yuv420p", kbps=kbps, fps=30.0, gop=2.0,
+                  hardware=name not in ("libx264", "libvpx"), slice_bytes=slice_bytes)
     out = []
     for i in range(n):
         pattern.draw(rgb, i)
@@ -126,6 +128,18 @@ def test_h264_is_constrained_baseline_without_b_frames_and_an_idr_comes_where_as
     info = _ffprobe(path)
     assert info["profile"] == "Constrained Baseline" and info["has_b_frames"] == 0
     assert (info["width"], info["height"]) == (320, 240)
+
+
+def test_slice_bytes_keeps_every_nal_unit_within_a_packet_for_mode_0_peers():
+    """slice_bytes (x264 slice-max-size): every slice NAL unit of every picture, keyframes included, fits
+    one RTP packet of the default mtu (1200 - 12 bytes of header) — what H.264 packetization-mode 0 needs; the
+    same pictures without it have IDR slices far larger. The pictures still decode, in order."""
+    sliced = _encode("libx264", "h264", 30, keys={0, 15}, w=640, h=480, kbps=3000, slice_bytes=1188)
+    whole = _encode("libx264", "h264", 30, keys={0, 15}, w=640, h=480, kbps=3000)
+    def largest(units: list[tuple[bytes, bool]]) -> int:
+        return max(e - s for data, _ in units for s, e in nal_spans(data))
+    assert largest(sliced) <= 1188 < 4 * 1188 < largest(whole)
+    assert _numbers("h264", sliced) == list(range(30))
 
 
 def test_vp8_realtime_key_frames_where_asked():

@@ -26,12 +26,14 @@ CAM = 'kind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nencode = "h264
       'room = "lobby"'
 
 
-def sip_box(box, port: int, restart_sec: float = 0.2, **keys: object):
-    """A box whose SIP service answers at `port`; its calls are sent the test camera (cam, cam-audio)."""
+def sip_box(box, port: int, restart_sec: float = 0.2, more: str = "", **keys: object):
+    """A box whose SIP service answers at `port`; its calls are sent the test camera (cam, cam-audio); `more`:
+    config tables of its own."""
     extra = {"enabled": True, "port": port, "users": "alice:secret", "digest_algorithms": "MD5",
              "send_video": "cam", "send_audio": "cam-audio", "rooms": "door=porch", **keys}
     table = "\n".join(f"{k} = {_toml(v)}" for k, v in extra.items())
-    b = box(f"[services.sip]\nrestart_sec = {restart_sec}\nwatchdog_sec = 3.0\nstop_timeout = 2.0\n[sip]\n{table}\n")
+    b = box(f"[services.sip]\nrestart_sec = {restart_sec}\nwatchdog_sec = 3.0\nstop_timeout = 2.0\n"
+            f"[sip]\n{table}\n{more}")
     b.set_source("cam", CAM)
     b.run()
     b.wait_ready("sip", "capture@cam", timeout=30)
@@ -200,6 +202,25 @@ def test_an_audio_only_phone_gets_an_audio_call_that_says_so(box, tmp_path):
         assert set(call["media"]) == {"audio"} and any("audio only" in n for n in call["notes"]), call
         session = session_of(b, call["call"])
         assert "audio only" in session.get("note", ""), session
+        ua.hangup()
+
+
+def test_a_phone_that_takes_packetization_mode_0_only_gets_slices_that_fit_a_packet(box, tmp_path):
+    """baresip restricted to H.264 offers mode 0 only: the box answers mode 0 (never mode 1), and the call's
+    route is an encoder cutting slices to the packet size (slice_bytes): baresip decodes the camera's pictures
+    and nothing was refused as too large."""
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port, send_video="enc",
+                more='[encoders.enc]\ninput = "cam-raw"\nbitrate = 1500\ngop = 1.0\nslice_bytes = 1188\n')
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=("H264",)) as ua:
+        call = call_in(b, ua, port)
+        assert call["media"]["video"]["mode"] == 0 and call["media"]["video"]["pt"] == 96, call
+        ua.wait_video_frames(20)
+        assert the_cameras(b, ua.remote_picture())
+        page = b.settled_scrape("sip")        # while the call is up (its series leave the scrape with it)
+        assert metric_value(page, "edgeroom_rtp_packets_out_total", call=call["call"], media="video") > 100
+        assert not metric_value(page, "edgeroom_rtp_unsent_units_total", call=call["call"], media="video",
+                                reason="nal_too_large")
         ua.hangup()
 
 

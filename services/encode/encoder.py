@@ -45,12 +45,14 @@ SOFTWARE = ("libx264", "libvpx")
 _HEAD = 4096                   # SPS, PPS and SEI lie in the first bytes of an IDR access unit
 
 
-def call_options(name: str, kbps: int) -> dict[str, str]:
-    """AVOptions of the encoder `name` for a call (generic ones included: maxrate, bufsize)."""
+def call_options(name: str, kbps: int, slice_bytes: int = 0) -> dict[str, str]:
+    """AVOptions of the encoder `name` for a call (generic ones included: maxrate, bufsize); `slice_bytes`: the
+    largest slice (x264), for a peer that takes single NAL units only (H.264 packetization-mode 0)."""
     vbv = {"maxrate": f"{kbps}k", "bufsize": f"{kbps}k"}
     if name == "libx264":
+        sliced = f":slice-max-size={slice_bytes}" if slice_bytes else ""
         return {"preset": "veryfast", "tune": "zerolatency", "profile": "baseline", "forced-idr": "1",
-                "x264-params": "repeat-headers=1:scenecut=0", **vbv}
+                "x264-params": f"repeat-headers=1:scenecut=0{sliced}", **vbv}
     if name == "libvpx":
         return {"deadline": "realtime", "cpu-used": "16", "lag-in-frames": "0", "auto-alt-ref": "0",
                 "minrate": f"{kbps}k", **vbv}
@@ -98,7 +100,7 @@ class Encoder:
     settings, the picture's own access unit)."""
 
     def __init__(self, name: str, codec: str, width: int, height: int, pix_fmt: str, *, kbps: int, fps: float,
-                 gop: float, hardware: bool, threads: int = 1) -> None:
+                 gop: float, hardware: bool, threads: int = 1, slice_bytes: int = 0) -> None:
         self.name, self.codec, self.hardware = name, codec, hardware
         self.width, self.height, self.pix_fmt = width, height, pix_fmt
         ctx = av.CodecContext.create(name, "w")
@@ -109,7 +111,7 @@ class Encoder:
         ctx.gop_size = KEYINT_UNBOUNDED if name in SOFTWARE else max(1, round(gop * fps))
         if name in SOFTWARE:  # x264 zerolatency threads by slices (no added latency), libvpx by partitions
             ctx.thread_count = threads
-        ctx.options = call_options(name, kbps)
+        ctx.options = call_options(name, kbps, slice_bytes)
         ctx.open()
         self.ctx = ctx
         self._intra = av.video.frame.PictureType.I

@@ -339,14 +339,14 @@ class Encode(Service):
         fps = cfg.fps or NOMINAL_FPS
         try:
             enc = Encoder(choice.name, self.codec, out_w, out_h, pix, kbps=cfg.bitrate, fps=fps, gop=cfg.gop,
-                          hardware=choice.hardware, threads=cfg.threads)
+                          hardware=choice.hardware, threads=cfg.threads, slice_bytes=cfg.slice_bytes)
         except Exception as exc:  # noqa: BLE001 - a hardware engine that probed fine may refuse the call settings
             if not choice.hardware:
                 raise
             self.log.error("encoder %s would not open with the call settings (%s): using software", choice.name, exc)
             choice = encoders.Choice(encoders.SOFTWARE_FOR[self.codec], False, f"{choice.name} failed to open: {exc}")
             enc = Encoder(choice.name, self.codec, out_w, out_h, pix, kbps=cfg.bitrate, fps=fps, gop=cfg.gop,
-                          hardware=False, threads=cfg.threads)
+                          hardware=False, threads=cfg.threads, slice_bytes=cfg.slice_bytes)
         self.encoder, self.choice = enc, choice
         self.params = ParameterSets() if self.codec == "h264" else None
         self.pool = pictures.FramePool(pix, out_w, out_h, enc.ctx.time_base)
@@ -371,7 +371,9 @@ class Encode(Service):
             self.m_hardware.remove(self.stream, old.name)
 
     def _choose(self, width: int, height: int, pix: str = "yuv420p") -> encoders.Choice:
-        return encoders.choose(self.cfg.hw_encode, width, height, pix, codec=self.codec)
+        # slices cut to a size: x264's slice-max-size (no hardware encoder here takes an exact byte bound)
+        return encoders.choose("off" if self.cfg.slice_bytes else self.cfg.hw_encode, width, height, pix,
+                               codec=self.codec)
 
     @staticmethod
     def _takes(name: str, pix: str) -> bool:

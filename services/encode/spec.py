@@ -41,6 +41,11 @@ class EncoderConfig:
                            "cores through their own processes); N encodes N slices (x264) or partitions (VP8) of a "
                            "picture at once, for one heavy stream; 0 lets FFmpeg pick (one per core).", RESTART, min=0,
                            max=16)
+    slice_bytes: int = setting(0, "H.264: the largest slice in bytes (x264 slice-max-size), so every NAL unit fits "
+                               "one RTP packet: what a peer in packetization-mode 0 needs (single NAL units; set "
+                               "it at the call's mtu minus 12, 1188 by default). 0: slices as the encoder likes. "
+                               "Software (libx264) only: a hardware encoder is not used while it is set.", RESTART,
+                               min=0, max=65000)
     hw_encode: str = setting("auto", "auto (NVENC or the Jetson encoder when a real probe encode works, else "
                              "libx264 / libvpx), off (software), or an encoder name like h264_nvenc.", RESTART,
                              pattern=r"^[a-z0-9_]{2,32}$")
@@ -48,6 +53,10 @@ class EncoderConfig:
     def cross_check(self, key: Callable[[str], str]) -> Problem | None:
         if not self.input:
             return "input", "is required: the stream of raw pictures to encode (NAME-raw, NAME, NAME-vision)", ()
+        if self.slice_bytes and self.codec != "h264":
+            return "slice_bytes", f"cuts H.264 slices; {key('codec')} is {self.codec}", ("codec",)
+        if self.slice_bytes and 0 < self.slice_bytes < 200:
+            return "slice_bytes", "must be 0 or at least 200 bytes", ()
         return None
 
 
