@@ -13,7 +13,7 @@ and the CSeq method; one that matches nothing is dropped by the caller. A 2xx to
 that comes again (its ACK was lost) is handed over again, so the dialog ACKs it again.
 
 Every entry is forgotten 64*T1 after it ended: the tables stay bounded by the traffic of the
-last 32 seconds, and the rate limits in front bound that.
+last 32 seconds, which the rate limits in front bound, and by MAX_ENTRIES whatever comes.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ __all__ = ["T1", "T2", "TIMEOUT", "Transactions", "ack_for"]
 
 T1, T2 = 0.5, 4.0
 TIMEOUT = 64 * T1
+MAX_ENTRIES = 20000        # server transactions remembered at most (a flood from many addresses: oldest forgotten)
 
 
 def _branch(message: Message) -> str:
@@ -198,6 +199,8 @@ class Transactions:
         if len(self.server) > 64:
             for key in [k for k, tx in self.server.items() if tx.until and tx.until < now]:
                 del self.server[key]
+        while len(self.server) > MAX_ENTRIES:              # insertion order: the oldest first
+            del self.server[next(iter(self.server))]
         if len(self.client) > 64:
             for key in [k for k, c in self.client.items() if c.final and c.until < now]:
                 del self.client[key]
