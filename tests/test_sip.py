@@ -380,3 +380,20 @@ def test_a_call_over_tcp_and_the_box_dialling_back_over_tcp(box, tmp_path):
         ua.wait_event("CALL_ESTABLISHED", timeout=5)
         b.call("call.hangup", {"call": row["call"]})
         ua.wait_event("CALL_CLOSED", timeout=5)
+
+
+def test_a_reload_applies_the_live_keys_to_the_next_call(box, tmp_path):
+    """rooms is live: after a reload (SIGHUP to `edgeroom run`), a call to lobby joins the room the new config
+    gives it; the call up before keeps its room."""
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
+        first = call_in(b, ua, port)
+        assert first["room"] == "default"
+        b.config.write_text(b.config.read_text().replace('rooms = "door=porch"', 'rooms = "lobby=hall"'))
+        b.runner.send_signal(signal.SIGHUP)
+        wait_for(lambda: "sip: reloaded: 1 change(s) applied (sip.rooms)" in b.log(), 10, "the SIP service reloaded")
+        ua.dial(f"sip:lobby@127.0.0.1:{port}")
+        wait_for(lambda: len(calls(b)) == 2, 10, "the second call up")
+        rooms = {c["call"]: c["room"] for c in calls(b)}
+        assert rooms.pop(first["call"]) == "default" and list(rooms.values()) == ["hall"], rooms

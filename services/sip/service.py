@@ -213,6 +213,15 @@ class Sip(AsyncService):
         gc.collect()
         gc.freeze()
 
+    def apply(self, new: Any, changes: list[Any]) -> list[str]:
+        """A reload: the live keys (rooms, rates, ring time, routes, dial credentials, ...) apply from the next
+        message on, each call's routes follow the config's (where no command set them); the others need a
+        restart."""
+        self.cfg = new.sip
+        for call in self.calls.values():
+            self.routes.configure(call.id, self.cfg.route())
+        return [c.key for c in changes if not c.live]
+
     def _stopping(self) -> None:
         """A stop (SIGTERM, a restart): the calls are kept, not hung up; their media closes."""
         self._save()
@@ -235,8 +244,8 @@ class Sip(AsyncService):
             return
         req = _salvage(data)
         if req is not None:
-            try:
-                self._send(response(req, error.status, headers=[("Warning", _warning(str(error)))]), peer)
+            try:      # in a transaction: an INVITE's 400 is sent again until its ACK, and the ACK is matched
+                self.tx.respond(req, peer, response(req, error.status, headers=[("Warning", _warning(str(error)))]))
             except (SipError, ValueError):
                 pass
 
