@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -397,3 +398,32 @@ def test_a_reload_applies_the_live_keys_to_the_next_call(box, tmp_path):
         wait_for(lambda: len(calls(b)) == 2, 10, "the second call up")
         rooms = {c["call"]: c["room"] for c in calls(b)}
         assert rooms.pop(first["call"]) == "default" and list(rooms.values()) == ["hall"], rooms
+
+
+def test_an_invite_whose_media_cannot_open_gets_503_with_the_reason_and_the_service_goes_on(box, tmp_path):
+    """The calls' RTP sockets bind to an address this box does not have: the INVITE is answered 503 naming
+    the cause (not left without a final answer), counted, and OPTIONS is still answered."""
+    from services.sip.message import parse, request
+
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port, auth="allow", allow="127.0.0.1", local_address="192.0.2.1")
+    offer = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+             b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        me = s.getsockname()[1]
+        for method, body in (("INVITE", offer), ("OPTIONS", b"")):
+            req = request(method, f"sip:lobby@127.0.0.1:{port}", call_id=f"{method}@t", from_="<sip:t@h>;tag=a",
+                          to="<sip:lobby@h>", cseq=1, via=f"SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{method}",
+                          contact=f"<sip:t@127.0.0.1:{me}>", body=body,
+                          content_type="application/sdp" if body else None)
+            s.sendto(req.encode(), ("127.0.0.1", port))
+            while (resp := parse(s.recv(65536))).status < 200:
+                continue
+            if method == "INVITE":
+                assert resp.status == 503 and "cannot bind 192.0.2.1" in (resp.get("Warning") or ""), resp.encode()
+            else:
+                assert resp.status == 200
+    assert metric_value(b.settled_scrape("sip"), "edgeroom_sip_rejected_total", reason="no_media") == 1
+    assert not calls(b)

@@ -4,9 +4,11 @@
   red|green|blue bars, each side hears the other's tone, the caller's hang-up closes both.
 - baresip answers a SIPp UAS's digest challenge (uas_auth.xml); baresip dials SIPp's
   uas_answer.xml and gets H.264 packetization-mode 1; SIPp's uac_av.xml runs against uas_auth.xml.
-- Every UAC scenario in tests/sipp runs against StandInBox, a small Python model of what the
-  box's SIP service must do (it is not the box and not a SIP stack), including models of
-  RoomKit's defects, which the scenarios must catch.
+- The scenarios can fail: run against StandInBox, a small Python model of a SIP service (it is
+  not the box and not a SIP stack) with RoomKit's defects (the first H.264 payload type taken
+  whatever its mode, the offerer's sprop-parameter-sets echoed) or answering before a CANCEL,
+  each scenario that checks it fails. tests/test_sip_sipp.py runs every scenario against the
+  real box.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,13 +375,6 @@ def _from_tag(req: Msg) -> str | None:
     return m.group(1) if m else None
 
 
-@pytest.fixture
-def box() -> Iterator[StandInBox]:
-    b = StandInBox()
-    yield b
-    b.close()
-
-
 def run_uac(name: str, box: StandInBox, tmp_path: Path, **kw: object) -> SippResult:
     opts: dict = {"service": "room", "user": USER, "password": PASSWORD, "duration_ms": 200, "timeout": 10,
                   "workdir": tmp_path / name}
@@ -388,53 +383,7 @@ def run_uac(name: str, box: StandInBox, tmp_path: Path, **kw: object) -> SippRes
 
 
 # ---------------------------------------------------------------------------------------
-# SIPp scenarios against the stand-in
-
-
-@requires_sipp
-@pytest.mark.parametrize("scenario", [
-    "uac_av", "uac_audio_only", "uac_h263_only", "uac_mode0", "uac_mode0_first", "uac_reinvite_video",
-    "uac_wrong_password", "uac_bye_unknown", "uac_options", "uac_unknown_method", "uac_malformed",
-])
-def test_uac_scenario_passes_against_stand_in(scenario: str, box: StandInBox, tmp_path: Path) -> None:
-    _check(run_uac(scenario, box, tmp_path))
-
-
-@requires_sipp
-def test_malformed_scenario_accepts_silence(tmp_path: Path) -> None:
-    box = StandInBox(answer_malformed=False)
-    try:
-        result = run_uac("uac_malformed", box, tmp_path)
-    finally:
-        box.close()
-    _check(result)
-    assert "SIP/2.0 400" not in result.messages and result.messages.count("SIP/2.0 200 OK") == 4
-
-
-@requires_sipp
-def test_reinvite_scenario_answers_a_second_challenge(tmp_path: Path) -> None:
-    box = StandInBox(challenge_reinvite=True)
-    try:
-        result = run_uac("uac_reinvite_video", box, tmp_path)
-    finally:
-        box.close()
-    _check(result)
-    assert result.messages.count("CSeq: 4 INVITE") >= 2, result.dump()
-
-
-@requires_sipp
-def test_cancel_scenario_against_a_ringing_stand_in(tmp_path: Path) -> None:
-    box = StandInBox(ring_s=3.0)
-    try:
-        result = run_uac("uac_cancel", box, tmp_path)
-    finally:
-        box.close()
-    _check(result)
-    assert "SIP/2.0 487" in result.messages
-    # the CANCEL and the ACK of the 487 carried the authenticated INVITE's branch
-    branches = dict(re.findall(r"\n(INVITE|CANCEL|ACK) sip:[^\n]*\nVia: [^\n]*branch=([^;\s]+)", result.messages))
-    invites = re.findall(r"\nINVITE sip:[^\n]*\nVia: [^\n]*branch=([^;\s]+)", result.messages)
-    assert branches["CANCEL"] == invites[-1] == branches["ACK"], result.messages
+# SIPp scenarios against the stand-in: they catch what they check
 
 
 @requires_sipp

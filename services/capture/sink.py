@@ -63,6 +63,10 @@ class SinkMetrics:
     rebases: object
 
 
+# readers an encoded or audio ring takes: every call it is routed to reads it (a SIP call each), beside decode,
+# the recorder and vision; an entry is 64 bytes of the ring's header, scanned only when a reader comes or goes
+CALL_READERS = 96
+
 def _now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
@@ -112,7 +116,8 @@ class Sink:
         # a recorder that restarts from where its file ends
         history = kind == "encoded"
         self.video = framebus.Producer.create(self.stream, kind, payload=payload, slots=slots, prefix=self.prefix,
-                                              history=history, reserve="written" if history else "all")
+                                              history=history, reserve="written" if history else "all",
+                                              max_consumers=CALL_READERS if history else 16)
         self._payload = payload
         return self.video
 
@@ -214,7 +219,8 @@ class Sink:
             slots = history_slots(self.history_seconds, rate / max(1, len(pcm)))
             self.audio_producer = framebus.Producer.create(audio_stream(self.stream), "audio",
                                                            payload=max(rate // 10, 1024) * 8 * 2, slots=slots,
-                                                           prefix=self.prefix, history=True, reserve="written")
+                                                           prefix=self.prefix, history=True, reserve="written",
+                                                           max_consumers=CALL_READERS)
             self.audio_rate = rate
         self.audio_producer.publish_audio(pcm, rate, pts=pts, time_base=(1, rate), capture_ns=capture_ns)
         self.m.audio_chunks.inc()

@@ -18,6 +18,7 @@ logged once a second), never the call.
 """
 from __future__ import annotations
 
+import errno
 import random
 import socket
 import time
@@ -138,6 +139,7 @@ class _Media:
 
 def bind_pair(address: str, port: int) -> tuple[socket.socket, socket.socket]:
     """RTP and RTCP sockets on `port` and `port + 1`; port 0: a free pair the kernel offers."""
+    last: OSError | None = None
     for _ in range(50 if port == 0 else 1):
         rtp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rtcp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -147,14 +149,16 @@ def bind_pair(address: str, port: int) -> tuple[socket.socket, socket.socket]:
         except OSError as exc:
             rtp_sock.close()
             rtcp_sock.close()
-            if port:
-                raise OSError(f"cannot bind {address}:{port} and {port + 1} for RTP and RTCP: {exc}") from None
+            if port or exc.errno == errno.EADDRNOTAVAIL:
+                raise OSError(f"cannot bind {address}:{port} and {port + 1} for RTP and RTCP: "
+                              f"{exc.strerror or exc}") from None
+            last = exc
             continue
         for s in (rtp_sock, rtcp_sock):
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         return rtp_sock, rtcp_sock
-    raise OSError(f"no free pair of UDP ports on {address} for RTP and RTCP")
+    raise OSError(f"no free pair of UDP ports on {address} for RTP and RTCP ({last.strerror if last else ''})")
 
 
 class RtpMetrics:

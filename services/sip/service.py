@@ -42,6 +42,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+import framebus
 from services.calls.book import RouteBook
 from services.control.protocol import ProtocolError
 from services.rtp import sdp
@@ -353,6 +354,13 @@ class Sip(AsyncService):
             self.log.info("INVITE from %s refused: %s", peer, exc)
             self._reply(req, peer, 488, to_tag=call.dialog.local_tag, headers=[("Warning", _warning(str(exc)))])
             return
+        except (framebus.BusError, OSError) as exc:      # no free ports, a route's stream with no reader left
+            self._drop_media(call)
+            self.m_rejected.labels("no_media").inc()
+            self.log.warning("INVITE from %s refused: the call's media cannot open: %s", peer, exc)
+            self._reply(req, peer, 503, to_tag=call.dialog.local_tag,
+                        headers=[("Retry-After", "10"), ("Warning", _warning(f"media: {exc}"))])
+            return
         self.calls[call.id] = call
         self.log.info("call %s from %s (%s) to room %s: %s", call.id, call.remote, peer, room,
                       "; ".join(call.media.describe_media() + list(answer.notes)) if call.media else "")
@@ -472,7 +480,7 @@ class Sip(AsyncService):
             return
         try:
             answer = self._answer(call, req.body.decode("utf-8", "replace"))
-        except (sdp.SdpError, ValueError) as exc:
+        except (sdp.SdpError, ValueError, framebus.BusError, OSError) as exc:
             if call.media is not None:
                 call.media.release_reserved()
             self.m_rejected.labels("bad_sdp").inc()
@@ -664,7 +672,7 @@ class Sip(AsyncService):
         try:
             agreed = offer.accept(call.local_sdp, resp.body.decode("utf-8", "replace"))
             self._apply(call, [agreed.audio, agreed.video], agreed.notes)
-        except (sdp.SdpError, ValueError) as exc:
+        except (sdp.SdpError, ValueError, framebus.BusError, OSError) as exc:
             self.log.warning("call %s: the answer cannot be used: %s; hanging up", call.id, exc)
             call.state = "up"
             if call.done is not None:
