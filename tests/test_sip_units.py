@@ -10,8 +10,9 @@ import time
 from services.rtp import sdp
 from services.rtp.call import Identity, Plan
 from services.sip.dialog import Dialog, plan_from_dict, plan_to_dict
+from services.sip.limits import Limiter
 from services.sip.message import Message, parse, request, response
-from services.sip.service import _Limiter, _salvage
+from services.sip.service import _salvage
 from services.sip.transactions import T1, Transactions
 from services.sip.transport import Peer
 
@@ -94,7 +95,7 @@ def test_a_request_of_ours_goes_again_until_a_response_matches_it():
 
 
 def test_the_rate_limit_takes_a_burst_then_the_rate_per_address():
-    limiter = _Limiter()
+    limiter = Limiter()
     assert [limiter.allow("10.0.0.1", 10, 5) for _ in range(7)] == [True] * 5 + [False] * 2
     assert limiter.allow("10.0.0.2", 10, 5)                     # another address has its own bucket
     time.sleep(0.25)                                            # 2.5 tokens back

@@ -50,14 +50,21 @@ def _now_ns() -> int:
 
 
 class Settings(Protocol):
-    """The keys of a call's media (RtpConfig has them; the SIP config too)."""
-    local_address: str
-    latch: bool
-    jitter_ms: int
-    mtu: int
-    pacing_kbps: int
-    max_kbps: int
-    nack_buffer: int
+    """The keys of a call's media (RtpConfig has them; the SIP config too), read only."""
+    @property
+    def local_address(self) -> str: ...
+    @property
+    def latch(self) -> bool: ...
+    @property
+    def jitter_ms(self) -> int: ...
+    @property
+    def mtu(self) -> int: ...
+    @property
+    def pacing_kbps(self) -> int: ...
+    @property
+    def max_kbps(self) -> int: ...
+    @property
+    def nack_buffer(self) -> int: ...
 
 
 @dataclass(frozen=True)

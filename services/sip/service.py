@@ -29,14 +29,10 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-import json
-import os
 import secrets
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +42,16 @@ import framebus
 from services.calls.book import RouteBook
 from services.control.protocol import ProtocolError
 from services.rtp import sdp
-from services.rtp.call import Identity, Plan, RtpCall, RtpMetrics
+from services.rtp.call import Plan, RtpCall, RtpMetrics
 from services.rtp.service import local_host, resolve
 from services.runtime.keyframes import KeyframeRequests, cannot
 from services.runtime.service import AsyncService
 from services.runtime.state import state_dir
 from services.sip import digest, offer
-from services.sip.dialog import Dialog, plan_from_dict, plan_to_dict
+from services.sip.calls import FILE as STATE_FILE
+from services.sip.calls import Call, keep, kept, taken_back
+from services.sip.dialog import Dialog
+from services.sip.limits import Limiter
 from services.sip.message import (
     Message,
     SipError,
@@ -61,8 +60,11 @@ from services.sip.message import (
     new_tag,
     parse_name_addr,
     parse_uri,
+    parse_via,
+    request,
     response,
 )
+from services.sip.registration import Registration
 from services.sip.spec import SipConfig, parse_rooms, parse_users
 from services.sip.transactions import Transactions, ack_for
 from services.sip.transport import Peer, Transport
@@ -70,69 +72,9 @@ from services.sip.transport import Peer, Transport
 __all__ = ["Sip"]
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO"
-STATE_FILE = "sip-calls.json"
 USER_AGENT = "edgeroom"
-SEQ_AHEAD = 1000           # a restarted call's RTP sequence numbers go on this far past the last ones kept
 DIAL_DEADLINE = 40.0
 DTMF_TOPIC = "hook.ON_DTMF"
-MAX_SOURCES = 4096         # rate-limit buckets kept (least recently seen forgotten)
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    at: float
-
-
-class _Limiter:
-    """A token bucket per source address: `rate` a second, `burst` at once; bounded in sources."""
-
-    def __init__(self) -> None:
-        self.buckets: OrderedDict[str, _Bucket] = OrderedDict()
-
-    def allow(self, source: str, rate: float, burst: float) -> bool:
-        now = time.monotonic()
-        b = self.buckets.pop(source, None) or _Bucket(burst, now)
-        b.tokens = min(burst, b.tokens + (now - b.at) * rate)
-        b.at = now
-        self.buckets[source] = b
-        if len(self.buckets) > MAX_SOURCES:
-            self.buckets.popitem(last=False)
-        if b.tokens < 1:
-            return False
-        b.tokens -= 1
-        return True
-
-
-@dataclass
-class Call:
-    id: str                               # the session id, and the name of its streams
-    direction: str                        # in | out
-    room: str
-    peer: Peer                            # where its signalling goes
-    state: str = "new"                    # new, ringing, dialing, up, ended
-    dialog: Dialog | None = None
-    media: RtpCall | None = None
-    local_sdp: str = ""
-    version: int = 1
-    video: bool = True                    # asked for video (the config's, or --no-video)
-    notes: tuple[str, ...] = ()
-    started: float = field(default_factory=time.time)
-    began: float = field(default_factory=time.monotonic)
-    answered: float = 0.0                 # monotonic time of the 200
-    invite: Message | None = None         # the INVITE being answered (in) or sent (out)
-    ack: Message | None = None            # the ACK of our INVITE's 2xx (sent again if the 2xx comes again)
-    done: Callable[..., None] | None = None  # the dial command's answer
-    auth_tries: int = 0
-    user: str = ""                        # the called user (in) or the dialled URI (out)
-    remote: str = ""                      # the peer's URI, for the list
-    timer: Any = None
-    restored: bool = False
-    ports: dict[str, int] = field(default_factory=dict)   # the RTP port of each kind (in the SDP)
-    checked: bool = True                  # a restored call: False until the peer answered the OPTIONS
-
-    def plans(self) -> list[Plan]:
-        return [m.plan for m in self.media.media.values()] if self.media is not None else []
 
 
 class Sip(AsyncService):
@@ -149,7 +91,7 @@ class Sip(AsyncService):
         self.challenger = digest.Challenger(self.cfg.domain, users, algorithms=tuple(
             a.strip() for a in self.cfg.digest_algorithms.split(",") if a.strip()))
         self.allowed = [ipaddress.ip_network(a, strict=False) for a in self.cfg.allow.split(",") if a.strip()]
-        self.limits = _Limiter()
+        self.limits = Limiter()
         self.calls: dict[str, Call] = {}
         self.transport = Transport(self.loop.aio, self.cfg.address, self.cfg.port,
                                    [t.strip() for t in self.cfg.transports.split(",")], self._message, self._bad,
@@ -206,7 +148,9 @@ class Sip(AsyncService):
     async def started(self) -> None:
         await self.transport.start()
         if self.cfg.registrar:
-            self._register()
+            self.registration = Registration(self.cfg, self.tx, self._via_header, self._contact, self.loop.aio,
+                                             self.m_registered, self.log, self.throttled)
+            self.registration.register()
         for call in self.calls.values():
             if call.media is not None:
                 call.media.start()
@@ -609,7 +553,6 @@ class Sip(AsyncService):
         assert d is not None
         d.local_seq += 1
         headers = [auth] if auth is not None else []
-        from services.sip.message import request  # the dialog's request() needs the remote tag, none yet
         req = request("INVITE", d.remote_target, call_id=d.call_id, from_=f"{d.local_uri};tag={d.local_tag}",
                       to=d.remote_uri, cseq=d.local_seq, via=self._via_header(call.peer),
                       contact=self._contact(call.peer), headers=[*headers, ("Allow", ALLOW)],
@@ -710,70 +653,11 @@ class Sip(AsyncService):
     def _cancel_invite(self, call: Call) -> None:
         invite = call.invite
         assert invite is not None
-        from services.sip.message import request
         number, _ = invite.cseq
         cancel = request("CANCEL", invite.uri, call_id=invite.call_id, from_=invite.get("From") or "",
                          to=invite.get("To") or "", cseq=number, via=invite.get("Via") or "")
         self.tx.cancel_retransmits(invite)
         self.tx.request(cancel, call.peer, lambda resp: None)
-
-    # ------------------------------------------------------------ registering with a registrar
-    def _register(self) -> None:
-        """REGISTER the box's contact as dial_user at the registrar (digest with dial_user/dial_password),
-        refreshed at 80 % of the expiry granted; retried every 30 s while it fails."""
-        host, _, port = self.cfg.registrar.rpartition(":")
-        try:
-            peer = Peer("udp", (resolve(host or self.cfg.registrar), int(port) if host else 5060))
-        except (OSError, ValueError) as exc:
-            self.log.warning("cannot register with %s: %s", self.cfg.registrar, exc)
-            self.loop.aio.call_later(30.0, self._register)
-            return
-        user = self.cfg.dial_user or "edgeroom"
-        aor = f"<sip:{user}@{host or self.cfg.registrar}>"
-        self._registration = (peer, aor, new_call_id(self.cfg.domain), new_tag())
-        self._register_seq = getattr(self, "_register_seq", 0)
-        self._send_register(None)
-
-    def _send_register(self, auth: tuple[str, str] | None) -> None:
-        from services.sip.message import request
-        peer, aor, call_id, tag = self._registration
-        self._register_seq += 1
-        req = request("REGISTER", f"sip:{peer.addr[0]}:{peer.addr[1]}", call_id=call_id, from_=f"{aor};tag={tag}",
-                      to=aor, cseq=self._register_seq, via=self._via_header(peer), contact=self._contact(peer),
-                      headers=[("Expires", str(self.cfg.register_expires)), *([auth] if auth else [])])
-        self.tx.request(req, peer, lambda resp: self._registered(req, resp, auth is not None))
-
-    def _registered(self, req: Message, resp: Message | None, authed: bool) -> None:
-        if resp is not None and resp.status < 200:
-            return
-        if resp is not None and resp.status in (401, 407) and not authed and self.cfg.dial_user:
-            header, answer = (("WWW-Authenticate", "Authorization") if resp.status == 401 else
-                              ("Proxy-Authenticate", "Proxy-Authorization"))
-            try:
-                value = digest.answer(digest.pick(resp.get_all(header)), method="REGISTER", uri=req.uri,
-                                      user=self.cfg.dial_user, password=self.cfg.dial_password)
-            except ValueError as exc:
-                self.log.warning("registering with %s: %s", self.cfg.registrar, exc)
-            else:
-                self._send_register((answer, value))
-                return
-        if resp is None or resp.status >= 300:
-            self.m_registered.set(0)
-            why = "no answer" if resp is None else f"{resp.status} {resp.reason_phrase}"
-            self.throttled.warning("register", f"registering with {self.cfg.registrar} failed: {why}; again in 30 s")
-            self.loop.aio.call_later(30.0, self._register)
-            return
-        granted = self.cfg.register_expires
-        expires = resp.get("Expires")
-        if expires and expires.isdigit():
-            granted = int(expires)
-        for contact in resp.get_all("Contact"):
-            value = parse_name_addr(contact).params.get("expires", "")
-            if value.isdigit():
-                granted = int(value)
-        self.m_registered.set(1)
-        self.log.info("registered with %s for %d s", self.cfg.registrar, granted)
-        self.loop.aio.call_later(max(5.0, granted * 0.8), self._register)
 
     # ------------------------------------------------------------ where the box is
     def _via_host(self, peer: Peer) -> str:
@@ -828,60 +712,31 @@ class Sip(AsyncService):
 
     # ------------------------------------------------------------ kept across a restart
     def _save(self) -> None:
-        rows = []
-        for call in self.calls.values():
-            if call.state != "up" or call.dialog is None or call.media is None:
-                continue
-            plans = [plan_to_dict(m.plan, m.current_identity(), m.port) for m in call.media.media.values()]
-            rows.append({"id": call.id, "direction": call.direction, "room": call.room, "user": call.user,
-                         "remote": call.remote, "peer": [call.peer.transport, *call.peer.addr],
-                         "dialog": call.dialog.to_dict(), "local_sdp": call.local_sdp, "version": call.version,
-                         "video": call.video, "notes": list(call.notes), "started": call.started, "plans": plans})
-        text = json.dumps({"calls": rows})
         try:
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.state_path)
+            keep(self.state_path, [c for c in self.calls.values() if c.state == "up" and c.media is not None])
         except OSError as exc:
             self.throttled.warning("save", f"cannot keep the calls in {self.state_path}: {exc.strerror}; a restart "
                                            "would lose them")
 
     def _restore(self) -> None:
         try:
-            rows = json.loads(self.state_path.read_text())["calls"]
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            rows = kept(self.state_path)
+        except (OSError, ValueError) as exc:
             self.log.warning("the kept calls in %s cannot be read (%s): starting without them", self.state_path, exc)
             return
         for row in rows:
             try:
-                self._restore_one(row)
+                call, plans = taken_back(row)
+                self._new_media(call)
+                assert call.media is not None
+                call.media.open(plans)
             except Exception as exc:     # one bad entry costs that call only
                 self.log.warning("kept call %s cannot be taken back: %s", row.get("id", "?"), exc)
-
-    def _restore_one(self, row: dict[str, Any]) -> None:
-        transport, host, port = row["peer"]
-        call = Call(row["id"], row["direction"], row["room"], Peer(transport, (host, port)), state="up",
-                    dialog=Dialog.from_dict(row["dialog"]), local_sdp=row["local_sdp"], version=row["version"],
-                    video=row["video"], notes=tuple(row["notes"]), started=row["started"], user=row["user"],
-                    remote=row["remote"], restored=True, checked=False)
-        call.answered = time.monotonic()
-        plans = []
-        for d in row["plans"]:
-            plan = plan_from_dict(d)
-            if plan.identity is not None:
-                i = plan.identity
-                plan = Plan(plan.kind, plan.codec, plan.peer, plan.peer_host, plan.sends, plan.receives, plan.port,
-                            Identity(i.ssrc, (i.seq + SEQ_AHEAD) & 0xFFFF, i.ts_base), plan.dtmf_pt)
-            plans.append(plan)
-        self._new_media(call)
-        assert call.media is not None
-        call.media.open(plans)
-        self.calls[call.id] = call
-        self.m_restored.inc()
-        self.log.info("call %s with %s taken back: %s", call.id, call.remote, "; ".join(call.media.describe_media()))
+                continue
+            self.calls[call.id] = call
+            self.m_restored.inc()
+            self.log.info("call %s with %s taken back: %s", call.id, call.remote,
+                          "; ".join(call.media.describe_media()))
 
     def _check_restored(self, call: Call) -> None:
         """Is the peer still in the call? An in-dialog OPTIONS: 481 (or no answer) ends it without BYE."""
@@ -939,7 +794,6 @@ def _strip_tag(name_addr: str) -> str:
 
 
 def _top_branch(msg: Message) -> str:
-    from services.sip.message import parse_via
     return parse_via(msg.get("Via") or "").branch or ""
 
 
