@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance import wait_for
+from tests.appliance import metric_value, wait_for
 
 HERE = Path(__file__).parent
 
@@ -313,3 +313,22 @@ def test_a_watchdog_kill_ends_the_healthy_time_at_the_last_ping(tmp_path):
     assert child.watchdog_kills == 3
     assert [delay for _, delay in exits] == [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.4)], exits
     assert all(ready < 0.4 for ready, _ in exits), exits
+
+
+def test_a_heartbeat_over_the_message_limit_leaves_out_its_largest_metrics_and_the_service_stays_live(box):
+    """A service whose metrics outgrow [control] max_message_bytes (a SIP service with many calls) still
+    heartbeats: the samples of its largest families are left out, counted and named in a warning; the hub keeps
+    it ready and its sessions on (a heartbeat refused whole would make it stale and end them)."""
+    b = box("[control]\nmax_message_bytes = 9000\n")
+    b.run()
+    b.wait_ready("capture@cam")
+    time.sleep(3 * 0.2 + 2.0)                       # heartbeats at 0.2 s; stale after 1.5 s without one accepted
+    row = next(s for s in b.call("status")["services"] if s["service"] == "capture@cam")
+    assert row["state"] == "ready", row
+    assert any(s["session"] == "cam" for s in b.call("sessions"))
+    trimmed = metric_value(b.scrape(), "edgeroom_service_heartbeats_trimmed_total", service="capture@cam")
+    assert trimmed and trimmed >= 3, trimmed
+    assert "capture@cam: the heartbeat is over [control] max_message_bytes (9000): the metrics " in b.log()
+    page = b.scrape()
+    assert metric_value(page, "edgeroom_capture_to_bus_seconds_count", service="capture@cam") is None  # left out
+    assert metric_value(page, "edgeroom_service_cpu_seconds_total", service="capture@cam") > 0          # kept

@@ -329,3 +329,18 @@ def test_an_invite_flood_from_one_address_is_limited_and_a_live_call_goes_on(sip
     assert rejected(page, "rate_limited") - limited > 300, "hardly a flood"
     print(f"flood: invite_flood {rejected(page, 'invite_flood') - floods:.0f}, "
           f"rate_limited {rejected(page, 'rate_limited') - limited:.0f}")
+
+
+# --- registration ------------------------------------------------------------------------------------------------
+def test_the_box_registers_with_digest_and_refreshes_before_the_expiry_granted(sipp_box, tmp_path):
+    """SIPp as a registrar: 401, the authenticated REGISTER gets 6 s; the box refreshes within them, in the same
+    Call-ID, answering the new challenge; edgeroom_sip_registered is 1."""
+    with sipp_uas("uas_register", keys={"auth_user": USER, "auth_pass": PASSWORD}, workdir=tmp_path / "reg",
+                  timeout=20) as registrar:
+        b, _ = sipp_box(registrar=f"127.0.0.1:{registrar.port}", dial_user=USER, dial_password=PASSWORD)
+        result = registrar.wait(15)
+    assert result.ok, result.dump()
+    registers = re.findall(r"\nREGISTER sip:[^\n]*\n(?:[^\n]+\n)*?Call-ID: ([^\n]+)", result.messages)
+    assert len(registers) == 4 and len(set(registers)) == 1, registers
+    assert result.messages.count("Authorization: Digest") == 2 and 'username="alice"' in result.messages
+    assert metric_value(b.settled_scrape("sip"), "edgeroom_sip_registered") == 1

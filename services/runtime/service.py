@@ -24,6 +24,7 @@ announces the offer, the hub forwards clients' calls of that name here
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,8 @@ log = logging.getLogger("edgeroom.service")
 
 BYE_WAIT = 0.5  # seconds a stopping service waits for the hub's answer to its goodbye (service.bye)
 
+
+HEARTBEAT_ENVELOPE = 4096   # bytes of a request around its body (id, command, framing), kept free under the limit
 
 def identity(kind: str, instance: str | None) -> str:
     return f"{kind}@{instance}" if instance else kind
@@ -230,6 +233,8 @@ class Service:
     def _base_metrics(self) -> None:
         r = self.registry
         self.m_heartbeats = Counter("edgeroom_service_heartbeats", "Heartbeats sent to the hub.", registry=r)
+        self.m_trimmed = Counter("edgeroom_service_heartbeats_trimmed", "Heartbeats over the control plane's message "
+                                 "limit, sent with their largest metric families left out.", registry=r)
         self.m_hub_reconnects = Counter("edgeroom_service_hub_reconnects",
                                         "Times the hub stopped answering and the link was reopened.", registry=r)
         self.m_reloads = Counter("edgeroom_service_reloads", "Config reloads (SIGHUP), by result.",
@@ -246,9 +251,34 @@ class Service:
                 "offers": {name: {"summary": o.summary, "deadline": o.deadline} for name, o in self._offers.items()}}
 
     def heartbeat(self) -> None:
-        if self.link is not None and self.link.request("service.heartbeat", self.heartbeat_body(),
+        if self.link is not None and self.link.request("service.heartbeat", self._fitted(self.heartbeat_body()),
                                                        self._heartbeat_answered):
             self.m_heartbeats.inc()
+
+    def _fitted(self, body: JsonObject) -> JsonObject:
+        """`body` within the control plane's message limit: a heartbeat over it would be refused whole, and a
+        service whose heartbeats are refused goes stale (its sessions end). What gives way is the metrics: its
+        largest families are left out, whole (counted, and named in a warning), until it fits; the service's own
+        (edgeroom_service_*: heartbeats, CPU, memory) always go."""
+        limit = self.config.control.max_message_bytes - HEARTBEAT_ENVELOPE
+        size = len(json.dumps(body))
+        if size <= limit:
+            return body
+        sizes = {f["name"]: len(json.dumps(f)) + 2 for f in body["metrics"]}
+        left_out: set[str] = set()
+        for name in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if size <= limit:
+                break
+            if not name.startswith("edgeroom_service_"):
+                left_out.add(name)
+                size -= sizes[name]
+        body["metrics"] = [f for f in body["metrics"] if f["name"] not in left_out]
+        self.m_trimmed.inc()
+        self.throttled.warning("heartbeat-size", f"the heartbeat is over [control] max_message_bytes "
+                                                 f"({self.config.control.max_message_bytes}): the metrics "
+                                                 f"{', '.join(sorted(left_out))} are left out of it (raise the "
+                                                 "limit to see them at the hub)")
+        return body
 
     def _heartbeat_answered(self, _result: object, error: Exception | None) -> None:
         if isinstance(error, CommandFailed):  # the hub is there but refuses us: say why, once a second at most

@@ -39,7 +39,8 @@ class Registration:
             return
         user = self.cfg.dial_user or "edgeroom"
         aor = f"<sip:{user}@{host or self.cfg.registrar}>"
-        self._registration = (peer, aor, new_call_id(self.cfg.domain), new_tag())
+        if self._registration is None:      # one Call-ID and From tag for the binding's life (RFC 3261 10.2)
+            self._registration = (peer, aor, new_call_id(self.cfg.domain), new_tag())
         self._send_register(None)
 
     def _send_register(self, auth: tuple[str, str] | None) -> None:
