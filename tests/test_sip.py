@@ -427,3 +427,28 @@ def test_an_invite_whose_media_cannot_open_gets_503_with_the_reason_and_the_serv
                 assert resp.status == 200
     assert metric_value(b.settled_scrape("sip"), "edgeroom_sip_rejected_total", reason="no_media") == 1
     assert not calls(b)
+
+
+def test_a_keyframe_wanted_of_a_callers_stream_is_a_pli_to_the_phone_answered_within_a_second(box, tmp_path):
+    """`ctl keyframe sip-XXXXXX` (what decode or the bridge ask after a loss) sends the phone a PLI, and its
+    keyframe lands on the bus within a second, each time (baresip made none of its own in 8 s, measured). The other
+    way, a phone's PLI to the camera it is sent, is RtpCall's, tested against GStreamer in tests/test_rtp.py."""
+    port = free_port(udp=True, tcp=True)
+    b = sip_box(box, port)
+    with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None) as ua:
+        call = call_in(b, ua, port)["call"]
+        ua.wait_video_frames(10)
+
+        def keyframes() -> float:
+            return metric_value(b.scrape(), "edgeroom_rtp_keyframes_total", call=call) or 0
+        wait_for(lambda: keyframes() >= 1, 5, "the phone's first keyframe on the bus")
+        for _ in range(3):
+            before, asked = keyframes(), time.monotonic()
+            answer = b.call("keyframe", {"stream": call, "reason": "test"})
+            assert answer["made"] and answer["how"].startswith("pli"), answer
+            wait_for(lambda n=before: keyframes() > n, 2, "the phone's keyframe after a PLI")
+            assert time.monotonic() - asked < 1.5
+            time.sleep(0.6)                           # past the producer's 0.5 s throttle
+        page = b.settled_scrape("sip")
+        assert metric_value(page, "edgeroom_rtp_feedback_sent_total", call=call, media="video", type="pli") >= 3
+        ua.hangup()
