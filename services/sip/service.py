@@ -82,6 +82,13 @@ class Sip(AsyncService):
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
+        try:
+            import aiortc.rtp  # noqa: F401  # the calls' RTP packets
+            import av  # noqa: F401  # their audio codecs
+        except ImportError as exc:
+            raise RuntimeError(f"the SIP service needs the media and webrtc extras ({exc.name} is missing): "
+                               "pip install 'edgeroom[media,webrtc]' (scripts/install.sh installs them by "
+                               "default)") from None
         self.cfg: SipConfig = self.config.sip
         self._metrics()
         self.state_path = state_dir(self.config) / STATE_FILE
