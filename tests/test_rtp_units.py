@@ -375,6 +375,20 @@ def test_inbound_loss_drops_the_unit_marks_the_next_corrupt_and_asks_for_a_keyfr
     assert keys                                                  # a keyframe was asked for at once
 
 
+def test_inbound_asks_for_a_keyframe_once_when_a_stream_begins_mid_group_and_never_when_it_begins_with_one():
+    """A call taken back after a restart (or a sender that joined late) starts with deltas: nothing decodes until a
+    keyframe, so one is asked for at the first unit, not left to the peer's next own one (baresip: none for 8 s)."""
+    i, sink, _, keys = inbound()
+    now = time.monotonic_ns()
+    for n in range(3):
+        i.datagram(rtp(20 + n, 3000 * n, P1, marker=True), now + n * 33 * MS)
+    assert keys == ["the stream began without a keyframe"] and len(sink.units) == 3
+    j, sink, _, keys = inbound()
+    j.datagram(rtp(1, 0, stap_a(SPS, PPS, IDR), marker=True), now)
+    j.datagram(rtp(2, 3000, P1, marker=True), now + 33 * MS)
+    assert keys == [] and [u["keyframe"] for u in sink.units] == [True, False]
+
+
 def test_inbound_takes_a_new_ssrc_after_silence_as_a_discontinuity_with_continuous_pts():
     i, sink, drops, _ = inbound()
     now = time.monotonic_ns()

@@ -217,6 +217,10 @@ class Inbound:
         pts, rebased = self.timeline.map(ext, capture_ns)
         corrupt, self._corrupt_next = self._corrupt_next, False
         disc, self._discontinuity = self._discontinuity or rebased, False
+        if not self.keyframes and not au.keyframe and not self.units:
+            # a stream that began mid-picture-group (a call taken back after a restart, a sender joined late):
+            # nothing on the bus decodes until a keyframe, so ask for one now, not at the peer's next own one
+            self.want_keyframe("the stream began without a keyframe")
         if self.sink.encoded(au.data, self.codec.name, keyframe=au.keyframe, pts=pts, time_base=self.time_base,
                              capture_ns=capture_ns, discontinuity=disc, corrupt=corrupt):
             self.units += 1
