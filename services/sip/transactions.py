@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from services.sip.message import Message, SipError, parse_via, request
@@ -65,7 +65,7 @@ class _Client:
     on_response: Callable[[Message | None], None]
     resend: _Resend | None = None
     final: bool = False
-    until: float = field(default_factory=lambda: time.monotonic() + TIMEOUT)
+    until: float = 0.0
 
 
 def ack_for(invite: Message, final: Message) -> Message:
@@ -79,8 +79,11 @@ def ack_for(invite: Message, final: Message) -> Message:
 
 
 class Transactions:
-    def __init__(self, aio: asyncio.AbstractEventLoop, send: Callable[[Message, Peer], bool], log: Any) -> None:
+    def __init__(self, aio: asyncio.AbstractEventLoop, send: Callable[[Message, Peer], bool], log: Any, *,
+                 t1: float = T1, t2: float = T2) -> None:
+        """`t1`, `t2`: RFC 3261's timer values (a test shortens them; 64*t1 is the transaction timeout)."""
         self.aio, self.send, self.log = aio, send, log
+        self.t1, self.t2, self.timeout = t1, t2, 64 * t1
         self.server: dict[tuple[str, str], _Server] = {}
         self.unacked: dict[tuple[str, int], _Resend] = {}      # (Call-ID, CSeq) of a final INVITE response
         self.client: dict[tuple[str, str], _Client] = {}
@@ -96,7 +99,7 @@ class Transactions:
             if tx.response is not None:
                 self.send(tx.response, peer)
             return True
-        self.server[key] = _Server(peer=peer, until=time.monotonic() + TIMEOUT)
+        self.server[key] = _Server(peer=peer, until=time.monotonic() + self.timeout)
         self._sweep()
         return False
 
@@ -106,7 +109,7 @@ class Transactions:
         again until its ACK."""
         key = (_branch(req), req.method)
         tx = self.server.setdefault(key, _Server(peer=peer))
-        tx.response, tx.until = response, time.monotonic() + TIMEOUT
+        tx.response, tx.until = response, time.monotonic() + self.timeout
         self.send(response, peer)
         if req.method == "INVITE" and response.status >= 200:
             number, _ = req.cseq
@@ -115,9 +118,9 @@ class Transactions:
             if old is not None and old.handle is not None:
                 old.handle.cancel()
             if peer.transport == "udp":
-                r = _Resend(response, peer, T1, T2, time.monotonic() + TIMEOUT, on_give_up=on_no_ack)
+                r = _Resend(response, peer, self.t1, self.t2, time.monotonic() + self.timeout, on_give_up=on_no_ack)
                 self.unacked[ack_key] = r
-                r.handle = self.aio.call_later(T1, self._again, r, ack_key, self.unacked)
+                r.handle = self.aio.call_later(self.t1, self._again, r, ack_key, self.unacked)
 
     def acked(self, ack: Message) -> bool:
         """An ACK: the final response it acknowledges is no longer sent again. False: it matches none."""
@@ -132,14 +135,14 @@ class Transactions:
     # ------------------------------------------------------------ client side
     def request(self, req: Message, peer: Peer, on_response: Callable[[Message | None], None]) -> None:
         key = (_branch(req), req.method)
-        tx = _Client(req, peer, on_response)
+        tx = _Client(req, peer, on_response, until=time.monotonic() + self.timeout)
         self.client[key] = tx
         self.send(req, peer)
         if peer.transport == "udp":
-            cap = 1e9 if req.method == "INVITE" else T2
-            tx.resend = _Resend(req, peer, T1, cap, tx.until)
-            tx.resend.handle = self.aio.call_later(T1, self._again, tx.resend, key, None)
-        self.aio.call_later(TIMEOUT, self._timeout, key, tx)
+            cap = 1e9 if req.method == "INVITE" else self.t2
+            tx.resend = _Resend(req, peer, self.t1, cap, tx.until)
+            tx.resend.handle = self.aio.call_later(self.t1, self._again, tx.resend, key, None)
+        self.aio.call_later(self.timeout, self._timeout, key, tx)
         self._sweep()
 
     def response(self, resp: Message) -> bool:
