@@ -119,6 +119,7 @@ from benchmarks.rtp import (  # noqa: E402
 )
 from services.control.client import ControlError  # noqa: E402
 from tests.sip_peers import free_udp_block  # noqa: E402  (the tests' port picker: even, a free block)
+from tests.sip_peers import parse_sipp_stats as sipp_stats  # noqa: E402
 
 SCENARIO = Path(_HERE) / "sipp" / "uac_setup.xml"
 LOOPBACK = "127.0.0.1"
@@ -210,16 +211,6 @@ def sipp_times(message_file: Path) -> dict:
                 c["ok"] = at
                 c["video"] = bool(re.search(r"^m=video [1-9]\d* ", msg, re.M))
     return calls
-
-
-def sipp_stats(stdout: str) -> dict[str, int]:
-    stats: dict[str, int] = {}
-    for key, label in (("successful", "Successful call"), ("failed", "Failed call"),
-                       ("created", "Total Calls created")):
-        found = re.findall(rf"{label}\s*\|[^|\n]*\|\s*(\d+)", stdout)
-        if found:
-            stats[key] = int(found[-1])
-    return stats
 
 
 def sipp_version() -> str:
