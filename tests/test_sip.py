@@ -16,6 +16,7 @@ import pytest
 
 import framebus
 from services.capture.sources.synthetic import frame_number
+from services.control.client import CommandFailed
 from tests.appliance import metric_value, wait_for
 from tests.media_files import luma
 from tests.sip_peers import Baresip, free_port
@@ -195,14 +196,23 @@ def test_a_wrong_password_is_refused_and_counted(box, tmp_path):
     assert metric_value(page, "edgeroom_sip_auth_total", result="wrong_digest") >= 1
 
 
-def test_an_audio_only_phone_gets_an_audio_call_that_says_so(box, tmp_path):
+def test_an_audio_only_phone_gets_an_audio_call_that_says_so_and_max_calls_holds_both_ways(box, tmp_path):
     port = free_port(udp=True, tcp=True)
-    b = sip_box(box, port)
+    b = sip_box(box, port, max_calls=1)
     with Baresip(tmp_path, "alice", user="alice", password="secret", video=False) as ua:
         call = call_in(b, ua, port, "lobby")
         assert set(call["media"]) == {"audio"} and any("audio only" in n for n in call["notes"]), call
         session = session_of(b, call["call"])
         assert "audio only" in session.get("note", ""), session
+        # max_calls = 1: a second caller gets 486, and the box dials nobody
+        with Baresip(tmp_path, "bob", user="alice", password="secret", video=False) as second:
+            second.dial(f"sip:lobby@127.0.0.1:{port}")
+            closed = second.wait_event("CALL_CLOSED", timeout=10)
+            assert "486" in closed.get("param", "") or "Busy" in closed.get("param", ""), closed
+            with pytest.raises(CommandFailed) as refused:
+                b.client().call("call.dial", {"uri": second.uri}, timeout=5)
+            assert refused.value.code == "unavailable" and "max_calls is 1" in str(refused.value)
+        assert [c["call"] for c in calls(b)] == [call["call"]]
         ua.hangup()
 
 

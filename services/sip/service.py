@@ -270,7 +270,7 @@ class Sip(AsyncService):
             return
         if not self._admitted(req, peer):
             return
-        if len([c for c in self.calls.values() if c.state != "ended"]) >= self.cfg.max_calls:
+        if self._active() >= self.cfg.max_calls:
             self.m_rejected.labels("busy").inc()
             self._reply(req, peer, 486, headers=[("Warning", _warning(f"{self.cfg.max_calls} calls already"))])
             return
@@ -528,8 +528,12 @@ class Sip(AsyncService):
             uri = parse_uri(args["uri"])
         except SipError as exc:
             raise ProtocolError("bad_args", f"uri: {exc}") from None
-        if uri.scheme not in ("sip", "sips") or not uri.host:
-            raise ProtocolError("bad_args", f"uri: dial a sip: URI with a host, got {args['uri']!r}")
+        if uri.scheme != "sip" or not uri.host:
+            raise ProtocolError("bad_args", f"uri: dial a sip: URI with a host (sips: and TLS are not spoken), got "
+                                            f"{args['uri']!r}")
+        if self._active() >= self.cfg.max_calls:
+            raise ProtocolError("unavailable", f"{self._active()} calls already, [sip] max_calls is "
+                                               f"{self.cfg.max_calls}")
         room = args.get("room") or self.cfg.room
         transport = uri.params.get("transport", "udp").lower()
         if transport not in ("udp", "tcp") or transport not in self.cfg.transports:
@@ -544,7 +548,11 @@ class Sip(AsyncService):
                     user=args["uri"], remote=args["uri"], done=done)
         self._new_media(call)
         assert call.media is not None
-        ports = self._ports(call)
+        try:
+            ports = self._ports(call)
+        except OSError as exc:
+            self._drop_media(call)
+            raise ProtocolError("unavailable", f"the call's media cannot open: {exc}") from None
         call.local_sdp = offer.offer(host=self._host_for(peer), ports=ports, video=call.video and self.cfg.video,
                                      session_id=int(call.started), version=call.version)
         call.version += 1
@@ -711,6 +719,9 @@ class Sip(AsyncService):
 
     def _on_hold(self, call: Call) -> bool:
         return all(not p.receives for p in call.plans())
+
+    def _active(self) -> int:
+        return sum(1 for c in self.calls.values() if c.state != "ended")
 
     def _count_calls(self) -> None:
         for direction in ("in", "out"):
