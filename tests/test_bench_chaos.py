@@ -95,6 +95,7 @@ def test_every_beep_is_found_wherever_its_start_falls_in_a_block(chaos):
         assert len(got) == 3 and all(abs(g - w) <= 5_000_000 for g, w in zip(got, want)), (shift, got, want)
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_short_run_kills_every_service_and_reports_both_rows(tmp_path, chaos):

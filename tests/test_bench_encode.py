@@ -26,6 +26,7 @@ def test_x264_version_is_read_from_the_sei(bench):
     assert bench.x264_version(b"\x00\x00\x01\x65") is None
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_quick_run_writes_every_row_and_times_the_keyframe_requests(tmp_path):

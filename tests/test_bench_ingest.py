@@ -74,6 +74,7 @@ def test_counters_and_percentiles(ingest):
     assert ingest.pct(vals, 50) == 50 and ingest.pct(vals, 99) == 99 and ingest.pct([], 50) is None
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_one_box_measured_end_to_end(ingest, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ def test_same_pictures_finds_the_loop_from_a_keyframe_and_nothing_else(record):
     assert record.same_pictures([], src) == (False, -1)
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_quick_run_writes_every_row_and_proves_zero_reencodes(tmp_path):

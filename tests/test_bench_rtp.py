@@ -61,6 +61,7 @@ def test_annexb_of_an_mp4_sample(bench):
     assert bench.annexb(sample) == b"\x00\x00\x00\x01\x65\x01\x02\x00\x00\x00\x01\x41\x09"
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_quick_run_measures_every_row_and_loses_nothing_at_one_stream(tmp_path):

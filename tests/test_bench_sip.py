@@ -65,6 +65,7 @@ def test_the_callers_offer_is_answered_with_pcmu_and_h264_mode_1(bench):
     assert bench.answer_ports(a.sdp) == {"audio": 50000, "video": 50002}
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="needs sipp (Debian sip-tester)")

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_quick_run_writes_every_row(tmp_path):
     out = tmp_path / "vision.json"

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import pytest
 
+import framebus
 from services.capture.sources.synthetic import frame_number
 from services.control.client import CommandFailed
 from tests.appliance import Box, Transport, metric_value, wait_for
@@ -80,8 +81,12 @@ def test_a_switch_happens_on_the_new_streams_keyframe_asked_for_and_outlives_a_r
         "sendtest@a", "cam", "config", "cam-audio")
     assert t.video()[0]["key"] and t.video()[0]["switched"]             # the start: a keyframe first
 
-    # to a file, which cannot make a keyframe: the switch waits for its next one, cam goes on meanwhile
+    # to a file, which cannot make a keyframe: the switch waits for its next one, cam goes on meanwhile. The
+    # switch is made just after one of the clip's keyframes (a second apart), so its deltas come first: a switch
+    # that happened to land on a keyframe (1 in 30) would gate nothing, and prove nothing
     gated = shown["video"]["gated"]
+    with framebus.Consumer.attach("clip", prefix=b.prefix, start="next") as clip:
+        wait_for(lambda: (item := clip.receive(timeout=0.1)) is not None and item.keyframe, 5, "a clip keyframe")
     _, sent = _switch(b, t, "clip")
     at_clip = next(i for i, x in enumerate(sent) if x["stream"] == "clip")
     assert sent[at_clip]["key"] and sent[at_clip]["switched"], sent[at_clip]   # never a delta first
