@@ -324,8 +324,9 @@ def test_a_call_whose_peer_forgot_it_during_the_restart_is_ended_quietly(box, tm
                                       reason="gone_while_restarting") == 1, 15, "the kept call ended")
         assert not calls(b)
         page = b.settled_scrape("sip")
-        assert metric_value(page, "edgeroom_sip_messages_sent_total", kind="OPTIONS") == 1
-        assert metric_value(page, "edgeroom_sip_messages_received_total", kind="4xx") == 1    # its 481
+        # the OPTIONS goes at the restart; it is sent again (T1) while the new phone is still starting: >= 1
+        assert metric_value(page, "edgeroom_sip_messages_sent_total", kind="OPTIONS") >= 1
+        assert metric_value(page, "edgeroom_sip_messages_received_total", kind="4xx") >= 1    # its 481
         assert not metric_value(page, "edgeroom_sip_messages_sent_total", kind="BYE")
         assert call["call"] not in {s["session"] for s in b.call("sessions")}
 
