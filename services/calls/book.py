@@ -57,16 +57,18 @@ class RouteBook:
                       required=("session",))
 
     # --- the transport's side --------------------------------------------------------------
-    def reader(self, session: str, configured: Route, *, video_codecs: tuple[str, ...] | None = None) -> RouteReader:
+    def reader(self, session: str, configured: Route, *, video_codecs: tuple[str, ...] | None = None,
+               raw_video: bool | None = None) -> RouteReader:
         """The reader of `session`'s routes: the config's, with the tracks set by command instead.
-        `video_codecs`: what this session can send, when it is not the book's (a call's agreed codec)."""
+        `video_codecs`: what this session can send, when it is not the book's (a call's agreed codec);
+        `raw_video`: whether it sends raw pictures, when it is not the book's (a WebSocket beside WebRTC)."""
         if session in self.readers:
             raise ValueError(f"session {session!r} has a route reader already")
         service = self.service
         reader = RouteReader(session, self._effective(session, configured), prefix=self.prefix,
                              ask=service.request_keyframe, metrics=self.metrics,
                              video_codecs=self.video_codecs if video_codecs is None else video_codecs,
-                             raw_video=self.raw_video,
+                             raw_video=self.raw_video if raw_video is None else raw_video,
                              warn=lambda text: service.throttled.warning(f"route {session}", text))
         self.readers[session], self.configured[session] = reader, configured
         return reader

@@ -48,6 +48,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from services.control import keys
 
+    if args.keys_command == "token":
+        return _cmd_token(args)
+
     where = args.dir or boxconfig.of(args).config.control.curve_dir
     if not where:
         raise ValueError("no key directory: give --dir, or set control.curve_dir in the box's config")
@@ -58,6 +61,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         public, secret = keys.add_client(curve_dir, args.name)
         print(f"client {args.name}: {secret} (keep secret) and {public}; authorized in {curve_dir / 'authorized'}")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from services.control import tokens
+    from services.runtime.state import state_dir
+
+    path = Path(args.file) if args.file else state_dir(boxconfig.of(args).config) / tokens.FILE
+    if args.token_command == "add":
+        token = tokens.add_token(path, args.name)
+        print(f"token {args.name} (shown once; {path} keeps only its SHA-256):\n{token}")
+    elif args.token_command == "remove":
+        if not tokens.remove_token(path, args.name):
+            print(f"no token {args.name} in {path}", file=sys.stderr)
+            return 1
+        print(f"token {args.name} removed from {path}")
+    else:
+        names = tokens.list_tokens(path)
+        print("\n".join(names) if names else f"no tokens in {path}")
     return 0
 
 
@@ -125,6 +147,16 @@ def add_parsers(sub) -> None:
     add.add_argument("--dir", help="where the keys are (default: control.curve_dir of the box's config)")
     boxconfig.add_config_option(add)
     add.set_defaults(func=cmd_keys)
+    token = keys_sub.add_parser("token", help="bearer tokens for the box's HTTP endpoints (WebRTC, web page, MCP)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    for verb, text in (("add", "make a token for NAME (printed once) and keep its digest"),
+                       ("remove", "remove NAME's token"), ("list", "the names that have a token")):
+        p = token_sub.add_parser(verb, help=text)
+        if verb != "list":
+            p.add_argument("name")
+        p.add_argument("--file", help="the token file (default: http-tokens in the box's state directory)")
+        boxconfig.add_config_option(p)
+        p.set_defaults(func=cmd_keys)
 
     units = sub.add_parser("units", help="systemd units for the box, from the catalog and the config")
     units_sub = units.add_subparsers(dest="units_command", required=True)

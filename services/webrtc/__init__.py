@@ -1,0 +1,1 @@
+"""WebRTC, WebSocket video and the web page: edgeroom-webrtc"""

@@ -1,0 +1,193 @@
+"""edgeroom-webrtc against a real WebRTC peer (aiortc in this process) over real HTTP and ICE on 127.0.0.1: WHEP
+plays a camera of the bus (pass-through, checked by the pictures' content), WHIP publishes onto the bus (the
+pictures and the tone checked there), a room call does both, a VP8-only viewer is served an encoder's output,
+and what is refused is refused with its reason and counted."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+
+import framebus
+from services.capture.sources.synthetic import frame_number
+from tests.appliance import metric_value, wait_for
+from tests.webrtc_peers import ColourTrack, ToneTrack, close, connect, loopback_ice, post_offer, request
+
+TOKEN = "test-token-0123456789abcdef"
+CAM = 'kind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nencode = "h264"\ngop = 2.0\naudio = true\n'
+
+
+def webrtc_box(box, more: str = "", **keys: object):
+    loopback_ice()
+    extra = {"enabled": True, "port": 0, "address": "127.0.0.1", "ice_addresses": "127.0.0.1",
+             "tokens": f"test:{TOKEN}", **keys}
+    table = "\n".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+                      for k, v in extra.items())
+    b = box(f"[services.webrtc]\nrestart_sec = 0.2\nwatchdog_sec = 5.0\nstop_timeout = 3.0\n[webrtc]\n{table}\n{more}")
+    b.set_source("cam", CAM)
+    b.run()
+    b.wait_ready("webrtc", "capture@cam", timeout=30)
+    wait_for(lambda: {"cam", "cam-audio", "cam-raw"} <= {s["stream"] for s in b.call("streams")
+                                                         if s["status"] == "alive"}, 15, "the camera's streams")
+    return b
+
+
+def base_url(b) -> str:
+    """The service's address, from its status once it listens (its first heartbeat may come before)."""
+    def listening() -> str | None:
+        address = b.services()["webrtc"]["status"].split("://", 1)[1].split(";", 1)[0]
+        return None if address.endswith(":0") else "http://" + address
+    return wait_for(listening, 10, "the WebRTC service listening")
+
+
+def run(coro):
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+def cam_now(b) -> int:
+    with framebus.Consumer.attach("cam-raw", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+        item = c.receive(timeout=5, newest=True)
+        assert item is not None
+        luma = np.frombuffer(bytes(item.copy()), np.uint8)[:item.width * item.height].reshape(item.height,
+                                                                                             item.width)
+        return frame_number(luma)
+
+
+def test_whep_plays_a_camera_as_it_is_encoded(box):
+    b = webrtc_box(box)
+    url = base_url(b)
+
+    async def go():
+        peer = await connect(url, "/whep/cam", TOKEN)
+        try:
+            deadline = time.monotonic() + 10
+            while len(peer.frames) < 20 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(peer.frames) >= 20, f"{len(peer.frames)} pictures decoded in 10 s"
+            listing = json.loads((await request("GET", url + "/api/webrtc", token=TOKEN)).text)
+            return peer.frames[-1], listing, peer.audio
+        finally:
+            await close(peer)
+
+    picture, listing, audio = run(go())
+    gray = picture.mean(axis=2).astype(np.uint8)
+    assert abs(frame_number(gray) - cam_now(b)) < 90, "the viewer's picture is the camera's, of the last 3 s"
+    viewer = listing["sessions"][0]
+    assert viewer["kind"] == "viewer" and viewer["path"] == "pass-through" and viewer["video_codec"] == "h264"
+    assert audio, "the camera's audio (cam-audio) came with it"
+
+
+def test_whip_publishes_pictures_and_sound_onto_the_bus(box):
+    b = webrtc_box(box)
+    url = base_url(b)
+
+    async def go():
+        peer = await connect(url, "/whip/phone?room=lobby", TOKEN, send=(ColourTrack((220, 30, 30)),
+                                                                          ToneTrack(660)), receive=False)
+        try:
+            def on_bus() -> bool:
+                return any(s["session"] == "phone" for s in b.call("sessions"))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not on_bus():
+                await asyncio.sleep(0.2)
+            pictures, audio, codecs = [], [], set()
+            import av
+            codec = None
+            with framebus.Consumer.attach("phone", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and len(pictures) < 5:
+                    item = await asyncio.get_running_loop().run_in_executor(None, lambda: c.receive(timeout=0.2))
+                    if item is None:
+                        continue
+                    codec = codec or av.CodecContext.create(item.codec, "r")
+                    codecs.add(item.codec)
+                    for frame in codec.decode(av.Packet(bytes(item.copy()))):
+                        pictures.append(frame.to_ndarray(format="rgb24"))
+            with framebus.Consumer.attach("phone-audio", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and sum(len(a) for a in audio) < 24000:
+                    item = await asyncio.get_running_loop().run_in_executor(None, lambda: c.receive(timeout=0.2))
+                    if item is not None:
+                        audio.append(np.frombuffer(bytes(item.copy()), np.int16).reshape(-1, item.channels)[:, 0])
+                        rate = item.rate
+            session = next(s for s in b.call("sessions") if s["session"] == "phone")
+            r = await request("DELETE", url + peer.location, token=TOKEN)
+            return pictures, np.concatenate(audio).astype(float), rate, session, r.status_code, codecs
+        finally:
+            await close(peer)
+
+    pictures, pcm, rate, session, deleted, codecs = run(go())
+    assert codecs == {"vp8"}, "aiortc offers VP8 first: its access units are on the bus as they came"
+    assert len(pictures) >= 5
+    mean = pictures[-1].reshape(-1, 3).mean(axis=0)
+    assert mean[0] > 150 and mean[1] < 90 and mean[2] < 90, f"the publisher's red picture, got {mean}"
+    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+    assert abs((np.argmax(spectrum[1:]) + 1) * rate / len(pcm) - 660) < 15, "the publisher's 660 Hz tone"
+    assert session["room"] == "lobby" and {t["id"] for t in session["tracks"]} >= {"video", "audio"}
+    assert deleted == 200
+    wait_for(lambda: not any(s["session"] == "phone" for s in b.call("sessions")), 10, "the session ended")
+
+
+def test_refusals_are_named_and_counted(box):
+    b = webrtc_box(box)
+    url = base_url(b)
+
+    async def go():
+        from aiortc import RTCPeerConnection
+
+        from tests.webrtc_peers import gathered
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        offer = await gathered(pc)
+        await pc.close()
+        return {
+            "no_token": await post_offer(url + "/whep/cam", offer, None),
+            "wrong_token": await post_offer(url + "/whep/cam", offer, "not-the-token-at-all"),
+            "unknown": await post_offer(url + "/whep/nosuch", offer, TOKEN),
+            "garbage": await post_offer(url + "/whep/cam", "v=0\r\nthis is not sdp", TOKEN),
+            "not_sdp": await request("POST", url + "/whep/cam", "{}", TOKEN, "application/json"),
+            "no_codec": await connect_vp8(url, offer),
+        }
+
+    async def connect_vp8(url, _offer):
+        from aiortc import RTCPeerConnection
+
+        from tests.webrtc_peers import gathered, prefer
+        pc = RTCPeerConnection()
+        prefer(pc.addTransceiver("video", direction="recvonly"), "vp8")
+        offer = await gathered(pc)
+        await pc.close()
+        return await post_offer(url + "/whep/cam", offer, TOKEN)
+
+    r = run(go())
+    assert r["no_token"].status_code == 401 and "bearer token" in r["no_token"].text
+    assert r["wrong_token"].status_code == 401 and "not valid" in r["wrong_token"].text
+    assert r["unknown"].status_code == 404 and "nosuch" in r["unknown"].text
+    assert r["garbage"].status_code == 400
+    assert r["not_sdp"].status_code == 415
+    assert r["no_codec"].status_code == 406 and "encoders.cam-vp8" in r["no_codec"].text
+    page = b.settled_scrape("webrtc")
+    assert metric_value(page, "edgeroom_webrtc_refused_total", reason="token") >= 2
+    assert metric_value(page, "edgeroom_webrtc_refused_total", reason="no_codec") >= 1
+    assert b.services()["webrtc"]["state"] == "ready"
+
+
+def test_a_peer_that_never_connects_is_reaped(box):
+    b = webrtc_box(box, connect_timeout=2.0)
+    url = base_url(b)
+
+    async def go():
+        from aiortc import RTCPeerConnection
+
+        from tests.webrtc_peers import gathered
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        offer = await gathered(pc)
+        await pc.close()    # answered, never connected
+        return await post_offer(url + "/whep/cam", offer, TOKEN)
+
+    assert run(go()).status_code == 201
+    wait_for(lambda: metric_value(b.scrape(), "edgeroom_webrtc_sessions_ended_total", kind="viewer",
+                                  reason="connect_timeout") == 1, 10, "the half-open viewer reaped")
