@@ -38,7 +38,8 @@ def base_url(b) -> str:
     """The service's address, from its status once it listens (its first heartbeat may come before)."""
     def listening() -> str | None:
         address = b.services()["webrtc"]["status"].split("://", 1)[1].split(";", 1)[0]
-        return None if address.endswith(":0") else "http://" + address
+        scheme = b.services()["webrtc"]["status"].split("://", 1)[0]
+        return None if address.endswith(":0") else f"{scheme}://{address}"
     return wait_for(listening, 10, "the WebRTC service listening")
 
 
@@ -191,3 +192,168 @@ def test_a_peer_that_never_connects_is_reaped(box):
     assert run(go()).status_code == 201
     wait_for(lambda: metric_value(b.scrape(), "edgeroom_webrtc_sessions_ended_total", kind="viewer",
                                   reason="connect_timeout") == 1, 10, "the half-open viewer reaped")
+
+
+def test_a_room_call_publishes_and_receives_its_route_and_keyframes_reach_the_publisher(box):
+    b = webrtc_box(box, send_video="cam", send_audio="cam-audio")
+    url = base_url(b)
+
+    async def go():
+        peer = await connect(url, "/rooms/lobby/call?session=agent", TOKEN,
+                             send=(ColourTrack((30, 200, 30)), ToneTrack(440)), codec="h264")
+        try:
+            deadline = time.monotonic() + 10
+            while len(peer.frames) < 10 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            session = next((s for s in b.call("sessions") if s["session"] == "agent"), None)
+            before = metric_value(b.scrape(), "edgeroom_webrtc_keyframes_total", session="agent")
+            answer = b.call("keyframe", {"stream": "agent", "reason": "test"})
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and metric_value(
+                    b.scrape(), "edgeroom_webrtc_keyframes_total", session="agent") <= before:
+                await asyncio.sleep(0.1)
+            after = metric_value(b.scrape(), "edgeroom_webrtc_keyframes_total", session="agent")
+            return peer.frames[-1] if peer.frames else None, session, answer, before, after
+        finally:
+            await close(peer)
+
+    picture, session, answer, before, after = run(go())
+    assert picture is not None, "the call received its route's pictures"
+    assert abs(frame_number(picture.mean(axis=2).astype(np.uint8)) - cam_now(b)) < 90, "the camera's (send_video)"
+    assert session["room"] == "lobby"
+    sends = {t["kind"]: t["stream"] for t in session["tracks"] if t.get("direction") == "send"}
+    assert sends == {"video": "cam", "audio": "cam-audio"}
+    assert {t["id"] for t in session["tracks"] if t.get("direction") != "send"} >= {"video", "audio"}
+    assert answer["made"] and answer["how"] == "pli"
+    assert after > before, "a keyframe asked of the call's stream came from the browser-side encoder (PLI)"
+    assert metric_value(b.scrape(), "edgeroom_webrtc_feedback_total", type="pli_sent") >= 1
+
+
+def test_a_vp8_only_viewer_gets_an_encoders_output(box):
+    b = webrtc_box(box, more='[encoders.cam-vp8]\ninput = "cam-raw"\ncodec = "vp8"\nbitrate = 500\n')
+    b.wait_ready("encode@cam-vp8", timeout=30)
+    url = base_url(b)
+
+    async def go():
+        peer = await connect(url, "/whep/cam", TOKEN, codec="vp8")
+        try:
+            deadline = time.monotonic() + 15
+            while len(peer.frames) < 10 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            listing = json.loads((await request("GET", url + "/api/webrtc", token=TOKEN)).text)
+            return peer.frames, peer.answer, listing
+        finally:
+            await close(peer)
+
+    frames, answer, listing = run(go())
+    assert len(frames) >= 10
+    assert "VP8/90000" in answer and "H264" not in answer
+    viewer = listing["sessions"][0]
+    assert viewer["path"] == "transcode" and viewer["video_codec"] == "vp8" and viewer["route"]["video"] == "cam-vp8"
+    assert abs(frame_number(frames[-1].mean(axis=2).astype(np.uint8)) - cam_now(b)) < 90
+
+
+def test_websocket_limits_close_one_socket_and_a_wrong_token_is_refused(box):
+    b = webrtc_box(box, ws_max_message_bytes=4096)
+    url = base_url(b).replace("http://", "ws://")
+
+    async def go():
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            refused = None
+            try:
+                await http.ws_connect(f"{url}/ws/lobby/nobody?access_token=wrong-token-wrong-token")
+            except aiohttp.WSServerHandshakeError as exc:
+                refused = exc.status
+            good = await http.ws_connect(f"{url}/ws/lobby/good?access_token={TOKEN}")
+            bad = await http.ws_connect(f"{url}/ws/lobby/bad?access_token={TOKEN}")
+            await good.send_str(json.dumps({"type": "config", "codec": "raw_rgb24", "width": 8, "height": 8}))
+            await bad.send_bytes(bytes(5) + bytes(8000))            # over ws_max_message_bytes
+            closed = await bad.receive(timeout=5)
+            header = bytes([(2 << 1) | 1, 0, 0, 0, 1])
+            with framebus.Consumer.attach("good", prefix=b.prefix, missing_ok=True, start="oldest") as c:
+                await good.send_bytes(header + bytes([200, 100, 50]) * 64)
+                item = await c.receive_async(timeout=5)
+                picture = None if item is None else ((item.width, item.height),
+                                                     np.frombuffer(bytes(item.copy()), np.uint8)[:3].tolist())
+            alive = not good.closed
+            await good.close()
+            return refused, closed, bad.close_code, alive, picture
+
+    refused, closed, code, alive, picture = run(go())
+    assert refused == 401
+    assert code == 1009, f"the oversized message closed that socket with 1009 ({closed})"
+    assert alive, "the other socket went on"
+    assert picture == ((8, 8), [200, 100, 50]), "and its raw_rgb24 picture reached the bus"
+
+
+def _self_signed(tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "box.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "box.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return tmp_path / "box.pem", tmp_path / "box.key"
+
+
+def test_https_with_the_configured_certificate(box, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    b = webrtc_box(box, tls_cert=str(cert), tls_key=str(key))
+    url = base_url(b)
+    assert url.startswith("https://")
+
+    async def go():
+        import ssl
+
+        import aiohttp
+        trust = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/", ssl=trust) as r:
+                page = (r.status, await r.text())
+            async with http.get(url + "/api/streams", ssl=trust,
+                                headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                streams = await r.json()
+        return page, streams
+
+    (code, html), streams = run(go())
+    assert code == 200 and "<html" in html.lower()
+    assert "cam" in {s["stream"] for s in streams}
+
+
+def test_trickle_ice_by_patch_and_unknown_resources(box):
+    b = webrtc_box(box)
+    url = base_url(b)
+
+    async def go():
+        peer = await connect(url, "/whep/cam", TOKEN)
+        try:
+            frag = "a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdefghijkl\r\na=mid:0\r\n" \
+                   "a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\na=end-of-candidates\r\n"
+            ok = await request("PATCH", url + peer.location, frag, TOKEN, "application/trickle-ice-sdpfrag")
+            bad = await request("PATCH", url + peer.location, "a=mid:0\r\na=candidate:garbage\r\n", TOKEN,
+                                "application/trickle-ice-sdpfrag")
+            wrong_type = await request("PATCH", url + peer.location, frag, TOKEN, "application/sdp")
+            gone = await request("DELETE", url + "/whep/cam/0000000000000000", token=TOKEN)
+            deleted = await request("DELETE", url + peer.location, token=TOKEN)
+            again = await request("DELETE", url + peer.location, token=TOKEN)
+            return ok.status_code, bad.status_code, wrong_type.status_code, gone.status_code, deleted.status_code, \
+                again.status_code
+        finally:
+            await close(peer)
+
+    assert run(go()) == (204, 400, 415, 404, 200, 404)
+    assert b.services()["webrtc"]["state"] == "ready"

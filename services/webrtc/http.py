@@ -88,6 +88,11 @@ def make_app(svc: Any) -> web.Application:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="edgeroom"'
         except web.HTTPException as exc:
             response = web.json_response({"error": exc.reason, "reason": "http"}, status=exc.status)
+        except Exception as exc:   # a bug: answered 500 and logged with its traceback; the service goes on
+            svc.log.exception("%s %s failed", request.method, request.path)
+            svc.m.refused.labels("internal").inc()
+            response = web.json_response({"error": f"internal error: {exc.__class__.__name__}", "reason": "internal"},
+                                         status=500)
         if cors and endpoint in ("whip", "whep", "rooms", "api", "events") and not response.prepared:
             response.headers["Access-Control-Allow-Origin"] = cors
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE, OPTIONS"
@@ -145,8 +150,9 @@ def make_app(svc: Any) -> web.Application:
         body = await sdp_body(request, ("application/trickle-ice-sdpfrag",))
         try:
             await session.add_candidates(body)
-        except (ValueError, IndexError) as exc:
-            raise HttpError(400, "bad_candidate", f"a candidate line does not parse: {exc}") from None
+        except Exception as exc:   # aioice's parser raises whatever a malformed line makes it meet
+            raise HttpError(400, "bad_candidate", f"a candidate line does not parse: {exc.__class__.__name__}: "
+                                                  f"{exc}") from None
         return web.Response(status=204)
 
     async def delete(request: web.Request) -> web.StreamResponse:

@@ -79,6 +79,7 @@ class Webrtc(AsyncService):
         self.own(self.events, lambda e: e.close(), "the event subscription")
         self.loop.aio.set_exception_handler(self._library_error)
         self.port = 0
+        self.scheme = "https" if self.cfg.tls_cert else "http"
         self.runner: Any = None
         self.ws_metrics: Any = None
         self.loop.every(1.0, self._reap)
@@ -123,7 +124,6 @@ class Webrtc(AsyncService):
                 from None
         server = site._server
         self.port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else self.cfg.port
-        self.scheme = "https" if ssl_context else "http"
         self.log.info("WebRTC on %s://%s:%d (WHIP /whip/NAME, WHEP /whep/STREAM, rooms, /ws, the page at /)",
                       self.scheme, self.cfg.address, self.port)
         gc.collect()
@@ -411,7 +411,7 @@ class Webrtc(AsyncService):
         kinds: dict[str, int] = {}
         for s in self.sessions.values():
             kinds[s.kind] = kinds.get(s.kind, 0) + 1
-        status = f"{getattr(self, 'scheme', 'http')}://{self.cfg.address}:{self.port}; " + (
+        status = f"{self.scheme}://{self.cfg.address}:{self.port}; " + (
             ", ".join(f"{n} {k}(s)" for k, n in sorted(kinds.items())) or "no peer connections")
         if self.websockets:
             status += f", {len(self.websockets)} websocket(s)"

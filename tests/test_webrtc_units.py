@@ -1,0 +1,83 @@
+"""Units of the WebRTC service: the viewer's bounded queue, H.264 profiles, the offer's codecs, bearer tokens."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from services.control.tokens import TokenBook, add_token, list_tokens, parse_tokens, remove_token
+from services.webrtc.choose import offered
+from services.webrtc.peer import BusVideoTrack, h264_keyframe, h264_profile, profile_fits, vp8_keyframe
+
+SPS_HIGH = b"\x00\x00\x00\x01\x67\x64\x00\x1f\xac"     # profile_idc 100, constraints 0, level 31
+SPS_BASE = b"\x00\x00\x00\x01\x67\x42\xc0\x1e\xda"
+IDR = b"\x00\x00\x00\x01\x65\x88\x84"
+DELTA = b"\x00\x00\x00\x01\x41\x9a"
+
+
+def test_a_viewer_that_falls_behind_skips_to_the_next_keyframe_and_asks_for_it():
+    asks, drops = [], []
+    track = BusVideoTrack(max_wait_ns=200_000_000, ask_keyframe=asks.append,
+                          dropped=lambda why, n: drops.append((why, n)))
+    track.push(DELTA, False, 0)                       # nothing before a keyframe
+    assert drops == [("gated", 1)]
+    track.push(IDR, True, 1_000_000)
+    for i in range(1, 4):                             # the viewer does not read: 3 deltas, 50 ms apart
+        track.push(DELTA, False, 1_000_000 + i * 50_000_000)
+    assert not asks
+    track.push(DELTA, False, 1_000_000 + 300_000_000)   # the oldest waiting is now 300 ms old
+    assert asks == ["the viewer fell behind"] and ("late", 4) in drops
+    track.push(DELTA, False, 1_000_000 + 333_000_000)   # gated until the keyframe
+    assert drops[-1] == ("gated", 1)
+    track.push(SPS_BASE + IDR, True, 1_000_000 + 366_000_000)
+
+    async def first():
+        return await track.recv()
+    packet = asyncio.new_event_loop().run_until_complete(first())
+    assert bytes(packet).startswith(SPS_BASE), "the viewer goes on from the keyframe, with its parameter sets"
+
+
+def test_an_idr_without_parameter_sets_gets_them():
+    track = BusVideoTrack(max_wait_ns=10**9, ask_keyframe=lambda r: None, dropped=lambda w, n: None)
+    track.extradata = SPS_BASE
+    track.push(IDR, True, 0)
+    packet = asyncio.new_event_loop().run_until_complete(track.recv())
+    assert bytes(packet) == SPS_BASE + IDR and packet.pts == 0
+
+
+def test_h264_and_vp8_facts():
+    assert h264_profile(SPS_HIGH) == "64001f" and h264_profile(SPS_BASE) == "42c01e" and h264_profile(IDR) is None
+    assert h264_keyframe(SPS_BASE + IDR) and not h264_keyframe(DELTA)
+    assert vp8_keyframe(b"\x10\x02") and not vp8_keyframe(b"\x11\x02")
+    assert profile_fits("42c01e", "42e01f") and profile_fits("42c01e", "640c1f")
+    assert profile_fits("4d001f", "640c1f") and not profile_fits("4d001f", "42e01f")
+    assert not profile_fits("64001f", "42e01f") and profile_fits(None, "42e01f")
+
+
+def test_an_offers_codecs_are_read_and_garbage_is_named():
+    sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+           "m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\n"
+           "a=rtpmap:96 VP8/90000\r\na=rtpmap:97 H264/90000\r\n"
+           "a=fmtp:97 packetization-mode=1;profile-level-id=640C1F\r\n")
+    video = offered(sdp)["video"]
+    assert [(o.codec, o.profile) for o in video] == [("vp8", None), ("h264", "640c1f")]
+    with pytest.raises(ValueError, match="not SDP"):
+        offered("m=video x\r\n")
+
+
+def test_tokens_from_the_config_and_the_file(tmp_path):
+    path = tmp_path / "http-tokens"
+    book = TokenBook(parse_tokens("ops:0123456789abcdef0"), path)
+    assert book.check("0123456789abcdef0") == "ops" and book.check("nope") is None and book.check("") is None
+    token = add_token(path, "viewer")
+    assert token not in path.read_text(), "the file keeps the digest only"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o640"
+    assert book.check(token) == "viewer" and list_tokens(path) == ["viewer"]
+    time.sleep(0.01)
+    assert remove_token(path, "viewer") and not remove_token(path, "viewer")
+    os.utime(path, (time.time() + 1, time.time() + 1))   # a new mtime even on a coarse clock
+    assert book.check(token) is None, "a removed token is refused without a restart"
+    with pytest.raises(ValueError, match="16 characters"):
+        parse_tokens("ops:short")
