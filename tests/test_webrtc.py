@@ -67,6 +67,17 @@ def test_whep_plays_a_camera_as_it_is_encoded(box):
             while len(peer.frames) < 20 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert len(peer.frames) >= 20, f"{len(peer.frames)} pictures decoded in 10 s"
+            # the viewer asks for a keyframe (PLI): it reaches the camera (a second after the join's own request:
+            # the route asks a producer at most once a second)
+            from services.webrtc.peer import send_pli
+            await asyncio.sleep(1.1)
+            receiver = next(t.receiver for t in peer.pc.getTransceivers() if t.kind == "video")
+            before = metric_value(b.scrape(), "edgeroom_keyframe_requests_total", stream="cam", outcome="requested")
+            assert await send_pli(receiver)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and metric_value(
+                    b.scrape(), "edgeroom_keyframe_requests_total", stream="cam", outcome="requested") <= before:
+                await asyncio.sleep(0.1)
             listing = json.loads((await request("GET", url + "/api/webrtc", token=TOKEN)).text)
             return peer.frames[-1], listing, peer.audio
         finally:
@@ -78,6 +89,10 @@ def test_whep_plays_a_camera_as_it_is_encoded(box):
     viewer = listing["sessions"][0]
     assert viewer["kind"] == "viewer" and viewer["path"] == "pass-through" and viewer["video_codec"] == "h264"
     assert audio, "the camera's audio (cam-audio) came with it"
+    page = b.scrape()
+    assert metric_value(page, "edgeroom_webrtc_feedback_total", type="pli_received") >= 1
+    assert metric_value(page, "edgeroom_keyframe_requests_total", stream="cam", outcome="requested") >= 2, \
+        "the join's request and the viewer's PLI reached the camera"
 
 
 def test_whip_publishes_pictures_and_sound_onto_the_bus(box):
@@ -175,8 +190,8 @@ def test_refusals_are_named_and_counted(box):
     assert b.services()["webrtc"]["state"] == "ready"
 
 
-def test_a_peer_that_never_connects_is_reaped(box):
-    b = webrtc_box(box, connect_timeout=2.0)
+def test_a_peer_that_never_connects_is_reaped_and_open_endpoints_take_no_token(box):
+    b = webrtc_box(box, connect_timeout=2.0, open="whep")
     url = base_url(b)
 
     async def go():
@@ -187,9 +202,11 @@ def test_a_peer_that_never_connects_is_reaped(box):
         pc.addTransceiver("video", direction="recvonly")
         offer = await gathered(pc)
         await pc.close()    # answered, never connected
-        return await post_offer(url + "/whep/cam", offer, TOKEN)
+        whip = await post_offer(url + "/whip/x", offer, None)
+        return await post_offer(url + "/whep/cam", offer, None), whip      # whep is open: no token
 
-    assert run(go()).status_code == 201
+    whep, whip = run(go())
+    assert whep.status_code == 201 and whip.status_code == 401
     wait_for(lambda: metric_value(b.scrape(), "edgeroom_webrtc_sessions_ended_total", kind="viewer",
                                   reason="connect_timeout") == 1, 10, "the half-open viewer reaped")
 
