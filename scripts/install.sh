@@ -210,9 +210,9 @@ pick_extras() {
         say "extras: ${EXTRAS:-none (core only)} (from --extras)"
     else
         case "$PLATFORM" in
-            cpu) EXTRAS=media,vision,ai,webrtc ;;          # webrtc: aiortc, the calls' RTP (rtp@, sip)
-            nvidia) EXTRAS=media,vision-gpu,ai,webrtc ;;
-            jetson) EXTRAS=media,ai,webrtc ;;
+            cpu) EXTRAS=media,vision,ai,webrtc,screen,mcp ;;   # webrtc: aiortc, the calls' RTP (rtp@, sip)
+            nvidia) EXTRAS=media,vision-gpu,ai,webrtc,screen,mcp ;;   # screen, mcp: the agent tools
+            jetson) EXTRAS=media,ai,webrtc,screen,mcp ;;
         esac
         say "extras: $EXTRAS (for $PLATFORM)"
     fi

@@ -496,6 +496,38 @@ def _record_list(b: Box, ctl, as_json: bool) -> None:
     assert int(cam["FRAMES"]) >= row["frames"] and re.fullmatch(r"[\d.]+ (B|KiB|MiB)", cam["BYTES"])
 
 
+def _screen_refused(action: str, *argv: str):
+    """This box's only source is a synthetic camera: screen input is refused, by the hub, with the key that turns it
+    on (the actions themselves run against a real display in tests/test_agent_tools.py)."""
+    def case(b: Box, ctl, as_json: bool) -> None:
+        ctl("status")   # the fixture's environment (EDGEROOM_CONFIG) is in place
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            rc = services.cli.main(["ctl", "screen", action, "cam", *argv, *(["--json"] if as_json else [])])
+        assert rc == 1 and err.getvalue() == ("edgeroom ctl: the hub refused: unavailable: screen input is off for "
+                                              "source 'cam' (a screen source takes it with [sources.cam] input = "
+                                              "true)\n"), err.getvalue()
+    return case
+
+
+def _screen_list(b: Box, ctl, as_json: bool) -> None:
+    if as_json:
+        assert json.loads(ctl("screen", "list", "--json")) == []
+        return
+    assert ctl("screen", "list") == "no screen source takes input ([sources.NAME] input = true enables it)\n"
+
+
+def _tools(b: Box, ctl, as_json: bool) -> None:
+    if as_json:
+        names = {f["function"]["name"] for f in json.loads(ctl("tools", "--json"))}
+        assert {"list_streams", "snapshot", "describe_stream", "view_room", "start_recording"} <= names
+        assert not {n for n in names if n.startswith("screen_")}   # no screen takes input here
+        return
+    rows = by(parse_table(ctl("tools"), "TOOL"), "TOOL")
+    assert rows["snapshot"]["WHAT"].startswith("A JPEG of the newest picture")
+    assert ctl("tools", "list_streams").startswith("cam: video")
+
+
 CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = {
     ("status",): _status, ("streams",): _streams, ("rooms",): _rooms, ("sessions",): _sessions,
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
@@ -504,6 +536,10 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("view",): _view, ("sdp",): _sdp, ("route",): _route,
     ("pipeline", "list"): _pipeline_list, ("pipeline", "set"): _pipeline_set, ("pipeline", "remove"): _pipeline_remove,
     ("record", "start"): _record_start, ("record", "stop"): _record_stop, ("record", "list"): _record_list,
+    ("screen", "list"): _screen_list, ("screen", "monitors"): _screen_refused("monitors"),
+    ("screen", "click"): _screen_refused("click", "10", "10"), ("screen", "type"): _screen_refused("type", "hi"),
+    ("screen", "keys"): _screen_refused("keys", "enter"), ("screen", "scroll"): _screen_refused("scroll", "--dy", "1"),
+    ("tools",): _tools,
 }
 
 
@@ -535,7 +571,8 @@ def test_the_ctl_modules_import_each_other_only_through_hubcall():
     import ast
 
     here = Path(services.cli.__file__).parent
-    for name in ("ctl", "ctl_media", "ctl_vision", "ctl_call", "hubcall", "boxconfig", "tables"):
+    for name in ("ctl", "ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "hubcall", "boxconfig",
+                 "tables"):
         tree = ast.parse((here / f"{name}.py").read_text())
         top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
         inner = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in top]
@@ -543,7 +580,8 @@ def test_the_ctl_modules_import_each_other_only_through_hubcall():
         cli = {a.name for n in top if isinstance(n, ast.ImportFrom) and n.module == "services.cli" for a in n.names}
         cli |= {n.module.rsplit(".", 1)[1] for n in top if isinstance(n, ast.ImportFrom)
                 and (n.module or "").startswith("services.cli.")}
-        allowed = {"ctl": {"ctl_media", "ctl_vision", "ctl_call", "hubcall", "tables"}, "hubcall": {"boxconfig"}}.get(
+        allowed = {"ctl": {"ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "hubcall", "tables"},
+                   "hubcall": {"boxconfig"}}.get(
             name, {"hubcall", "tables"})
         assert cli <= allowed, f"services/cli/{name}.py imports {sorted(cli - allowed)} of services.cli"
 

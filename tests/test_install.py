@@ -31,7 +31,8 @@ UNITS = set(units.names())  # derived from the catalog: a new service's unit is 
 WANTS = "etc/systemd/system/multi-user.target.wants/edgeroom.target"
 # systemd-sysusers and userdel write these into a fresh root: its account database
 ACCOUNT_DB = {"passwd", "group", "shadow", "gshadow", ".pwd.lock", "passwd-", "group-", "shadow-", "gshadow-"}
-STEPS = {"cpu": "media,vision,ai,webrtc", "nvidia": "media,vision-gpu,ai,webrtc", "jetson": "media,ai,webrtc"}
+STEPS = {"cpu": "media,vision,ai,webrtc,screen,mcp", "nvidia": "media,vision-gpu,ai,webrtc,screen,mcp",
+         "jetson": "media,ai,webrtc,screen,mcp"}
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("systemd-sysusers", "systemctl", "systemd-analyze")),
@@ -155,7 +156,8 @@ def test_a_dry_run_changes_nothing_and_prints_the_plan(tmp_path):
     assert f"install: platform: {platform} (detected)" in out
     assert f"install: extras: {STEPS[platform]} (for {platform})" in out
     if platform == "cpu":   # this build machine: no Jetson, no NVIDIA GPU
-        assert "install: NVIDIA GPU: none" in out and "install: extras: media,vision,ai,webrtc (for cpu)" in out
+        assert "install: NVIDIA GPU: none" in out
+        assert "install: extras: media,vision,ai,webrtc,screen,mcp (for cpu)" in out
     for needle in ("install: architecture: ", "install: distribution: ", "install: python: ", "install: plan: ",
                    f"systemd-sysusers --root {root} {root}/usr/lib/sysusers.d/edgeroom.conf",
                    f'pip install "{REPO}[{STEPS[platform]}]" into {root}{PREFIX}/venv',
@@ -177,9 +179,10 @@ def test_overrides_are_reported_and_bad_options_refused(tmp_path):
     detected = expected_platform()
     out = run_install(tmp_path, "--dry-run", "--platform", "nvidia").stdout
     assert f"install: platform: nvidia (from --platform; detected: {detected})" in out
-    assert "install: extras: media,vision-gpu,ai,webrtc (for nvidia)" in out and "[media,vision-gpu,ai,webrtc]" in out
+    assert "install: extras: media,vision-gpu,ai,webrtc,screen,mcp (for nvidia)" in out and \
+        "[media,vision-gpu,ai,webrtc,screen,mcp]" in out
     out = run_install(tmp_path, "--dry-run", "--platform", "jetson").stdout
-    assert "install: extras: media,ai,webrtc (for jetson)" in out
+    assert "install: extras: media,ai,webrtc,screen,mcp (for jetson)" in out
     assert "onnxruntime-gpu" in out and "https://pypi.jetson-ai-lab.io/jp6/cu126" in out
     out = run_install(tmp_path, "--dry-run", "--extras", "none", "--no-enable").stdout
     assert "install: extras: none (core only) (from --extras)" in out and f'pip install "{REPO}" into' in out

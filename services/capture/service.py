@@ -66,6 +66,9 @@ class Capture(Service):
         self.offer_keyframes(self._keyframe_request)
         self._thread.start()
         self.on_stop(self._stop_reader)
+        if getattr(cfg, "input", False):  # a screen source that takes input: services/screen/offers.py
+            from services.screen.offers import ScreenInput
+            ScreenInput(self, cfg)
         self.loop.every(1.0, self._measure)
 
     def _metrics(self) -> None:

@@ -7,6 +7,7 @@
     edgeroom keys init|add                   CURVE keys for TCP control endpoints
     edgeroom service KIND [INSTANCE]         one service in the foreground (what systemd starts)
     edgeroom bus ls|gc|demo                  the shared-memory frame bus
+    edgeroom mcp                             the agent tools over MCP on stdin/stdout
 
 Exit codes: 0 ok, 1 the operation failed, 2 bad usage or config, 3 (ctl) hub unreachable.
 """
@@ -16,7 +17,7 @@ import argparse
 import sys
 
 import framebus
-from services.cli import admin, bus, ctl
+from services.cli import admin, bus, ctl, mcp_stdio
 from services.runtime.config import ConfigError
 
 __all__ = ["main", "build_parser"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parsers(sub)
     ctl.add_parser(sub)
     bus.add_parser(sub)
+    mcp_stdio.add_parser(sub)
     return p
 
 

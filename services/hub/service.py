@@ -28,6 +28,7 @@ from services.control.client import context
 from services.control.endpoints import hold_lock, prepare_runtime_dir, secure_socket_file
 from services.control.keys import ZapAuthenticator, load_server
 from services.hub import commands
+from services.hub import screen as _screen  # noqa: F401 (registers the screen.* commands)
 from services.hub.commands import DEFERRED, Ctx
 from services.hub.hooks import HookBroker
 from services.hub.offers import OfferBook

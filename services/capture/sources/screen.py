@@ -408,6 +408,11 @@ def _check_positive(value: float) -> None:
         raise ValueError(f"must be more than 0, got {value!r}")
 
 
+def _check_actions(text: str) -> None:
+    from services.screen.commands import parse_actions  # the input's own module says what it takes
+    parse_actions(text)
+
+
 @dataclass(frozen=True)
 class ScreenConfig(SourceConfig):
     kind: str = setting("screen", "screen: an X display, or part of it.", RESTART)
@@ -419,6 +424,10 @@ class ScreenConfig(SourceConfig):
     diff_threshold: float = setting(0.0, "Skip a frame when less than this fraction of its pixels differs from "
                                     "the last one sent; 0 sends every frame.", RESTART, min=0.0, max=1.0)
     fps: float = setting(30.0, "Frames per second grabbed.", RESTART, min=0.1, max=240)
+    input: bool = setting(False, "Let agents and `edgeroom ctl screen` click, type, press keys and scroll on "
+                          "this display (XTest); off by default.", RESTART)
+    input_actions: str = setting("", "The input actions allowed when input is on: click, type, keys, scroll; "
+                                 "'' allows them all.", RESTART, check=_check_actions)
 
     session_kind = "screen"
 
