@@ -374,3 +374,25 @@ def test_trickle_ice_by_patch_and_unknown_resources(box):
 
     assert run(go()) == (204, 400, 415, 404, 200, 404)
     assert b.services()["webrtc"]["state"] == "ready"
+
+
+def test_a_viewer_that_goes_away_without_delete_is_ended(box):
+    b = webrtc_box(box)
+    url = base_url(b)
+
+    async def go():
+        peer = await connect(url, "/whep/cam", TOKEN)
+        deadline = time.monotonic() + 10
+        while not peer.frames and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await close(peer)       # no DELETE: the DTLS close is all the box hears
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            listing = json.loads((await request("GET", url + "/api/webrtc", token=TOKEN)).text)
+            if not listing["sessions"]:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    assert run(go()), "the viewer left the service's sessions"
+    assert metric_value(b.scrape(), "edgeroom_webrtc_sessions_ended_total", kind="viewer", reason="closed") == 1

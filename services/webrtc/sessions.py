@@ -150,7 +150,7 @@ class PeerSession:
         elif state == "disconnected":
             self.disconnected_at = time.monotonic()
         elif state in ("failed", "closed") and not self.ended:
-            self.host.end(self, "ice_failed" if state == "failed" else "closed")
+            self.host.loop.spawn(self.host.end(self, "ice_failed" if state == "failed" else "closed"))
 
     # ------------------------------------------------------------ in: peer -> bus
     def _video_unit(self, codec: str, data: bytes, timestamp: int) -> None:
