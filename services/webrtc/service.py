@@ -269,6 +269,10 @@ class Webrtc(AsyncService):
     async def end(self, session: Any, why: str) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
+        # counted before the peer connection's close is awaited: the listing and the metrics agree at every moment
+        self.m.ended.labels(session.kind, why).inc()
+        self._gauge()
+        self.log.info("%s %s ended: %s", session.kind, session.name, why)
         await session.close(why)
         if session.reader is not None:
             self.routes.close(session.route_session, forget=session.kind != "call")
@@ -276,9 +280,6 @@ class Webrtc(AsyncService):
         if session.sink is not None:
             session.sink.close()
             self.m.forget(session.name)
-        self.m.ended.labels(session.kind, why).inc()
-        self._gauge()
-        self.log.info("%s %s ended: %s", session.kind, session.name, why)
 
     def _gauge(self) -> None:
         counts: dict[tuple[str, str], int] = {(k, p): 0 for k in ("publisher", "viewer", "call")

@@ -118,9 +118,23 @@ class PeerSession:
             h.loop.add_reader(self.reader.fileno(), self._send)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
+        if self.publishes:
+            self._negotiated_inbound()
         if self.receives:
             self.video_track.extradata = self._extradata()
         return str(self.pc.localDescription.sdp)
+
+    def _negotiated_inbound(self) -> None:
+        """The tracks the peer will send, listed from the answer on (not from their first packet: a listing taken
+        before the first audio frame arrives still shows the audio)."""
+        for t in self.pc.getTransceivers():
+            if t.receiver.track is None or not t._codecs or t.kind not in ("video", "audio"):
+                continue
+            codec = t._codecs[0].mimeType.split("/")[-1].lower()
+            if t.kind == "video":
+                self.inbound.setdefault("video", {"codec": codec, "units": 0, "keyframes": 0})
+            else:
+                self.inbound.setdefault("audio", {"codec": codec, "units": 0, "rate": t._codecs[0].clockRate})
 
     async def add_candidates(self, fragment: str) -> int:
         """Trickle ICE (a PATCH body, application/trickle-ice-sdpfrag): the candidates added."""
@@ -178,8 +192,9 @@ class PeerSession:
                 pcm = frame.to_ndarray()
                 channels = len(frame.layout.channels)
                 pcm = np.ascontiguousarray(pcm.reshape(-1, channels))
-                info = self.inbound.setdefault("audio", {"codec": "opus", "units": 0, "rate": frame.sample_rate})
+                info = self.inbound.setdefault("audio", {"codec": "opus", "units": 0})
                 info["units"] += 1
+                info["rate"] = frame.sample_rate
                 self.sink.audio(pcm, frame.sample_rate, pts=int(frame.pts or 0), capture_ns=now_ns())
                 self.host.m.units_in.labels("audio").inc()
         except (MediaStreamError, asyncio.CancelledError):
