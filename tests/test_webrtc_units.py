@@ -9,7 +9,7 @@ import pytest
 
 from services.control.tokens import TokenBook, add_token, list_tokens, parse_tokens, remove_token
 from services.webrtc.choose import offered
-from services.webrtc.peer import BusVideoTrack, h264_keyframe, h264_profile, profile_fits, vp8_keyframe
+from services.webrtc.peer import BusAudioTrack, BusVideoTrack, h264_keyframe, h264_profile, profile_fits, vp8_keyframe
 
 SPS_HIGH = b"\x00\x00\x00\x01\x67\x64\x00\x1f\xac"     # profile_idc 100, constraints 0, level 31
 SPS_BASE = b"\x00\x00\x00\x01\x67\x42\xc0\x1e\xda"
@@ -81,3 +81,26 @@ def test_tokens_from_the_config_and_the_file(tmp_path):
     assert book.check(token) is None, "a removed token is refused without a restart"
     with pytest.raises(ValueError, match="16 characters"):
         parse_tokens("ops:short")
+
+
+def test_an_audio_route_that_switches_rate_and_layout_keeps_one_format_and_one_clock():
+    """aiortc's encoder keeps one resampler per track, which refuses a frame of another layout: a route from a
+    call's stereo audio to the bridge's mono mix, or to a phone's 8 kHz, must not change what the track gives."""
+    import numpy as np
+    track = BusAudioTrack(dropped=lambda reason, n: None)
+    t = np.arange(960) / 48000
+    tone = (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16)
+    track.push(np.repeat(tone, 2).tobytes(), 48000, 2)        # aiortc's own decode: 48 kHz stereo
+    track.push(tone.tobytes(), 48000, 1)                       # the bridge's mix: 48 kHz mono
+    for _ in range(3):                                         # a phone: 8 kHz mono
+        track.push(tone[::6].tobytes(), 8000, 1)
+
+    async def take(n):
+        return [await track.recv() for _ in range(n)]
+
+    frames = asyncio.new_event_loop().run_until_complete(take(4))
+    assert {(f.sample_rate, f.layout.name, f.format.name) for f in frames} == {(48000, "stereo", "s16")}
+    pts = [f.pts for f in frames]
+    assert pts[:3] == [0, 960, 1920] and all(b > a for a, b in zip(pts, pts[1:])), "one clock across switches"
+    mono_as_stereo = frames[1].to_ndarray().reshape(-1, 2)
+    assert (mono_as_stereo[:, 0] == tone).all() and (mono_as_stereo[:, 1] == tone).all()

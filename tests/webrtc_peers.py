@@ -43,9 +43,10 @@ class ColourTrack(VideoStreamTrack):
 class ToneTrack(AudioStreamTrack):
     """A sine tone, 48 kHz mono, 20 ms frames."""
 
-    def __init__(self, hz: float) -> None:
+    def __init__(self, hz: float, gain: float = 1.0) -> None:
         super().__init__()
         self.hz, self.n = hz, 0
+        self.gain = gain        # 0 is silence; changed while it plays (a participant who stops talking)
 
     async def recv(self) -> av.AudioFrame:
         if getattr(self, "_start", None) is None:
@@ -55,7 +56,7 @@ class ToneTrack(AudioStreamTrack):
         if wait > 0:
             await asyncio.sleep(wait)
         t = (np.arange(samples) + self.n) / 48000
-        pcm = (np.sin(2 * np.pi * self.hz * t) * 8000).astype(np.int16).reshape(1, -1)
+        pcm = (np.sin(2 * np.pi * self.hz * t) * 8000 * self.gain).astype(np.int16).reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = 48000, self.n, fractions.Fraction(1, 48000)
         self.n += samples

@@ -52,8 +52,10 @@ class RouteBook:
         self.readers: dict[str, RouteReader] = {}
         self.configured: dict[str, Route] = {}
         self.commanded: dict[str, dict[str, str]] = self._read().added
+        self.bridged: dict[str, dict[str, str]] = {}     # tracks the bridge set (by="bridge"): kept in memory only
         service.offer(ROUTE_OFFER, self._command, "show or change what a session of this service sends (args: "
-                      "session, video, audio, reset)", args={"session": str, "video": str, "audio": str, "reset": bool},
+                      "session, video, audio, reset, by)",
+                      args={"session": str, "video": str, "audio": str, "reset": bool, "by": str},
                       required=("session",))
 
     # --- the transport's side --------------------------------------------------------------
@@ -90,13 +92,14 @@ class RouteBook:
         (a call that will never come back), else they wait for a session of the same id."""
         reader = self.readers.pop(session, None)
         self.configured.pop(session, None)
+        self.bridged.pop(session, None)
         if reader is not None:
             reader.close()
         if forget and session in self.commanded:
             self._keep(session, None)
 
     def _effective(self, session: str, configured: Route) -> Route:
-        return configured.with_(**self.commanded.get(session, {}))
+        return configured.with_(**self.commanded.get(session, {})).with_(**self.bridged.get(session, {}))
 
     # --- the command ---------------------------------------------------------------------------
     def _command(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -106,12 +109,26 @@ class RouteBook:
             raise ProtocolError("not_found", f"{self.service.id} has no session {session!r} (its sessions: "
                                              f"{', '.join(sorted(self.readers)) or 'none'})")
         changes = {track: args[track] for track in TRACKS if track in args}
+        by = args.get("by", "command")
+        if by not in ("command", "bridge"):
+            raise ProtocolError("bad_args", f"by must be command or bridge, got {by!r}")
         if args.get("reset"):
             if changes:
                 raise ProtocolError("bad_args", "reset puts back the config's routes: give it without video or audio")
+            self.bridged.pop(session, None)
             self._keep(session, None)
             configured = self.configured[session]
             reader.set(video=configured.video, audio=configured.audio)
+        elif changes and by == "bridge":
+            # the bridge's routes live as long as the bridge says so: never written to the overlay (a bridge
+            # turned off or gone resets them; a restarted transport gets them again from the bridge)
+            try:
+                reader.set(**changes)
+            except ValueError as exc:
+                raise ProtocolError("bad_args", f"route of session {session!r}: {exc}") from None
+            except framebus.BusError as exc:
+                raise ProtocolError("unavailable", f"route of session {session!r}: {exc}") from None
+            self.bridged[session] = {**self.bridged.get(session, {}), **changes}
         elif changes:
             before = reader.route
             try:
@@ -125,6 +142,9 @@ class RouteBook:
             except ProtocolError:
                 reader.set(video=before.video, audio=before.audio)   # a route in effect is a route kept
                 raise
+            bridged = self.bridged.get(session, {})
+            for track in changes:
+                bridged.pop(track, None)
             self.service.log.info("session %s: route set by command: %s", session,
                                   ", ".join(f"{k}={v or '(none)'}" for k, v in changes.items()))
         return self.show(session)
@@ -132,8 +152,9 @@ class RouteBook:
     def show(self, session: str) -> dict[str, Any]:
         """`session`'s routes: per track what is asked, what is sent now, its state, and where it came from."""
         reader = self.readers[session]
-        mine = self.commanded.get(session, {})
-        tracks = {track: {**status, "origin": "command" if track in mine else "config"}
+        mine, bridged = self.commanded.get(session, {}), self.bridged.get(session, {})
+        tracks = {track: {**status, "origin": "bridge" if track in bridged else "command" if track in mine
+                          else "config"}
                   for track, status in reader.status().items()}
         return {"session": session, "service": self.service.id, **tracks, "overlay": str(self.path)}
 

@@ -465,6 +465,11 @@ class RouteReader:
                             "state": t.state()[0]})
         return out
 
+    def accepts(self) -> dict[str, Any]:
+        """What this session's tracks can send, for its heartbeat (the bridge routes by it): the video codecs
+        (empty: any encoded video), whether raw pictures, and the audio format."""
+        return {"video": list(self.video_codecs), "raw_video": self.raw_video, "audio": ["s16"]}
+
     def summary(self) -> str:
         """One line for a service's status."""
         return "; ".join(f"{name} {t.state()[1]}" for name, t in self._tracks.items() if t.route) or "sends nothing"

@@ -46,12 +46,15 @@ class Session:
     confirmed: bool = True
     since: float = field(default_factory=time.time)   # when it started (Unix time); survives hub restarts
     note: str = ""                                    # what the service says of it (a call: "audio only: ...")
+    accepts: dict = field(default_factory=dict)       # what its send tracks take (a call's RouteReader.accepts())
 
     def public(self) -> dict:
         out = {"session": self.id, "room": self.room, "service": self.service, "kind": self.kind,
                "since": self.since, "tracks": list(self.tracks.values())}
         if self.note:
             out["note"] = self.note
+        if self.accepts:
+            out["accepts"] = self.accepts
         return out
 
 
@@ -79,6 +82,10 @@ def check_sessions(sessions: list) -> list[dict]:
             raise ProtocolError("bad_args", "each session must be an object with an 'id' matching " + _ID.pattern)
         if not isinstance(s.get("room", "default"), str) or not isinstance(s.get("tracks", []), list):
             raise ProtocolError("bad_args", f"session {s['id']!r}: 'room' must be a string and 'tracks' a list")
+        accepts = s.get("accepts", {})
+        if not isinstance(accepts, dict) or not all(isinstance(v, (list, bool)) for v in accepts.values()):
+            raise ProtocolError("bad_args", f"session {s['id']!r}: 'accepts' must be an object of lists and flags "
+                                            "(what its send tracks take)")
         for t in s.get("tracks", []):
             _check_track(t)
     return sessions
@@ -102,7 +109,7 @@ class SessionBook:
 
     def _start(self, service: str, pid: int, raw: dict) -> list[Change]:
         s = Session(raw["id"], raw.get("room", "default"), service, pid, str(raw.get("kind", "video")),
-                    note=str(raw.get("note", ""))[:300])
+                    note=str(raw.get("note", ""))[:300], accepts=raw.get("accepts") or {})
         self.sessions[s.id] = s
         return [(STARTED, {**s.public(), "tracks": []})] + self._tracks(s, raw.get("tracks", []))
 
@@ -136,6 +143,7 @@ class SessionBook:
             else:
                 s.confirmed = True
                 s.note = str(raw.get("note", ""))[:300]
+                s.accepts = raw.get("accepts") or {}
                 out += self._tracks(s, raw.get("tracks", []))
         return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.catalog import ServiceSpec, register
-from services.runtime.schema import SCHEMA, parse_host_port
+from services.runtime.schema import parse_host_port
 
 LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -21,7 +21,3 @@ register(ServiceSpec(
     "hub", "services.hub.service:Hub",
     "rooms, sessions, service registry, control endpoint, event fan-out, hooks",
     order=0, network_for=_network, reports_exit=False, docs="protocol.md"))
-
-# The bridge will call it; until the bridge exists the hub declares it, so its policy is configurable
-# and handlers can register (tests drive it with hook.call).
-SCHEMA.add_sync_hook("BEFORE_BRIDGE_VIDEO")

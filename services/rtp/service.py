@@ -207,4 +207,5 @@ class Rtp(AsyncService):
         status = self.call.summary() + "; " + "; ".join(self.call.describe_media())
         return {"status": status[:200], "rate": round(self.meter.rate, 2), "streams": self.call.sink.streams(),
                 "sessions": [{"id": self.instance, "room": self.cfg.room, "kind": "call",
-                              "tracks": self.call.tracks()}]}
+                              "tracks": self.call.tracks(),
+                              **({"accepts": self.call.reader.accepts()} if self.call.reader is not None else {})}]}

@@ -137,6 +137,7 @@ class Service:
         self.registry = new_registry()
         self.throttled = Throttled(self.log)
         self._offers: dict[str, _Offer] = {}
+        self._beat_soon = False
         self._base_metrics()
 
     # --- what a service provides -------------------------------------------------
@@ -249,6 +250,17 @@ class Service:
                 "rate": info.get("rate", 0.0), "sessions": info.get("sessions", []),
                 "streams": info.get("streams", []), "metrics": snapshot(self.registry),
                 "offers": {name: {"summary": o.summary, "deadline": o.deadline} for name, o in self._offers.items()}}
+
+    def sessions_changed(self) -> None:
+        """A session began or ended: the hub hears it with a heartbeat now, not at the next tick (the bridge
+        routes a new participant on the hub's word: a picture within a second needs no second's wait)."""
+        if not self._beat_soon and self.ready:
+            self._beat_soon = True
+            self.loop.call_later(0.0, self._beat_now)
+
+    def _beat_now(self) -> None:
+        self._beat_soon = False
+        self.heartbeat()
 
     def heartbeat(self) -> None:
         if self.link is not None and self.link.request("service.heartbeat", self._fitted(self.heartbeat_body()),

@@ -724,6 +724,7 @@ class Sip(AsyncService):
         return sum(1 for c in self.calls.values() if c.state != "ended")
 
     def _count_calls(self) -> None:
+        self.sessions_changed()
         for direction in ("in", "out"):
             self.m_calls.labels(direction).set(sum(1 for c in self.calls.values()
                                                    if c.direction == direction and c.state == "up"))
@@ -788,6 +789,8 @@ class Sip(AsyncService):
         for call in up:
             session: dict[str, Any] = {"id": call.id, "room": call.room, "kind": "call",
                                        "tracks": call.media.tracks() if call.media is not None else []}
+            if call.media is not None and call.media.reader is not None:
+                session["accepts"] = call.media.reader.accepts()
             if call.notes:
                 session["note"] = "; ".join(call.notes)
             if call.restored:

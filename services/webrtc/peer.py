@@ -189,9 +189,14 @@ class BusVideoTrack(MediaStreamTrack):
 
 
 class BusAudioTrack(MediaStreamTrack):
-    """s16 PCM chunks of the bus as av.AudioFrames (aiortc encodes Opus, PCMU or PCMA)."""
+    """s16 PCM chunks of the bus as av.AudioFrames (aiortc encodes Opus, PCMU or PCMA), always 48 kHz stereo:
+    aiortc's encoder keeps one resampler for the track's life, which refuses a frame of another rate or layout, so
+    a route that switches from a stereo stream to a mono one (the bridge's mix) or to a phone's 8 kHz would end
+    the track's audio. 48 kHz stereo chunks (aiortc's own decode) go through as they are, mono ones are
+    doubled, other rates resampled."""
 
     kind = "audio"
+    RATE = 48000
 
     def __init__(self, *, max_chunks: int = 25, dropped: Callable[[str, int], None]) -> None:
         super().__init__()
@@ -199,7 +204,10 @@ class BusAudioTrack(MediaStreamTrack):
         self.dropped = dropped
         self._queue: collections.deque[tuple[bytes, int, int]] = collections.deque()
         self._ready = asyncio.Event()
-        self._next_pts: dict[int, int] = {}
+        self._pts = 0
+        self._resampler: Any = None
+        self._resampling: tuple[int, int] | None = None
+        self._out: collections.deque[av.AudioFrame] = collections.deque()
 
     def push(self, data: bytes, rate: int, channels: int) -> None:
         if self.readyState != "live":
@@ -211,19 +219,33 @@ class BusAudioTrack(MediaStreamTrack):
         self._ready.set()
 
     async def recv(self) -> av.AudioFrame:
-        while not self._queue:
-            if self.readyState != "live":
-                raise MediaStreamError
-            self._ready.clear()
-            await self._ready.wait()
-        data, rate, channels = self._queue.popleft()
-        pcm = np.frombuffer(data, dtype=np.int16).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo" if channels == 2 else "mono")
-        frame.sample_rate = rate
-        pts = self._next_pts.get(rate, 0)
-        frame.pts, frame.time_base = pts, fractions.Fraction(1, rate)
-        self._next_pts = {rate: pts + pcm.shape[1] // max(1, channels)}
+        while not self._out:
+            while not self._queue:
+                if self.readyState != "live":
+                    raise MediaStreamError
+                self._ready.clear()
+                await self._ready.wait()
+            self._convert(*self._queue.popleft())
+        frame = self._out.popleft()
+        frame.pts, frame.time_base = self._pts, fractions.Fraction(1, self.RATE)
+        self._pts += frame.samples
         return frame
+
+    def _convert(self, data: bytes, rate: int, channels: int) -> None:
+        pcm = np.frombuffer(data, dtype=np.int16)
+        if rate == self.RATE and channels in (1, 2):
+            stereo = pcm.reshape(1, -1) if channels == 2 else np.repeat(pcm, 2).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
+            frame.sample_rate = self.RATE
+            self._out.append(frame)
+            return
+        if self._resampling != (rate, channels):
+            self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=self.RATE)
+            self._resampling = (rate, channels)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16",
+                                           layout="stereo" if channels == 2 else "mono")
+        frame.sample_rate = rate
+        self._out.extend(self._resampler.resample(frame))
 
     def stop(self) -> None:
         super().stop()

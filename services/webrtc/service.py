@@ -282,6 +282,7 @@ class Webrtc(AsyncService):
             self.m.forget(session.name)
 
     def _gauge(self) -> None:
+        self.sessions_changed()
         counts: dict[tuple[str, str], int] = {(k, p): 0 for k in ("publisher", "viewer", "call")
                                               for p in ("pass-through", "transcode", "")}
         for s in self.sessions.values():
@@ -397,11 +398,13 @@ class Webrtc(AsyncService):
         session = WsVideoSession(ws, session=name, room=room, sink=sink, reader=reader, limits=limits,
                                  metrics=self.ws_metrics, log=self.log, loop=self.loop.aio)
         self.websockets[name] = session
+        self.sessions_changed()
         try:
             why = await session.run()
             self.log.info("websocket %s in room %s ended: %s", name, room, why)
         finally:
             self.websockets.pop(name, None)
+            self.sessions_changed()
             self.routes.close(name)
             sink.close()
             self.m.forget(name)
@@ -417,9 +420,11 @@ class Webrtc(AsyncService):
         if self.websockets:
             status += f", {len(self.websockets)} websocket(s)"
         sessions = [{"id": s.name, "room": s.room, "kind": "publisher" if s.kind == "publisher" else "call",
-                     "tracks": s.tracks(), "transport": "webrtc"}
+                     "tracks": s.tracks(), "transport": "webrtc",
+                     **({"accepts": s.reader.accepts()} if s.reader is not None and s.kind == "call" else {})}
                     for s in self.sessions.values() if s.publishes]
-        sessions += [{"id": name, "room": w.room, "kind": "call", "tracks": w.tracks(), "transport": "websocket"}
+        sessions += [{"id": name, "room": w.room, "kind": "call", "tracks": w.tracks(), "transport": "websocket",
+                      **({"accepts": w.reader.accepts()} if w.reader is not None else {})}
                      for name, w in self.websockets.items()]
         streams = [s.name for s in self.sessions.values() if s.publishes and s.sink is not None]
         streams += [w.sink.stream for w in self.websockets.values()]
