@@ -267,3 +267,74 @@ def test_a_room_past_max_participants_refuses_the_next_and_ctl_shows_the_room(bo
     assert {r["target"] for r in status["routes"]} == {"alice", "bob"}
     page = b.settled_scrape("bridge")
     assert metric_value(page, "edgeroom_bridge_refused_total", room="meet", reason="full") == 1
+
+
+def test_a_grid_shows_each_participant_the_others_side_by_side_and_a_pin_shows_one(box):
+    b = bridge_box(box, policy="grid", grid_size="320x120", grid_fps=15.0)
+    url = base_url(b)
+
+    def halves(picture: np.ndarray) -> tuple:
+        w = picture.shape[1]
+        return colour_of(picture[:, : w // 2 - 8][30:-30]), colour_of(picture[:, w // 2 + 8:][30:-30])
+
+    async def go():
+        alice = await join(url, "alice", RED, 440)
+        bob = await join(url, "bob", GREEN, 660, gain=0.0)
+        carol = await join(url, "carol", BLUE, 880, gain=0.0)
+        peers = (alice, bob, carol)
+        try:
+            await until(lambda: alice.frames and halves(alice.frames[-1]) == (GREEN, BLUE), 15,
+                        "alice's grid: bob | carol")
+            await until(lambda: carol.frames and halves(carol.frames[-1]) == (RED, GREEN), 10,
+                        "carol's grid: alice | bob")
+            grid = b.call("bridge.status", {"room": "meet"})
+            b.call("bridge.policy", {"room": "meet", "policy": "pin"})
+            b.call("bridge.pin", {"room": "meet", "session": "bob"})
+            await until(lambda: alice.frames and colour_of(alice.frames[-1]) == GREEN
+                        and carol.frames and colour_of(carol.frames[-1]) == GREEN, 10, "everyone sees bob")
+            pinned = b.call("bridge.status", {"room": "meet"})
+            return alice.frames[-1].shape, grid, pinned
+        finally:
+            for p in peers:
+                await close(p)
+
+    shape, grid, pinned = run(go())
+    assert shape == (240, 320, 3), "after the pin alice gets bob's own picture, not a grid"
+    routes = {r["target"]: r for r in grid["routes"]}
+    assert routes["alice"]["path"] == "grid" and routes["alice"]["video"] == "grid-alice"
+    assert {g["out"] for g in grid["grids"]} == {"grid-alice", "grid-bob", "grid-carol"}
+    assert pinned["pinned"] == "bob" and pinned["policy"] == "pin" and not pinned["grids"], "grids stop when unused"
+    assert {r["target"]: r["source"] for r in pinned["routes"]}["alice"] == "bob"
+
+
+def test_a_participant_that_changes_size_mid_call_is_seen_at_its_new_size_through_pass_through_and_transcode(box):
+    b = bridge_box(box)
+    url = base_url(b)
+
+    async def go():
+        alice = await join(url, "alice", RED, 440)
+        bob = await join(url, "bob", GREEN, 660, gain=0.0, codec="vp8")
+        carol = await join(url, "carol", BLUE, 880, gain=0.0)
+        peers = (alice, bob, carol)
+        try:
+            await until(lambda: bob.frames and colour_of(bob.frames[-1]) == RED and carol.frames
+                        and colour_of(carol.frames[-1]) == RED, 10, "bob (VP8) and carol (H.264) see alice")
+            video = next(t for t in alice.pc.getSenders() if t.track and t.track.kind == "video").track
+            picture = np.zeros((360, 480, 3), np.uint8)
+            picture[:] = RED
+            video.picture = picture                        # alice's camera changes its size mid-call
+            await until(lambda: bob.frames[-1].shape == (360, 480, 3) and carol.frames[-1].shape == (360, 480, 3),
+                        10, "both see alice at her new size")
+            assert colour_of(bob.frames[-1]) == RED and colour_of(carol.frames[-1]) == RED
+            status = b.call("bridge.status", {"room": "meet"})
+            before = len(alice.frames)
+            await asyncio.sleep(1.0)
+            return status, len(alice.frames) - before
+        finally:
+            for p in peers:
+                await close(p)
+
+    status, alice_went_on = run(go())
+    transcode = next(t for t in status["transcodes"] if t["source"] == "alice")
+    assert transcode["size"] == "480x360" and transcode["reopens"] >= 2, transcode
+    assert alice_went_on > 15, "alice's own picture never stopped meanwhile"
