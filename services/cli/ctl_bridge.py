@@ -36,10 +36,15 @@ def room_text(r: dict[str, Any]) -> str:
             for x in r["routes"]]
     out = [head, table(rows, ["TARGET", "SEES", "VIDEO", "PATH", "CODEC", "AUDIO", "HEARS", "HOOK", "SENT", "NOTE"])
            if rows else "no routes (fewer than two sessions)"]
-    for t in r.get("transcodes", []):
-        out.append("transcode " + ", ".join(f"{k}={v}" for k, v in t.items() if not isinstance(v, (dict, list))))
-    for g in r.get("grids", []):
-        out.append("grid " + ", ".join(f"{k}={v}" for k, v in g.items() if not isinstance(v, (dict, list))))
+    media = [[t.get("out", ""), t.get("source", "-"), t.get("codec", ""), t.get("encoder", ""), t.get("size", ""),
+              t.get("frames_out", 0), t.get("kbps", 0), t.get("decode_errors", 0), t.get("state", "")]
+             for t in r.get("transcodes", [])]
+    media += [[g.get("out", ""), "+".join(s.get("stream", "") for s in g.get("sources", [])), g.get("codec", ""),
+               g.get("encoder", ""), g.get("size", ""), g.get("frames_out", 0), g.get("kbps", 0),
+               g.get("decode_errors", 0), g.get("layout", "")] for g in r.get("grids", [])]
+    if media:
+        out.append(table(media, ["MADE", "FROM", "CODEC", "ENCODER", "SIZE", "FRAMES", "KBIT/S", "DECODE ERRORS",
+                                 "STATE"]))
     if r.get("levels"):
         out.append("levels (dBFS): " + ", ".join(f"{k} {v}" for k, v in sorted(r["levels"].items())))
     return "\n".join(out)
