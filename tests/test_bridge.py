@@ -87,10 +87,10 @@ async def until(check, timeout: float, what: str):
     raise AssertionError(f"not within {timeout} s: {what}")
 
 
-async def join(url: str, name: str, rgb, hz: float, gain: float = 1.0, codec: str = "h264"):
+async def join(url: str, name: str, rgb, hz: float, gain: float = 1.0, codec: str = "h264", extra_video: int = 0):
     tone_track = ToneTrack(hz, gain)
     peer = await connect(url, f"/rooms/meet/call?session={name}", TOKEN, send=(ColourTrack(rgb), tone_track),
-                         codec=codec, keep=300)
+                         codec=codec, keep=300, extra_video=extra_video)
     peer.tone = tone_track
     return peer
 
@@ -338,3 +338,38 @@ def test_a_participant_that_changes_size_mid_call_is_seen_at_its_new_size_throug
     transcode = next(t for t in status["transcodes"] if t["source"] == "alice")
     assert transcode["size"] == "480x360" and transcode["reopens"] >= 2, transcode
     assert alice_went_on > 15, "alice's own picture never stopped meanwhile"
+
+
+def test_a_browser_that_takes_several_video_tracks_gets_every_other_participant_on_its_own(box):
+    b = bridge_box(box)
+    url = base_url(b)
+
+    async def go():
+        alice = await join(url, "alice", RED, 440)
+        bob = await join(url, "bob", GREEN, 660, gain=0.0)
+        dave = await join(url, "dave", BLUE, 880, gain=0.0, extra_video=2)     # three video tracks to receive on
+        peers = (alice, bob, dave)
+        try:
+            await until(lambda: dave.frames and colour_of(dave.frames[-1]) == RED and dave.more[0]
+                        and colour_of(dave.more[0][-1]) == GREEN, 10,
+                        "dave sees the speaker (alice) on his first track and bob on the second")
+            await asyncio.sleep(1.0)
+            status = b.call("bridge.status", {"room": "meet"})
+            sessions = {s["session"]: s for s in b.call("sessions", {"room": "meet"})}
+            shown = b.call("route", {"session": "dave", "slot": 2})
+            return [colour_of(f) for f in dave.more[0][-20:]], len(dave.more[1]), status, sessions, shown
+        finally:
+            for p in peers:
+                await close(p)
+
+    second, third, status, sessions, shown = run(go())
+    assert set(second) == {GREEN}, "one source per track, never switched into another's"
+    assert third == 0, "a third track with nobody left to show sends nothing (never dave's own video)"
+    assert sessions["dave"]["accepts"]["video_tracks"] == 3
+    assert sessions["alice"].get("accepts", {}).get("video_tracks", 1) == 1
+    routes = {(r["target"], r["slot"]): r for r in status["routes"]}
+    assert routes[("dave", 1)]["source"] == "alice" and routes[("dave", 2)]["source"] == "bob"
+    assert ("dave", 3) not in routes and ("alice", 2) not in routes
+    assert shown["video"]["route"] == "bob" and shown["video"]["origin"] == "bridge"
+    sends = {t["id"]: t["stream"] for t in sessions["dave"]["tracks"] if t.get("direction") == "send"}
+    assert sends["send-video"] == "alice" and sends["send-video2"] == "bob"

@@ -125,3 +125,16 @@ def test_the_gate_survives_a_hub_error_and_a_replace_without_a_stream():
     assert d2.decision == "block" and "replace without" in d2.reason
     gate.forget({("a", "b")})
     assert ("c", "b") not in gate.decisions
+
+
+def test_a_target_with_several_video_tracks_gets_each_other_member_on_its_own():
+    members = [m("a", joined=1), m("b", joined=2), m("c", joined=3), Member("d", "d", "h264", "d-audio", ("h264",),
+                                                                           4, video_tracks=3)]
+    routes = plan(members, speaker="c", previous="a")
+    d = routes["d"]
+    assert d.source == "c", "the first track follows the policy"
+    assert [(r.slot, r.source, r.video) for r in d.slots] == [(2, "a", "a"), (3, "b", "b")], "the rest in join order"
+    assert all(r.audio == "" for r in d.slots), "further tracks carry video only"
+    assert plan(members[:1] + members[3:])["d"].slots == (), "with one other member there is nothing more to show"
+    two = plan([m("a"), Member("d", "d", "h264", "d-audio", ("h264",), video_tracks=2), m("b")], speaker="a")
+    assert [r.source for r in two["d"].slots] == ["b"]

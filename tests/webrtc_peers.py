@@ -74,6 +74,7 @@ class Peer:
     location: str = ""
     answer: str = ""
     frames: list = field(default_factory=list)       # decoded video frames (rgb ndarrays), newest last
+    more: list = field(default_factory=list)         # the further video tracks' frames (extra_video): a list each
     audio: list = field(default_factory=list)        # decoded audio (mono int16 ndarrays)
     tasks: list = field(default_factory=list)
 
@@ -83,15 +84,16 @@ def prefer(transceiver, codec: str) -> None:
     transceiver.setCodecPreferences([c for c in caps if c.mimeType.lower() in (f"video/{codec}", "video/rtx")])
 
 
-async def _collect(track: MediaStreamTrack, peer: Peer, keep: int) -> None:
+async def _collect(track: MediaStreamTrack, peer: Peer, keep: int, frames: list | None = None) -> None:
+    frames = peer.frames if frames is None else frames
     while True:
         try:
             frame = await track.recv()
         except Exception:
             return
         if track.kind == "video":
-            peer.frames.append(frame.to_ndarray(format="rgb24"))
-            del peer.frames[:-keep]
+            frames.append(frame.to_ndarray(format="rgb24"))
+            del frames[:-keep]
         else:
             pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
             peer.audio.append((frame.sample_rate, pcm.copy()))
@@ -120,8 +122,9 @@ async def post_offer(url: str, sdp: str, token: str | None) -> Answer:
 
 
 async def connect(base: str, path: str, token: str | None, *, send: tuple[MediaStreamTrack, ...] = (),
-                  receive: bool = True, codec: str | None = None, keep: int = 30) -> Peer:
-    """Offer to `base + path` (recvonly when nothing is sent, sendrecv when both); the Peer once answered."""
+                  receive: bool = True, codec: str | None = None, keep: int = 30, extra_video: int = 0) -> Peer:
+    """Offer to `base + path` (recvonly when nothing is sent, sendrecv when both); the Peer once answered.
+    `extra_video`: that many more video m-lines to receive on (their frames in `peer.more`, in m-line order)."""
     pc = RTCPeerConnection()
     peer = Peer(pc)
     video = next((t for t in send if t.kind == "video"), None)
@@ -131,10 +134,16 @@ async def connect(base: str, path: str, token: str | None, *, send: tuple[MediaS
         tr = pc.addTransceiver(track or kind, direction=direction)
         if kind == "video" and codec:
             prefer(tr, codec)
+    extra = [pc.addTransceiver("video", direction="recvonly") for _ in range(extra_video)]
+    for tr in extra:
+        if codec:
+            prefer(tr, codec)
+        peer.more.append([])
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
-        peer.tasks.append(asyncio.ensure_future(_collect(track, peer, keep)))
+        slot = next((i for i, tr in enumerate(extra) if tr.receiver.track is track), None)
+        peer.tasks.append(asyncio.ensure_future(_collect(track, peer, keep, None if slot is None else peer.more[slot])))
 
     r = await post_offer(base + path, await gathered(pc), token)
     if r.status_code != 201:

@@ -35,6 +35,7 @@ class Member:
     audio: str = ""                  # its audio on the bus ('' none)
     accepts: tuple[str, ...] | None = None   # video codecs its send track takes; () any; None: it takes nothing
     joined: float = 0.0              # when it started (the session's `since`)
+    video_tracks: int = 1            # video tracks it takes (a WebRTC room call that offered more: slots 2, 3, ...)
 
     @property
     def target(self) -> bool:
@@ -61,6 +62,8 @@ class Route:
     note: str = ""
     transcode: tuple[str, str] | None = None     # (source stream, codec) when the bridge transcodes
     grid: tuple[str, ...] = field(default=())    # the members a grid shows
+    slot: int = 1                                # the target's video track it is (1: its own route)
+    slots: tuple[Route, ...] = ()                # its further video tracks, one other member each
 
 
 def bridged(members: list[Member], max_participants: int) -> tuple[list[Member], list[Member]]:
@@ -134,5 +137,12 @@ def plan(members: list[Member], *, policy: str = "speaker", speaker: str = "", p
             source = _shown(with_video, policy, speaker, previous, pinned)
             if source is not None:
                 video = _video_route(target, source, names)
-        out[target.id] = Route(target.id, audio=audio, heard=heard if audio else (), **video)
+        slots: list[Route] = []
+        if target.video_tracks > 1 and len(members) > 2 and policy != "grid":
+            # a target that takes several video tracks gets every other member on its own: the one policy shows
+            # first (slot 1, switched as the speaker changes), the rest in join order on slots 2, 3, ...
+            rest = [m for m in with_video if m.id != video.get("source")]
+            for n, source in enumerate(rest[:target.video_tracks - 1], start=2):
+                slots.append(Route(target.id, slot=n, **_video_route(target, source, names)))
+        out[target.id] = Route(target.id, audio=audio, heard=heard if audio else (), slots=tuple(slots), **video)
     return out

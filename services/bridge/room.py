@@ -19,6 +19,8 @@ from services.bridge.plan import Member, Route, bridged, plan
 
 __all__ = ["BridgedRoom", "members_of"]
 
+Key = tuple[str, int]          # (target session, video slot)
+
 
 def members_of(sessions: list[dict[str, Any]]) -> list[Member]:
     """The members among a room's sessions (the hub's `sessions`): those with media in, or send tracks."""
@@ -40,8 +42,9 @@ def members_of(sessions: list[dict[str, Any]]) -> list[Member]:
                 a_stream = s["session"] + "-audio"
         if not (v_stream or a_stream or codecs is not None):
             continue
+        tracks = accepts.get("video_tracks", 1) if isinstance(accepts, dict) else 1
         out.append(Member(s["session"], video=v_stream, codec=v_codec, audio=a_stream, accepts=codecs,
-                          joined=float(s.get("since", 0.0))))
+                          joined=float(s.get("since", 0.0)), video_tracks=max(1, int(tracks))))
     return out
 
 
@@ -51,9 +54,9 @@ class BridgedRoom:
         cfg = host.cfg
         self.members: list[Member] = []
         self.refused: list[str] = []
-        self.routes: dict[str, Route] = {}
-        self.sent: dict[str, tuple[str, str]] = {}
-        self.pending: set[str] = set()
+        self.routes: dict[Key, Route] = {}         # (target, slot) -> its route; slot 1 is the target's own
+        self.sent: dict[Key, tuple[str, str]] = {}
+        self.pending: set[Key] = set()
         self.pinned = ""
         self.policy = ""                      # '' the config's
         self.speaker, self.previous = "", ""
@@ -103,21 +106,22 @@ class BridgedRoom:
             self.previous = ""
         planned = plan(ins, policy=self.effective_policy, speaker=self.speaker, previous=self.previous,
                        pinned=self.pinned, names=h.names)
-        final: dict[str, Route] = {}
+        final: dict[Key, Route] = {}
         live = set()
-        for target, route in planned.items():
-            if route.source and route.path in ("pass-through", "transcode"):
-                live.add((route.source, target))
-                d = self.gate.decide((route.source, target), self._hook_data(route), cfg.hook_recheck)
-                route = _decided(route, d)
-            final[target] = route
+        for target, first in planned.items():
+            for route in (first, *first.slots):
+                if route.source and route.path in ("pass-through", "transcode"):
+                    live.add((route.source, target))
+                    d = self.gate.decide((route.source, target), self._hook_data(route), cfg.hook_recheck)
+                    route = _decided(route, d)
+                final[(target, route.slot)] = route
         self.gate.forget(live)
         self._media(ins, final)
         self.routes = final
-        for target, route in final.items():
-            self._send(target, route)
-        for target in [t for t in self.sent if t not in final]:
-            self._release(target)
+        for key, route in final.items():
+            self._send(key, route)
+        for key in [k for k in self.sent if k not in final]:
+            self._release(key)
         counts: dict[str, int] = {}
         for r in final.values():
             counts[r.path] = counts.get(r.path, 0) + 1
@@ -133,7 +137,7 @@ class BridgedRoom:
         self.host.request("hook.call", body, done)
 
     # ------------------------------------------------------------ what the routes need
-    def _media(self, members: list[Member], routes: dict[str, Route]) -> None:
+    def _media(self, members: list[Member], routes: dict[Key, Route]) -> None:
         h = self.host
         want = {r.transcode for r in routes.values() if r.transcode and r.path == "transcode"}
         for key in [k for k in self.transcoders if k not in want]:
@@ -141,7 +145,7 @@ class BridgedRoom:
         for key in want:
             if key not in self.transcoders:
                 self.transcoders[key] = h.make_transcoder(key[0], h.names.transcode(*key), key[1])
-        grids = {t: r for t, r in routes.items() if r.path == "grid"}
+        grids = {t: r for (t, _slot), r in routes.items() if r.path == "grid"}
         for t in [t for t in self.grids if t not in grids]:
             h.drop_media(self.grids.pop(t))
         by_id = {m.id: m for m in members}
@@ -154,45 +158,52 @@ class BridgedRoom:
             if self.mixer is None:
                 self.mixer = h.make_mixer(self.name)
             self.mixer.set_participants({m.id: m.audio for m in members if m.audio},
-                                        {t: h.names.mix(t) for t in routes})
+                                        {t: h.names.mix(t) for t, slot in routes if slot == 1})
         elif self.mixer is not None:
             h.drop_media(self.mixer)
             self.mixer = None
 
     # ------------------------------------------------------------ telling the transports
-    def _send(self, target: str, route: Route) -> None:
+    def _send(self, key: Key, route: Route) -> None:
         want = (route.video, route.audio)
-        if self.sent.get(target) == want or target in self.pending:
+        if self.sent.get(key) == want or key in self.pending:
             return
-        self.pending.add(target)
+        self.pending.add(key)
+        target, slot = key
         seen = self.seen_at.get(target)
 
         def done(result: Any, error: Exception | None) -> None:
-            self.pending.discard(target)
+            self.pending.discard(key)
             if error is not None:
                 self.host.m.commands.labels("error").inc()
-                self.host.throttled.warning(f"route {target}", f"room {self.name}: routing {target} "
+                self.host.throttled.warning(f"route {target}", f"room {self.name}: routing {_name(key)} "
                                                                 f"(video {route.video or '-'}, audio "
                                                                 f"{route.audio or '-'}) failed: {error}")
-                self.sent.pop(target, None)        # sent again on the next refresh
+                self.sent.pop(key, None)           # sent again on the next refresh
                 return
             self.host.m.commands.labels("ok").inc()
-            self.sent[target] = want
-            if seen is not None and target not in self._timed:
+            self.sent[key] = want
+            if seen is not None and target not in self._timed and slot == 1:
                 self._timed.add(target)
                 self.host.m.join.observe(time.monotonic() - seen)
-            current = self.routes.get(target)
+            current = self.routes.get(key)
             if current is not None and (current.video, current.audio) != want:
-                self._send(target, current)        # it changed while this one was on its way
+                self._send(key, current)           # it changed while this one was on its way
 
-        self.host.request("route", {"session": target, "video": route.video, "audio": route.audio, "by": "bridge"},
-                          done)
+        args: dict[str, Any] = {"session": target, "video": route.video, "by": "bridge"}
+        if slot == 1:
+            args["audio"] = route.audio
+        else:
+            args["slot"] = slot
+        self.host.request("route", args, done)
 
-    def _release(self, target: str) -> None:
-        """`target` left the bridge (it left the room, or the room is no longer bridged): its routes go back to
-        the config's."""
-        self.sent.pop(target, None)
-        self.host.request("route", {"session": target, "reset": True}, lambda result, error: None)
+    def _release(self, key: Key) -> None:
+        """`key`'s target left the bridge (it left the room, or the room is no longer bridged), or no longer has
+        that slot's route: its routes go back to the config's."""
+        self.sent.pop(key, None)
+        target, slot = key
+        args: dict[str, Any] = {"session": target, "reset": True, **({"slot": slot} if slot != 1 else {})}
+        self.host.request("route", args, lambda result, error: None)
 
     # ------------------------------------------------------------ every 20 ms
     def tick(self, now: float) -> None:
@@ -225,12 +236,12 @@ class BridgedRoom:
     # ------------------------------------------------------------ status, end
     def status(self) -> dict[str, Any]:
         routes = []
-        for target, r in sorted(self.routes.items()):
+        for (target, slot), r in sorted(self.routes.items()):
             d = self.gate.decisions.get((r.source, target))
-            routes.append({"target": target, "source": r.source, "video": r.video, "path": r.path, "codec": r.codec,
-                           "audio": r.audio, "heard": list(r.heard), "note": r.note,
+            routes.append({"target": target, "slot": slot, "source": r.source, "video": r.video, "path": r.path,
+                           "codec": r.codec, "audio": r.audio, "heard": list(r.heard), "note": r.note,
                            "hook": {"decision": d.decision, "reason": d.reason, "asked": d.asked} if d else None,
-                           "sent": self.sent.get(target) == (r.video, r.audio)})
+                           "sent": self.sent.get((target, slot)) == (r.video, r.audio)})
         return {"room": self.name, "policy": self.effective_policy, "pinned": self.pinned, "speaker": self.speaker,
                 "members": [{"session": m.id, "video": m.video, "codec": m.codec, "audio": m.audio,
                              "accepts": list(m.accepts) if m.accepts is not None else None}
@@ -256,6 +267,10 @@ class BridgedRoom:
         for path in ("pass-through", "transcode", "grid", "blocked", "replaced", "waiting", "asking", "none"):
             self.host.m.routes.labels(self.name, path).set(0)
         self.host.m.participants.labels(self.name).set(0)
+
+
+def _name(key: Key) -> str:
+    return key[0] if key[1] == 1 else f"{key[0]} (video slot {key[1]})"
 
 
 def _decided(route: Route, d: Decision) -> Route:

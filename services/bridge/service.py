@@ -315,4 +315,5 @@ class Bridge(Service):
         return {"status": ("; ".join(parts) or "no room bridged")[:200],
                 "streams": [t.out for r in self.rooms.values() for t in r.transcoders.values()]
                 + [g.out for r in self.rooms.values() for g in r.grids.values()]
-                + ([f"mix-{t}-audio" for r in self.rooms.values() if r.mixer is not None for t in r.routes])}
+                + ([f"mix-{t}-audio" for r in self.rooms.values() if r.mixer is not None for t, slot in r.routes
+                    if slot == 1])}

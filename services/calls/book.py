@@ -35,9 +35,10 @@ from services.runtime.state import Overlay, state_dir
 if TYPE_CHECKING:
     from services.runtime.service import Service
 
-__all__ = ["FILE", "RouteBook"]
+__all__ = ["FILE", "MAX_SLOTS", "RouteBook", "slot_session"]
 
 FILE = "routes.json"
+SLOT, MAX_SLOTS = ".v", 16      # a session's further video tracks: readers NAME.v2, NAME.v3, ...
 _STREAM = re.compile(STREAM_OR_NONE)
 
 
@@ -54,8 +55,8 @@ class RouteBook:
         self.commanded: dict[str, dict[str, str]] = self._read().added
         self.bridged: dict[str, dict[str, str]] = {}     # tracks the bridge set (by="bridge"): kept in memory only
         service.offer(ROUTE_OFFER, self._command, "show or change what a session of this service sends (args: "
-                      "session, video, audio, reset, by)",
-                      args={"session": str, "video": str, "audio": str, "reset": bool, "by": str},
+                      "session, video, audio, reset, by, slot)",
+                      args={"session": str, "video": str, "audio": str, "reset": bool, "by": str, "slot": int},
                       required=("session",))
 
     # --- the transport's side --------------------------------------------------------------
@@ -103,11 +104,18 @@ class RouteBook:
 
     # --- the command ---------------------------------------------------------------------------
     def _command(self, args: dict[str, Any]) -> dict[str, Any]:
-        session = args["session"]
+        slot = args.get("slot", 1)
+        session = slot_session(args["session"], slot)
         reader = self.readers.get(session)
+        if reader is None and slot != 1 and args["session"] in self.readers:
+            slots = 1 + sum(1 for k in self.readers if k.startswith(args["session"] + SLOT))
+            raise ProtocolError("not_found", f"session {args['session']!r} has no video slot {slot} (it takes "
+                                             f"{slots} video track(s))")
         if reader is None:
             raise ProtocolError("not_found", f"{self.service.id} has no session {session!r} (its sessions: "
                                              f"{', '.join(sorted(self.readers)) or 'none'})")
+        if slot != 1 and "audio" in args:
+            raise ProtocolError("bad_args", f"video slot {slot} of session {args['session']!r} sends video only")
         changes = {track: args[track] for track in TRACKS if track in args}
         by = args.get("by", "command")
         if by not in ("command", "bridge"):
@@ -187,6 +195,14 @@ class RouteBook:
             raise ProtocolError("unavailable", f"cannot keep the route in {self.path}: {exc.strerror or exc}; "
                                                "nothing changed") from None
         self.commanded = overlay.added
+
+
+def slot_session(session: str, slot: int) -> str:
+    """The reader id of `session`'s video slot `slot` (a room call that takes several video tracks: docs/calls.md);
+    slot 1 is the session's own."""
+    if not 1 <= slot <= MAX_SLOTS:
+        raise ProtocolError("bad_args", f"slot must be within 1..{MAX_SLOTS}, got {slot}")
+    return session if slot == 1 else f"{session}{SLOT}{slot}"
 
 
 @contextlib.contextmanager

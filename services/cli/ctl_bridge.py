@@ -31,7 +31,8 @@ def room_text(r: dict[str, Any]) -> str:
         (f", speaker {r['speaker']}" if r.get("speaker") else "") + f", {len(r['members'])} bridged"
     if r.get("refused"):
         head += f", refused (room full): {', '.join(r['refused'])}"
-    rows = [[x["target"], x["source"] or "-", x["video"] or "-", x["path"], x["codec"] or "-", x["audio"] or "-",
+    rows = [[x["target"] + (f" #{x['slot']}" if x.get("slot", 1) != 1 else ""), x["source"] or "-",
+             x["video"] or "-", x["path"], x["codec"] or "-", x["audio"] or "-",
              ",".join(x["heard"]) or "-", _hook(x), "yes" if x["sent"] else "on its way", x["note"][:50]]
             for x in r["routes"]]
     out = [head, table(rows, ["TARGET", "SEES", "VIDEO", "PATH", "CODEC", "AUDIO", "HEARS", "HOOK", "SENT", "NOTE"])

@@ -114,6 +114,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         call_args[track] = stream
     if args.reset:
         call_args["reset"] = True
+    if args.slot != 1:
+        call_args["slot"] = args.slot
     with hubcall.client(args) as client:
         return hubcall.show(args, client.call("route", call_args), _route_table)
 
@@ -165,6 +167,8 @@ def add_parsers(ctl_sub) -> None:
     route.add_argument("routes", nargs="*", metavar="TRACK=STREAM",
                        help="video=STREAM, audio=STREAM (empty: send nothing on that track); none: show the routes")
     route.add_argument("--reset", action="store_true", help="put back the config's routes")
+    route.add_argument("--slot", type=int, default=1, help="a further video track of a room call that takes several "
+                       "(2, 3, ...: docs/calls.md); video only")
     route.set_defaults(ctl_func=cmd_route)
     cams = ctl_sub.add_parser("list-cameras", help="the box's V4L2 cameras (never hangs when there are none)")
     hubcall.add_common(cams)

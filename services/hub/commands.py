@@ -289,8 +289,9 @@ def session_sdp(hub: Hub, args: dict, ctx: Ctx) -> Any:
 
 # --- routes: what a session sends -----------------------------------------------------------
 @command("route", "show or change what a session sends: its video and audio routes, switched on the new stream's "
-                  "keyframe (args: session, video, audio, reset, by)",
-         args={"session": str, "video": str, "audio": str, "reset": bool, "by": str}, required=("session",))
+                  "keyframe (args: session, video, audio, reset, by, slot)",
+         args={"session": str, "video": str, "audio": str, "reset": bool, "by": str, "slot": int},
+         required=("session",))
 def route(hub: Hub, args: dict, ctx: Ctx) -> Any:
     sid = args["session"]
     session = hub.book.sessions.get(sid)

@@ -83,7 +83,7 @@ def check_sessions(sessions: list) -> list[dict]:
         if not isinstance(s.get("room", "default"), str) or not isinstance(s.get("tracks", []), list):
             raise ProtocolError("bad_args", f"session {s['id']!r}: 'room' must be a string and 'tracks' a list")
         accepts = s.get("accepts", {})
-        if not isinstance(accepts, dict) or not all(isinstance(v, (list, bool)) for v in accepts.values()):
+        if not isinstance(accepts, dict) or not all(isinstance(v, (list, bool, int)) for v in accepts.values()):
             raise ProtocolError("bad_args", f"session {s['id']!r}: 'accepts' must be an object of lists and flags "
                                             "(what its send tracks take)")
         for t in s.get("tracks", []):

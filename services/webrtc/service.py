@@ -25,7 +25,7 @@ import ssl
 import time
 from typing import Any
 
-from services.calls.book import RouteBook
+from services.calls.book import RouteBook, slot_session
 from services.calls.config import Route
 from services.calls.route import stream_kind
 from services.capture.sink import Sink
@@ -143,6 +143,11 @@ class Webrtc(AsyncService):
 
     def make_sink(self, name: str) -> Sink:
         return Sink(name, self.prefix, self.m.sink(name))
+
+    def make_slot_reader(self, session: Any, slot: int, codec: str) -> Any:
+        """The route of a room call's further video track (slot 2, 3, ...): nothing until the bridge (or `ctl route
+        SESSION --slot N`) names a stream."""
+        return self.routes.reader(slot_session(session.route_session, slot), Route(), video_codecs=(codec,))
 
     def make_reader(self, session: Any) -> Any:
         route = session.route or Route()
@@ -277,6 +282,9 @@ class Webrtc(AsyncService):
         if session.reader is not None:
             self.routes.close(session.route_session, forget=session.kind != "call")
             session.reader = None
+        for slot in list(session.slots):
+            self.routes.close(slot_session(session.route_session, slot), forget=True)
+        session.slots.clear()
         if session.sink is not None:
             session.sink.close()
             self.m.forget(session.name)
@@ -421,7 +429,7 @@ class Webrtc(AsyncService):
             status += f", {len(self.websockets)} websocket(s)"
         sessions = [{"id": s.name, "room": s.room, "kind": "publisher" if s.kind == "publisher" else "call",
                      "tracks": s.tracks(), "transport": "webrtc",
-                     **({"accepts": s.reader.accepts()} if s.reader is not None and s.kind == "call" else {})}
+                     **({"accepts": s.accepts()} if s.reader is not None and s.kind == "call" else {})}
                     for s in self.sessions.values() if s.publishes]
         sessions += [{"id": name, "room": w.room, "kind": "call", "tracks": w.tracks(), "transport": "websocket",
                       **({"accepts": w.reader.accepts()} if w.reader is not None else {})}

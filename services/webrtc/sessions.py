@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import functools
 import secrets
 import time
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from services.calls.book import MAX_SLOTS
 from services.calls.config import Route
 from services.capture.sink import Sink
 from services.webrtc.peer import (
@@ -66,6 +68,10 @@ class PeerSession:
         self.video_track: BusVideoTrack | None = None
         self.audio_track: BusAudioTrack | None = None
         self.video_receiver: Any = None
+        # a room call's further video tracks (video m-lines its offer receives on beyond the first): per slot
+        # (2, 3, ...) the track sent and the reader of its route (the bridge puts one participant on each)
+        self.slots: dict[int, tuple[BusVideoTrack, Any]] = {}
+        self.slot_codecs: dict[int, str] = {}
         self.inbound: dict[str, dict[str, Any]] = {}     # kind -> {codec, units, keyframes, width...}
         self.ended = ""
         self._tasks: list[asyncio.Task[Any]] = []
@@ -99,7 +105,10 @@ class PeerSession:
                 t = self.pc.addTransceiver(kind, direction="sendrecv" if self.publishes else "sendonly")
                 if kind == "video" and prefer:
                     t.setCodecPreferences(prefer)
+        made = list(self.pc.getTransceivers())
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        if self.kind == "call":
+            self._slots([t for t in self.pc.getTransceivers() if t not in made])
         for t in self.pc.getTransceivers():
             if self.receives and t.sender.track is None and t.kind in ("video", "audio"):
                 t.sender.replaceTrack(self.video_track if t.kind == "video" else self.audio_track)
@@ -116,6 +125,10 @@ class PeerSession:
         if self.receives:
             self.reader = h.make_reader(self)
             h.loop.add_reader(self.reader.fileno(), self._send)
+        for slot, codec in self.slot_codecs.items():
+            reader = h.make_slot_reader(self, slot, codec)
+            self.slots[slot] = (self.slots[slot][0], reader)
+            h.loop.add_reader(reader.fileno(), functools.partial(self._send_slot, slot))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         if self.publishes:
@@ -135,6 +148,46 @@ class PeerSession:
                 self.inbound.setdefault("video", {"codec": codec, "units": 0, "keyframes": 0})
             else:
                 self.inbound.setdefault("audio", {"codec": codec, "units": 0, "rate": t._codecs[0].clockRate})
+
+    def _slots(self, made: list[Any]) -> None:
+        """Video m-lines the peer's offer receives on beyond the first (a browser that shows every participant
+        on its own track): each is a slot the box sends on, with a route of its own."""
+        slot = 2
+        for t in made:
+            if t.kind != "video" or t.receiver.track is not None or not t._codecs or slot > MAX_SLOTS:
+                continue
+            track = BusVideoTrack(max_wait_ns=self.host.cfg.viewer_queue_ms * 1_000_000,
+                                  ask_keyframe=functools.partial(self._ask_slot_keyframe, slot), dropped=self._dropped)
+            t.direction = "sendonly"
+            t.sender.replaceTrack(track)
+            t.sender._send_keyframe = functools.partial(self._ask_slot_keyframe, slot, "pli")
+            self.slots[slot] = (track, None)
+            self.slot_codecs[slot] = t._codecs[0].mimeType.split("/")[-1].lower()
+            slot += 1
+
+    def _send_slot(self, slot: int) -> None:
+        track, reader = self.slots[slot]
+        if reader is None:
+            return
+        while (m := reader.poll()) is not None:
+            if m.track == "video":
+                if m.keyframe and m.codec == "h264":
+                    extra = reader.extradata()
+                    if extra:
+                        track.extradata = extra[1]
+                track.push(m.data, m.keyframe, m.capture_ns)
+
+    def _ask_slot_keyframe(self, slot: int, reason: str = "pli") -> None:
+        reader = self.slots.get(slot, (None, None))[1]
+        if reader is not None:
+            reader.request_keyframe(reason)
+
+    def accepts(self) -> dict[str, Any]:
+        """What its send tracks take (the hub's `accepts`): the route reader's, and how many video tracks."""
+        out = self.reader.accepts() if self.reader is not None else {}
+        if self.slots:
+            out["video_tracks"] = 1 + len(self.slots)
+        return out
 
     async def add_candidates(self, fragment: str) -> int:
         """Trickle ICE (a PATCH body, application/trickle-ice-sdpfrag): the candidates added."""
@@ -254,6 +307,8 @@ class PeerSession:
             out.append(track)
         if self.reader is not None and self.kind == "call":
             out += self.reader.tracks()
+            for slot, (_track, reader) in sorted(self.slots.items()):
+                out += [{**t, "id": f"{t['id']}{slot}", "slot": slot} for t in (reader.tracks() if reader else [])]
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -273,6 +328,10 @@ class PeerSession:
         self.ended = why
         if self.reader is not None:
             self.host.loop.remove_reader(self.reader.fileno())
+        for track, reader in self.slots.values():
+            track.stop()
+            if reader is not None:
+                self.host.loop.remove_reader(reader.fileno())
         for t in self._tasks:
             t.cancel()
         for track in (self.video_track, self.audio_track):
