@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from services.capture.sources.synthetic import frame_number
 from services.control.client import HookHandler
@@ -373,3 +374,47 @@ def test_a_browser_that_takes_several_video_tracks_gets_every_other_participant_
     assert shown["video"]["route"] == "bob" and shown["video"]["origin"] == "bridge"
     sends = {t["id"]: t["stream"] for t in sessions["dave"]["tracks"] if t.get("direction") == "send"}
     assert sends["send-video"] == "alice" and sends["send-video2"] == "bob"
+
+
+def test_the_box_page_joined_to_a_bridged_room_shows_every_other_participant_in_its_own_tile(box):
+    from tests.browser import Browser, available
+    if not available():
+        pytest.skip("chromium is not installed (scripts/test installs it)")
+    b = bridge_box(box)
+    url = base_url(b)
+    colours_js = """(() => Array.from(document.querySelectorAll('#call-section video:not(#local-video)'))
+        .filter(v => v.videoWidth && !v.closest('figure').hidden).map(v => {
+          const c = document.createElement('canvas'); c.width = v.videoWidth; c.height = v.videoHeight;
+          const g = c.getContext('2d'); g.drawImage(v, 0, 0);
+          const d = g.getImageData(0, 0, c.width, c.height).data; let r = 0, gg = 0, bb = 0, n = d.length / 4;
+          for (let i = 0; i < d.length; i += 4) { r += d[i]; gg += d[i + 1]; bb += d[i + 2]; }
+          return [r / n, gg / n, bb / n]; }))()"""
+
+    async def go():
+        peers = [await join(url, "alice", RED, 440), await join(url, "bob", GREEN, 660, gain=0.0),
+                 await join(url, "carol", BLUE, 880, gain=0.0)]
+        try:
+            loop = asyncio.get_running_loop()
+
+            def browse():
+                with Browser() as browser:
+                    page = browser.open(url + "/?token=" + TOKEN)
+                    page.wait_for("document.querySelector('#rooms .room[data-room=meet] button.join')", 15)
+                    page.evaluate("document.querySelector('#rooms .room[data-room=meet] button.join').click()")
+                    deadline = time.monotonic() + 20
+                    seen: list = []
+                    while time.monotonic() < deadline:
+                        seen = [colour_of(np.array([[c]], np.uint8)) for c in page.evaluate(colours_js)]
+                        if sorted(map(str, seen)) == sorted(map(str, [RED, GREEN, BLUE])):
+                            break
+                        time.sleep(0.2)
+                    return seen
+
+            return await loop.run_in_executor(None, browse)    # the aiortc peers go on sending meanwhile
+        finally:
+            for p in peers:
+                await close(p)
+
+    seen = run(go())
+    assert sorted(map(str, seen)) == sorted(map(str, [RED, GREEN, BLUE])), \
+        f"the page shows alice, bob and carol, each in its own tile: {seen}"

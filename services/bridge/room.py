@@ -78,9 +78,17 @@ class BridgedRoom:
         ids = {m.id for m in members}
         for gone in [k for k in self.seen_at if k not in ids]:
             del self.seen_at[gone]
+        before = {m.id: m.joined for m in self.members}
+        for m in members:   # the session started again (its transport restarted): the routes it kept in memory
+            if before.get(m.id, m.joined) != m.joined:     # (by: bridge) are gone, so they are sent again
+                for key in [k for k in self.sent if k[0] == m.id]:
+                    del self.sent[key]
         if members != self.members:
             self.members = members
             self.apply()
+        else:               # a route whose `route` failed (its transport away, restarting) is sent again
+            for key, route in self.routes.items():
+                self._send(key, route)
 
     @property
     def effective_policy(self) -> str:

@@ -108,7 +108,7 @@ class PeerSession:
         made = list(self.pc.getTransceivers())
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         if self.kind == "call":
-            self._slots([t for t in self.pc.getTransceivers() if t not in made])
+            self._slots([t for t in self.pc.getTransceivers() if t not in made], made)
         for t in self.pc.getTransceivers():
             if self.receives and t.sender.track is None and t.kind in ("video", "audio"):
                 t.sender.replaceTrack(self.video_track if t.kind == "video" else self.audio_track)
@@ -149,15 +149,24 @@ class PeerSession:
             else:
                 self.inbound.setdefault("audio", {"codec": codec, "units": 0, "rate": t._codecs[0].clockRate})
 
-    def _slots(self, made: list[Any]) -> None:
+    def _slots(self, made: list[Any], ours: list[Any]) -> None:
         """Video m-lines the peer's offer receives on beyond the first (a browser that shows every participant
         on its own track): each is a slot the box sends on, with a route of its own."""
+        bundle = {t.receiver.transport for t in ours}
         slot = 2
         for t in made:
+            if len(bundle) == 1 and t.receiver.transport not in bundle:
+                # aiortc made it on our video transceiver's first transport, which the BUNDLE replaced (and
+                # stopped) when the offer's first m-line is not video (a browser's offer puts audio first)
+                primary = next(iter(bundle))
+                t.receiver.setTransport(primary)
+                t.sender.setTransport(primary)
             if t.kind != "video" or t.receiver.track is not None or not t._codecs or slot > MAX_SLOTS:
                 continue
             track = BusVideoTrack(max_wait_ns=self.host.cfg.viewer_queue_ms * 1_000_000,
                                   ask_keyframe=functools.partial(self._ask_slot_keyframe, slot), dropped=self._dropped)
+            if self.video_codec:    # the call's codec on every track (the offer's first may be another)
+                t._codecs.sort(key=lambda c: c.mimeType.lower() != f"video/{self.video_codec}")
             t.direction = "sendonly"
             t.sender.replaceTrack(track)
             t.sender._send_keyframe = functools.partial(self._ask_slot_keyframe, slot, "pli")

@@ -308,7 +308,14 @@
       if (call !== mine) { stream.getTracks().forEach(t => t.stop()); return; }
       $('local-video').srcObject = stream;
       stream.getTracks().forEach(t => pc.addTrack(t, stream));
-      pc.addEventListener('track', e => attach($('remote-video'), e));
+      // three more video tracks to receive on: in a bridged room of four or more, every other participant
+      // gets a track of its own (docs/bridge.md); a track with nobody on it stays hidden
+      const more = [0, 1, 2].map(() => pc.addTransceiver('video', {direction: 'recvonly'}));
+      pc.addEventListener('track', e => {
+        const i = more.indexOf(e.transceiver);
+        if (i < 0) attach($('remote-video'), e);
+        else attachMore(i, e.track);
+      });
       pc.addEventListener('connectionstatechange', () => {
         if (call === mine) $('call-state').textContent = pc.connectionState;
       });
@@ -328,6 +335,18 @@
     }
   }
 
+  function attachMore(i, track) {
+    const players = $('call-section').querySelector('.players');
+    const video = el('video', {id: `remote-video-${i + 2}`, autoplay: '', playsinline: ''});
+    video.muted = true;                       // the room's sound comes with the first track
+    const figure = el('figure', {class: 'player more'}, video, el('figcaption', {}, 'another participant'));
+    figure.hidden = true;
+    video.addEventListener('resize', () => { figure.hidden = !video.videoWidth; });
+    video.srcObject = new MediaStream([track]);
+    players.appendChild(figure);
+    video.play().catch(() => {});
+  }
+
   function leave() {
     if (!call) { $('call-section').hidden = true; return; }
     const c = call;
@@ -338,6 +357,7 @@
     c.pc.close();
     $('local-video').srcObject = null;
     $('remote-video').srcObject = null;
+    $('call-section').querySelectorAll('figure.more').forEach(f => f.remove());
     $('call-section').hidden = true;
     refreshRoomButtons();
   }
