@@ -191,6 +191,7 @@ class Bridge(Service):
                        ask_keyframe=self.request_keyframe, kbps=self.cfg.transcode_kbps, encoder=self.cfg.encoder)
         self.loop.add_reader(t.fileno(), t.pump)
         self.log.info("transcoding %s to %s as %s", source, codec, out)
+        self.sessions_changed()      # the hub hears of the new stream now: keyframe requests for it find their way
         return t
 
     def make_grid(self, out: str, codec: str) -> Any:
@@ -201,6 +202,7 @@ class Bridge(Service):
                  kbps=self.cfg.transcode_kbps, encoder=self.cfg.encoder)
         self.loop.add_reader(g.fileno(), g.pump)
         g.next_at = time.monotonic()
+        self.sessions_changed()
         return g
 
     def make_mixer(self, room: str) -> Any:

@@ -252,8 +252,9 @@ class Service:
                 "offers": {name: {"summary": o.summary, "deadline": o.deadline} for name, o in self._offers.items()}}
 
     def sessions_changed(self) -> None:
-        """A session began or ended: the hub hears it with a heartbeat now, not at the next tick (the bridge
-        routes a new participant on the hub's word: a picture within a second needs no second's wait)."""
+        """A session began or ended, or a stream the service makes: the hub hears it with a heartbeat now, not at
+        the next tick (the bridge routes a new participant on the hub's word, and a keyframe request for a new
+        stream is routed by the heartbeats' streams: a picture within a second needs no second's wait)."""
         if not self._beat_soon and self.ready:
             self._beat_soon = True
             self.loop.call_later(0.0, self._beat_now)
