@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -77,6 +79,35 @@ def test_two_phones_in_a_bridged_room_see_and_hear_each_other(box, tmp_path):
         loud = pcm[np.abs(pcm) > 0.05]
         assert len(loud) > rate * 0.5, f"{ua.name} heard silence"
         assert abs(tone_hz(pcm[-rate:], rate) - other_hz) < 15, f"{ua.name} hears the other phone's tone"
+
+
+def test_a_sigkilled_sip_service_takes_its_calls_back_and_the_bridge_routes_them_again(box, tmp_path):
+    port = free_port(udp=True, tcp=True)
+    b = sip_bridge_box(box, port)
+    with Baresip(tmp_path, "one", user="alice", password="secret", video_codecs=None, tone_hz=440,
+                 video_size=(352, 288)) as one, \
+            Baresip(tmp_path, "two", user="alice", password="secret", video_codecs=None, tone_hz=660,
+                    video_size=(320, 240)) as two:
+        for ua in (one, two):
+            ua.dial(f"sip:meet@127.0.0.1:{port}")
+            ua.wait_event("CALL_ESTABLISHED", timeout=10)
+        calls_up(b, 2)
+        one.wait_video_frames(20, timeout=15)
+        two.wait_video_frames(20, timeout=15)
+        pid = b.services()["sip"]["pid"]
+        os.kill(pid, signal.SIGKILL)       # its calls come back with their sessions; its routes were in memory
+        killed = time.monotonic()
+        rx = (one.video_stats().rx_frames, two.video_stats().rx_frames)
+        wait_for(lambda: one.video_stats().rx_frames >= rx[0] + 10 and two.video_stats().rx_frames >= rx[1] + 10,
+                 15, "both phones decoding each other again")
+        back = time.monotonic() - killed
+        assert b.services()["sip"]["pid"] != pid
+        assert one.video_stats().rx_size == (320, 240) and two.video_stats().rx_size == (352, 288)
+        routes = {r["target"]: r for r in b.call("bridge.status", {"room": "meet"})["routes"]}
+        assert all(r["sent"] for r in routes.values())
+        print(f"bridge over a SIP restart: pictures again {back:.2f} s after SIGKILL")
+        one.hangup()
+        two.hangup()
 
 
 def test_a_vp8_browser_peer_and_an_h264_phone_meet_through_the_transcodes(box, tmp_path):

@@ -56,6 +56,7 @@ class BridgedRoom:
         self.refused: list[str] = []
         self.routes: dict[Key, Route] = {}         # (target, slot) -> its route; slot 1 is the target's own
         self.sent: dict[Key, tuple[str, str]] = {}
+        self.sent_at: dict[Key, float] = {}
         self.pending: set[Key] = set()
         self.pinned = ""
         self.policy = ""                      # '' the config's
@@ -83,6 +84,13 @@ class BridgedRoom:
             if before.get(m.id, m.joined) != m.joined:     # (by: bridge) are gone, so they are sent again
                 for key in [k for k in self.sent if k[0] == m.id]:
                     del self.sent[key]
+        # what the transports say they send: a route they lost (a SIP service restarted and took its calls back:
+        # the session and its `since` go on, the routes it kept in memory do not) is sent again
+        observed = _sending(sessions)
+        shows_in = 2 * self.host.config.hub.heartbeat_interval + 0.5    # a route accepted shows in a heartbeat
+        for key, want in list(self.sent.items()):
+            if now - self.sent_at.get(key, now) > shows_in and observed.get(key, ("", "")) != want:
+                del self.sent[key]
         if members != self.members:
             self.members = members
             self.apply()
@@ -191,6 +199,7 @@ class BridgedRoom:
                 return
             self.host.m.commands.labels("ok").inc()
             self.sent[key] = want
+            self.sent_at[key] = time.monotonic()
             if seen is not None and target not in self._timed and slot == 1:
                 self._timed.add(target)
                 self.host.m.join.observe(time.monotonic() - seen)
@@ -275,6 +284,23 @@ class BridgedRoom:
         for path in ("pass-through", "transcode", "grid", "blocked", "replaced", "waiting", "asking", "none"):
             self.host.m.routes.labels(self.name, path).set(0)
         self.host.m.participants.labels(self.name).set(0)
+
+
+def _sending(sessions: list[dict[str, Any]]) -> dict[Key, tuple[str, str]]:
+    """(video, audio) each session's send tracks say they carry, by (session, slot)."""
+    out: dict[Key, tuple[str, str]] = {}
+    for s in sessions:
+        for t in s.get("tracks", []):
+            if t.get("direction") != "send":
+                continue
+            slot = int(t.get("slot", 1))
+            video, audio = out.get((s["session"], slot), ("", ""))
+            if t.get("kind") == "audio":
+                audio = str(t.get("stream", ""))
+            else:
+                video = str(t.get("stream", ""))
+            out[(s["session"], slot)] = (video, audio)
+    return out
 
 
 def _name(key: Key) -> str:

@@ -63,7 +63,7 @@ class Bridge(Service):
         self.loop.add_reader(self.sub.sock, self._events)
         self.on_stop(self._close_rooms, "the bridged rooms")
         self.loop.every(REFRESH, self.refresh)
-        self.loop.every(TICK, self._tick)
+        self._clock_on = False          # the 20 ms clock runs only while a room mixes or composes
         self.loop.every(1.0, self._second)
         args = {"room": str}
         self.offer("bridge.on", self.cmd_on, "bridge a room (args: room)", args=args, required=("room",))
@@ -203,31 +203,45 @@ class Bridge(Service):
         self.loop.add_reader(g.fileno(), g.pump)
         g.next_at = time.monotonic()
         self.sessions_changed()
+        self._start_clock()
         return g
 
     def make_mixer(self, room: str) -> Any:
         from services.bridge.mixer import Mixer
         mixer = Mixer(room, prefix=self.prefix, registry=self.registry, log=self.log)
         self.loop.add_reader(mixer.fileno(), mixer.pump)
+        self._start_clock()
         return mixer
 
     def drop_media(self, media: Any) -> None:
         self.loop.remove_reader(media.fileno())
         media.close()
 
+    def _start_clock(self) -> None:
+        if not self._clock_on:
+            self._clock_on = True
+            self._next_tick = time.monotonic()
+            self.loop.call_later(0.0, self._tick)
+
     def _tick(self) -> None:
+        if not any(r.mixer is not None or r.grids for r in self.rooms.values()):
+            self._clock_on = False      # two-party rooms and pass-through cost the bridge no wakeups
+            return
         now = time.monotonic()
         if now - self._next_tick > 1.0:         # a stall (the machine, a debugger): no burst of catch-up ticks
             self._next_tick = now
-        while self._next_tick <= now:           # the mix runs on the clock, whatever the loop's jitter
-            self._next_tick += TICK
-            for room in list(self.rooms.values()):
-                room.tick(now)
-        for room in self.rooms.values():
-            for g in room.grids.values():
-                if now >= g.next_at:
-                    g.next_at = max(g.next_at + 1.0 / self.cfg.grid_fps, now - 0.5)
-                    g.tick()
+        try:
+            while self._next_tick <= now:       # the mix runs on the clock, whatever the loop's jitter
+                self._next_tick += TICK
+                for room in list(self.rooms.values()):
+                    room.tick(now)
+            for room in self.rooms.values():
+                for g in room.grids.values():
+                    if now >= g.next_at:
+                        g.next_at = max(g.next_at + 1.0 / self.cfg.grid_fps, now - 0.5)
+                        g.tick()
+        finally:                                # the clock goes on whatever one tick met
+            self.loop.call_later(max(0.0, self._next_tick - time.monotonic()), self._tick)
 
     def _second(self) -> None:
         """A quiet source's transcode notices its producer died, and says its rate (pump does it while items flow)."""
