@@ -626,3 +626,21 @@ def test_box_collector_empty_and_missing_help():
     box.snapshots = {"a": [family]}
     assert collected(box)["edgeroom_h"].documentation == ""
     assert "# HELP edgeroom_h \n" in scrape(box)
+
+
+def test_an_async_loop_closed_right_after_a_task_finished_closes_cleanly():
+    """A task done but still in the loop's set (its done-callback not yet run) once made close() hand asyncio.wait
+    an empty set, and the service exit with status 1 ("Set of Tasks/Futures is empty")."""
+
+    from services.runtime.aioloop import AsyncLoop
+    loop = AsyncLoop()
+
+    async def quick() -> None:
+        return None
+
+    task = loop.spawn(quick())
+    loop.aio.call_soon(loop.aio.stop)                    # the loop stops in the turn the task finishes in:
+    loop.aio.run_forever()                               # its done-callback is left for the next turn
+    assert task.done() and loop._tasks
+    loop.close()                                         # raised ValueError before the fix
+    assert loop.aio.is_closed()

@@ -168,8 +168,11 @@ class AsyncLoop:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            self.aio.run_until_complete(asyncio.wait(self._tasks, timeout=2.0))
+        # a task that just finished is still in the set until its done-callback runs (inside the wait below):
+        # waiting on a copy of the unfinished ones never hands asyncio.wait an empty set
+        pending = {t for t in self._tasks if not t.done()}
+        if pending:
+            self.aio.run_until_complete(asyncio.wait(pending, timeout=2.0))
         for signum in self.signal_handlers:
             self.aio.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_DFL)
