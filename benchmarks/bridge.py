@@ -36,7 +36,10 @@ to capture time; forwarded payloads compared byte for byte) and the latency and 
     to bI and bI's to aI (`ctl bridge cI` says pass-through). The sender sends one stream into
     aI and one into bI; the receiver is both peers (aI's peer gets bI's stream, bI's gets
     aI's). Once with the default pacing (pacing_kbps = 20000), once without (1000000), as
-    rtp.py does: pacing spreads a keyframe's packets over ~8 ms, which is the tail;
+    rtp.py does: pacing spreads a keyframe's packets over ~8 ms, which is the tail.
+    `[services.rtp] start_timeout = 120`: 40 and more rtp@ interpreters started at once on 2
+    cores are not all ready within the default 15 s, and the supervisor would kill and restart
+    them together (measured: at 20-22 calls on a loaded minute; the sweep is about forwarding);
   - transcode: the same call, with bI's peer offering VP8 only (its SDP: `m=video ... 97`,
     `a=rtpmap:97 VP8/90000`): the bridge decodes aI's H.264 and encodes it in VP8
     (`aI-to-vp8`, its software or probed encoder at `[bridge] transcode_kbps`, 1000 kbit/s
@@ -63,9 +66,10 @@ to capture time; forwarded payloads compared byte for byte) and the latency and 
   /proc/PID/stat in exact units; 10 ms ticks cannot see the bridge's few ms):
   rtp@* + bridge (pass-through, transcode), rtp@* (forward), rtp@* + decode@* + encode@*
   (naive), the relay. The bridge process is also shown alone.
-* Targets: pass-through adds at most 2 ms p99 over the relay (packet latency, one call);
-  at least 4x as many calls as the naive path.
-* Time: --quick ~1 minute (calls up to 2); a full run ~4-5 minutes (calls up to 24).
+* Targets: pass-through adds at most 2 ms p99 over the relay (packet latency, one call; at
+  the default pacing, the verdict, and with pacing off, beside it); at least 4x as many calls
+  as the naive path.
+* Time: --quick ~1 minute (calls up to 2); a full run ~4 minutes (calls up to 32).
 """
 from __future__ import annotations
 
@@ -110,6 +114,7 @@ TARGET_CALLS_RATIO = 4.0                   # at least this many times the naive 
 VP8_PT = 97
 READY_S = 120.0                            # a box of many calls takes a while to start on 2 cores
 ROUTED_S = 30.0                            # the bridge has routed every call
+HUB_S = 15.0                               # the hub's answer, once the box is up (a loaded 2-core machine is slow)
 
 
 @dataclass
@@ -124,7 +129,7 @@ class Plan:
                         relay_at_best=False)
 
 
-FULL = Plan(seconds=8.0, warmup_s=2.0, max_calls=24, check_naive=True)
+FULL = Plan(seconds=8.0, warmup_s=2.0, max_calls=32, check_naive=True)
 QUICK = Plan(seconds=3.0, warmup_s=1.0, max_calls=2, check_naive=False)
 
 
@@ -149,6 +154,9 @@ class BridgeBox(BenchBox):
         self.calls, self.vp8 = calls, vp8
         lines = ["[services.vision]\nenabled = false", "[services.recorder]\nenabled = false",
                  "[sources]",   # none of the default camera: the calls only
+                 # 40+ rtp@ interpreters started at once on 2 cores take longer than the default 15 s to be ready;
+                 # the supervisor would kill and restart the whole herd (the sweep measures forwarding, not that)
+                 f"[services.rtp]\nstart_timeout = {READY_S:g}",
                  '[bridge]\nenabled = true\nrooms = "*"']
         for i, (pa, pb) in enumerate(ports):
             sdp_b = vp8_sdp(pb) if vp8 else rtp.peer_sdp(pb)
@@ -197,7 +205,7 @@ def scrape(url: str) -> dict:
     """{(sample name, reason or ''): value} of the box's edgeroom_rtp_ / route_ / bridge_ samples."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with urllib.request.urlopen(url, timeout=HUB_S) as resp:
         text = resp.read().decode()
     out: dict = {}
     for fam in text_string_to_metric_families(text):
@@ -259,10 +267,11 @@ def run_bridge_row(path: str, calls: int, plan: Plan, clip: dict, tmp: Path, tag
         one = rooms["c1"]
         rec["routes_c1"] = [{k: x[k] for k in ("target", "source", "video", "path", "codec", "note")}
                             for x in one["routes"]]
-        video_ports = {c: box.client.call("sdp", {"session": c})["ports"]["video"]["rtp"] for c in box.streams}
+        video_ports = {c: box.client.call("sdp", {"session": c}, timeout=HUB_S)["ports"]["video"]["rtp"]
+                       for c in box.streams}
         inputs = [f"a{i + 1}" for i in range(calls)] if vp8 else box.streams
         dests = [video_ports[c] for c in inputs] + relay_ports
-        pids = {r["service"]: r["pid"] for r in box.status()["services"] if r.get("pid")}
+        pids = {r["service"]: r["pid"] for r in box.client.call("status", timeout=HUB_S)["services"] if r.get("pid")}
         rtp_pids = [pid for svc, pid in pids.items() if svc.startswith("rtp@")]
         bridge_pids = [pid for svc, pid in pids.items() if svc == "bridge"]
         measured = rtp_pids + bridge_pids
@@ -330,7 +339,7 @@ def run_bridge_row(path: str, calls: int, plan: Plan, clip: dict, tmp: Path, tag
         rec["rtcp_from_box"] = dict(rx.rtcp_kinds)
         rec["box_socket_drops"] = rtp.udp_drops(dests[:n])
         try:
-            st1 = box.client.call("bridge.status", {"room": "c1"})
+            st1 = box.client.call("bridge.status", {"room": "c1"}, timeout=HUB_S)
             rec["transcodes_c1"] = [{k: v for k, v in t.items() if not isinstance(v, (dict, list))}
                                     for t in st1.get("transcodes", [])]
         except ControlError as exc:
@@ -344,8 +353,17 @@ def run_bridge_row(path: str, calls: int, plan: Plan, clip: dict, tmp: Path, tag
                                   "edgeroom_bridge_transcode_dropped_frames_total")}
         rec["warnings"] = box.warning_lines()[:6]
         why = []
-        if rec["missing_units"]:
-            why.append(f"{rec['missing_units']} of {rec['sent_units']} units did not come out whole")
+        differ = rec.get("differing_units") or 0
+        if rec["missing_units"] - differ > 0:
+            why.append(f"{rec['missing_units'] - differ} of {rec['sent_units']} units did not come out whole")
+        if differ:
+            text = f"{differ} of {rec['sent_units']} units came out but not as the unit sent at their capture time"
+            late = rec.get("sender_late_p99_ms")
+            if late is not None and late > rtp.LAT_BOUND_MS / 2:
+                # the box takes a sender that falls behind for a slow clock (its capture times creep up to follow
+                # it), so units are traced to the wrong frame: the machine is out of CPU, not only the box
+                text += f" (the sender ran {late:.0f} ms behind its schedule, p99: the machine is saturated)"
+            why.append(text)
         if rec["receiver_dropped"]:
             why.append(f"the receiver's sockets dropped {rec['receiver_dropped']} (the machine, not the box)")
         if rec["box_socket_drops"]:
@@ -362,6 +380,8 @@ def run_bridge_row(path: str, calls: int, plan: Plan, clip: dict, tmp: Path, tag
         rec["failure"] = f"{type(exc).__name__}: {exc}"
         rec["sustained"] = False
         rec["why"] = "failed"
+        if box is not None:
+            rec["warnings"] = box.warning_lines()[:12]
         log(f"   FAILED: {rec['failure'][:2000]}")
         return rec
     finally:
@@ -627,6 +647,15 @@ def targets(rows: list[dict], plan: Plan) -> list[tuple[str, str, str]]:
         out.append(("PASS" if added <= TARGET_ADDED_MS else "FAIL",
                     f"pass-through adds at most {TARGET_ADDED_MS:g} ms p99 over the relay (packet latency, one call, "
                     f"pacing_kbps = {rtp.DEFAULT_PACING_KBPS}, the default)", detail))
+        free_row = row_of(rows, "pass-through", pacing_kbps=rtp.NO_PACING_KBPS)
+        if free_row is not None and free_row.get("added_packet_p99_ms") is not None:
+            fa = free_row["added_packet_p99_ms"]
+            out.append(("PASS" if fa <= TARGET_ADDED_MS else "FAIL",
+                        f"pass-through adds at most {TARGET_ADDED_MS:g} ms p99 over the relay with pacing off "
+                        f"(packet latency, one call, pacing_kbps = {rtp.NO_PACING_KBPS})",
+                        f"{fa:+.2f} ms (p99 {free_row['packet_p99_ms']:.2f} ms, the relay's stream beside it "
+                        f"{free_row['relay_beside']['packet_p99_ms']:.2f} ms; p50 {free_row['packet_p50_ms']:.2f} ms, "
+                        f"{free_row.get('added_packet_p50_ms', 0):+.2f} ms)"))
     best, n_naive = s["calls_pass_through"], s["calls_naive"]
     row = next((r for r in sweep_rows(rows) if r["calls"] == best), None)
     detail = f"{best} bridged call(s) sustained"
@@ -647,7 +676,9 @@ def targets(rows: list[dict], plan: Plan) -> list[tuple[str, str, str]]:
         e = naive_row.get("capacity_estimate_calls") if naive_row else None
         if e:
             detail += f"; against the naive path's CPU estimate ({e:.1f} calls) {best / e:.1f}x"
-        out.append(("PASS" if ratio >= TARGET_CALLS_RATIO else "FAIL",
+        if capped and ratio < TARGET_CALLS_RATIO:
+            detail += f"; the cap (--max-calls {plan.max_calls}) holds the count down: no verdict"
+        out.append(("PASS" if ratio >= TARGET_CALLS_RATIO else "INFO" if capped else "FAIL",
                     f"at least {TARGET_CALLS_RATIO:g}x as many two-party calls as the naive path (bridged: zero loss "
                     f"and packet p99 within one frame interval; naive: zero loss)",
                     f"{'at least ' if capped else ''}{ratio:.1f}x: " + detail))
@@ -698,7 +729,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="S = 3, calls up to 2 (ends within ~2 minutes)")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     ap.add_argument("--seconds", type=float, help="the measured window per row (default 8, --quick 3)")
-    ap.add_argument("--max-calls", type=int, help="the sweep's cap on two-party calls (default 24, --quick 2)")
+    ap.add_argument("--max-calls", type=int, help="the sweep's cap on two-party calls (default 32, --quick 2)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.seconds is not None:

@@ -104,5 +104,6 @@ def test_quick_run_measures_every_row(tmp_path):
     verdicts = {t["target"].split(" (")[0]: t["verdict"] for t in res["targets"]}
     assert verdicts.get("pass-through adds at most 2 ms p99 over the relay") in ("PASS", "FAIL"), verdicts
     assert verdicts.get("pass-through adds at most 2 ms p99 over the relay with pacing off") in ("PASS", "FAIL")
-    assert verdicts.get("at least 4x as many two-party calls as the naive path") in ("PASS", "FAIL"), verdicts
+    # --quick caps the calls at 2: "INFO" (no verdict) when the cap holds the ratio below the target
+    assert verdicts.get("at least 4x as many two-party calls as the naive path") in ("PASS", "FAIL", "INFO"), verdicts
     assert "## targets" in r.stdout and "| bridge pass-through (a -> bus -> b, routes only) | 1 |" in r.stdout
