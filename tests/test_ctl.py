@@ -44,6 +44,11 @@ dir = "{dir}/rec"
 record = ""
 fragment_seconds = 0.5
 max_disk_share = 0.0
+[services.bridge]
+restart_sec = 0.2
+[bridge]
+enabled = true
+rooms = "phones"
 [rtp.phone]
 room = "phones"
 decode = false
@@ -55,7 +60,7 @@ a=fmtp:96 packetization-mode=1
 a=sendonly
 '''
 """
-SERVICES = ("hub", "capture@cam", "vision", "recorder", "rtp@phone", "supervisor")
+SERVICES = ("hub", "capture@cam", "vision", "recorder", "rtp@phone", "bridge", "supervisor")
 DOOR = {"kind": "synthetic", "width": 160, "height": 120, "fps": 2.0, "encode": "raw", "room": "hall"}
 DOOR_ARGS = ["kind=synthetic", "width=160", "height=120", "fps=2", "encode=raw", "room=hall"]
 MOCK_DESCRIPTION = re.compile(r"^a .+ 320x240 picture \(mean brightness \d+\)$")
@@ -528,6 +533,21 @@ def _tools(b: Box, ctl, as_json: bool) -> None:
     assert ctl("tools", "list_streams").startswith("cam: video")
 
 
+def _bridge(b: Box, ctl, as_json: bool) -> None:
+    """Room phones is bridged; its only session is the RTP call, alone: nothing to route, its config's routes apply."""
+    wait_for(lambda: b.call("bridge.status", {}).get("rooms"), 10, "room phones bridged")
+    if as_json:
+        [room] = json.loads(ctl("bridge", "--json"))["rooms"]
+        assert room["room"] == "phones" and [m["session"] for m in room["members"]] == ["phone"]
+        one = json.loads(ctl("bridge", "phones", "--json"))
+        assert one["routes"] == [] and one["policy"] == "speaker" and one["refused"] == []
+        return
+    [row] = parse_table(ctl("bridge"), "ROOM")
+    assert (row["ROOM"], row["POLICY"], row["BRIDGED"], row["REFUSED"]) == ("phones", "speaker", "1", "0")
+    out = ctl("bridge", "phones")
+    assert out.startswith("room phones: policy speaker, 1 bridged") and "no routes (fewer than two sessions)" in out
+
+
 CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = {
     ("status",): _status, ("streams",): _streams, ("rooms",): _rooms, ("sessions",): _sessions,
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
@@ -539,7 +559,7 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("screen", "list"): _screen_list, ("screen", "monitors"): _screen_refused("monitors"),
     ("screen", "click"): _screen_refused("click", "10", "10"), ("screen", "type"): _screen_refused("type", "hi"),
     ("screen", "keys"): _screen_refused("keys", "enter"), ("screen", "scroll"): _screen_refused("scroll", "--dy", "1"),
-    ("tools",): _tools,
+    ("tools",): _tools, ("bridge",): _bridge,
 }
 
 
@@ -571,8 +591,8 @@ def test_the_ctl_modules_import_each_other_only_through_hubcall():
     import ast
 
     here = Path(services.cli.__file__).parent
-    for name in ("ctl", "ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "hubcall", "boxconfig",
-                 "tables"):
+    for name in ("ctl", "ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "ctl_bridge", "hubcall",
+                 "boxconfig", "tables"):
         tree = ast.parse((here / f"{name}.py").read_text())
         top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
         inner = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in top]
@@ -580,7 +600,8 @@ def test_the_ctl_modules_import_each_other_only_through_hubcall():
         cli = {a.name for n in top if isinstance(n, ast.ImportFrom) and n.module == "services.cli" for a in n.names}
         cli |= {n.module.rsplit(".", 1)[1] for n in top if isinstance(n, ast.ImportFrom)
                 and (n.module or "").startswith("services.cli.")}
-        allowed = {"ctl": {"ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "hubcall", "tables"},
+        allowed = {"ctl": {"ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "ctl_bridge", "hubcall",
+                           "tables"},
                    "hubcall": {"boxconfig"}}.get(
             name, {"hubcall", "tables"})
         assert cli <= allowed, f"services/cli/{name}.py imports {sorted(cli - allowed)} of services.cli"

@@ -158,3 +158,17 @@ def test_a_file_cannot_make_a_keyframe_and_says_when_its_next_is_due(box, tmp_pa
     with pytest.raises(CommandFailed) as info:
         b.call("keyframe", {"stream": "nope"})
     assert info.value.code == "not_found"
+
+
+def test_a_request_just_after_a_keyframe_was_made_for_another_is_served_by_it():
+    """The encoder answers within a frame: a second reader's request that comes after the IDR went out, but within
+    min_interval, costs no second IDR (the answer does not depend on which came first)."""
+    r, timers, made, reg = _requests()
+    assert r.request("cam", "loss")["how"] == "idr"
+    r.keyframe("cam")                                            # the IDR is on the bus before the next request
+    timers.advance(0.1)
+    assert r.request("cam", "join") == {"made": True, "how": "recent", "throttled": True, "waiting": 0.0}
+    assert len(made) == 1 and "cam" not in r.pending
+    timers.advance(0.5)
+    assert r.request("cam", "join")["how"] == "idr", "past min_interval a request makes one again"
+    assert reg.get_sample_value("edgeroom_keyframe_requests_total", {"stream": "cam", "outcome": "throttled"}) == 1.0

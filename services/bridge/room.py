@@ -131,6 +131,8 @@ class BridgedRoom:
                     d = self.gate.decide((route.source, target), self._hook_data(route), cfg.hook_recheck)
                     route = _decided(route, d)
                 final[(target, route.slot)] = route
+        if len(ins) < 2:
+            final = {}     # alone in the room: nothing to forward, the config's routes apply (a hold slate, say)
         self.gate.forget(live)
         self._media(ins, final)
         self.routes = final

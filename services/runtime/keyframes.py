@@ -10,8 +10,10 @@ to its peer) keeps a `KeyframeRequests`:
     requests.request("cam", "loss")      # from the offer: sends now, or is throttled
     requests.keyframe("cam")             # when the keyframe goes onto the bus: satisfied
 
-* a request makes one now unless one was made less than `min_interval` (0.5 s) ago: many
-  readers asking at once cost one keyframe (counted as `throttled`);
+* a request makes one now unless one was made less than `min_interval` (0.5 s) ago, pending
+  or already on the bus: many readers asking at once cost one keyframe (counted as
+  `throttled`; `how` is `pending`, or `recent` when it went out already: a reader that
+  missed it asks again, as RouteReader does once a second while it waits);
 * a request stays pending until a keyframe of that stream is put on the bus; while
   pending it is made again every `repeat` seconds (a peer's PLI lost on the way), at
   most `max_tries` times, then given up (counted);
@@ -61,6 +63,7 @@ class KeyframeRequests:
         self.loop, self.make, self.clock = loop, make, clock
         self.min_interval, self.repeat, self.max_tries = min_interval, repeat, max_tries
         self.pending: dict[str, _Pending] = {}
+        self.made_at: dict[str, float] = {}      # when one was last asked of the maker, per stream
         self.m_requests = Counter("edgeroom_keyframe_requests", "Keyframe requests a producer got, by stream and "
                                   "outcome (requested, sent, throttled, given_up).", ["stream", "outcome"],
                                   registry=registry)
@@ -78,6 +81,12 @@ class KeyframeRequests:
         if p is not None and now - p.sent_at < self.min_interval:
             self.m_requests.labels(stream, "throttled").inc()
             return {"made": True, "how": "pending", "throttled": True, "waiting": round(now - p.since, 3)}
+        made = self.made_at.get(stream)
+        if p is None and made is not None and now - made < self.min_interval:
+            # one made for a request moments ago went out already (an encoder answers within a frame): it serves
+            # this one too, as it would have had it come a moment earlier; a reader that missed it asks again
+            self.m_requests.labels(stream, "throttled").inc()
+            return {"made": True, "how": "recent", "throttled": True, "waiting": 0.0}
         if p is None:
             p = self.pending[stream] = _Pending(now, now, 0)
             self.loop.call_later(self.repeat, lambda: self._again(stream))
@@ -85,6 +94,7 @@ class KeyframeRequests:
 
     def _send(self, stream: str, p: _Pending, now: float) -> str:
         p.sent_at, p.tries = now, p.tries + 1
+        self.made_at[stream] = now
         self.m_requests.labels(stream, "sent").inc()
         return self.make(stream)
 
