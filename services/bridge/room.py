@@ -51,7 +51,6 @@ def members_of(sessions: list[dict[str, Any]]) -> list[Member]:
 class BridgedRoom:
     def __init__(self, name: str, host: Any) -> None:
         self.name, self.host = name, host
-        cfg = host.cfg
         self.members: list[Member] = []
         self.refused: list[str] = []
         self.routes: dict[Key, Route] = {}         # (target, slot) -> its route; slot 1 is the target's own
@@ -68,7 +67,6 @@ class BridgedRoom:
         self.gate = HookGate(self._ask_hook, self.apply, lambda d, r: host.m.hook.labels(d, r).inc())
         self.seen_at: dict[str, float] = {}   # member -> when the bridge first heard of it
         self._timed: set[str] = set()         # members whose first routes were timed (edgeroom_bridge_route_seconds)
-        self.cfg = cfg
 
     # ------------------------------------------------------------ membership
     def update(self, sessions: list[dict[str, Any]]) -> None:

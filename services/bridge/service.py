@@ -54,7 +54,6 @@ class Bridge(Service):
         self.path = state_dir(self.config) / FILE
         self.commanded: dict[str, dict[str, Any]] = self._read()
         self.rooms: dict[str, BridgedRoom] = {}
-        self.media_metrics: dict[str, Any] = {}
         self._asking = False
         self._again = False
         self._next_tick = time.monotonic()
