@@ -55,8 +55,8 @@ def test_defaults_are_the_documented_ones():
     assert cfg.hub == HubConfig(heartbeat_interval=1.0, stale_after=5.0, session_grace=10.0,
                                 metrics_listen="127.0.0.1:9750")
     assert cfg.hooks == {"BEFORE_BRIDGE_VIDEO": HookConfig(0.5, "allow"), "ON_VISION_RESULT": HookConfig(2.0, "allow")}
-    assert list(cfg.services) == ["hub", "capture", "rtp", "sip", "webrtc", "decode", "vision", "encode", "recorder",
-                                  "bridge", "mcp"]
+    assert list(cfg.services) == ["hub", "capture", "rtp", "sip", "webrtc", "decode", "vision", "avatar", "encode",
+                                  "recorder", "bridge", "mcp"]
     assert all(s == ServiceConfig() for s in cfg.services.values())
     assert cfg.sources == {"synthetic": SourceConfig(width=1280, height=720, fps=30.0)}
     assert load(env={}) == cfg
@@ -209,7 +209,7 @@ def test_to_dict_is_plain_json():
          "heartbeat_interval, stale_after, session_grace, metrics_listen"),
         ("[services.capture]\nwatchdog = 3", "services.capture.watchdog", "enabled, restart, restart_sec"),
         ("[services.camera]", "services.camera",
-         "hub, capture, rtp, sip, webrtc, decode, vision, encode, recorder, bridge, mcp"),
+         "hub, capture, rtp, sip, webrtc, decode, vision, avatar, encode, recorder, bridge, mcp"),
         ("[hooks.before_bridge_video]", "hooks.before_bridge_video", "BEFORE_BRIDGE_VIDEO, ON_VISION_RESULT"),
         ("[hooks.ON_AUDIO]\ndeadline = 1", "hooks.ON_AUDIO", "BEFORE_BRIDGE_VIDEO, ON_VISION_RESULT"),
         ("[sources.cam1]\nformat = 'rgb'", "sources.cam1.format",
@@ -230,7 +230,7 @@ def test_unknown_keys_are_rejected_with_the_known_ones(text, key, known):
 def test_unknown_top_level_key_message_is_exact():
     assert str(error("colour = 1")) == (
         "<string>: colour: unknown key (known: box, log, bus, control, hub, hooks, services, sources, rtp, sip, "
-        "webrtc, vision, pipelines, encoders, recorder, bridge, mcp)")
+        "webrtc, vision, pipelines, avatar, avatars, encoders, recorder, bridge, mcp)")
 
 
 def test_every_service_name_is_accepted_with_field_defaults():
@@ -382,7 +382,8 @@ def test_services_and_hooks_merge_while_sources_replace():
     assert cfg.services == {"hub": ServiceConfig(), "capture": replace(ServiceConfig(), watchdog_sec=3.0),
                             "rtp": ServiceConfig(), "sip": ServiceConfig(), "webrtc": ServiceConfig(),
                             "decode": ServiceConfig(), "vision": ServiceConfig(), "encode": ServiceConfig(),
-                            "recorder": ServiceConfig(), "bridge": ServiceConfig(), "mcp": ServiceConfig()}
+                            "recorder": ServiceConfig(), "bridge": ServiceConfig(), "mcp": ServiceConfig(),
+                            "avatar": ServiceConfig()}
     assert cfg.hooks["ON_VISION_RESULT"] == HookConfig(deadline=2.0, on_timeout="block")
     assert cfg.hooks["BEFORE_BRIDGE_VIDEO"] == HookConfig()
     assert cfg.sources == {"cam1": SourceConfig(fps=25.0)}
@@ -421,8 +422,8 @@ def test_env_may_add_a_source_but_no_service():
     assert cfg.sources == {"synthetic": SourceConfig(), "cam2": SourceConfig(width=640)}
     e = env_error({"EDGEROOM_SERVICES__TELEPORTER__ENABLED": "true"})
     assert str(e) == ("env EDGEROOM_SERVICES__TELEPORTER__ENABLED: services.teleporter: "
-                      "unknown key (known: hub, capture, rtp, sip, webrtc, decode, vision, encode, recorder, bridge, "
-                      "mcp)")
+                      "unknown key (known: hub, capture, rtp, sip, webrtc, decode, vision, avatar, encode, recorder, "
+                      "bridge, mcp)")
     # every service has its table: the environment can switch one off without the file
     assert loads("", env={"EDGEROOM_SERVICES__VISION__ENABLED": "false"}).services["vision"].enabled is False
     assert loads("[services.vision]", env={"EDGEROOM_SERVICES__VISION__NICE": "5"}).services["vision"].nice == 5

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from framebus.formats import PIXEL_FORMATS
+
 __all__ = ["Member", "Names", "Route", "TRANSCODABLE", "plan"]
 
 TRANSCODABLE = ("h264", "vp8")       # what the bridge can encode
@@ -36,10 +38,16 @@ class Member:
     accepts: tuple[str, ...] | None = None   # video codecs its send track takes; () any; None: it takes nothing
     joined: float = 0.0              # when it started (the session's `since`)
     video_tracks: int = 1            # video tracks it takes (a WebRTC room call that offered more: slots 2, 3, ...)
+    takes_raw: bool = False          # its send track takes raw pictures too (a WebSocket client)
 
     @property
     def target(self) -> bool:
         return self.accepts is not None
+
+    @property
+    def raw(self) -> bool:
+        """Its video is raw pictures (an avatar, a raw camera): a codec is made for a target that takes none."""
+        return self.codec in PIXEL_FORMATS
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,13 @@ def _codec_for(target: Member, source: Member) -> tuple[str, str, str]:
     assert target.accepts is not None
     if not source.codec:
         return "waiting", "", f"waiting for {source.id}'s video codec (its first access unit)"
-    if not target.accepts or source.codec in target.accepts:
+    if source.raw and not target.takes_raw:
+        codec = next((c for c in (target.accepts or TRANSCODABLE) if c in TRANSCODABLE), "")
+        if codec:
+            return "transcode", codec, f"{source.id} sends raw pictures ({source.codec}), {target.id} takes " \
+                                       f"{', '.join(target.accepts) or 'encoded video'}"
+        return "none", "", f"{target.id} takes {', '.join(target.accepts)}: nothing the bridge can make"
+    if not target.accepts or source.codec in target.accepts or (source.raw and target.takes_raw):
         return "pass-through", source.codec, ""
     for codec in target.accepts:
         if codec in TRANSCODABLE:

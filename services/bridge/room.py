@@ -43,8 +43,9 @@ def members_of(sessions: list[dict[str, Any]]) -> list[Member]:
         if not (v_stream or a_stream or codecs is not None):
             continue
         tracks = accepts.get("video_tracks", 1) if isinstance(accepts, dict) else 1
+        raw_ok = bool(accepts.get("raw_video")) if isinstance(accepts, dict) else False
         out.append(Member(s["session"], video=v_stream, codec=v_codec, audio=a_stream, accepts=codecs,
-                          joined=float(s.get("since", 0.0)), video_tracks=max(1, int(tracks))))
+                          joined=float(s.get("since", 0.0)), video_tracks=max(1, int(tracks)), takes_raw=raw_ok))
     return out
 
 

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from services.cli import ctl_bridge, ctl_call, ctl_media, ctl_screen, ctl_tools, ctl_vision, hubcall, tables
+from services.cli import ctl_avatar, ctl_bridge, ctl_call, ctl_media, ctl_screen, ctl_tools, ctl_vision, hubcall, tables
 from services.control.client import Client, CommandFailed, HubUnreachable, Subscriber
 from services.runtime import config as configuration
 
@@ -114,3 +114,4 @@ def add_parser(sub) -> None:
     ctl_screen.add_parsers(ctl_sub)   # screen click|type|keys|scroll|monitors|list
     ctl_tools.add_parsers(ctl_sub)    # tools: the agent tools as OpenAI function schemas, and running one
     ctl_bridge.add_parsers(ctl_sub)   # bridge [ROOM], on|off|pin|policy|recheck
+    ctl_avatar.add_parsers(ctl_sub)   # avatar list|start|stop|say

@@ -1,0 +1,1 @@
+"""edgeroom-avatar: talking faces driven by an audio stream of the bus, as sessions of rooms (docs/avatar.md)."""
