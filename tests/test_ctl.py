@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import wave
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import services.cli
 from services.capture.cameras import list_cameras
 from tests.appliance import Box, Transport, wait_for
 from tests.conftest import shm_leftovers
+from tests.test_avatar_units import write_face
 
 BOX = """
 [services.vision]
@@ -49,6 +51,11 @@ restart_sec = 0.2
 [bridge]
 enabled = true
 rooms = "phones"
+[services.avatar]
+restart_sec = 0.2
+[avatar]
+enabled = true
+backoff_max = 1.0
 [rtp.phone]
 room = "phones"
 decode = false
@@ -60,7 +67,7 @@ a=fmtp:96 packetization-mode=1
 a=sendonly
 '''
 """
-SERVICES = ("hub", "capture@cam", "vision", "recorder", "rtp@phone", "bridge", "supervisor")
+SERVICES = ("hub", "capture@cam", "vision", "recorder", "rtp@phone", "bridge", "avatar", "supervisor")
 DOOR = {"kind": "synthetic", "width": 160, "height": 120, "fps": 2.0, "encode": "raw", "room": "hall"}
 DOOR_ARGS = ["kind=synthetic", "width=160", "height=120", "fps=2", "encode=raw", "room=hall"]
 MOCK_DESCRIPTION = re.compile(r"^a .+ 320x240 picture \(mean brightness \d+\)$")
@@ -548,6 +555,82 @@ def _bridge(b: Box, ctl, as_json: bool) -> None:
     assert out.startswith("room phones: policy speaker, 1 bridged") and "no routes (fewer than two sessions)" in out
 
 
+def _face(b: Box) -> Path:
+    path = b.dir / "face.png"
+    if not path.exists():
+        write_face(path, (96, 96))
+    return path
+
+
+def _avatar(b: Box, name: str = "host") -> None:
+    """An avatar in room hall whose provider is down (nothing listens on port 9): idle faces, the error shown."""
+    if not [a for a in b.call("avatar.list")["avatars"] if a["name"] == name]:
+        b.call("avatar.start", {"name": name, "room": "hall", "image": str(_face(b)), "size": "96x96",
+                                "url": "http://127.0.0.1:9", "timeout": 0.5})
+    wait_for(lambda: [a for a in b.call("avatar.list")["avatars"] if a["name"] == name and a["state"] == "backoff"],
+             10, "the provider found down")
+
+
+def _avatar_list(b: Box, ctl, as_json: bool) -> None:
+    _avatar(b)
+    try:
+        out = ctl("avatar", "list", *(["--json"] if as_json else []))
+    finally:
+        b.call("avatar.stop", {"name": "host"})      # the box's other cases count its streams
+    if as_json:
+        [a] = [a for a in json.loads(out)["avatars"] if a["name"] == "host"]
+        assert (a["room"], a["provider"], a["state"]) == ("hall", "websocket", "backoff")
+        assert "127.0.0.1:9" in a["problem"] and a["errors"] >= 1 and a["frames"]["idle"] > 0
+        return
+    [row] = [r for r in parse_table(out, "NAME") if r["NAME"] == "host"]
+    assert (row["ROOM"], row["STATE"], row["VOICE"], row["SIZE"]) == ("hall", "backoff", "(pushed)", "96x96")
+    assert int(row["IDLE"]) > 0 and "127.0.0.1:9" in row["PROBLEM"]
+    assert "providers: anam (" in out and "websocket (" in out and "musetalk (" in out
+
+
+def _avatar_start(b: Box, ctl, as_json: bool) -> None:
+    try:
+        out = ctl("avatar", "start", "hall", "--name", "greeter", "--image", str(_face(b)), "--size", "64x64",
+                  "--url", "http://127.0.0.1:9", "--audio", "cam-audio", *(["--json"] if as_json else []))
+        [s] = wait_for(lambda: [s for s in b.call("sessions", {"room": "hall"}) if s["session"] == "greeter"], 5,
+                       "the avatar's session at the hub")
+        assert s["kind"] == "avatar" and {t["stream"] for t in s["tracks"]} == {"greeter", "greeter-audio"}
+    finally:
+        b.call("avatar.stop", {"name": "greeter"})
+    if as_json:
+        got = json.loads(out)
+        assert (got["name"], got["room"], got["audio"], got["size"]) == ("greeter", "hall", "cam-audio", "64x64")
+        return
+    assert out == "avatar greeter in room hall: websocket, starting, face 64x64 on greeter, voice on " \
+                  "greeter-audio, driven by cam-audio\n", out
+
+
+def _avatar_stop(b: Box, ctl, as_json: bool) -> None:
+    _avatar(b, "leaving")
+    out = ctl("avatar", "stop", "leaving", *(["--json"] if as_json else []))
+    assert "leaving" not in {a["name"] for a in b.call("avatar.list")["avatars"]}
+    assert out == ('{\n  "name": "leaving",\n  "stopped": true\n}\n' if as_json else "avatar leaving stopped\n")
+
+
+def _avatar_say(b: Box, ctl, as_json: bool) -> None:
+    _avatar(b)
+    voice = b.dir / "voice.wav"
+    with wave.open(str(voice), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(16000))           # half a second of silence
+    try:
+        out = ctl("avatar", "say", "host", str(voice), *(["--json"] if as_json else []))
+    finally:
+        b.call("avatar.stop", {"name": "host"})
+    if as_json:
+        got = json.loads(out)
+        assert got["name"] == "host" and got["queued_s"] == 0.5 and 0.3 < got["waiting_s"] <= 0.5
+        return
+    assert re.fullmatch(r"avatar host: 0\.50 s of voice pushed, 0\.[345]\d s waiting\n", out), out
+
+
 CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = {
     ("status",): _status, ("streams",): _streams, ("rooms",): _rooms, ("sessions",): _sessions,
     ("metrics",): _metrics, ("hooks",): _hooks, ("commands",): _commands, ("events",): _events, ("call",): _call,
@@ -560,6 +643,8 @@ CASES: dict[tuple[str, ...], Callable[[Box, Callable[..., str], bool], None]] = 
     ("screen", "click"): _screen_refused("click", "10", "10"), ("screen", "type"): _screen_refused("type", "hi"),
     ("screen", "keys"): _screen_refused("keys", "enter"), ("screen", "scroll"): _screen_refused("scroll", "--dy", "1"),
     ("tools",): _tools, ("bridge",): _bridge,
+    ("avatar", "list"): _avatar_list, ("avatar", "start"): _avatar_start, ("avatar", "stop"): _avatar_stop,
+    ("avatar", "say"): _avatar_say,
 }
 
 
@@ -591,7 +676,8 @@ def test_the_ctl_modules_import_each_other_only_through_hubcall():
     import ast
 
     here = Path(services.cli.__file__).parent
-    for name in ("ctl", "ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "ctl_bridge", "hubcall",
+    for name in ("ctl", "ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "ctl_bridge", "ctl_avatar",
+                 "hubcall",
                  "boxconfig", "tables"):
         tree = ast.parse((here / f"{name}.py").read_text())
         top = {n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
@@ -600,8 +686,8 @@ def test_the_ctl_modules_import_each_other_only_through_hubcall():
         cli = {a.name for n in top if isinstance(n, ast.ImportFrom) and n.module == "services.cli" for a in n.names}
         cli |= {n.module.rsplit(".", 1)[1] for n in top if isinstance(n, ast.ImportFrom)
                 and (n.module or "").startswith("services.cli.")}
-        allowed = {"ctl": {"ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "ctl_bridge", "hubcall",
-                           "tables"},
+        allowed = {"ctl": {"ctl_media", "ctl_vision", "ctl_call", "ctl_screen", "ctl_tools", "ctl_bridge", "ctl_avatar",
+                           "hubcall", "tables"},
                    "hubcall": {"boxconfig"}}.get(
             name, {"hubcall", "tables"})
         assert cli <= allowed, f"services/cli/{name}.py imports {sorted(cli - allowed)} of services.cli"
