@@ -57,6 +57,15 @@ def test_every_vision_provider_is_in_the_providers_page():
     assert set(providers.names()) == {"mock", "openai", "gemini"}
 
 
+def test_every_avatar_provider_is_in_the_avatar_page_and_the_config_accepts_it():
+    from services.avatar import providers as avatars
+    page = _doc("avatar.md")
+    for name in avatars.names():
+        assert f"| `{name}` |" in page, f"docs/avatar.md has no row for the avatar provider {name!r}"
+        configuration.loads(f'[avatars.a]\nimage = "f.jpg"\nprovider = "{name}"\nurl = "http://127.0.0.1:1"\n', env={})
+    assert set(avatars.names()) == {"websocket", "anam", "musetalk"}
+
+
 def test_every_sync_hook_and_command_family_is_in_the_protocol_page():
     protocol = _doc("protocol.md")
     configuration.defaults()
