@@ -40,9 +40,11 @@ def tone_file(path: Path, seconds: float = 6.0) -> Path:
     return path
 
 
-def avatar_box(box, tmp_path: Path, server_url: str, *, avatar: str | None = None, more: str = ""):
+def avatar_box(box, tmp_path: Path, server_url: str, *, avatar: str | None = None, section: str = "",
+               more: str = ""):
     """A box with the WebRTC service, the bridge (room meet), the tone file in room backstage and the avatar
-    service: `avatar` is its [avatars.*] tables (None: host, driven by the tone file; "": none)."""
+    service: `avatar` is its [avatars.*] tables (None: host, driven by the tone file; "": none), `section` more
+    keys of [avatar]."""
     loopback_ice()
     face = write_face(tmp_path / "face.png")
     tone_file(tmp_path / "tone.mkv")
@@ -54,7 +56,7 @@ def avatar_box(box, tmp_path: Path, server_url: str, *, avatar: str | None = Non
             "[services.avatar]\nrestart_sec = 0.2\nwatchdog_sec = 5.0\nstop_timeout = 3.0\n"
             f'[webrtc]\nenabled = true\nport = 0\naddress = "127.0.0.1"\nice_addresses = "127.0.0.1"\n'
             f'tokens = "test:{TOKEN}"\n[bridge]\nenabled = true\nrooms = "meet"\n[avatar]\nenabled = true\n'
-            f"{table}\n{more}")
+            f"{section}\n{table}\n{more}")
     b.config.write_text(b.config.read_text().replace('on_timeout = "block"', 'on_timeout = "allow"'))
     b.set_source("tone", f'kind = "file"\npath = "{tmp_path / "tone.mkv"}"\nloop = true\naudio = true\n'
                          'decode = false\nroom = "backstage"\n')
@@ -104,7 +106,7 @@ def arrival_of(seen: dict, pts: int | None, near: int = 1920) -> float | None:
     return at
 
 
-async def _watch(track: MediaStreamTrack, got: Caller) -> None:
+async def _watch(track: MediaStreamTrack, got: Caller, mouth) -> None:
     seen = got.arrivals[track.kind]
     while True:
         try:
@@ -115,15 +117,16 @@ async def _watch(track: MediaStreamTrack, got: Caller) -> None:
         if track.kind == "video":
             rgb = frame.to_ndarray(format="rgb24")
             got.sizes.add((rgb.shape[1], rgb.shape[0]))
-            got.pictures.append((at, mouth_opening(rgb)))
+            got.pictures.append((at, mouth(rgb)))
         else:
             pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype(np.float64)
             got.sound.append((at, float(np.sqrt(np.mean(pcm ** 2))), frame.sample_rate, len(pcm)))
             got.pcm.append(pcm)
 
 
-async def call_in(url: str, seconds: float, before_hangup=None) -> Caller:
-    """A room call into meet (it sends a colour and a quiet tone, as a person would), watching for `seconds`."""
+async def call_in(url: str, seconds: float, before_hangup=None, mouth=mouth_opening) -> Caller:
+    """A room call into meet (it sends a colour and a quiet tone, as a person would), watching for `seconds`;
+    `mouth(rgb)` reads how open the face's mouth is."""
     got = Caller()
     peer = await connect(url, "/rooms/meet/call?session=caller", TOKEN, send=(ColourTrack((30, 200, 30)),
                          ToneTrack(300.0, 0.01)), keep=2)
@@ -132,7 +135,7 @@ async def call_in(url: str, seconds: float, before_hangup=None) -> Caller:
     for r in peer.pc.getReceivers():
         if r.track is not None:
             stamp_arrivals(r, got)
-            peer.tasks.append(asyncio.ensure_future(_watch(r.track, got)))
+            peer.tasks.append(asyncio.ensure_future(_watch(r.track, got, mouth)))
     await until(lambda: got.pictures and got.sound, 10, "the avatar's pictures and voice at the caller")
     await asyncio.sleep(seconds)
     if before_hangup is not None:
@@ -152,6 +155,14 @@ def onsets(times: list[float], on: list[bool], min_gap: float = 0.6) -> list[flo
                 out.append(t)
             last_on = t
     return out
+
+
+def heard_hz(got: Caller) -> float:
+    """The strongest frequency of the last 3 s the caller heard."""
+    rate = got.sound[-1][2]
+    pcm = np.concatenate(got.pcm[-150:])
+    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+    return float(np.argmax(spectrum[1:]) + 1) * rate / len(pcm)
 
 
 def lip_sync(got: Caller) -> tuple[list[float], list[float], list[float]]:
@@ -191,11 +202,7 @@ def test_a_caller_sees_the_mouth_follow_a_tone_file_and_hears_it_in_sync(box, tm
     opened = [o for _, o in got.pictures if o > 0.5]
     closed = [o for _, o in got.pictures if o < 0.1]
     assert len(opened) > 20 and len(closed) > 40
-    # the caller hears the tone (and not its own 300 Hz)
-    rate = got.sound[-1][2]
-    pcm = np.concatenate(got.pcm[-150:])
-    spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
-    assert abs(np.argmax(spectrum[1:]) * rate / len(pcm) - HZ) < 10
+    assert abs(heard_hz(got) - HZ) < 10, "the caller hears the tone (and not its own 300 Hz)"
     # the bridge transcodes the avatar's raw pictures for the caller, and sends the avatar's voice as it is
     [route] = [r for r in routes if r["target"] == "caller"]
     assert route["source"] == "host" and route["path"] == "transcode" and route["audio"] == "host-audio"

@@ -26,6 +26,7 @@ from services.avatar.providers import Settings, kinds
 from services.avatar.spec import NAME_PATTERN, parse_size
 from services.control.protocol import ProtocolError
 from services.runtime import config as configuration
+from services.runtime.schema import parse_list
 from services.runtime.service import AsyncService
 from services.runtime.state import Overlay, state_dir
 
@@ -54,6 +55,9 @@ class AvatarService(AsyncService):
         except ImportError as exc:
             raise RuntimeError(f"the avatar service needs the media extra ({exc.name} is missing): pip install "
                                "'edgeroom[media,webrtc]'") from None
+        if self.config.avatar.ice_addresses:    # a WebRTC provider (anam) on this box or a known interface
+            from services.webrtc.peer import limit_host_addresses
+            limit_host_addresses(parse_list(self.config.avatar.ice_addresses))
         self.m = AvatarMetrics(self.registry)
         self.prefix = self.config.bus.prefix
         self.avatars: dict[str, Avatar] = {}

@@ -59,6 +59,9 @@ class AvatarSection:
                                "held: the most an avatar delays its voice.", LIVE, min=0.05, max=5.0)
     backoff_max: float = setting(30.0, "Longest wait, in seconds, between two tries to start a provider that failed "
                                  "(1 s, doubling).", LIVE, min=1.0, max=3600.0)
+    ice_addresses: str = setting("", "The local addresses ICE offers to a WebRTC provider (anam) as host candidates "
+                                 "('' every interface but loopback; '127.0.0.1' for a provider on the box).",
+                                 RESTART)
     push_limit: float = setting(60.0, "Seconds of pushed voice (avatar.say) an avatar keeps waiting; more is refused.",
                                 LIVE, min=1.0, max=600.0)
 
