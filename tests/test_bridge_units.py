@@ -138,3 +138,22 @@ def test_a_target_with_several_video_tracks_gets_each_other_member_on_its_own():
     assert plan(members[:1] + members[3:])["d"].slots == (), "with one other member there is nothing more to show"
     two = plan([m("a"), Member("d", "d", "h264", "d-audio", ("h264",), video_tracks=2), m("b")], speaker="a")
     assert [r.source for r in two["d"].slots] == ["b"]
+
+
+def test_raw_pictures_are_transcoded_for_a_target_that_takes_no_raw_and_pass_to_one_that_does():
+    """An avatar (or a raw camera) sends rgb24 pictures: a phone gets the bridge's H.264 of them, a peer that takes
+    any encoded video gets one too (raw pictures are no encoded video), a WebSocket client takes them as they are."""
+    avatar = Member("host", video="host", codec="rgb24", audio="host-audio")
+    phone = Member("phone", video="phone", codec="h264", audio="phone-audio", accepts=("h264",))
+    any_encoded = Member("whep", accepts=())
+    ws = Member("ws", accepts=("h264",), takes_raw=True)
+    for target, path, video, codec in ((phone, "transcode", "host-to-h264", "h264"),
+                                       (any_encoded, "transcode", "host-to-h264", "h264"),
+                                       (ws, "pass-through", "host", "rgb24")):
+        r = plan([avatar, target])[target.id]
+        assert (r.source, r.path, r.video, r.codec, r.audio) == ("host", path, video, codec, "host-audio"), r
+    assert "host" not in plan([avatar, phone]), "an avatar takes nothing"
+    [m] = members_of([{"session": "ws", "accepts": {"video": ["h264"], "raw_video": True}, "tracks": []}])
+    assert m.takes_raw and m.accepts == ("h264",)
+    vp8 = Member("browser", accepts=("vp8",))
+    assert plan([avatar, vp8])["browser"].video == "host-to-vp8"

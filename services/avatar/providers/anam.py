@@ -39,8 +39,8 @@ lacks a field, or a signalling message that is not JSON, `garbage`. After start,
 peer connection or a track that ends is `closed`, a failed ICE/DTLS connection `down`, reported once through
 `outputs.on_error`.
 
-ICE: host candidates are the ones aioice offers (every interface but loopback, or `[webrtc] ice_addresses` where
-the process limits them); Anam's TURN servers come with the session. The client libraries (aiohttp, aiortc, av)
+ICE: host candidates are the ones aioice offers (every interface but loopback, or `[avatar] ice_addresses`, which
+the avatar service sets for its process); Anam's TURN servers come with the session. The client libraries (aiohttp, aiortc, av)
 are imported at start, so the box's config loads on the core without them.
 """
 from __future__ import annotations
