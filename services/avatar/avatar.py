@@ -112,25 +112,13 @@ class Turn:
     ending: float = 0.0               # when end_turn was sent (0: not yet)
 
 
-class _Null:
-    def inc(self, *_: Any) -> None:
-        pass
-
-    def observe(self, *_: Any) -> None:
-        pass
-
-    def labels(self, *_: Any) -> _Null:
-        return self
-
-
 class Avatar:
     def __init__(self, spec: AvatarSpec, *, face: Face, reference: Rgb, prefix: str, metrics: AvatarMetrics,
                  timing: Timing, log: logging.Logger) -> None:
         self.spec, self.face, self.reference = spec, face, reference
         self.prefix, self.m, self.timing, self.log = prefix, metrics, timing, log
         self.throttled = Throttled(log, 10.0)
-        null = _Null()
-        self.sink = Sink(spec.name, prefix, SinkMetrics(null, null, null, null, null, null, null))
+        self.sink = Sink(spec.name, prefix, SinkMetrics.uncounted())    # the avatar's own metrics count
         self.provider: AvatarProvider | None = None
         self.paired = True
         self.rate = 16000

@@ -97,19 +97,6 @@ FULL_SCALE = 32768.0
 Pcm = npt.NDArray[np.int16]
 
 
-class _Null:
-    """The sink metrics a mix does not use (video frames, bytes, keyframes, latency, drops, rebases)."""
-
-    def inc(self, *_: Any) -> None:
-        pass
-
-    def observe(self, *_: Any) -> None:
-        pass
-
-    def labels(self, *_: Any) -> _Null:
-        return self
-
-
 class MixerMetrics:
     """The bridge audio metrics of one registry (every room's mixer shares them: `for_registry`)."""
 
@@ -371,8 +358,7 @@ class _Target:
         self.mixer, self.pid, self.name = mixer, pid, name
         m, labels = mixer.metrics, (mixer.room, pid)
         self.m_frames, self.m_errors = m.frames.labels(*labels), m.output_errors.labels(*labels)
-        null = _Null()
-        self.sink = Sink(name, mixer.prefix, SinkMetrics(null, null, null, null, null, self.m_frames, null))
+        self.sink = Sink(name, mixer.prefix, SinkMetrics.uncounted(audio_chunks=self.m_frames))
         self.frames = self.errors = 0
         self.pts = 0
         self.retry_at = 0.0

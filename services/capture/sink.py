@@ -51,6 +51,19 @@ MIN_AU_SLOT = 256 * 1024
 MAX_AU_SLOT = 32 * 1024 * 1024
 
 
+class _Uncounted:
+    """A metric child that counts nothing (what a sink's owner does not count)."""
+
+    def inc(self, *_: object) -> None:
+        pass
+
+    def observe(self, *_: object) -> None:
+        pass
+
+    def labels(self, *_: object) -> _Uncounted:
+        return self
+
+
 @dataclass
 class SinkMetrics:
     """The stream's metric children (services/capture/service.py makes them)."""
@@ -61,6 +74,13 @@ class SinkMetrics:
     dropped: object       # labels(reason)
     audio_chunks: object
     rebases: object
+
+    @classmethod
+    def uncounted(cls, **counted: object) -> SinkMetrics:
+        """Every child a no-op but those given (`audio_chunks=...`): a sink whose owner counts on its own."""
+        none = _Uncounted()
+        return cls(**{**dict.fromkeys(("frames", "bytes", "keyframes", "latency", "dropped", "audio_chunks",
+                                       "rebases"), none), **counted})
 
 
 # readers an encoded or audio ring takes: every call it is routed to reads it (a SIP call each), beside decode,

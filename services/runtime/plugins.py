@@ -14,7 +14,7 @@ import os
 import pkgutil
 import threading
 
-__all__ = ["discover", "spec_modules"]
+__all__ = ["discover", "import_entries", "spec_modules"]
 
 _ROOT = "services"
 _lock = threading.Lock()
@@ -42,3 +42,20 @@ def discover() -> None:
             for name in spec_modules():
                 importlib.import_module(name)
             _done = True
+
+
+_imported: set[str] = set()
+_entries_lock = threading.RLock()     # apart from discover()'s: a spec module may ask for its registry's entries
+
+
+def import_entries(package: str, path: list[str], skip: tuple[str, ...] = ("base",)) -> None:
+    """Import every module of a registry package (capture's source kinds, the vision and avatar providers) once,
+    in name order: each module registers its entry when imported, so nothing keeps a list of them."""
+    if package in _imported:
+        return
+    with _entries_lock:
+        if package not in _imported:
+            for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
+                if info.name not in skip:
+                    importlib.import_module(f"{package}.{info.name}")
+            _imported.add(package)

@@ -8,9 +8,6 @@ A provider is one module of this package that registers its class with
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from services.avatar.providers.base import (
     PROVIDERS,
     REASONS,
@@ -23,21 +20,15 @@ from services.avatar.providers.base import (
     Unavailable,
     avatar_provider,
 )
+from services.runtime.plugins import import_entries
 
 __all__ = ["REASONS", "AvatarError", "AvatarProvider", "Face", "Outputs", "ProviderKind", "Settings", "Unavailable",
            "avatar_provider", "kinds", "names", "open_provider"]
 
-_FOUND = False
-
 
 def kinds() -> dict[str, ProviderKind]:
     """Every provider, by name (the modules of this package, imported once)."""
-    global _FOUND
-    if not _FOUND:
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-            if info.name != "base":
-                importlib.import_module(f"{__name__}.{info.name}")
-        _FOUND = True
+    import_entries(__name__, __path__)
     return dict(sorted(PROVIDERS.items()))
 
 

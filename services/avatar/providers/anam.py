@@ -40,8 +40,8 @@ peer connection or a track that ends is `closed`, a failed ICE/DTLS connection `
 `outputs.on_error`.
 
 ICE: host candidates are the ones aioice offers (every interface but loopback, or `[avatar] ice_addresses`, which
-the avatar service sets for its process); Anam's TURN servers come with the session. The client libraries (aiohttp, aiortc, av)
-are imported at start, so the box's config loads on the core without them.
+the avatar service sets for its process); Anam's TURN servers come with the session. The client libraries
+(aiohttp, aiortc, av) are imported at start, so the box's config loads on the core without them.
 """
 from __future__ import annotations
 

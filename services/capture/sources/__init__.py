@@ -6,8 +6,6 @@ documented keys in config/edgeroom.toml and its page in docs/capture.md; a test 
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from services.capture.sources.base import (
@@ -20,21 +18,15 @@ from services.capture.sources.base import (
     SourceKind,
     source_kind,
 )
+from services.runtime.plugins import import_entries
 
 __all__ = ["Emit", "EncodedSourceConfig", "Source", "SourceConfig", "SourceError", "SourceKind", "config_classes",
            "kinds", "open_source", "source_kind"]
 
-_FOUND = False
-
 
 def kinds() -> dict[str, SourceKind]:
     """Every source kind, by name, in the order their modules sort."""
-    global _FOUND
-    if not _FOUND:
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-            if info.name != "base":
-                importlib.import_module(f"{__name__}.{info.name}")
-        _FOUND = True
+    import_entries(__name__, __path__)
     order = ["synthetic", *sorted(k for k in KINDS if k != "synthetic")]  # the default kind first
     return {name: KINDS[name] for name in order if name in KINDS}
 

@@ -15,10 +15,9 @@ loads without the ai extra.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
+from services.runtime.plugins import import_entries
 from services.vision.providers.base import (
     PROVIDERS,
     REASONS,
@@ -36,17 +35,10 @@ from services.vision.providers.base import (
 __all__ = ["REASONS", "SCHEMA_SYSTEM_PROMPT", "SYSTEM_PROMPT", "ProviderError", "ProviderKind", "ProviderMetrics",
            "RetryingProvider", "VisionProvider", "kinds", "names", "open_provider", "parse_answer", "provider"]
 
-_FOUND = False
-
 
 def kinds() -> dict[str, ProviderKind]:
     """Every provider, by name (the modules of this package, imported once)."""
-    global _FOUND
-    if not _FOUND:
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-            if info.name != "base":
-                importlib.import_module(f"{__name__}.{info.name}")
-        _FOUND = True
+    import_entries(__name__, __path__)
     return dict(sorted(PROVIDERS.items()))
 
 
