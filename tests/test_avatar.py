@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 from aiortc import MediaStreamTrack
 
+from services.control.client import CommandFailed
 from tests.appliance import metric_value, wait_for
 from tests.avatar_server import AvatarServer, mouth_opening
 from tests.test_avatar_units import write_face
@@ -245,6 +247,18 @@ def test_ctl_avatar_start_say_survives_a_sigkill_and_stop(box, tmp_path):
             return await task
 
         got = run(listen())
+        bad = {"pcm": "not base64!", "rate": 24000}, {"pcm": "AAAA", "rate": 24000}, {"pcm": "AAA=", "rate": 4}
+        for args, why in zip(bad, ("not base64", "not whole 1-channel s16 samples", "rate must be"), strict=True):
+            with pytest.raises(CommandFailed, match=why) as err:
+                b.call("avatar.say", {"name": "agent", **args})
+            assert err.value.code == "bad_args"
+        for args, why in (({"image": str(tmp_path / "none.png")}, "none.png: No such file"),
+                          ({"image": str(face), "provider": "hologram"}, "provider: unknown avatar provider"),
+                          ({"image": str(face), "size": "13x7"}, "size: "),
+                          ({"image": str(face), "url": "ws://x"}, "url: the websocket provider needs")):
+            with pytest.raises(CommandFailed, match=why):
+                b.call("avatar.start", {"room": "meet", "name": "bad", "url": server.url, **args})
+        assert [a["name"] for a in b.call("avatar.list")["avatars"]] == ["agent"]
         opened = [o for _, o in got.pictures if o > 0.5]
         assert len(opened) >= 15, "the pushed voice moved the mouth"
         assert got.sizes == {(128, 128)}

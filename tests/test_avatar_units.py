@@ -22,7 +22,7 @@ from services.avatar.face import load_face
 from services.avatar.metrics import AvatarMetrics
 from services.avatar.providers import AvatarError, Outputs, Settings, open_provider
 from services.avatar.providers.websocket import decode_frame, encode_frame
-from services.avatar.voice import PushedVoice
+from services.avatar.voice import BusVoice, PushedVoice
 from tests.avatar_server import AvatarServer, face_picture, mouth_opening
 
 RATE = 16000
@@ -320,4 +320,26 @@ def test_pushed_voice_drives_the_face_in_real_time(prefix, tmp_path, server):
         opened = [t for ns, o, t in r.pictures if o > 0.5]
         assert opened and opened[0] - t0 < 0.3 and opened[-1] - opened[0] > 0.6
     finally:
+        r.close()
+
+
+def test_a_voice_stream_that_carries_pictures_is_counted_and_the_face_goes_on(prefix, tmp_path, server):
+    r = Rig(prefix, tmp_path, server, audio="")
+    wrong = framebus.Producer.create("pictures-audio", "video", payload=64 * 64 * 3, slots=4, prefix=prefix)
+    try:
+        r.avatar.voice = BusVoice("pictures-audio", prefix=prefix, rate=r.avatar.rate,
+                                  on_drop=r.avatar._voice_dropped)
+        wait_ready(r)
+        for _ in range(3):
+            loan = wrong.loan_picture(64, 64, "rgb24")
+            loan.send(pts=0, time_base=(1, 90000), capture_ns=time.monotonic_ns())
+            r.avatar._on_voice()
+        r.pictures.clear()
+        r.run(0.4)
+        assert r.metric("edgeroom_avatar_voice_dropped_total", reason="wrong_kind") == 3
+        assert len(r.pictures) >= 8 and r.avatar.turn is None, "idle faces go on; no turn began"
+    finally:
+        r.avatar.voice.close()
+        r.avatar.voice = None
+        wrong.close()
         r.close()
