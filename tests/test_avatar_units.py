@@ -343,3 +343,24 @@ def test_a_voice_stream_that_carries_pictures_is_counted_and_the_face_goes_on(pr
         r.avatar.voice = None
         wrong.close()
         r.close()
+
+
+def test_frames_a_finished_turn_still_owes_are_not_taken_for_the_next_turns(prefix, tmp_path, server):
+    """A loud turn ends (its voice stops for turn_gap) while a slow server still owes its frames; a quiet turn
+    follows at once: every frame that goes out with the quiet turn's voice has its mouth shut."""
+    r = Rig(prefix, tmp_path, server, timing=Timing(turn_gap=0.1, max_delay=1.0))
+    try:
+        wait_ready(r)
+        server.delay = 0.05
+        r.speak(tone(0.3))
+        r.run(0.15)                                   # the voice pauses: the turn ends, its frames still coming
+        quiet_from = time.monotonic_ns()
+        r.speak(np.zeros(int(0.6 * RATE), np.int16))
+        r.run(1.2)
+        chunk_at = {ns for ns, _, _ in r.chunks if ns >= quiet_from}
+        quiet = [o for ns, o, _ in r.pictures if ns in chunk_at]
+        assert len(quiet) >= 10 and max(quiet) < 0.1, quiet
+        assert r.metric("edgeroom_avatar_turns_total") == 2
+        assert r.metric("edgeroom_avatar_dropped_frames_total", reason="unpaired") == 0
+    finally:
+        r.close()

@@ -131,6 +131,7 @@ class Avatar:
         self.turn: Turn | None = None
         self.pending: deque[Slice] = deque()
         self.next_index = 0               # the next slice of the turn to go out
+        self.owed = 0                     # frames a finished turn still has coming: not the next turn's
         self.voice: BusVoice | None = None
         self.pushed: PushedVoice | None = None
         self.upsample = Resampler(OUT_RATE)
@@ -223,6 +224,7 @@ class Avatar:
             if idle.shape == self.reference.shape:
                 self.idle = idle
             self.ready, self.state, self.problem, delay = True, "ready", "", 1.0
+            self.owed = 0
             self.counts["connects"] += 1
             self.m.connects.labels(self.spec.name).inc()
             self.m.up.labels(self.spec.name).set(1)
@@ -319,9 +321,13 @@ class Avatar:
         self._publish(self.idle, s, "idle")
 
     def _finish_turn(self) -> None:
-        """The turn is over: whatever still waits goes out now, in order."""
+        """The turn is over: whatever still waits goes out now, in order. Frames the provider still owes it are
+        dropped when they come (they would be taken for the next turn's)."""
+        t = self.turn
         while self.pending:
             self._publish(self.last, self.pending.popleft(), "held")
+        if t is not None and t.fed and self.ready:
+            self.owed += max(0, t.made - t.frames)
         self.turn = None
         self.next_index = 0
 
@@ -329,6 +335,10 @@ class Avatar:
     def _on_frame(self, rgb: Rgb) -> None:
         if not self.paired:
             self._publish(rgb, None, "provider")
+            return
+        if self.owed:
+            self.owed -= 1
+            self._drop("late")
             return
         t = self.turn
         if t is None:
