@@ -26,7 +26,7 @@ from tests.appliance import metric_value, wait_for
 from tests.avatar_server import AvatarServer, mouth_opening
 from tests.test_avatar_units import write_face
 from tests.test_bridge import TOKEN, base_url, run, until
-from tests.webrtc_peers import ColourTrack, ToneTrack, connect, loopback_ice
+from tests.webrtc_peers import ColourTrack, ToneTrack, close, connect, loopback_ice
 
 BURST, PERIOD, HZ = 0.5, 1.5, 440.0
 VOICE_RMS = 32768 * 10 ** (-30 / 20)     # -30 dBFS: where the reference server's mouth is half open
@@ -273,3 +273,22 @@ def test_ctl_avatar_start_say_survives_a_sigkill_and_stop(box, tmp_path):
         assert json.loads(ctl("stop", "agent", "--json")) == {"name": "agent", "stopped": True}
         wait_for(lambda: not b.call("sessions", {"room": "meet"}), 5, "the avatar's session gone")
         assert server.starts >= 2
+
+
+def test_without_the_bridge_the_encode_service_makes_the_face_playable(box, tmp_path):
+    """The avatar's raw pictures through an encoder of the box ([encoders.NAME] input = the avatar), played with
+    WHEP: the way to a peer when no bridge routes the room."""
+    with AvatarServer(fps=25.0) as server:
+        b = avatar_box(box, tmp_path, server.url, more='[encoders.face]\ninput = "host"\ncodec = "h264"\n'
+                                                       '[services.encode]\nrestart_sec = 0.2\n')
+        b.wait_ready("encode@face", timeout=20)
+        url = base_url(b)
+
+        async def watch() -> list[float]:
+            peer = await connect(url, "/whep/face", TOKEN, keep=400)
+            await until(lambda: len(peer.frames) > 100, 15, "100 pictures of the encoded face")
+            await close(peer)
+            return [mouth_opening(f) for f in peer.frames]
+
+        openings = run(watch())
+    assert sum(o > 0.5 for o in openings) > 15 and sum(o < 0.1 for o in openings) > 30, openings

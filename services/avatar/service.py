@@ -96,10 +96,12 @@ class AvatarService(AsyncService):
         self.sessions_changed()
 
     def apply(self, new: Any, changes: list[Any]) -> list[str]:
+        """[avatar]'s timing applies at once to every avatar; an avatar's own table needs a restart (or `ctl
+        avatar stop` and `start`)."""
         self.config = new
         for a in self.avatars.values():
             a.timing = self.timing
-        return []
+        return [c.key for c in changes if not c.live]
 
     # ------------------------------------------------------------ avatars
     def _start(self, spec: AvatarSpec) -> Avatar:
