@@ -63,14 +63,16 @@ def test_a_phone_sees_the_mouth_open_with_the_tone_and_shut_in_the_silences_and_
     assert stats.rx_size == (256, 256), stats.raw
     [route] = [r for r in routes.values() if r["source"] == "host"]
     assert route["path"] == "transcode" and route["codec"] == "h264" and route["audio"] == "host-audio"
-    # open while the tone plays, shut in the silences: runs of open pictures as long as the bursts, a period apart
+    # open while the tone plays, shut in the silences: a third of the pictures open (BURST of every PERIOD), in
+    # runs no longer than a burst, a period apart (within what the phone's snapshots resolve)
+    assert len(times) >= 15, times
+    step = float(np.max(np.diff(times)))
     opened = runs([o > 0.5 for o in openings], times)
-    assert len(times) >= 20 and sum(o < 0.1 for o in openings) >= 8, (times, openings)
-    full = [r for r in opened if r[0] > times[0] and r[1] < times[-1]]
-    assert full, (opened, openings)
-    assert all(BURST - 0.25 < e - s < BURST + 0.25 for s, e in full), full
+    share = sum(o > 0.5 for o in openings) / len(openings)
+    assert abs(share - BURST / PERIOD) < 0.15 and sum(o < 0.1 for o in openings) >= 0.5 * len(openings), openings
+    assert len(opened) >= 2 and all(e - s < BURST + step for s, e in opened), (opened, step)
     starts = [s for s, _ in opened]
-    assert all(abs((b2 - b1) - PERIOD) < 0.25 for b1, b2 in zip(starts, starts[1:], strict=False)), starts
+    assert all(abs((b2 - b1) - PERIOD) < 0.15 + step for b1, b2 in zip(starts, starts[1:], strict=False)), starts
     # and hears it: the tone, with silences between
     rate, pcm = phone.received_audio()
     assert abs(tone_hz(pcm[-rate * 2:], rate) - HZ) < 15

@@ -104,3 +104,23 @@ def test_an_audio_route_that_switches_rate_and_layout_keeps_one_format_and_one_c
     assert pts[:3] == [0, 960, 1920] and all(b > a for a, b in zip(pts, pts[1:])), "one clock across switches"
     mono_as_stereo = frames[1].to_ndarray().reshape(-1, 2)
     assert (mono_as_stereo[:, 0] == tone).all() and (mono_as_stereo[:, 1] == tone).all()
+
+
+def test_audio_chunks_of_any_length_go_out_as_whole_20_ms_frames_each_with_its_own_timestamp():
+    """aiortc gives every packet of one recv() the same RTP timestamp: a 40 ms chunk (an avatar's slice, a file's
+    85 ms packet) handed as one frame went out as packets a receiver takes for duplicates. Frames are 20 ms."""
+    import numpy as np
+    track = BusAudioTrack(dropped=lambda reason, n: None)
+    ramp = (np.arange(1920 + 4080) % 30000).astype(np.int16)  # 40 ms, then 85 ms: samples that say their place
+    track.push(ramp[:1920].tobytes(), 48000, 1)
+    track.push(ramp[1920:].tobytes(), 48000, 1)
+    track.push(np.zeros(1600, np.int16).tobytes(), 16000, 1)  # 100 ms at 16 kHz, resampled
+
+    async def take(n):
+        return [await track.recv() for _ in range(n)]
+
+    frames = asyncio.new_event_loop().run_until_complete(take(10))
+    assert [f.samples for f in frames] == [960] * 10
+    assert [f.pts for f in frames] == [960 * i for i in range(10)]
+    left = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for f in frames[:6]])
+    assert (left == ramp[:5760]).all(), "in order, nothing lost or doubled at the chunks' seams"

@@ -12,13 +12,13 @@ room's callers (transcoded to what a phone takes), so nothing else needs to know
 
 **In step.** A *paired* provider (the WebSocket avatar, MuseTalk) makes `fps` frames per second of the audio
 it is fed, in order. The voice is cut into slices of one frame each (slice i: samples [i*rate/fps,
-(i+1)*rate/fps) of the turn) and fed at once; each slice waits until its frame comes back, then the frame and
-the slice go on the bus together, both stamped with the capture time of the slice's first sample (the voice's
-own clock: a stream's capture times, or a pushed voice's real-time clock; never a fixed step). A slice whose
-frame is `max_delay` late goes out with the last picture held (counted: `frames{kind="held"}`), and its frame
-is dropped when it comes (`dropped_frames{reason="late"}`): the voice is never held longer than max_delay,
-whatever the provider does. A *streamed* provider (Anam) sends its own audio and video back in step; they go
-on the bus as they come.
+(i+1)*rate/fps) of the turn), each fed as soon as it is whole (one message a frame). A slice waits until its
+frame comes back, then the frame and the slice go on the bus together, both stamped with the capture time of
+the slice's first sample (the voice's own clock: a stream's capture times, or a pushed voice's real-time
+clock; never a fixed step). A slice whose frame is `max_delay` late goes out with the last picture held
+(counted: `frames{kind="held"}`), and its frame is dropped when it comes (`dropped_frames{reason="late"}`):
+the voice is never held longer than max_delay, whatever the provider does. A *streamed* provider (Anam)
+sends its own audio and video back in step; they go on the bus as they come.
 
 **Turns.** A turn starts with the first voice after a silence of the stream (not of the sound: a stream of
 silence is a turn whose mouth stays closed) and ends `turn_gap` seconds after its last chunk: the provider is
@@ -30,8 +30,8 @@ last picture is repeated (`frames{kind="repeated"}`).
 
 **A provider that fails** (down, slow, garbage, the connection dropped) is counted by reason, shown in `ctl
 avatar list`, and started again with exponential backoff (1 s doubling to `backoff_max`); meanwhile the voice
-still goes out, at once, with the idle face. A turn started while the provider was down is never fed to it
-(its frames could not be paired); the next one is. `Unavailable` (no GPU, no model, no key) is not retried.
+still goes out, at once, with the idle face. When the provider is back, the voice of a turn it missed is fed
+from then on as a new turn (frames are paired within a turn). `Unavailable` (no GPU, no model, no key) is not retried.
 
 One owner: the service's asyncio loop. Nothing here blocks it.
 """
@@ -284,17 +284,25 @@ class Avatar:
             return
         now = time.monotonic()
         t = self.turn
+        up = self.ready and self.provider is not None
+        if t is not None and not t.fed and up:
+            # the provider came (back) during a turn it was not fed: a voice that never pauses (a file, a call)
+            # would never reach it. That turn ends here, its partial slice out as it is, and a fed one begins
+            if len(t.carry):
+                self._slice(t, t.carry, now)
+                t.carry = t.carry[:0]
+            self._finish_turn()
+            t = None
         if t is None or t.ending:
             if t is not None:           # a voice within the ending turn's flush: that turn is over for us
                 self._finish_turn()
-            t = self.turn = Turn(fed=self.ready and self.provider is not None, last_voice=now)
+            t = self.turn = Turn(fed=up, last_voice=now)
             self.counts["turns"] += 1
             self.m.turns.labels(self.spec.name).inc()
         t.last_voice = now
-        if t.fed and self.provider is not None:
-            self.provider.feed(pcm)
-            if not self.paired:
-                return                  # a streamed provider sends this voice back itself, in step
+        if t.fed and not self.paired and self.provider is not None:
+            self.provider.feed(pcm)     # a streamed provider sends this voice back itself, in step
+            return
         self._cut(t, pcm, capture_ns, now)
 
     def _cut(self, t: Turn, pcm: Pcm, capture_ns: int, now: float) -> None:
@@ -313,7 +321,10 @@ class Avatar:
         s = Slice(t.made, pcm, t.carry_ns, now)
         t.made += 1
         t.samples += len(pcm)
-        if t.fed and self.paired:
+        if t.fed and self.paired and self.provider is not None:
+            # fed a slice at a time: one message per frame (a frame cannot be made before its slice is whole, so
+            # this costs no latency; a 20 ms chunk a message would double what a server must answer)
+            self.provider.feed(pcm)
             self.pending.append(s)
             return
         while self.pending:             # the provider went away mid-turn: what waited goes first, in order

@@ -189,7 +189,8 @@ class BusVideoTrack(MediaStreamTrack):
 
 
 class BusAudioTrack(MediaStreamTrack):
-    """s16 PCM chunks of the bus as av.AudioFrames (aiortc encodes Opus, PCMU or PCMA), always 48 kHz stereo:
+    """s16 PCM chunks of the bus as av.AudioFrames (aiortc encodes Opus, PCMU or PCMA), always 48 kHz stereo in
+    whole 20 ms frames (whatever the chunks' length: a 40 ms chunk is two frames, each its own RTP timestamp):
     aiortc's encoder keeps one resampler for the track's life, which refuses a frame of another rate or layout, so
     a route that switches from a stereo stream to a mono one (the bridge's mix) or to a phone's 8 kHz would end
     the track's audio. 48 kHz stereo chunks (aiortc's own decode) go through as they are, mono ones are
@@ -197,6 +198,7 @@ class BusAudioTrack(MediaStreamTrack):
 
     kind = "audio"
     RATE = 48000
+    FRAME = 960                 # samples of one 20 ms frame: one Opus packet, one RTP timestamp
 
     def __init__(self, *, max_chunks: int = 25, dropped: Callable[[str, int], None]) -> None:
         super().__init__()
@@ -208,6 +210,7 @@ class BusAudioTrack(MediaStreamTrack):
         self._resampler: Any = None
         self._resampling: tuple[int, int] | None = None
         self._out: collections.deque[av.AudioFrame] = collections.deque()
+        self._carry = np.zeros(0, np.int16)        # interleaved stereo short of a whole frame
 
     def push(self, data: bytes, rate: int, channels: int) -> None:
         if self.readyState != "live":
@@ -234,18 +237,30 @@ class BusAudioTrack(MediaStreamTrack):
     def _convert(self, data: bytes, rate: int, channels: int) -> None:
         pcm = np.frombuffer(data, dtype=np.int16)
         if rate == self.RATE and channels in (1, 2):
-            stereo = pcm.reshape(1, -1) if channels == 2 else np.repeat(pcm, 2).reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
+            stereo = pcm if channels == 2 else np.repeat(pcm, 2)
+        else:
+            if self._resampling != (rate, channels):
+                self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=self.RATE)
+                self._resampling = (rate, channels)
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16",
+                                               layout="stereo" if channels == 2 else "mono")
+            frame.sample_rate = rate
+            parts = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+            stereo = np.concatenate(parts) if parts else pcm[:0]
+        self._frames(stereo)
+
+    def _frames(self, stereo: np.ndarray) -> None:
+        """Whole 20 ms frames out of interleaved stereo: aiortc sends what one recv() returns as one RTP
+        timestamp, so a 40 ms chunk handed as one frame went out as two Opus packets with the same timestamp,
+        and a receiver kept only the first (half the audio lost)."""
+        data = np.concatenate((self._carry, stereo)) if len(self._carry) else stereo
+        step = self.FRAME * 2
+        whole = len(data) - len(data) % step
+        for i in range(0, whole, step):
+            frame = av.AudioFrame.from_ndarray(data[i:i + step].reshape(1, -1), format="s16", layout="stereo")
             frame.sample_rate = self.RATE
             self._out.append(frame)
-            return
-        if self._resampling != (rate, channels):
-            self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=self.RATE)
-            self._resampling = (rate, channels)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16",
-                                           layout="stereo" if channels == 2 else "mono")
-        frame.sample_rate = rate
-        self._out.extend(self._resampler.resample(frame))
+        self._carry = data[whole:].copy()
 
     def stop(self) -> None:
         super().stop()
