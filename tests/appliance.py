@@ -47,8 +47,9 @@ encode = "raw"      # supervision tests: one capture process, pictures straight 
 OPT_IN = ("vision", "recorder")
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+def wait_for(predicate, timeout: float, what, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail with `what` (a string, or a function
+    that makes it then: a log read when the wait failed, not when it began) after `timeout`."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -59,6 +60,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         except (HubUnreachable, OSError, KeyError, ValueError) as exc:
             last_exc = exc
         time.sleep(interval)
+    what = what() if callable(what) else what
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_exc})")
 
 
@@ -128,7 +130,7 @@ class Box:
         def ready():
             rows = self.services()
             return rows if all(rows.get(i, {}).get("state") == "ready" for i in ids) else None
-        return wait_for(ready, timeout, f"{', '.join(ids)} ready; log:\n{self.log()[-3000:]}")
+        return wait_for(ready, timeout, lambda: f"{', '.join(ids)} ready; log:\n{self.log()[-3000:]}")
 
     def subscriber(self, *patterns: str) -> Subscriber:
         sub = Subscriber(self.events, list(patterns) or ["*"])

@@ -19,6 +19,24 @@ import framebus
 HERE = Path(__file__).parent
 BUSPROC = HERE / "busproc.py"
 _counter = itertools.count()
+# Test workers of the default run (pyproject.toml's addopts: -n auto --dist loadfile). Most tests
+# wait on child processes, sockets and timers, so two workers nearly halve the run on two cores.
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto`: serial (0 workers) when the marker expression may select a benchmark (they measure
+    the CPU and must have the machine to themselves: `-m bench`, or `-m ''`), else WORKERS;
+    PYTEST_XDIST_AUTO_NUM_WORKERS overrides WORKERS, `-n N` overrides both."""
+    from _pytest.mark.expression import Expression
+
+    expr = config.option.markexpr
+    if not expr or Expression.compile(expr).evaluate(lambda name, **kwargs: name == "bench"):
+        return 0
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None   # xdist's own hook reads it
+    return WORKERS
 
 
 def shm_leftovers(prefix: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Real SIP peers driven from pytest: baresip 1.0 user agents and SIPp 3.6 scenarios.
 
-Everything runs on loopback and every port is picked at run time (bind to port 0 and
-release). Nothing here knows the box's SIP service: tests aim these peers at it.
+Everything runs on loopback and every port is picked at run time (tests/ports.py: a port of
+this test worker's own, checked free; baresip's RTP ports come from the ephemeral range).
+Nothing here knows the box's SIP service: tests aim these peers at it.
 
 baresip 1.0 facts this module relies on (read from its source, tag v1.0.0, and seen here):
 - control: module `ctrl_tcp`, one TCP client at a time, netstring-framed JSON both ways.
@@ -46,6 +47,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.ports import EPHEMERAL, free_block, free_port, free_udp_block
+
 HERE = Path(__file__).parent
 SIPP_SCENARIOS = HERE / "sipp"
 BARESIP = shutil.which("baresip")
@@ -63,50 +66,14 @@ requires_sipp = pytest.mark.skipif(SIPP is None, reason="sipp is not installed (
 LOOPBACK = "127.0.0.1"
 
 
-# ---------------------------------------------------------------------------------------
-# ports
+# ports: free_port and free_udp_block (tests/ports.py) give ports of this test worker's own, outside
+# the kernel's ephemeral range, so a port picked here is not handed to anything else before its peer binds it
 
 
-def free_port(*, udp: bool = True, tcp: bool = False) -> int:
-    """A loopback port free right now for UDP (and TCP when asked), found by binding port 0."""
-    for _ in range(200):
-        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
-        with first:
-            first.bind((LOOPBACK, 0))
-            port = first.getsockname()[1]
-            if udp and tcp:
-                other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                with other:
-                    try:
-                        other.bind((LOOPBACK, port))
-                    except OSError:
-                        continue
-            return int(port)
-    raise RuntimeError("no free loopback port")
-
-
-def free_udp_block(count: int = 4) -> int:
-    """An even base port P with P..P+count-1 all free on UDP (RTP/RTCP pairs: audio P, video P+2)."""
-    for _ in range(200):
-        socks: list[socket.socket] = []
-        try:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(s)
-            s.bind((LOOPBACK, 0))
-            base = s.getsockname()[1]
-            if base % 2 or base + count > 65535:
-                continue
-            for p in range(base + 1, base + count):
-                t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(t)
-                t.bind((LOOPBACK, p))
-            return int(base)
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of UDP ports")
+def free_sip_port() -> int:
+    """A port for baresip's SIP (UDP and TCP): baresip also listens for SIP over TLS on the port after
+    it (tls: accept error, when a control client connects there instead), so both are free and taken."""
+    return free_block(2, udp=True, tcp=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,7 +176,8 @@ _CALL_STATES = {"CALL_INCOMING", "CALL_RINGING", "CALL_PROGRESS", "CALL_ESTABLIS
 class Baresip:
     """One headless baresip 1.0 user agent in its own directory, driven over ctrl_tcp.
 
-    It listens for SIP on 127.0.0.1:`sip_port` (UDP and TCP) and is called at `self.uri`.
+    It listens for SIP on 127.0.0.1:`sip_port` (UDP and TCP; and TLS on the port after it: see free_sip_port)
+    and is called at `self.uri`.
     With `user`/`password` it answers 401/407 challenges (MD5 only) when it dials.
     Media: the `ausine` tone (48 kHz stereo) and the `fakevideo` picture (three vertical bars,
     red | green | blue) are sent; received audio is dumped to WAV (sndfile), received video is
@@ -258,7 +226,7 @@ class Baresip:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.user = user or name
         self.password = password
-        self.sip_port = sip_port or free_port(udp=True, tcp=True)
+        self.sip_port = sip_port or free_sip_port()   # and sip_port + 1: SIP over TLS
         self.ctrl_port = free_port(udp=False, tcp=True)
         self.video = video
         self.tone_hz = tone_hz
@@ -324,6 +292,9 @@ class Baresip:
             ("auplay_srate", "48000"),
             ("auplay_channels", "2"),
             ("snd_path", "."),
+            # its RTP binds random ports of this range (its default, 1024-49152, takes in the ports
+            # tests/ports.py hands out for other peers to bind a moment later)
+            ("rtp_ports", f"{EPHEMERAL[0]}-{EPHEMERAL[1]}"),
             ("rtp_stats", "yes"),
             ("ringback_disabled", "yes"),
             ("menu_bell", "no"),

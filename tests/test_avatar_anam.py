@@ -5,7 +5,6 @@ and endsession go out, and every way it fails is the error the avatar service co
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from services.avatar.providers.anam import AnamProvider, Engine, signalling_url
 from services.avatar.providers.base import PROVIDERS, AvatarError, Face, Outputs, Settings, Unavailable
 from tests.anam_server import KEY, AnamServer, mouth_opening
+from tests.ports import closed_port
 
 KEY_ENV = "EDGEROOM_TEST_ANAM_KEY"
 FACE = Face(image=b"", width=256, height=192, fps=25.0)      # the server sends 320x240: the provider scales
@@ -281,9 +281,7 @@ def test_a_refusal_and_a_garbage_answer(server, key):
 
 
 def test_a_closed_port_is_down(key):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = f"http://127.0.0.1:{closed_port()}"     # nothing listens there (tests/ports.py)
     error = asyncio.run(failure(anam(url, Sink())))
     assert error.reason == "down" and url in str(error) and "session request" in str(error)
 

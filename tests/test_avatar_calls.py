@@ -25,15 +25,20 @@ SIP = '[services.sip]\nrestart_sec = 0.2\nwatchdog_sec = 3.0\nstop_timeout = 2.0
 
 
 def runs(flags: list[bool], times: list[float]) -> list[tuple[float, float]]:
-    """(start, end) of each run of True."""
+    """(start, end) of each run of True seen whole: not one already under way at the first sample (its start, the
+    first sample's time, is not when it began: taken for an onset, it put a period 0.4 s short whenever sampling
+    began in a burst, as it does when a loaded machine shifts the call's timing), nor one still going at the last."""
     out: list[tuple[float, float]] = []
     start = None
+    began = False                                # a False seen: the next True is an onset
     for t, f in zip(times, flags, strict=True):
-        if f and start is None:
+        if f and start is None and began:
             start = t
-        elif not f and start is not None:
-            out.append((start, t))
-            start = None
+        elif not f:
+            if start is not None:
+                out.append((start, t))
+                start = None
+            began = True
     return out
 
 

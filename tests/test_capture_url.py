@@ -45,6 +45,7 @@ import pytest
 
 import framebus
 from services.decode.decoder import Decoder, nal_spans
+from tests import ports
 from tests.appliance import metric_value, wait_for
 
 HERE = Path(__file__).parent
@@ -77,11 +78,12 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 # ----------------------------------------------------------------------------- the peers
 class RtspServer:
-    """tests/rtsp_server.py as a child; stop() and start() again keep the same port."""
+    """tests/rtsp_server.py as a child; stop() and start() again keep the same port: one of this test
+    worker's own (tests/ports.py), which nothing else takes while the server is down."""
 
     def __init__(self, log: Path, *args: str) -> None:
         self.args, self.log = args, log
-        self.port = 0
+        self.port = ports.free_port(udp=False, tcp=True)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> int:
@@ -174,10 +176,8 @@ class SilentServer:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, nor will: this test worker's own (tests/ports.py)."""
+    return ports.closed_port()
 
 
 def source(name: str, url: str, transport: str = "tcp", **keys) -> str:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import urllib.error
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from services.control.client import CommandFailed
+from tests import ports
 from tests.appliance import wait_for
 
 PROMETHEUS = os.environ.get("EDGEROOM_TEST_PROMETHEUS", "/usr/bin/prometheus")
@@ -81,9 +81,7 @@ JOB = "edgeroom"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ports.free_port(udp=False, tcp=True)   # this test worker's own (tests/ports.py)
 
 
 class PromQLError(AssertionError):

@@ -19,7 +19,7 @@ from services.capture.sources.synthetic import frame_number
 from services.control.client import CommandFailed
 from tests.appliance import metric_value, wait_for
 from tests.media_files import luma
-from tests.sip_peers import Baresip, free_port
+from tests.sip_peers import Baresip, free_port, free_sip_port
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/baresip").exists(), reason="baresip is not installed "
                                 "(Debian baresip-core, baresip-ffmpeg: scripts/test installs them)")
@@ -28,14 +28,19 @@ CAM = 'kind = "synthetic"\nwidth = 320\nheight = 240\nfps = 30.0\nencode = "h264
       'room = "lobby"'
 
 
-def sip_box(box, port: int, restart_sec: float = 0.2, more: str = "", **keys: object):
+def sip_box(box, port: int, restart_sec: float = 0.2, more: str = "", stale_after: float | None = None,
+            **keys: object):
     """A box whose SIP service answers at `port`; its calls are sent the test camera (cam, cam-audio); `more`:
-    config tables of its own."""
+    config tables of its own; `stale_after`: the hub's, instead of the test box's 1.5 s."""
     extra = {"enabled": True, "port": port, "users": "alice:secret", "digest_algorithms": "MD5",
              "send_video": "cam", "send_audio": "cam-audio", "rooms": "door=porch", **keys}
     table = "\n".join(f"{k} = {_toml(v)}" for k, v in extra.items())
     b = box(f"[services.sip]\nrestart_sec = {restart_sec}\nwatchdog_sec = 3.0\nstop_timeout = 2.0\n"
             f"[sip]\n{table}\n{more}")
+    if stale_after is not None:
+        text = b.config.read_text()
+        assert text.count("\nstale_after = 1.5\n") == 1
+        b.config.write_text(text.replace("\nstale_after = 1.5\n", f"\nstale_after = {stale_after}\n"))
     b.set_source("cam", CAM)
     b.run()
     b.wait_ready("sip", "capture@cam", timeout=30)
@@ -231,8 +236,13 @@ def test_a_phone_that_takes_packetization_mode_0_only_gets_slices_that_fit_a_pac
         # (seen in 2 of 3 runs on the build machine, at the last landed commit too): the promise is that the
         # phone shows the camera's pictures, so a snapshot that does is waited for, at most 5 s
         wait_for(lambda: the_cameras(b, ua.remote_picture()), 5, "baresip showing the camera's picture")
-        page = b.settled_scrape("sip")        # while the call is up (its series leave the scrape with it)
-        assert metric_value(page, "edgeroom_rtp_packets_out_total", call=call["call"], media="video") > 100
+        # while the call is up (its series leave the scrape with it); more than 100 packets sent, however slowly a
+        # loaded machine encodes: a count read once, right after the 20 pictures, can fall short of it
+        def sent() -> str | None:
+            page = b.settled_scrape("sip")
+            out = metric_value(page, "edgeroom_rtp_packets_out_total", call=call["call"], media="video") or 0
+            return page if out > 100 else None
+        page = wait_for(sent, 10, "more than 100 video packets sent")
         assert not metric_value(page, "edgeroom_rtp_unsent_units_total", call=call["call"], media="video",
                                 reason="nal_too_large")
         ua.hangup()
@@ -281,9 +291,15 @@ def test_dialling_nobody_fails_with_the_reason(box, tmp_path):
 
 
 # --- restart ---------------------------------------------------------------------------------------------------
+STALE = 3.0   # the hub's stale_after for the restart test below: more than the restart's 2 s
+
+
 def test_a_sigkilled_sip_service_takes_its_call_back_without_bye_and_media_flows_again_within_2_s(box, tmp_path):
     port = free_port(udp=True, tcp=True)
-    b = sip_box(box, port)
+    # the hub counts the service stale (and ends its sessions) after stale_after s without a heartbeat: the test
+    # box's 1.5 s is less than the 2 s the restart is given, and a restart that keeps that promise on a loaded
+    # machine was ended
+    b = sip_box(box, port, stale_after=STALE)
     with Baresip(tmp_path, "alice", user="alice", password="secret", video_codecs=None) as ua:
         before = call_in(b, ua, port, "lobby")
         ua.wait_video_frames(20)
@@ -305,7 +321,7 @@ def test_a_sigkilled_sip_service_takes_its_call_back_without_bye_and_media_flows
         assert back < 2.0, f"{back:.2f} s"
         assert ua.call_established(), "baresip's call dropped"
         assert not [e for e in ua.events if e.get("type") == "CALL_CLOSED"]
-        time.sleep(1.0)                                  # heartbeats of the new process: the session goes on
+        time.sleep(max(0.0, killed + STALE + 0.5 - time.monotonic()))  # heartbeats of the new one: it goes on
         with ended:
             assert ended.recv(timeout=0.5) is None, "the hub ended the call's session over the restart"
         assert session_of(b, before["call"])["room"] == "default"
@@ -318,7 +334,7 @@ def test_a_call_whose_peer_forgot_it_during_the_restart_is_ended_quietly(box, tm
     call): the restarted service asks (in-dialog OPTIONS), gets 481 and ends the call without a BYE."""
     port = free_port(udp=True, tcp=True)
     b = sip_box(box, port, restart_sec=2.5)
-    phone = free_port(udp=True, tcp=True)
+    phone = free_sip_port()                               # the same address for both phones
     with Baresip(tmp_path, "alice", sip_port=phone, user="alice", password="secret", video=False) as ua:
         call = call_in(b, ua, port, "lobby")
         os.kill(b.services()["sip"]["pid"], signal.SIGKILL)

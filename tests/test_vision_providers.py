@@ -7,7 +7,6 @@ retries, 429 with Retry-After, malformed JSON, refusals, 401, an unreachable ser
 """
 from __future__ import annotations
 
-import socket
 import time
 
 import cv2
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from services.vision.providers import ProviderError, ProviderMetrics, open_provider, parse_answer
 from services.vision.providers.mock import MockProvider, jpeg_size
 from tests.fake_ai_servers import FakeAIServer, Reply, gemini_answer, openai_answer
+from tests.ports import closed_port
 
 KINDS = ["openai", "gemini"]
 KEY_ENV = "EDGEROOM_TEST_VISION_KEY"
@@ -268,10 +268,7 @@ def test_400_is_bad_request(kind, server, make, jpeg):
 
 
 def test_unreachable_server_is_network_and_retried(kind, metrics, registry, monkeypatch, jpeg):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()                                             # nothing listens there now
+    port = closed_port()                                  # nothing listens there (tests/ports.py)
     url = f"http://127.0.0.1:{port}" + ("/v1" if kind == "openai" else "")
     p = open_provider(kind, model="m", base_url=url, api_key_env=KEY_ENV, timeout=1.0, retries=1,
                       backoff=0.01, metrics=metrics)
