@@ -406,15 +406,18 @@ def test_the_box_page_joined_to_a_bridged_room_shows_every_other_participant_in_
                     while time.monotonic() < deadline:
                         seen = [colour_of(np.array([[c]], np.uint8)) for c in page.evaluate(colours_js)]
                         if sorted(map(str, seen)) == sorted(map(str, [RED, GREEN, BLUE])):
-                            break
+                            return seen, ""
                         time.sleep(0.2)
-                    return seen
+                    # what the page had, for the failure's message
+                    videos = page.evaluate("Array.from(document.querySelectorAll('#call-section video')).map(v => "
+                                           "[v.id, v.videoWidth, v.readyState, !!(v.closest('figure') || {}).hidden])")
+                    return seen, f"videos (id, width, readyState, hidden): {videos}\nchromium:\n{browser.log()[-2000:]}"
 
             return await loop.run_in_executor(None, browse)    # the aiortc peers go on sending meanwhile
         finally:
             for p in peers:
                 await close(p)
 
-    seen = run(go())
+    seen, state = run(go())
     assert sorted(map(str, seen)) == sorted(map(str, [RED, GREEN, BLUE])), \
-        f"the page shows alice, bob and carol, each in its own tile: {seen}"
+        f"the page shows alice, bob and carol, each in its own tile: {seen}\n{state}\nbox:\n{b.log()[-3000:]}"

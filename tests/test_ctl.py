@@ -571,12 +571,17 @@ def _avatar(b: Box, name: str = "host") -> None:
              10, "the provider found down")
 
 
+def _stop_avatar(b: Box, name: str) -> None:
+    b.call("avatar.stop", {"name": name})
+    wait_for(lambda: name not in {s["stream"] for s in b.call("streams")}, 5, f"{name}'s streams gone at the hub")
+
+
 def _avatar_list(b: Box, ctl, as_json: bool) -> None:
     _avatar(b)
     try:
         out = ctl("avatar", "list", *(["--json"] if as_json else []))
     finally:
-        b.call("avatar.stop", {"name": "host"})      # the box's other cases count its streams
+        _stop_avatar(b, "host")      # the box's other cases count its streams
     if as_json:
         [a] = [a for a in json.loads(out)["avatars"] if a["name"] == "host"]
         assert (a["room"], a["provider"], a["state"]) == ("hall", "websocket", "backoff")
@@ -596,7 +601,7 @@ def _avatar_start(b: Box, ctl, as_json: bool) -> None:
                        "the avatar's session at the hub")
         assert s["kind"] == "avatar" and {t["stream"] for t in s["tracks"]} == {"greeter", "greeter-audio"}
     finally:
-        b.call("avatar.stop", {"name": "greeter"})
+        _stop_avatar(b, "greeter")
     if as_json:
         got = json.loads(out)
         assert (got["name"], got["room"], got["audio"], got["size"]) == ("greeter", "hall", "cam-audio", "64x64")
@@ -623,7 +628,7 @@ def _avatar_say(b: Box, ctl, as_json: bool) -> None:
     try:
         out = ctl("avatar", "say", "host", str(voice), *(["--json"] if as_json else []))
     finally:
-        b.call("avatar.stop", {"name": "host"})
+        _stop_avatar(b, "host")
     if as_json:
         got = json.loads(out)
         assert got["name"] == "host" and got["queued_s"] == 0.5 and 0.3 < got["waiting_s"] <= 0.5

@@ -154,7 +154,7 @@ class AvatarService(AsyncService):
         name = args["name"]
         a = self._find(name)
         del self.avatars[name]
-        self.loop.spawn(a.close(), name=f"close avatar {name}")
+        self.loop.spawn(self._close(a), name=f"close avatar {name}")
         self._overlay(lambda o: o.remove(name, in_config=name in self.config.avatars))
         self.sessions_changed()
         return {"name": name, "stopped": True}
@@ -191,6 +191,10 @@ class AvatarService(AsyncService):
         return {"status": status, "sessions": [a.session() for a in avatars],
                 "streams": [s for a in avatars for s in a.sink.streams()],
                 "rate": round(sum(a.fps for a in avatars), 1)}
+
+    async def _close(self, a: Avatar) -> None:
+        await a.close()
+        self.sessions_changed()         # its rings are gone now: the hub's list of streams follows at once
 
     def _stopping(self) -> None:
         aio = self.loop.aio
